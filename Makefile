@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make up` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up down test test-external bench typecheck clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the embedded fleet (control plane + 3 shards + Valkey), the router and the host.
+up: $(STAMP)
+	$(BIN)/tenantfleet up
+
+down: $(STAMP)
+	$(BIN)/tenantfleet down
+
+## The whole suite against an embedded fleet the suite starts itself.
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+## The same suite against the servers named in the environment (defaults: this machine's PG 15 and Redis 7).
+test-external: $(STAMP)
+	TENANTFLEET_TEST_EXTERNAL_PG=$${TENANTFLEET_TEST_EXTERNAL_PG:-postgresql://postgres@127.0.0.1:5432/postgres} \
+	TENANTFLEET_TEST_EXTERNAL_REDIS=$${TENANTFLEET_TEST_EXTERNAL_REDIS:-redis://127.0.0.1:6379/15} \
+	$(BIN)/pytest -q -p no:cacheprovider
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .fleet

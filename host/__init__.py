@@ -1,0 +1,1 @@
+"""How a request reaches a plugin: aiohttp app, plugin loading, context, pools, CLI, embedded fleet."""

@@ -1,0 +1,1 @@
+"""Where a tenant lives: directory, placement, two-level resolve cache, router service."""

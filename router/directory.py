@@ -1,0 +1,259 @@
+"""The tenant directory on the control plane: shards, tenants, domains, placement.
+
+Every change to a tenant bumps its epoch and is announced through ``on_change`` (the
+resolve cache publishes it as an invalidation). Schema names are generated here
+(``t_<32 hex>``) and created on the shard by a server-side function that quotes them.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Awaitable, Callable, Sequence
+
+import asyncpg
+
+from router import schema
+from router.errors import (
+    NoShardAvailable, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
+)
+from router.keys import PLACEMENT_LOCK, SHARD_STATES
+from router.models import ShardRecord, TenantRecord, check_code, check_domain, check_shard_id, parse_tenant_id
+from router.pools import ShardPools, connect, redact
+from router.settings import Settings
+
+log = logging.getLogger("tenantfleet.directory")
+
+OnChange = Callable[[TenantRecord], Awaitable[None]]
+
+# One query text per lookup kind: the resolve client's miss path.
+_SELECT = """
+SELECT t.tenant_id::text AS tenant_id, t.code, t.schema_name, t.shard_id, t.state, t.epoch,
+       coalesce((SELECT array_agg(d.domain ORDER BY d.domain) FROM tenant_domains d WHERE d.tenant_id = t.tenant_id),
+                '{}') AS domains
+FROM tenants t
+"""
+LOOKUP_SQL = {
+    "id": _SELECT + "WHERE t.tenant_id = $1::uuid",
+    "code": _SELECT + "WHERE t.code = $1",
+    "domain": _SELECT + "WHERE t.tenant_id = (SELECT tenant_id FROM tenant_domains WHERE domain = $1)",
+}
+
+_PLACE = """
+SELECT s.shard_id
+FROM shards s
+LEFT JOIN (SELECT shard_id, count(*) AS n FROM tenants GROUP BY shard_id) c USING (shard_id)
+WHERE s.state = 'active'
+ORDER BY coalesce(c.n, 0)::float8 / s.capacity, s.shard_id
+LIMIT 1
+"""
+
+_SHARDS = """
+SELECT s.shard_id, s.dsn, s.state, s.capacity, s.weight, coalesce(c.n, 0)::int AS tenants
+FROM shards s LEFT JOIN (SELECT shard_id, count(*) AS n FROM tenants GROUP BY shard_id) c USING (shard_id)
+"""
+
+
+def record_from_row(row: asyncpg.Record) -> TenantRecord:
+    return TenantRecord(tenant_id=row["tenant_id"], code=row["code"], schema=row["schema_name"],
+                        shard_id=row["shard_id"], state=row["state"], epoch=row["epoch"],
+                        domains=tuple(row["domains"]))
+
+
+def _shard(row: asyncpg.Record) -> ShardRecord:
+    return ShardRecord(shard_id=row["shard_id"], dsn=row["dsn"], state=row["state"], capacity=row["capacity"],
+                       weight=row["weight"], tenants=row["tenants"])
+
+
+async def _no_change(_: TenantRecord) -> None:
+    return None
+
+
+class Directory:
+    """Service functions over the control plane. Raises `TenantFleetError` subclasses only."""
+
+    def __init__(self, control: asyncpg.Pool, shard_pools: ShardPools, settings: Settings,
+                 on_change: OnChange = _no_change) -> None:
+        self.control = control
+        self.shard_pools = shard_pools
+        self.settings = settings
+        self.on_change = on_change
+
+    @classmethod
+    async def bootstrap(cls, control: asyncpg.Pool) -> None:
+        async with control.acquire() as conn:
+            await schema.ensure_control(conn)
+
+    async def dsn_of(self, shard_id: str) -> str | None:
+        dsn: str | None = await self.control.fetchval("SELECT dsn FROM shards WHERE shard_id = $1", shard_id)
+        return dsn
+
+    # --- shards -------------------------------------------------------------------------
+    async def add_shard(self, shard_id: str, dsn: str, *, capacity: int = 1000, weight: int = 100) -> ShardRecord:
+        """Register a shard after checking its DSN answers and preparing its ``fleet`` schema.
+
+        Raises VALIDATION_FAILED, SHARD_EXISTS, or SHARD_UNREACHABLE (nothing registered).
+        """
+        check_shard_id(shard_id)
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            raise ValidationFailed("dsn must be a postgresql:// URL", field="dsn")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+            raise ValidationFailed("capacity must be a positive integer", field="capacity")
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            raise ValidationFailed("weight must be a non-negative integer", field="weight")
+        if await self.control.fetchval("SELECT 1 FROM shards WHERE shard_id = $1", shard_id):
+            raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id)
+        conn = await connect(dsn, self.settings)
+        try:
+            await schema.ensure_shard(conn)
+        except asyncpg.PostgresError as exc:
+            raise ShardUnreachable(f"cannot prepare shard {shard_id} at {redact(dsn)}: {exc}", shardId=shard_id) from exc
+        finally:
+            await conn.close()
+        try:
+            row = await self.control.fetchrow(
+                "INSERT INTO shards (shard_id, dsn, capacity, weight) VALUES ($1, $2, $3, $4) "
+                "RETURNING shard_id, dsn, state, capacity, weight, 0 AS tenants",
+                shard_id, dsn, capacity, weight)
+        except asyncpg.UniqueViolationError as exc:
+            raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id) from exc
+        log.info("shard registered", extra={"shardId": shard_id, "dsn": redact(dsn)})
+        return _shard(row)
+
+    async def list_shards(self) -> list[ShardRecord]:
+        return [_shard(r) for r in await self.control.fetch(_SHARDS + " ORDER BY s.shard_id")]
+
+    async def get_shard(self, shard_id: str) -> ShardRecord:
+        check_shard_id(shard_id)
+        row = await self.control.fetchrow(_SHARDS + " WHERE s.shard_id = $1", shard_id)
+        if row is None:
+            raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
+        return _shard(row)
+
+    async def set_shard_state(self, shard_id: str, state: str) -> ShardRecord:
+        check_shard_id(shard_id)
+        if state not in SHARD_STATES:
+            raise ValidationFailed(f"state must be one of {', '.join(SHARD_STATES)}", field="state")
+        done = await self.control.fetchval("UPDATE shards SET state = $2 WHERE shard_id = $1 RETURNING 1", shard_id, state)
+        if not done:
+            raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
+        return await self.get_shard(shard_id)
+
+    # --- tenants ------------------------------------------------------------------------
+    async def lookup(self, kind: str, value: str) -> TenantRecord | None:
+        """The control-plane read behind every cache miss; None if there is no such tenant."""
+        row = await self.control.fetchrow(LOOKUP_SQL[kind], value)
+        return None if row is None else record_from_row(row)
+
+    async def get(self, *, id: str | None = None, code: str | None = None, domain: str | None = None) -> TenantRecord:
+        kind, value = normalise_query(id=id, code=code, domain=domain)
+        rec = await self.lookup(kind, value)
+        if rec is None:
+            raise TenantNotFound(f"no tenant with {kind} {value}", **{kind: value})
+        return rec
+
+    async def list_tenants(self, *, shard_id: str | None = None, state: str | None = None,
+                           limit: int = 100, offset: int = 0) -> list[TenantRecord]:
+        if not 1 <= limit <= 10_000 or offset < 0:
+            raise ValidationFailed("limit must be 1..10000 and offset >= 0", field="limit")
+        rows = await self.control.fetch(
+            _SELECT + "WHERE ($1::text IS NULL OR t.shard_id = $1) AND ($2::text IS NULL OR t.state = $2) "
+            "ORDER BY t.code LIMIT $3 OFFSET $4", shard_id, state, limit, offset)
+        return [record_from_row(r) for r in rows]
+
+    async def create_tenant(self, code: str, domains: Sequence[str] = (), *, shard_id: str | None = None) -> TenantRecord:
+        """Place a new tenant, create its schema and fence on the shard, and mark it active.
+
+        Placement picks the active shard with the fewest tenants relative to capacity.
+        Raises VALIDATION_FAILED, TENANT_EXISTS, NO_SHARD_AVAILABLE, SHARD_UNREACHABLE;
+        on failure nothing is left behind.
+        """
+        check_code(code)
+        if isinstance(domains, str) or not isinstance(domains, (list, tuple)):
+            raise ValidationFailed("domains must be a list of DNS names", field="domains")
+        doms = sorted({check_domain(d) for d in domains})
+        if shard_id is not None:
+            check_shard_id(shard_id)
+        tenant_id = uuid.uuid4()
+        schema_name = "t_" + tenant_id.hex
+        async with self.control.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", PLACEMENT_LOCK)
+                    if shard_id is None:
+                        target = await conn.fetchval(_PLACE)
+                        if target is None:
+                            raise NoShardAvailable("no active shard to place the tenant on")
+                    else:
+                        state = await conn.fetchval("SELECT state FROM shards WHERE shard_id = $1", shard_id)
+                        if state is None:
+                            raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
+                        if state != "active":
+                            raise NoShardAvailable(f"shard {shard_id} is {state}", shardId=shard_id)
+                        target = shard_id
+                    await conn.execute(
+                        "INSERT INTO tenants (tenant_id, code, schema_name, shard_id) VALUES ($1, $2, $3, $4)",
+                        tenant_id, code, schema_name, target)
+                    if doms:
+                        await conn.executemany("INSERT INTO tenant_domains (domain, tenant_id) VALUES ($1, $2)",
+                                               [(d, tenant_id) for d in doms])
+            except asyncpg.UniqueViolationError as exc:
+                what = "domain" if exc.table_name == "tenant_domains" else "code"
+                raise TenantExists(f"a tenant with this {what} already exists", field=what) from exc
+        try:
+            pool = await self.shard_pools.get(target)
+            async with pool.acquire() as sconn, sconn.transaction():
+                await sconn.execute("SELECT fleet.create_tenant_schema($1)", schema_name)
+                await sconn.execute(
+                    "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1, $2, 1) "
+                    "ON CONFLICT (tenant_id) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now()",
+                    tenant_id, schema_name)
+        except BaseException:
+            await self.control.execute("DELETE FROM tenants WHERE tenant_id = $1", tenant_id)
+            raise
+        return await self._transition(str(tenant_id), "provisioning", "active")
+
+    async def suspend(self, tenant_id: str) -> TenantRecord:
+        return await self._transition(parse_tenant_id(tenant_id), "active", "suspended")
+
+    async def resume(self, tenant_id: str) -> TenantRecord:
+        return await self._transition(parse_tenant_id(tenant_id), "suspended", "active")
+
+    async def _transition(self, tenant_id: str, from_state: str, to_state: str) -> TenantRecord:
+        row = await self.control.fetchrow(
+            "UPDATE tenants SET state = $3, epoch = epoch + 1, updated_at = now() "
+            "WHERE tenant_id = $1::uuid AND state = $2 RETURNING state", tenant_id, from_state, to_state)
+        if row is None:
+            current = await self.lookup("id", tenant_id)
+            if current is None:
+                raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
+            raise ValidationFailed(f"tenant {current.code} is {current.state}, not {from_state}",
+                                   field="state", state=current.state)
+        rec = await self.lookup("id", tenant_id)
+        assert rec is not None
+        await self.announce(rec)
+        return rec
+
+    async def announce(self, rec: TenantRecord) -> None:
+        """Tell every resolve cache about a change; never fails the change itself."""
+        try:
+            await self.on_change(rec)
+        except Exception:  # the change is committed; caches fall back to their TTL
+            log.warning("invalidation for tenant %s (epoch %s) was not published", rec.tenant_id, rec.epoch,
+                        exc_info=True)
+
+
+def normalise_query(*, id: str | None = None, code: str | None = None, domain: str | None = None) -> tuple[str, str]:
+    """Exactly one of id, code, domain, validated: (kind, canonical value)."""
+    given = [(k, v) for k, v in (("id", id), ("code", code), ("domain", domain)) if v is not None]
+    if len(given) != 1:
+        raise ValidationFailed("give exactly one of id, code or domain", field="query")
+    kind, value = given[0]
+    if kind == "id":
+        return kind, parse_tenant_id(value)
+    if kind == "code":
+        return kind, check_code(value)
+    return kind, check_domain(value)
+
+
+def dumps_records(records: Sequence[Any]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in records]

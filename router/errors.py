@@ -1,0 +1,162 @@
+"""One error type per envelope code, registered in one place.
+
+Every error the system reports to a client or an operator is a subclass of
+`TenantFleetError` with a unique ``code`` and an HTTP ``status``. The envelope is
+``{"error": {"code", "message", "requestId", ...details}}``. Anything that is not a
+`TenantFleetError` is rendered as ``INTERNAL`` (its traceback goes to the log only).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TenantFleetError(Exception):
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+    registry: ClassVar[dict[str, type["TenantFleetError"]]] = {}
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            return  # an abstract grouping class, not a code
+        if cls.code in TenantFleetError.registry:
+            raise TypeError(f"error code {cls.code} is already registered by {TenantFleetError.registry[cls.code].__name__}")
+        TenantFleetError.registry[cls.code] = cls
+
+    def envelope(self, request_id: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if request_id is not None:
+            body["requestId"] = request_id
+        body.update(self.details)
+        return {"error": body}
+
+
+class Internal(TenantFleetError):
+    code = "INTERNAL"
+    status = 500
+
+
+class ValidationFailed(TenantFleetError):
+    code = "VALIDATION_FAILED"
+    status = 400
+    exit_code = 2
+
+
+class ConfigInvalid(TenantFleetError):
+    code = "CONFIG_INVALID"
+    status = 500
+    exit_code = 2
+
+
+class Unauthorized(TenantFleetError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class Forbidden(TenantFleetError):
+    code = "FORBIDDEN"
+    status = 403
+
+
+class NotFound(TenantFleetError):
+    code = "NOT_FOUND"
+    status = 404
+
+
+class PayloadTooLarge(TenantFleetError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class TenantNotFound(TenantFleetError):
+    code = "TENANT_NOT_FOUND"
+    status = 404
+
+
+class TenantExists(TenantFleetError):
+    code = "TENANT_EXISTS"
+    status = 409
+
+
+class TenantSuspended(TenantFleetError):
+    code = "TENANT_SUSPENDED"
+    status = 403
+
+
+class TenantMoving(TenantFleetError):
+    code = "TENANT_MOVING"
+    status = 503
+
+
+class TenantNotReady(TenantFleetError):
+    code = "TENANT_NOT_READY"
+    status = 503
+
+
+class ShardNotFound(TenantFleetError):
+    code = "SHARD_NOT_FOUND"
+    status = 404
+
+
+class ShardExists(TenantFleetError):
+    code = "SHARD_EXISTS"
+    status = 409
+
+
+class ShardUnreachable(TenantFleetError):
+    code = "SHARD_UNREACHABLE"
+    status = 502
+
+
+class NoShardAvailable(TenantFleetError):
+    code = "NO_SHARD_AVAILABLE"
+    status = 503
+
+
+class FenceStale(TenantFleetError):
+    """The shard's fence epoch is newer than the resolved one: re-resolve and retry."""
+    code = "FENCE_STALE"
+    status = 503
+
+
+class PluginNotFound(TenantFleetError):
+    code = "PLUGIN_NOT_FOUND"
+    status = 404
+
+
+class PluginDisabled(TenantFleetError):
+    code = "PLUGIN_DISABLED"
+    status = 403
+
+
+class PluginRefused(TenantFleetError):
+    code = "PLUGIN_REFUSED"
+    status = 409
+
+
+class MigrationFailed(TenantFleetError):
+    code = "MIGRATION_FAILED"
+    status = 500
+
+
+class MigrationDrift(TenantFleetError):
+    code = "MIGRATION_DRIFT"
+    status = 409
+    exit_code = 3
+
+
+class RunNotFound(TenantFleetError):
+    code = "RUN_NOT_FOUND"
+    status = 404
+
+
+class FleetError(TenantFleetError):
+    """The embedded fleet could not be started, stopped or reached."""
+    code = "FLEET_ERROR"
+    status = 500

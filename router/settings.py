@@ -1,0 +1,123 @@
+"""Settings, built once.
+
+`Settings.load()` reads every ``TENANTFLEET_*`` environment variable and, when
+``TENANTFLEET_CONFIG`` names one, a TOML file (environment wins over the file).
+An unknown key in either place is an error that names it. This is the only module
+that reads ``os.environ`` (a test checks).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.errors import ConfigInvalid
+
+PREFIX = "TENANTFLEET_"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # where the servers are; empty means "start the embedded fleet"
+    control_dsn: str = ""
+    redis_url: str = ""
+    shard_dsns: str = Field("", description="comma-separated shard DSNs registered by `up` on external servers")
+    fleet_dir: Path = Path(".fleet")
+    shards: int = Field(3, ge=1, le=64)
+
+    # services
+    bind_host: str = "127.0.0.1"
+    router_port: int = Field(8300, ge=0, le=65535)
+    host_port: int = Field(8400, ge=0, le=65535)
+    admin_key: str = ""
+
+    # pools
+    control_pool_min: int = Field(1, ge=0)
+    control_pool_max: int = Field(10, ge=1)
+    shard_pool_min: int = Field(0, ge=0)
+    shard_pool_max: int = Field(10, ge=1)
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    # resolve cache
+    cache_size: int = Field(100_000, ge=1)
+    cache_ttl_s: float = Field(60.0, gt=0)
+    redis_ttl_s: int = Field(300, ge=1)
+    redis_namespace: str = Field("tf", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    negative_ttl_s: float = Field(5.0, gt=0)
+
+    # plugins
+    killed_plugins: str = ""
+    plugin_dirs: str = ""
+
+    # migrations
+    lock_timeout_ms: int = Field(2000, ge=1)
+    statement_timeout_ms: int = Field(0, ge=0)
+    batch_size: int = Field(50, ge=1)
+    shard_concurrency: int = Field(4, ge=1)
+    backoff_max_s: float = Field(30.0, gt=0)
+    probe_slow_ms: float = Field(500.0, gt=0)
+
+    # request path
+    fence_retries: int = Field(3, ge=0)
+    fence_wait_ms: int = Field(5000, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1)
+
+    log_level: str = "INFO"
+
+    @property
+    def shard_dsn_list(self) -> list[str]:
+        return [d.strip() for d in self.shard_dsns.split(",") if d.strip()]
+
+    @property
+    def killed_plugin_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.killed_plugins.split(",") if p.strip())
+
+    @property
+    def is_external(self) -> bool:
+        return bool(self.control_dsn)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from the TOML file, the environment, then ``overrides``.
+
+        Raises ConfigInvalid naming the bad key or value.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        config_path = env.get(PREFIX + "CONFIG")
+        if config_path:
+            try:
+                with open(config_path, "rb") as fh:
+                    file_values = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigInvalid(f"cannot read {PREFIX}CONFIG={config_path}: {exc}", key="CONFIG") from exc
+            for key, value in file_values.items():
+                _check_key(key, f"{config_path}")
+                values[key] = value
+        for name, value in env.items():
+            if not name.startswith(PREFIX) or name == PREFIX + "CONFIG" or name.startswith(PREFIX + "TEST_"):
+                continue
+            key = name[len(PREFIX):].lower()
+            _check_key(key, "environment")
+            values[key] = value
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            raise ConfigInvalid(f"bad setting {PREFIX}{key.upper()}: {first['msg']}", key=key) from exc
+
+
+def _check_key(key: str, where: str) -> None:
+    if key not in Settings.model_fields:
+        raise ConfigInvalid(f"unknown setting {PREFIX}{key.upper()} in {where}", key=key)
+
+
+def test_environment() -> dict[str, str]:
+    """The ``TENANTFLEET_TEST_*`` variables the test suite reads (external servers)."""
+    return {k[len(PREFIX) + 5:].lower(): v for k, v in os.environ.items() if k.startswith(PREFIX + "TEST_")}

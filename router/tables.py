@@ -1,0 +1,231 @@
+"""The one declaration of tenantfleet's own tables (SQLAlchemy Core).
+
+`control` holds the control-plane database: the directory, the plugin registry,
+tenant-owned roles and principals, and fleet run state. `shard` holds the ``fleet``
+schema every shard carries: the migration ledger and the tenant fence.
+
+The DDL executed against the servers is compiled from these declarations
+(`control_ddl`, `shard_ddl`); nothing else writes CREATE TABLE for them.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger, Boolean, CheckConstraint, Column, DateTime, ForeignKey, Identity, Index,
+    Integer, MetaData, PrimaryKeyConstraint, Table, Text, UniqueConstraint, func, text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
+
+from router.keys import SHARD_STATES, TENANT_STATES
+
+SCHEMA_VERSION = 1  # bump with every change below; `schema_meta` records what a database has
+
+control = MetaData()
+shard = MetaData(schema="fleet")
+
+
+def _states(column: str, states: tuple[str, ...]) -> CheckConstraint:
+    allowed = ", ".join(f"'{s}'" for s in states)  # constants from keys.py, never user text
+    return CheckConstraint(f"{column} IN ({allowed})", name=f"{column}_valid")
+
+
+def _now() -> Column[object]:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+schema_meta = Table(
+    "tenantfleet_schema", control,
+    Column("component", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+shards = Table(
+    "shards", control,
+    Column("shard_id", Text, primary_key=True),
+    Column("dsn", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="active"),
+    Column("capacity", Integer, nullable=False, server_default="1000"),
+    Column("weight", Integer, nullable=False, server_default="100"),
+    _now(),
+    _states("state", SHARD_STATES),
+    CheckConstraint("capacity > 0", name="capacity_positive"),
+)
+
+tenants = Table(
+    "tenants", control,
+    Column("tenant_id", UUID(as_uuid=True), primary_key=True),
+    Column("code", Text, nullable=False, unique=True),
+    Column("schema_name", Text, nullable=False, unique=True),
+    Column("shard_id", Text, ForeignKey("shards.shard_id"), nullable=False),
+    Column("state", Text, nullable=False, server_default="provisioning"),
+    Column("epoch", BigInteger, nullable=False, server_default="1"),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    _states("state", TENANT_STATES),
+    Index("tenants_shard_idx", "shard_id"),
+)
+
+tenant_domains = Table(
+    "tenant_domains", control,
+    Column("domain", Text, primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False),
+    Index("tenant_domains_tenant_idx", "tenant_id"),
+)
+
+# --- plugin registry (the seed's tables) -------------------------------------------
+sys_plugins = Table(
+    "sys_plugins", control,
+    Column("plugin_id", Text, primary_key=True),
+    Column("api_version", Text, nullable=False),
+    Column("version_installed", Text, nullable=False),
+    Column("enabled_global", Boolean, nullable=False, server_default=text("false")),
+    Column("killed", Boolean, nullable=False, server_default=text("false")),
+    Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+sys_tenant_plugins = Table(
+    "sys_tenant_plugins", control,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False),
+    Column("plugin_id", Text, ForeignKey("sys_plugins.plugin_id"), nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=text("false")),
+    Column("version_installed", Text, nullable=False),
+    Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant_id", "plugin_id"),
+)
+
+sys_plugin_role_templates = Table(
+    "sys_plugin_role_templates", control,
+    Column("plugin_id", Text, nullable=False),
+    Column("role_key", Text, nullable=False),
+    Column("display_name", Text, nullable=False),
+    Column("permissions", ARRAY(Text), nullable=False),
+    Column("version", Text, nullable=False),
+    PrimaryKeyConstraint("plugin_id", "role_key", "version"),
+)
+
+# tenant-owned: a tenant's roles and principals travel with the tenant, not the shard
+roles = Table(
+    "roles", control,
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False),
+    Column("role_key", Text, nullable=False),
+    Column("display_name", Text, nullable=False),
+    Column("permissions", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant_id", "role_key"),
+)
+
+principals = Table(
+    "principals", control,
+    Column("principal_id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=True),
+    Column("name", Text, nullable=False),
+    Column("key_hash", Text, nullable=False, unique=True),
+    Column("roles", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("is_admin", Boolean, nullable=False, server_default=text("false")),
+    _now(),
+)
+
+# --- fleet run state ----------------------------------------------------------------
+fleet_runs = Table(
+    "fleet_runs", control,
+    Column("run_id", BigInteger, Identity(), primary_key=True),
+    Column("kind", Text, nullable=False),                  # migrate | move | drain | rebalance
+    Column("plugin_id", Text, nullable=True),
+    Column("target_version", Text, nullable=True),
+    Column("params", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("state", Text, nullable=False, server_default="planned"),  # planned|running|done|failed|cancelled
+    Column("owner", Text, nullable=True),                  # host:pid of the process running it
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("summary", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+fleet_run_items = Table(
+    "fleet_run_items", control,
+    Column("run_id", BigInteger, ForeignKey("fleet_runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("item_key", Text, nullable=False),              # "public:<shard>" or "tenant:<uuid>"
+    Column("shard_id", Text, nullable=False),
+    Column("tenant_id", UUID(as_uuid=True), nullable=True),
+    Column("scope", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),  # pending|running|done|failed|skipped
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text, nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("run_id", "item_key"),
+    Index("fleet_run_items_status_idx", "run_id", "status"),
+)
+
+# --- shard side: the `fleet` schema -----------------------------------------------------
+sys_plugin_migrations = Table(
+    "sys_plugin_migrations", shard,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("plugin_id", Text, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("tenant_id", UUID(as_uuid=True), nullable=True),   # NULL for public scope
+    Column("name", Text, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("checksum", Text, nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("scope IN ('public', 'tenant')", name="scope_valid"),
+    CheckConstraint("(scope = 'public') = (tenant_id IS NULL)", name="tenant_matches_scope"),
+    UniqueConstraint("plugin_id", "scope", "tenant_id", "name", name="sys_plugin_migrations_once",
+                     postgresql_nulls_not_distinct=True),
+)
+
+tenant_fence = Table(
+    "tenant_fence", shard,
+    Column("tenant_id", UUID(as_uuid=True), primary_key=True),
+    Column("schema_name", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Schema names are generated by the system (t_<32 hex>) and still never formatted into
+# SQL client-side: these functions quote them server-side with format('%I').
+SHARD_FUNCTIONS = r"""
+CREATE OR REPLACE FUNCTION fleet.create_tenant_schema(name text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF name !~ '^t_[0-9a-f]{32}$' THEN
+    RAISE EXCEPTION 'not a tenant schema name: %', name USING ERRCODE = '22023';
+  END IF;
+  EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', name);
+END $fn$;
+
+CREATE OR REPLACE FUNCTION fleet.drop_tenant_schema(name text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF name !~ '^t_[0-9a-f]{32}$' THEN
+    RAISE EXCEPTION 'not a tenant schema name: %', name USING ERRCODE = '22023';
+  END IF;
+  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', name);
+END $fn$;
+"""
+
+_dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+def _ddl(metadata: MetaData) -> list[str]:
+    out: list[str] = []
+    for table in metadata.sorted_tables:
+        out.append(str(CreateTable(table, if_not_exists=True).compile(dialect=_dialect)))
+        for index in table.indexes:
+            out.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=_dialect)))
+    return out
+
+
+def control_ddl() -> list[str]:
+    """Statements that create the control-plane tables (idempotent)."""
+    return _ddl(control)
+
+
+def shard_ddl() -> list[str]:
+    """Statements that create a shard's ``fleet`` schema, tables and functions (idempotent)."""
+    return [str(CreateSchema("fleet", if_not_exists=True).compile(dialect=_dialect)), *_ddl(shard), SHARD_FUNCTIONS]

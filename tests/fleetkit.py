@@ -1,0 +1,130 @@
+"""Test-side fleet plumbing: servers started once per session, isolated fleets per test.
+
+A "fleet" here is one control-plane database plus one database per shard server, all
+created fresh on the session's servers (embedded by default; the servers named by
+TENANTFLEET_TEST_EXTERNAL_PG / _REDIS for `make test-external`) and dropped afterwards.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from host.embedded import EmbeddedFleet
+from router.directory import Directory
+from router.pools import ShardPools, create_pool
+from router.settings import Settings
+
+_DBNAME = re.compile(r"^tf_[0-9a-f]{12}_[a-z0-9]+$")
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@dataclass
+class Servers:
+    """The PostgreSQL servers and Redis the session runs against."""
+    control_admin_dsn: str
+    shard_admin_dsns: dict[str, str]      # shard_id -> admin DSN of the server that hosts it
+    redis_host: str
+    redis_port: int
+    redis_db: int = 0
+    embedded: EmbeddedFleet | None = None
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+
+def start_servers(external_pg: str | None, external_redis: str | None) -> Servers:
+    if external_pg:
+        r = urlsplit(external_redis or "redis://127.0.0.1:6379/15")
+        return Servers(control_admin_dsn=external_pg,
+                       shard_admin_dsns={f"shard{i}": external_pg for i in (1, 2, 3)},
+                       redis_host=r.hostname or "127.0.0.1", redis_port=r.port or 6379,
+                       redis_db=int((r.path or "/0").strip("/") or 0))
+    root = Path(tempfile.mkdtemp(prefix="tenantfleet-test-"))
+    root.chmod(0o755)
+    fleet = EmbeddedFleet(root, shards=3, tuned_for_tests=True)
+    info = fleet.start()
+    return Servers(control_admin_dsn=info.control_dsn, shard_admin_dsns=dict(info.shard_dsns),
+                   redis_host=info.redis_host, redis_port=info.redis_port, embedded=fleet)
+
+
+async def create_database(admin_dsn: str, name: str) -> str:
+    # Test-only: the name is generated here (tf_<hex>_<role>), checked, and CREATE DATABASE
+    # takes no parameters, so it is quoted with the server's quote_ident.
+    assert _DBNAME.match(name), name
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        quoted = await conn.fetchval("SELECT quote_ident($1)", name)
+        await conn.execute(f"CREATE DATABASE {quoted}")
+    finally:
+        await conn.close()
+    return with_database(admin_dsn, name)
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    assert _DBNAME.match(name), name
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        quoted = await conn.fetchval("SELECT quote_ident($1)", name)
+        await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Fleet:
+    """An isolated fleet: its own control DB, one DB per shard server, its own Redis namespace."""
+    servers: Servers
+    settings: Settings
+    control_dsn: str
+    shard_dsns: dict[str, str]
+    control: asyncpg.Pool
+    shard_pools: ShardPools
+    directory: Directory
+    stack: AsyncExitStack = field(repr=False)
+
+    def redis(self) -> aioredis.Redis:
+        return aioredis.Redis(host=self.servers.redis_host, port=self.servers.redis_port, db=self.servers.redis_db)
+
+
+async def open_fleet(servers: Servers, stack: AsyncExitStack, *, shards: int = 3, **overrides: Any) -> Fleet:
+    """Create and bootstrap a fresh fleet; everything it opens is closed by ``stack``."""
+    tag = uuid.uuid4().hex[:12]
+    control_name = f"tf_{tag}_control"
+    control_dsn = await create_database(servers.control_admin_dsn, control_name)
+    stack.push_async_callback(drop_database, servers.control_admin_dsn, control_name)
+    shard_dsns: dict[str, str] = {}
+    for i, (shard_id, admin) in enumerate(list(servers.shard_admin_dsns.items())[:shards], start=1):
+        name = f"tf_{tag}_s{i}"
+        shard_dsns[shard_id] = await create_database(admin, name)
+        stack.push_async_callback(drop_database, admin, name)
+    settings = Settings.load(environ={}, control_dsn=control_dsn, redis_url=servers.redis_url,
+                             redis_namespace=f"tf{tag}", **overrides)
+    control = await create_pool(control_dsn, settings, min_size=1, max_size=10)
+    stack.push_async_callback(control.close)
+    await Directory.bootstrap(control)
+    directory: Directory | None = None
+
+    async def dsn_lookup(shard_id: str) -> str | None:
+        assert directory is not None
+        return await directory.dsn_of(shard_id)
+
+    pools = ShardPools(settings, dsn_lookup)
+    stack.push_async_callback(pools.close)
+    directory = Directory(control, pools, settings)
+    for shard_id, dsn in shard_dsns.items():
+        await directory.add_shard(shard_id, dsn)
+    return Fleet(servers, settings, control_dsn, shard_dsns, control, pools, directory, stack)
