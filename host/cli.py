@@ -1,0 +1,106 @@
+"""The `tenantfleet` command line: thin adapters over the service functions.
+
+Human output (tables) by default, ``--json`` for scripts. Every `TenantFleetError` is
+caught once, in `main`, and becomes a one-line reason on stderr and its exit code.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from router.errors import TenantFleetError
+from router.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class CliState:
+    settings: Settings
+    json: bool
+    console: Console
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Print ``data`` as JSON (``--json``) or as a table of ``columns``."""
+    if state.json:
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+        return
+    rows: Iterable[dict[str, Any]] = data if isinstance(data, list) else [data]
+    if columns is None:
+        first = next(iter(rows), None)
+        if first is None:
+            state.console.print("(none)")
+            return
+        columns = list(first.keys())
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    state.console.print(table)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return "" if v is None else str(v)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool) -> None:
+    """tenantfleet: tenant router, plugin host and fleet migrator for schema-per-tenant PostgreSQL.
+
+    Configuration comes from TENANTFLEET_* environment variables (and the TOML file
+    named by TENANTFLEET_CONFIG). Without TENANTFLEET_CONTROL_DSN, commands use the
+    embedded fleet that `tenantfleet up` started under .fleet/.
+    """
+    ctx.obj = CliState(settings=Settings.load(), json=as_json, console=Console())
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+Handler = Callable[..., Any]
+
+
+# Modules that add their commands to `cli` when imported (one line each).
+COMMAND_MODULES = (
+    "host.cli_fleet",
+    "host.cli_router",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: runs the CLI, mapping TenantFleetError to a one-line reason and exit code."""
+    for module in COMMAND_MODULES:
+        importlib.import_module(module)
+
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except TenantFleetError as exc:
+        click.echo(f"error: {exc.code}: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`tenantfleet tenants ...`, `tenantfleet shards ...`, `tenantfleet router serve`."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from host.cli import CliState, cli, emit, pass_state, run
+from router.runtime import open_runtime
+
+TENANT_COLUMNS = ["tenant_id", "code", "shard_id", "schema", "state", "epoch", "domains"]
+SHARD_COLUMNS = ["shard_id", "state", "tenants", "capacity", "weight", "dsn"]
+
+
+@cli.group()
+def tenants() -> None:
+    """Create, list, show, suspend and resume tenants."""
+
+
+@tenants.command("create")
+@click.argument("code")
+@click.option("--domain", "domains", multiple=True, help="A domain that resolves to this tenant (repeatable).")
+@click.option("--shard", default=None, help="Place on this shard instead of the least-loaded active one.")
+@pass_state
+def tenants_create(state: CliState, code: str, domains: tuple[str, ...], shard: str | None) -> None:
+    """Create tenant CODE: placed on the least-loaded active shard, schema created, state active."""
+    async def go() -> dict[str, Any]:
+        async with open_runtime(state.settings) as rt:
+            return (await rt.directory.create_tenant(code, list(domains), shard_id=shard)).to_dict()
+    emit(state, run(go()), columns=TENANT_COLUMNS)
+
+
+@tenants.command("list")
+@click.option("--shard", default=None, help="Only tenants on this shard.")
+@click.option("--state", "tstate", default=None, help="Only tenants in this state.")
+@click.option("--limit", default=100, show_default=True, help="At most this many rows.")
+@click.option("--offset", default=0, show_default=True)
+@pass_state
+def tenants_list(state: CliState, shard: str | None, tstate: str | None, limit: int, offset: int) -> None:
+    """List tenants ordered by code."""
+    async def go() -> list[dict[str, Any]]:
+        async with open_runtime(state.settings) as rt:
+            recs = await rt.directory.list_tenants(shard_id=shard, state=tstate, limit=limit, offset=offset)
+            return [r.to_dict() for r in recs]
+    emit(state, run(go()), columns=TENANT_COLUMNS)
+
+
+def _query(ref: str) -> dict[str, str]:
+    """A tenant reference on the command line: a UUID, a domain (has a dot) or a code."""
+    if len(ref) == 36 and ref.count("-") == 4:
+        return {"id": ref}
+    return {"domain": ref} if "." in ref else {"code": ref}
+
+
+@tenants.command("show")
+@click.argument("ref")
+@pass_state
+def tenants_show(state: CliState, ref: str) -> None:
+    """Show where tenant REF (id, code or domain) lives."""
+    async def go() -> dict[str, Any]:
+        async with open_runtime(state.settings) as rt:
+            return (await rt.directory.get(**_query(ref))).to_dict()
+    emit(state, run(go()), columns=TENANT_COLUMNS)
+
+
+def _transition(state: CliState, ref: str, action: str) -> None:
+    async def go() -> dict[str, Any]:
+        async with open_runtime(state.settings) as rt:
+            rec = await rt.directory.get(**_query(ref))
+            fn = rt.directory.suspend if action == "suspend" else rt.directory.resume
+            return (await fn(rec.tenant_id)).to_dict()
+    emit(state, run(go()), columns=TENANT_COLUMNS)
+
+
+@tenants.command("suspend")
+@click.argument("ref")
+@pass_state
+def tenants_suspend(state: CliState, ref: str) -> None:
+    """Suspend tenant REF: its requests get TENANT_SUSPENDED; the epoch is bumped."""
+    _transition(state, ref, "suspend")
+
+
+@tenants.command("resume")
+@click.argument("ref")
+@pass_state
+def tenants_resume(state: CliState, ref: str) -> None:
+    """Resume a suspended tenant REF; the epoch is bumped."""
+    _transition(state, ref, "resume")
+
+
+@cli.group()
+def shards() -> None:
+    """Register shards, list them with their tenant counts, set their state."""
+
+
+@shards.command("add")
+@click.argument("shard_id")
+@click.argument("dsn")
+@click.option("--capacity", default=1000, show_default=True, help="Tenants this shard is sized for (placement weight).")
+@click.option("--weight", default=100, show_default=True)
+@pass_state
+def shards_add(state: CliState, shard_id: str, dsn: str, capacity: int, weight: int) -> None:
+    """Register SHARD_ID at DSN. The DSN is checked first; an unreachable shard is refused."""
+    async def go() -> dict[str, Any]:
+        async with open_runtime(state.settings) as rt:
+            return (await rt.directory.add_shard(shard_id, dsn, capacity=capacity, weight=weight)).to_dict()
+    emit(state, run(go()), columns=SHARD_COLUMNS)
+
+
+@shards.command("list")
+@pass_state
+def shards_list(state: CliState) -> None:
+    """List shards with state, tenant count and capacity."""
+    async def go() -> list[dict[str, Any]]:
+        async with open_runtime(state.settings) as rt:
+            return [s.to_dict() for s in await rt.directory.list_shards()]
+    emit(state, run(go()), columns=SHARD_COLUMNS)
+
+
+@shards.command("set-state")
+@click.argument("shard_id")
+@click.argument("new_state", type=click.Choice(["active", "draining", "readonly", "offline"]))
+@pass_state
+def shards_set_state(state: CliState, shard_id: str, new_state: str) -> None:
+    """Set SHARD_ID's state; only active shards receive new tenants."""
+    async def go() -> dict[str, Any]:
+        async with open_runtime(state.settings) as rt:
+            return (await rt.directory.set_shard_state(shard_id, new_state)).to_dict()
+    emit(state, run(go()), columns=SHARD_COLUMNS)
