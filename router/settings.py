@@ -51,7 +51,6 @@ class Settings(BaseModel):
 
     # plugins
     killed_plugins: str = ""
-    plugin_dirs: str = ""
 
     # migrations
     lock_timeout_ms: int = Field(2000, ge=1)

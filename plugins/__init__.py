@@ -1,0 +1,1 @@
+"""The plugins that ship with tenantfleet. Each subpackage is one plugin (see host/discovery.py)."""
