@@ -148,7 +148,7 @@ class Directory:
         kind, value = normalise_query(id=id, code=code, domain=domain)
         rec = await self.lookup(kind, value)
         if rec is None:
-            raise TenantNotFound(f"no tenant with {kind} {value}", **{kind: value})
+            raise TenantNotFound(f"no tenant with {kind} {value}", lookup=kind, value=value)
         return rec
 
     async def list_tenants(self, *, shard_id: str | None = None, state: str | None = None,

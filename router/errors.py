@@ -30,10 +30,10 @@ class TenantFleetError(Exception):
         TenantFleetError.registry[cls.code] = cls
 
     def envelope(self, request_id: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        # details never override the envelope's own fields
+        body: dict[str, Any] = {**self.details, "code": self.code, "message": self.message}
         if request_id is not None:
             body["requestId"] = request_id
-        body.update(self.details)
         return {"error": body}
 
 

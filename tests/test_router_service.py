@@ -1,0 +1,159 @@
+"""The router service over real HTTP: resolve, create, shards, health, metrics, bad input."""
+from __future__ import annotations
+
+import io
+import uuid
+from contextlib import AsyncExitStack
+from typing import AsyncIterator
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from router.service import open_service
+from tests.fleetkit import Fleet
+
+ADMIN = {"Authorization": "Bearer test-admin-key"}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def router_url(fleet: Fleet) -> AsyncIterator[str]:
+    settings = fleet.settings.model_copy(update={"admin_key": "test-admin-key"})
+    async with AsyncExitStack() as stack:
+        app = await open_service(settings, stack)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def code() -> str:
+    return "r-" + uuid.uuid4().hex[:10]
+
+
+async def test_created_tenant_resolves_by_code_domain_and_id(router_url: str, http: aiohttp.ClientSession) -> None:
+    c = code()
+    async with http.post(f"{router_url}/v1/tenants", json={"code": c, "domains": [f"{c}.example.com"]},
+                         headers=ADMIN) as r:
+        assert r.status == 201
+        created = await r.json()
+    for q in (f"code={c}", f"domain={c}.example.com", f"id={created['tenant_id']}"):
+        async with http.get(f"{router_url}/v1/tenants/resolve?{q}") as r:
+            assert r.status == 200
+            assert await r.json() == created
+    async with http.get(f"{router_url}/v1/tenants/{created['tenant_id']}") as r:
+        assert (await r.json())["schema"] == created["schema"]
+
+
+async def test_unknown_tenant_is_404_in_the_envelope(router_url: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{router_url}/v1/tenants/resolve?code=nobody-here") as r:
+        assert r.status == 404
+        body = await r.json()
+    assert body["error"]["code"] == "TENANT_NOT_FOUND"
+    assert body["error"]["requestId"] == r.headers["X-Request-Id"]
+
+
+@pytest.mark.parametrize("query", ["", "id=not-a-uuid", "code=a&domain=b.example.com", "code=A%20B",
+                                   "code=x&code=y", "nope=1", "domain=" + "a" * 300])
+async def test_malformed_resolve_queries_are_400_never_500(router_url: str, http: aiohttp.ClientSession,
+                                                           query: str) -> None:
+    async with http.get(f"{router_url}/v1/tenants/resolve?{query}") as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["code"] == "VALIDATION_FAILED"
+
+
+async def test_injection_code_is_refused_and_changes_nothing(router_url: str, http: aiohttp.ClientSession,
+                                                             fleet: Fleet) -> None:
+    before = await fleet.control.fetchval("SELECT count(*) FROM tenants")
+    async with http.post(f"{router_url}/v1/tenants", json={"code": 'x"; DROP SCHEMA public; --'},
+                         headers=ADMIN) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["code"] == "VALIDATION_FAILED"
+    assert await fleet.control.fetchval("SELECT count(*) FROM tenants") == before
+    assert await fleet.control.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = 'public'") == 1
+
+
+@pytest.mark.parametrize("body,status,err", [
+    (b"{not json", 400, "VALIDATION_FAILED"),
+    (b"[1, 2]", 400, "VALIDATION_FAILED"),
+    (b'{"code": 7}', 400, "VALIDATION_FAILED"),
+    (b'{"code": "ok-code", "domains": "one.example.com"}', 400, "VALIDATION_FAILED"),
+    (b'{"code": "ok-code", "shard_id": 3}', 400, "VALIDATION_FAILED"),
+])
+async def test_bad_create_bodies_are_400(router_url: str, http: aiohttp.ClientSession,
+                                         body: bytes, status: int, err: str) -> None:
+    async with http.post(f"{router_url}/v1/tenants", data=body, headers={**ADMIN, "Content-Type": "application/json"}) as r:
+        assert r.status == status
+        assert (await r.json())["error"]["code"] == err
+
+
+async def test_oversized_body_is_413(router_url: str, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{router_url}/v1/tenants", data=io.BytesIO(b"x" * 2_000_000), headers=ADMIN) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+async def test_writes_need_the_admin_key(router_url: str, http: aiohttp.ClientSession) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        async with http.post(f"{router_url}/v1/tenants", json={"code": code()}, headers=headers) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "UNAUTHORIZED"
+
+
+async def test_duplicate_code_is_409(router_url: str, http: aiohttp.ClientSession) -> None:
+    c = code()
+    async with http.post(f"{router_url}/v1/tenants", json={"code": c}, headers=ADMIN) as r:
+        assert r.status == 201
+    async with http.post(f"{router_url}/v1/tenants", json={"code": c}, headers=ADMIN) as r:
+        assert r.status == 409
+        assert (await r.json())["error"]["code"] == "TENANT_EXISTS"
+
+
+async def test_shards_list_counts_tenants_and_hides_passwords(router_url: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{router_url}/v1/shards") as r:
+        shards = await r.json()
+    assert [s["shard_id"] for s in shards] == ["shard1", "shard2", "shard3"]
+    assert all(s["state"] == "active" and isinstance(s["tenants"], int) for s in shards)
+
+
+async def test_unreachable_shard_registration_is_502_and_not_registered(router_url: str,
+                                                                        http: aiohttp.ClientSession) -> None:
+    from host.embedded import free_port
+    dsn = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres"
+    async with http.post(f"{router_url}/v1/shards", json={"shard_id": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
+        assert r.status == 502
+        body = await r.json()
+    assert body["error"]["code"] == "SHARD_UNREACHABLE"
+    assert "secret" not in str(body)
+    async with http.get(f"{router_url}/v1/shards") as r:
+        assert "ghost2" not in {s["shard_id"] for s in await r.json()}
+
+
+async def test_health_ready_metrics_and_openapi(router_url: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{router_url}/healthz") as r:
+        assert r.status == 200
+    async with http.get(f"{router_url}/readyz") as r:
+        assert r.status == 200 and (await r.json())["checks"]["control"] == "ok"
+    async with http.get(f"{router_url}/v1/tenants/{uuid.uuid4()}") as r:
+        assert r.status == 404
+    async with http.get(f"{router_url}/metrics") as r:
+        text = await r.text()
+    assert 'route="/v1/tenants/{id}"' in text and 'status="4xx"' in text
+    async with http.get(f"{router_url}/v1/openapi.json") as r:
+        doc = await r.json()
+    assert "/v1/tenants/resolve" in doc["paths"] and doc["openapi"].startswith("3.")
+
+
+async def test_unknown_route_is_an_enveloped_404(router_url: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{router_url}/v2/whatever") as r:
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "NOT_FOUND"
