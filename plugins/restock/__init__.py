@@ -1,0 +1,3 @@
+"""Restock: requests to reorder stock, raised when an item runs low."""
+
+meta = {"id": "restock", "version": "1.0.0", "api": "1.x"}
