@@ -151,6 +151,13 @@ class MigrationDrift(TenantFleetError):
     exit_code = 3
 
 
+class MigrationIncomplete(TenantFleetError):
+    """Files a plugin version needs are not recorded for some shard or tenant."""
+    code = "MIGRATION_INCOMPLETE"
+    status = 409
+    exit_code = 4
+
+
 class RunNotFound(TenantFleetError):
     code = "RUN_NOT_FOUND"
     status = 404

@@ -59,6 +59,8 @@ class Settings(BaseModel):
     shard_concurrency: int = Field(4, ge=1)
     backoff_max_s: float = Field(30.0, gt=0)
     probe_slow_ms: float = Field(500.0, gt=0)
+    # how long a shard (or one tenant) may keep failing before the run reports it and moves on
+    shard_give_up_s: float = Field(120.0, gt=0)
 
     # request path
     fence_retries: int = Field(3, ge=0)
