@@ -207,6 +207,36 @@ BEGIN
   END IF;
   EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', name);
 END $fn$;
+
+-- The tenant's advisory-lock key: the host takes it shared in every tenant transaction,
+-- a mover takes it exclusive at cutover (pg_advisory_xact_lock(fleet.tenant_lock_key(id))).
+CREATE OR REPLACE FUNCTION fleet.tenant_lock_key(tenant uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT pg_catalog.hashtextextended(tenant::text, 7466) $fn$;
+
+-- The request path's fence, called right after BEGIN in the same round trip: shared
+-- tenant lock (waiting at most wait_ms for a mover), epoch check, search_path set locally.
+-- SQLSTATE TF404: the tenant is not on this shard; TF409: the shard's epoch is newer.
+-- No SET clause on purpose: it would undo the set_config calls when the function returns.
+CREATE OR REPLACE FUNCTION fleet.enter_tenant(tenant uuid, resolved_epoch bigint, wait_ms int) RETURNS bigint
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_schema text;
+  v_epoch bigint;
+  v_timeout text := pg_catalog.current_setting('lock_timeout');
+BEGIN
+  PERFORM pg_catalog.set_config('lock_timeout', wait_ms::text, true);
+  PERFORM pg_catalog.pg_advisory_xact_lock_shared(fleet.tenant_lock_key(tenant));
+  PERFORM pg_catalog.set_config('lock_timeout', v_timeout, true);
+  SELECT f.schema_name, f.epoch INTO v_schema, v_epoch FROM fleet.tenant_fence f WHERE f.tenant_id = tenant;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'tenant % is not on this shard', tenant USING ERRCODE = 'TF404';
+  END IF;
+  IF v_epoch > resolved_epoch THEN
+    RAISE EXCEPTION 'tenant % fence epoch % is newer than %', tenant, v_epoch, resolved_epoch USING ERRCODE = 'TF409';
+  END IF;
+  PERFORM pg_catalog.set_config('search_path', pg_catalog.quote_ident(v_schema) || ', public', true);
+  RETURN v_epoch;
+END $fn$;
 """
 
 _dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
