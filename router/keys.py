@@ -30,3 +30,45 @@ SCHEMA_RE: Final = re.compile(r"^t_[0-9a-f]{32}$")
 
 TENANT_STATES: Final = ("provisioning", "active", "moving", "suspended", "deleting")
 SHARD_STATES: Final = ("active", "draining", "readonly", "offline")
+
+
+# --- resolve client (router/client.py) -------------------------------------------------
+# Redis is a cache: a call that can't finish quickly is worth less than going straight to
+# the control plane, so timeouts are short and a failure opens a breaker for a while.
+REDIS_SOCKET_TIMEOUT_S: Final = 0.25
+REDIS_CONNECT_TIMEOUT_S: Final = 0.25
+REDIS_MAX_CONNECTIONS: Final = 64          # per client; bounds a miss storm's Redis sockets
+REDIS_POOL_WAIT_S: Final = 0.5             # waiting this long for a pooled connection counts as a failure
+REDIS_BREAKER_S: Final = 1.0               # after a Redis failure, skip Redis this long, then probe once
+LISTENER_POLL_S: Final = 1.0               # pub/sub read timeout; the loop just reads again
+LISTENER_RETRY_S: Final = 0.1              # first reconnect delay of the invalidation listener ...
+LISTENER_RETRY_MAX_S: Final = 2.0          # ... doubling up to this
+LISTENER_READY_S: Final = 1.0              # how long opening a client waits for its first subscribe
+
+# Write a record (KEYS[1]) and its alias keys (KEYS[2..]) unless Redis already holds a
+# newer epoch for that tenant. ARGV: epoch, orjson payload, ttl seconds, tenant_id.
+# Returns 1 if written, 0 if refused. A payload Redis can't decode is overwritten.
+SET_IF_NEWER_LUA: Final = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, doc = pcall(cjson.decode, cur)
+  if ok and type(doc) == 'table' and tonumber(doc['epoch']) ~= nil
+     and tonumber(doc['epoch']) > tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[4], 'EX', ARGV[3])
+end
+return 1
+"""
+
+# Follow an alias (KEYS[1] -> tenant_id) to its record in one round trip. ARGV[1] is the
+# record key prefix (redis_tenant_key(ns, "")). The record key is derived inside the
+# script, which a single Redis/Valkey server allows (Redis Cluster would not).
+GET_BY_ALIAS_LUA: Final = """
+local id = redis.call('GET', KEYS[1])
+if not id then return false end
+return redis.call('GET', ARGV[1] .. id)
+"""

@@ -1,0 +1,207 @@
+"""The in-process level of the resolve cache: bounded LRU with TTL, aliases, epoch guard.
+
+`TenantCache` holds `TenantRecord`s keyed by tenant_id, with alias indexes for code and
+domain that point at the same entry, so dropping a tenant drops every name it is known
+by. It never lets an older epoch replace a newer one: each entry carries its epoch, and
+a bounded memory of the newest epoch heard about (from an invalidation or a stale fence)
+outlives the entry, so a slow read that started before a change can't put the old record
+back. Unknown names are remembered for a short TTL (the negative cache).
+
+Pure Python, no I/O, not thread-safe (one event loop owns it). Kinds are the ones
+`router.directory.normalise_query` returns: ``"id"``, ``"code"``, ``"domain"``; values
+must already be canonical (validated), since a hit on a value is trusted as-is.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from router.models import TenantRecord
+
+Clock = Callable[[], float]
+Name = tuple[str, str]  # (kind, canonical value)
+
+
+class _Entry:
+    __slots__ = ("rec", "expires")
+
+    def __init__(self, rec: TenantRecord, expires: float) -> None:
+        self.rec = rec
+        self.expires = expires
+
+
+def names_of(rec: TenantRecord) -> list[Name]:
+    """Every (kind, value) a record answers to."""
+    return [("id", rec.tenant_id), ("code", rec.code), *(("domain", d) for d in rec.domains)]
+
+
+class TenantCache:
+    """Bounded LRU of tenant records with TTL, alias names, an epoch guard and a negative cache.
+
+    ``max_size`` bounds the tenants held (aliases ride on their tenant's entry);
+    ``negative_max`` bounds remembered unknown names and ``epoch_memory`` the remembered
+    newest epochs (both default to ``max_size``). ``clock`` is monotonic seconds.
+    """
+
+    def __init__(self, max_size: int, ttl_s: float, negative_ttl_s: float, *, negative_max: int | None = None,
+                 epoch_memory: int | None = None, clock: Clock = time.monotonic) -> None:
+        if max_size < 1 or ttl_s <= 0 or negative_ttl_s <= 0:
+            raise ValueError("max_size must be >= 1 and both TTLs > 0")
+        self.max_size = max_size
+        self.ttl_s = ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.negative_max = negative_max or max_size
+        self.epoch_memory = epoch_memory or max_size
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # tenant_id -> entry, oldest use first
+        self._codes: dict[str, _Entry] = {}
+        self._domains: dict[str, _Entry] = {}
+        self._index: dict[str, dict[str, _Entry]] = {"id": self._entries, "code": self._codes,
+                                                      "domain": self._domains}
+        self._negative: OrderedDict[Name, float] = OrderedDict()  # name -> expires
+        self._floor: OrderedDict[str, int] = OrderedDict()  # tenant_id -> newest epoch known to exist
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- positive entries -----------------------------------------------------------------
+    def get(self, kind: str, value: str) -> TenantRecord | None:
+        """The fresh record cached under this name, or None (absent or expired).
+
+        Raises KeyError for a kind other than id, code or domain.
+        """
+        entry = self._index[kind].get(value)
+        if entry is None:
+            return None
+        if entry.expires <= self._clock():
+            self._remove(entry)
+            return None
+        self._entries.move_to_end(entry.rec.tenant_id)
+        return entry.rec
+
+    def put(self, rec: TenantRecord) -> bool:
+        """Cache ``rec`` unless a newer epoch of that tenant is held or known to exist.
+
+        Returns True if ``rec`` is now the cached record (an equal epoch refreshes the TTL).
+        Either way the record's names stop being negative: the tenant exists.
+        """
+        self._clear_negative(names_of(rec))
+        if rec.epoch < self.floor(rec.tenant_id):
+            return False
+        old = self._entries.get(rec.tenant_id)
+        if old is not None:
+            self._remove(old)
+        entry = _Entry(rec, self._clock() + self.ttl_s)
+        self._entries[rec.tenant_id] = entry
+        self._codes[rec.code] = entry
+        for d in rec.domains:
+            self._domains[d] = entry
+        while len(self._entries) > self.max_size:
+            _, victim = self._entries.popitem(last=False)
+            self._unalias(victim)
+            self.evictions += 1
+        return True
+
+    def floor(self, tenant_id: str) -> int:
+        """The newest epoch this cache knows exists for the tenant (0 if none)."""
+        entry = self._entries.get(tenant_id)
+        held = entry.rec.epoch if entry is not None else 0
+        return max(held, self._floor.get(tenant_id, 0))
+
+    def is_stale(self, rec: TenantRecord) -> bool:
+        """True if a newer epoch of this tenant is known: don't serve or cache ``rec``."""
+        return rec.epoch < self.floor(rec.tenant_id)
+
+    def invalidate(self, tenant_id: str, epoch: int, names: Iterable[Name] = ()) -> bool:
+        """Apply an invalidation: epoch ``epoch`` of the tenant now exists.
+
+        Drops the tenant's entry (with all its aliases) if it is older than ``epoch``,
+        remembers ``epoch`` so older records are refused, and forgets ``names`` (the
+        tenant's current code and domains) both as unknown names and as aliases of some
+        other entry. Returns True if an entry was dropped.
+        """
+        self._remember(tenant_id, epoch)
+        names = list(names)
+        self._clear_negative([("id", tenant_id), *names])
+        for kind, value in names:
+            other = self._index[kind].get(value)
+            if other is not None and other.rec.tenant_id != tenant_id:
+                del self._index[kind][value]  # the name moved to this tenant
+        entry = self._entries.get(tenant_id)
+        if entry is not None and entry.rec.epoch < epoch:
+            self._remove(entry)
+            return True
+        return False
+
+    def drop(self, tenant_id: str, *, stale_epoch: int | None = None) -> bool:
+        """Forget the tenant's entry and aliases; True if there was one.
+
+        With ``stale_epoch`` (an epoch found stale, e.g. by the shard fence) records at or
+        below it are refused from then on, so a second level still holding it is skipped.
+        """
+        if stale_epoch is not None:
+            self._remember(tenant_id, stale_epoch + 1)
+        entry = self._entries.get(tenant_id)
+        if entry is None:
+            return False
+        self._remove(entry)
+        return True
+
+    def clear(self) -> int:
+        """Forget every positive entry (epoch memory and negatives stay); returns how many."""
+        n = len(self._entries)
+        self._entries.clear()
+        self._codes.clear()
+        self._domains.clear()
+        return n
+
+    # --- negative entries -----------------------------------------------------------------
+    def is_negative(self, kind: str, value: str) -> bool:
+        """True if this name was recently found not to exist."""
+        expires = self._negative.get((kind, value))
+        if expires is None:
+            return False
+        if expires <= self._clock():
+            del self._negative[(kind, value)]
+            return False
+        return True
+
+    def put_negative(self, kind: str, value: str) -> None:
+        """Remember that no tenant has this name, for ``negative_ttl_s``."""
+        key = (kind, value)
+        self._negative[key] = self._clock() + self.negative_ttl_s
+        self._negative.move_to_end(key)
+        while len(self._negative) > self.negative_max:
+            self._negative.popitem(last=False)
+
+    def negative_count(self) -> int:
+        return len(self._negative)
+
+    # --- internals ------------------------------------------------------------------------
+    def _remove(self, entry: _Entry) -> None:
+        if self._entries.get(entry.rec.tenant_id) is entry:
+            del self._entries[entry.rec.tenant_id]
+        self._unalias(entry)
+
+    def _unalias(self, entry: _Entry) -> None:
+        # Only drop an alias that still points at this entry: the name may have moved on.
+        rec = entry.rec
+        if self._codes.get(rec.code) is entry:
+            del self._codes[rec.code]
+        for d in rec.domains:
+            if self._domains.get(d) is entry:
+                del self._domains[d]
+
+    def _remember(self, tenant_id: str, epoch: int) -> None:
+        if epoch <= self._floor.get(tenant_id, 0):
+            return
+        self._floor[tenant_id] = epoch
+        self._floor.move_to_end(tenant_id)
+        while len(self._floor) > self.epoch_memory:
+            self._floor.popitem(last=False)
+
+    def _clear_negative(self, names: Iterable[Name]) -> None:
+        for name in names:
+            self._negative.pop(name, None)
