@@ -1,0 +1,206 @@
+"""The in-process resolve cache on its own: LRU, TTL, aliases, epoch guard, negative cache."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+
+from router.cache import TenantCache
+from router.models import TenantRecord
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand, so TTLs are checked without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def record(code: str, *, epoch: int = 1, domains: tuple[str, ...] = (), tenant_id: str | None = None) -> TenantRecord:
+    tid = tenant_id or str(uuid.uuid4())
+    return TenantRecord(tenant_id=tid, code=code, schema="t_" + uuid.UUID(tid).hex, shard_id="shard1",
+                        state="active", epoch=epoch, domains=domains)
+
+
+def cache(clock: FakeClock, **kw: int) -> TenantCache:
+    return TenantCache(kw.pop("max_size", 100), 60.0, 5.0, clock=clock, **kw)
+
+
+def test_a_record_is_found_by_id_code_and_each_domain() -> None:
+    c = cache(FakeClock())
+    rec = record("acme", domains=("acme.example.com", "acme.test.io"))
+    assert c.put(rec)
+    assert c.get("id", rec.tenant_id) is rec
+    assert c.get("code", "acme") is rec
+    assert c.get("domain", "acme.example.com") is rec
+    assert c.get("domain", "acme.test.io") is rec
+    assert c.get("code", "other") is None
+
+
+def test_dropping_a_tenant_by_id_drops_every_alias() -> None:
+    c = cache(FakeClock())
+    rec = record("acme", domains=("acme.example.com",))
+    c.put(rec)
+    assert c.drop(rec.tenant_id)
+    assert c.get("id", rec.tenant_id) is None
+    assert c.get("code", "acme") is None
+    assert c.get("domain", "acme.example.com") is None
+    assert not c.drop(rec.tenant_id)
+
+
+def test_an_entry_expires_after_its_ttl() -> None:
+    clock = FakeClock()
+    c = cache(clock)
+    rec = record("acme")
+    c.put(rec)
+    clock.advance(59.9)
+    assert c.get("code", "acme") is rec
+    clock.advance(0.2)
+    assert c.get("code", "acme") is None
+    assert c.get("id", rec.tenant_id) is None  # the expired entry went with its aliases
+    assert len(c) == 0
+
+
+def test_the_least_recently_used_tenant_is_evicted_with_its_aliases() -> None:
+    c = cache(FakeClock(), max_size=3)
+    a, b, d = record("a", domains=("a.example.com",)), record("b"), record("d")
+    for r in (a, b, d):
+        c.put(r)
+    assert c.get("code", "a") is a  # a is now the most recently used; b is the oldest
+    e = record("e")
+    c.put(e)
+    assert len(c) == 3 and c.evictions == 1
+    assert c.get("code", "b") is None and c.get("id", b.tenant_id) is None
+    assert c.get("domain", "a.example.com") is a
+    for code in ("f", "g", "h"):  # a was touched last, so it goes after d and e
+        c.put(record(code))
+    assert c.get("domain", "a.example.com") is None and c.get("code", "a") is None
+
+
+def test_an_older_epoch_never_replaces_a_newer_entry() -> None:
+    c = cache(FakeClock())
+    new = record("acme", epoch=5)
+    old = dataclasses.replace(new, epoch=4, state="suspended")
+    assert c.put(new)
+    assert not c.put(old)
+    assert c.get("code", "acme") is new
+    same = dataclasses.replace(new, state="active")
+    assert c.put(same)  # an equal epoch refreshes
+    assert c.get("id", new.tenant_id) is same
+
+
+def test_an_invalidation_drops_an_older_entry_and_refuses_its_epoch_afterwards() -> None:
+    c = cache(FakeClock())
+    v1 = record("acme", epoch=1, domains=("acme.example.com",))
+    c.put(v1)
+    assert c.invalidate(v1.tenant_id, 2, [("code", "acme"), ("domain", "acme.example.com")])
+    assert c.get("code", "acme") is None and c.get("domain", "acme.example.com") is None
+    assert c.is_stale(v1)
+    assert not c.put(v1)  # a slow read of epoch 1 finishing now can't put it back
+    assert c.get("id", v1.tenant_id) is None
+    v2 = dataclasses.replace(v1, epoch=2)
+    assert c.put(v2) and c.get("code", "acme") is v2
+
+
+def test_an_invalidation_with_an_older_or_equal_epoch_keeps_the_entry() -> None:
+    c = cache(FakeClock())
+    v3 = record("acme", epoch=3)
+    c.put(v3)
+    assert not c.invalidate(v3.tenant_id, 2)
+    assert not c.invalidate(v3.tenant_id, 3)
+    assert c.get("code", "acme") is v3
+
+
+def test_the_epoch_memory_is_bounded() -> None:
+    c = cache(FakeClock(), max_size=10, epoch_memory=4)
+    tids = [str(uuid.uuid4()) for _ in range(6)]
+    for tid in tids:
+        c.invalidate(tid, 7)
+    assert [c.floor(t) for t in tids] == [0, 0, 7, 7, 7, 7]
+
+
+def test_a_stale_drop_refuses_records_at_or_below_the_stale_epoch() -> None:
+    c = cache(FakeClock())
+    v4 = record("acme", epoch=4)
+    c.put(v4)
+    assert c.drop(v4.tenant_id, stale_epoch=4)
+    assert not c.put(v4)
+    assert c.put(dataclasses.replace(v4, epoch=5))
+
+
+def test_a_name_that_moved_to_another_tenant_stops_answering_for_the_old_one() -> None:
+    c = cache(FakeClock())
+    old_owner = record("acme", domains=("shop.example.com",))
+    c.put(old_owner)
+    new_owner = record("acme2", domains=("shop.example.com",), epoch=2)
+    c.invalidate(new_owner.tenant_id, 2, [("code", "acme2"), ("domain", "shop.example.com")])
+    assert c.get("domain", "shop.example.com") is None
+    assert c.get("code", "acme") is old_owner
+    c.put(new_owner)
+    assert c.get("domain", "shop.example.com") is new_owner
+    c.drop(old_owner.tenant_id)  # dropping the old owner leaves the new owner's alias alone
+    assert c.get("domain", "shop.example.com") is new_owner
+
+
+def test_a_domain_removed_by_a_newer_epoch_no_longer_answers() -> None:
+    c = cache(FakeClock())
+    v1 = record("acme", domains=("a.example.com", "b.example.com"))
+    c.put(v1)
+    v2 = dataclasses.replace(v1, epoch=2, domains=("a.example.com",))
+    c.put(v2)
+    assert c.get("domain", "b.example.com") is None
+    assert c.get("domain", "a.example.com") is v2
+
+
+def test_unknown_names_are_remembered_for_the_negative_ttl_only() -> None:
+    clock = FakeClock()
+    c = cache(clock)
+    c.put_negative("code", "nobody")
+    assert c.is_negative("code", "nobody")
+    assert not c.is_negative("domain", "nobody.example.com")
+    clock.advance(5.01)
+    assert not c.is_negative("code", "nobody")
+    assert c.negative_count() == 0
+
+
+def test_the_negative_cache_is_bounded() -> None:
+    c = cache(FakeClock(), negative_max=3)
+    for i in range(5):
+        c.put_negative("code", f"n{i}")
+    assert c.negative_count() == 3
+    assert not c.is_negative("code", "n0") and c.is_negative("code", "n4")
+
+
+def test_a_record_that_appears_clears_its_names_from_the_negative_cache() -> None:
+    c = cache(FakeClock())
+    rec = record("late", domains=("late.example.com",))
+    c.put_negative("code", "late")
+    c.put_negative("domain", "late.example.com")
+    c.put(rec)
+    assert not c.is_negative("code", "late") and not c.is_negative("domain", "late.example.com")
+    c.put_negative("code", "later")
+    c.invalidate(str(uuid.uuid4()), 1, [("code", "later")])
+    assert not c.is_negative("code", "later")
+
+
+def test_clear_forgets_entries_but_keeps_the_epoch_guard() -> None:
+    c = cache(FakeClock())
+    v2 = record("acme", epoch=2)
+    c.put(v2)
+    c.invalidate(v2.tenant_id, 3)
+    c.put(record("other"))
+    assert c.clear() == 1
+    assert c.get("code", "other") is None
+    assert not c.put(v2)
+
+
+def test_an_unknown_kind_is_refused() -> None:
+    with pytest.raises(KeyError):
+        cache(FakeClock()).get("schema", "t_x")
