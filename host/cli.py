@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
@@ -33,12 +34,29 @@ def run(coro: Awaitable[T]) -> T:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, for services to shut down in order (call inside the loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, title: str | None = None) -> None:
     """Print ``data`` as JSON (``--json``) or as a table of ``columns``."""
     if state.json:
         sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
         return
-    rows: Iterable[dict[str, Any]] = data if isinstance(data, list) else [data]
+    if isinstance(data, dict):
+        single = Table(title=title, show_header=False)
+        single.add_column("field", style="bold")
+        single.add_column("value")
+        for key in columns or list(data.keys()):
+            single.add_row(key, _cell(data.get(key)))
+        state.console.print(single)
+        return
+    rows: Iterable[dict[str, Any]] = data
     if columns is None:
         first = next(iter(rows), None)
         if first is None:
@@ -103,4 +121,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m host.cli`: this file is then `__main__`, a second copy whose `cli`
+    # group the command modules don't register on; delegate to the imported module.
+    from host.cli import main as _main
+
+    _main()

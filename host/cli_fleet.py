@@ -1,9 +1,98 @@
-"""`tenantfleet up` and `tenantfleet down`: the embedded dev fleet."""
+"""`tenantfleet up` and `tenantfleet down`: the embedded dev fleet (or external servers)."""
 from __future__ import annotations
 
-import click
+import asyncio
 
-from host.cli import CliState, cli, pass_state
+import click
+from rich.table import Table
+
+from host.cli import CliState, cli, pass_state, stop_on_signals
+from host.demo import DemoInfo, admin_key_for, ensure_demo_tenants, ensure_shards
+from router.runtime import open_runtime
+from router.settings import Settings
+
+
+def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Settings:
+    from host.embedded import EmbeddedFleet
+
+    s = state.settings
+    if reset:
+        EmbeddedFleet(s.fleet_dir).reset()
+    fleet = EmbeddedFleet(s.fleet_dir, shards=shards)
+    info = fleet.start()
+    table = Table(title=f"embedded fleet under {info.root}")
+    for col in ("server", "address"):
+        table.add_column(col)
+    table.add_row("control plane", info.control_dsn)
+    for shard_id, dsn in info.shard_dsns.items():
+        table.add_row(shard_id, dsn)
+    table.add_row("valkey", info.redis_url)
+    state.console.print(table)
+    return s.model_copy(update={"control_dsn": info.control_dsn, "redis_url": info.redis_url,
+                                "shard_dsns": ",".join(info.shard_dsns.values())})
+
+
+async def _prepare(settings: Settings) -> DemoInfo:
+    shard_dsns = {f"shard{i}": dsn for i, dsn in enumerate(settings.shard_dsn_list, start=1)}
+    async with open_runtime(settings) as rt:
+        await ensure_shards(rt, shard_dsns)
+        demo = DemoInfo(admin_key=settings.admin_key, tenants=await ensure_demo_tenants(rt))
+    return demo
+
+
+def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port: int) -> None:
+    base = f"http://{settings.bind_host}:{router_port}"
+    # plain echo, not rich: commands must not be wrapped, so they work when pasted
+    lines = [
+        f"\nrouter  {base}   (OpenAPI: {base}/v1/openapi.json, metrics: {base}/metrics)",
+        f"admin key: {demo.admin_key}  (kept in {settings.fleet_dir}/admin.key)",
+        "",
+        "try:",
+        f"  curl -s '{base}/v1/tenants/resolve?code=acme'",
+        f"  curl -s '{base}/v1/tenants/resolve?domain=globex.example.com'",
+        f"  curl -s -X POST {base}/v1/tenants -H 'Authorization: Bearer {demo.admin_key}'"
+        " -d '{\"code\": \"initech\", \"domains\": [\"initech.example.com\"]}'",
+        f"  curl -s {base}/v1/shards",
+        "  .venv/bin/tenantfleet tenants list",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.option("--shards", type=click.IntRange(1, 16), default=None,
+              help="Shard servers to run (default: as before, else 3). Embedded fleet only.")
+@click.option("--reset", is_flag=True, help="Stop the embedded fleet and wipe its data first.")
+@click.option("--serve/--no-serve", default=True, show_default=True,
+              help="Serve the router and host in the foreground (Ctrl-C stops them; servers keep running).")
+@pass_state
+def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
+    """Start the fleet and serve it.
+
+    Without TENANTFLEET_CONTROL_DSN: starts the embedded fleet under .fleet/ (a control
+    plane, one PostgreSQL server per shard, Valkey), keeping data and ports across
+    restarts. With it: uses those servers and registers TENANTFLEET_SHARD_DSNS as
+    shard1..N. Then ensures demo tenants, prints what runs where, and serves.
+    """
+    settings = state.settings if state.settings.is_external else _start_embedded(state, shards, reset)
+    settings = settings.model_copy(update={"admin_key": admin_key_for(settings.fleet_dir, settings.admin_key)})
+    demo = asyncio.run(_prepare(settings))
+    if not serve:
+        _print_tour(state, settings, demo, settings.router_port)
+        return
+
+    async def serve_all() -> None:
+        from router import service
+
+        stop = stop_on_signals()
+
+        async def ready(port: int) -> None:
+            _print_tour(state, settings, demo, port)
+            click.echo("\nserving; Ctrl-C stops the services (`tenantfleet down` stops the servers)")
+
+        await service.serve(settings, ready=ready, stop=stop)
+
+    asyncio.run(serve_all())
+    click.echo("stopped serving; the fleet's servers keep running (`tenantfleet down` stops them)")
 
 
 @cli.command()
@@ -16,5 +105,7 @@ def down(state: CliState) -> None:
     if not (fleet_dir / "fleet.json").exists():
         click.echo(f"no embedded fleet under {fleet_dir}")
         return
-    EmbeddedFleet(fleet_dir, shards=state.settings.shards).stop()
+    EmbeddedFleet(fleet_dir).stop()
     click.echo(f"stopped the embedded fleet under {fleet_dir}")
+
+

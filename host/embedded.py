@@ -241,7 +241,7 @@ class EmbeddedFleet:
     it started; `reset()` stops and wipes ``root``.
     """
     root: Path
-    shards: int = 3
+    shards: int | None = None  # None: as many as were started before, else 3
     tuned_for_tests: bool = False
     control: PgServer = field(init=False)
     shard_servers: list[PgServer] = field(init=False)
@@ -251,10 +251,12 @@ class EmbeddedFleet:
         self.root = self.root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         ports = self._load_ports()
+        if self.shards is None:
+            self.shards = max([int(k[5:]) for k in ports if k.startswith("shard")], default=3)
         self.control = PgServer("control", self.root, ports.get("control") or free_port(), self.tuned_for_tests)
         self.shard_servers = [
             PgServer(f"shard{i}", self.root, ports.get(f"shard{i}") or free_port(), self.tuned_for_tests)
-            for i in range(1, self.shards + 1)
+            for i in range(1, (self.shards or 3) + 1)
         ]
         self.valkey = ValkeyProc(self.root, ports.get("valkey") or free_port())
         self._runas = _RunAs.for_postgres()

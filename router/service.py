@@ -6,6 +6,7 @@ key configured, writes are refused rather than open.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from contextlib import AsyncExitStack
@@ -205,8 +206,11 @@ async def open_service(settings: Settings, stack: AsyncExitStack) -> web.Applica
 
 
 async def serve(settings: Settings, *, port: int | None = None,
-                ready: Callable[[int], Awaitable[None]] | None = None) -> None:
-    """Run the router service until cancelled; stops accepting before closing pools."""
+                ready: Callable[[int], Awaitable[None]] | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run the router service until ``stop`` is set (or cancelled).
+
+    Shutdown order: stop accepting and drain (runner.cleanup), then close pools.
+    """
     async with AsyncExitStack() as stack:
         app = await open_service(settings, stack)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
@@ -217,9 +221,4 @@ async def serve(settings: Settings, *, port: int | None = None,
         bound = runner.addresses[0][1]
         if ready is not None:
             await ready(bound)
-        await _forever()
-
-
-async def _forever() -> None:
-    import asyncio
-    await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()

@@ -1,0 +1,4 @@
+"""`python -m host`: the tenantfleet CLI."""
+from host.cli import main
+
+main()

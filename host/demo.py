@@ -1,0 +1,51 @@
+"""The demo data `tenantfleet up` ensures: shards registered, two tenants, an admin key."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.errors import TenantNotFound
+from router.models import TenantRecord
+from router.runtime import RouterRuntime
+
+DEMO_TENANTS = (("acme", "acme.example.com"), ("globex", "globex.example.com"))
+
+
+@dataclass
+class DemoInfo:
+    admin_key: str
+    tenants: list[TenantRecord] = field(default_factory=list)
+    api_keys: dict[str, str] = field(default_factory=dict)   # tenant code -> bearer key
+
+
+def admin_key_for(fleet_dir: Path, configured: str) -> str:
+    """The configured admin key, else one generated once and kept in <fleet_dir>/admin.key (0600)."""
+    if configured:
+        return configured
+    path = fleet_dir / "admin.key"
+    if path.exists():
+        return path.read_text().strip()
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+async def ensure_shards(rt: RouterRuntime, shard_dsns: dict[str, str]) -> None:
+    """Register every shard not registered yet (idempotent)."""
+    known = {s.shard_id for s in await rt.directory.list_shards()}
+    for shard_id, dsn in shard_dsns.items():
+        if shard_id not in known:
+            await rt.directory.add_shard(shard_id, dsn)
+
+
+async def ensure_demo_tenants(rt: RouterRuntime) -> list[TenantRecord]:
+    out: list[TenantRecord] = []
+    for code, domain in DEMO_TENANTS:
+        try:
+            out.append(await rt.directory.get(code=code))
+        except TenantNotFound:
+            out.append(await rt.directory.create_tenant(code, [domain]))
+    return out
