@@ -35,6 +35,7 @@ def admin_key_for(fleet_dir: Path, configured: str) -> str:
 
 async def ensure_shards(rt: RouterRuntime, shard_dsns: dict[str, str]) -> None:
     """Register every shard not registered yet (idempotent)."""
+    await rt.directory.prepare_shards()
     known = {s.shard_id for s in await rt.directory.list_shards()}
     for shard_id, dsn in shard_dsns.items():
         if shard_id not in known:

@@ -143,7 +143,7 @@ def load_package(module: ModuleType) -> PluginPackage:
         raise ValidationFailed(f"{name}: meta.version must be a SemVer string")
     parsed = parse_version(version, field_name=f"{pid} meta.version")
     api_m = API_RE.match(api) if isinstance(api, str) else None
-    if api_m is None:
+    if api_m is None or not isinstance(api, str):
         raise ValidationFailed(f"{name}: meta.api must look like '1.x'")
     if module.__file__ is None:
         raise ValidationFailed(f"{name}: not a package with files")

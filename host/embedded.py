@@ -311,7 +311,7 @@ class EmbeddedFleet:
         errors: list[str] = []
         self._try(self.valkey.stop, errors)
         for server in reversed(self.pg_servers):
-            self._try(lambda s=server: s.stop(self._runas), errors)  # type: ignore[misc]
+            self._try(lambda s=server: s.stop(self._runas), errors)
         if errors:
             raise FleetError("; ".join(errors))
 

@@ -114,10 +114,24 @@ class Directory:
                 "INSERT INTO shards (shard_id, dsn, capacity, weight) VALUES ($1, $2, $3, $4) "
                 "RETURNING shard_id, dsn, state, capacity, weight, 0 AS tenants",
                 shard_id, dsn, capacity, weight)
+            assert row is not None
         except asyncpg.UniqueViolationError as exc:
             raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id) from exc
         log.info("shard registered", extra={"shardId": shard_id, "dsn": redact(dsn)})
         return _shard(row)
+
+    async def prepare_shards(self) -> list[str]:
+        """Re-run the idempotent ``fleet`` schema set-up on every registered shard (an upgrade
+        of tenantfleet may add shard functions). Returns the shards that could not be reached."""
+        unreachable: list[str] = []
+        for shard in await self.list_shards():
+            try:
+                pool = await self.shard_pools.get(shard.shard_id)
+                async with pool.acquire() as conn:
+                    await schema.ensure_shard(conn)
+            except ShardUnreachable:
+                unreachable.append(shard.shard_id)
+        return unreachable
 
     async def list_shards(self) -> list[ShardRecord]:
         return [_shard(r) for r in await self.control.fetch(_SHARDS + " ORDER BY s.shard_id")]

@@ -12,7 +12,7 @@ def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 _ERRORS = {"400": _resp("VALIDATION_FAILED"), "500": _resp("INTERNAL")}
-_ADMIN = [{"adminKey": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

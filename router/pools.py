@@ -7,11 +7,14 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
 from router.errors import ShardNotFound, ShardUnreachable
 from router.settings import Settings
 
 DsnLookup = Callable[[str], Awaitable[str | None]]
+# A connection of our own or one lent by a pool: both run queries the same way.
+AnyConnection = asyncpg.Connection | PoolConnectionProxy
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -29,7 +32,8 @@ async def connect(dsn: str, settings: Settings, **kwargs: Any) -> asyncpg.Connec
         raise ShardUnreachable(f"cannot connect to {redact(dsn)}: {exc.__class__.__name__}: {exc}",
                                dsn=redact(dsn)) from exc
     await init_connection(conn)
-    return conn
+    result: asyncpg.Connection = conn
+    return result
 
 
 async def create_pool(dsn: str, settings: Settings, *, min_size: int, max_size: int, **kwargs: Any) -> asyncpg.Pool:

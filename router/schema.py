@@ -1,7 +1,7 @@
 """Creating and upgrading tenantfleet's own tables on the control plane and on shards."""
 from __future__ import annotations
 
-import asyncpg
+from router.pools import AnyConnection
 
 from router import tables
 
@@ -9,12 +9,12 @@ from router import tables
 _BOOTSTRAP_LOCK = 0x7466_626F_6F74_0001
 
 
-async def ensure_control(conn: asyncpg.Connection) -> None:
+async def ensure_control(conn: AnyConnection) -> None:
     """Create the control-plane tables if missing (idempotent, safe to race)."""
     await _apply(conn, "control", tables.control_ddl())
 
 
-async def ensure_shard(conn: asyncpg.Connection) -> None:
+async def ensure_shard(conn: AnyConnection) -> None:
     """Create a shard's ``fleet`` schema, ledger, fence and helper functions (idempotent).
 
     Also revokes CREATE on ``public`` from PUBLIC (CVE-2018-1058): only the owner may
@@ -23,7 +23,7 @@ async def ensure_shard(conn: asyncpg.Connection) -> None:
     await _apply(conn, "shard", [*tables.shard_ddl(), "REVOKE CREATE ON SCHEMA public FROM PUBLIC"])
 
 
-async def _apply(conn: asyncpg.Connection, component: str, statements: list[str]) -> None:
+async def _apply(conn: AnyConnection, component: str, statements: list[str]) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK)
         for stmt in statements:

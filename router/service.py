@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from router.client import ResolveClient
 from router.directory import Directory, normalise_query
 from router.errors import Unauthorized, ValidationFailed
 from router.http import Handler, envelope_middleware, json_response, read_json_object
@@ -41,6 +42,7 @@ class DirectResolver:
 
 
 RUNTIME = web.AppKey("runtime", RouterRuntime)
+CLIENT = web.AppKey("client", ResolveClient)
 RESOLVER = web.AppKey("resolver", object)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SETTINGS = web.AppKey("settings", Settings)
@@ -146,6 +148,9 @@ async def readyz(request: web.Request) -> web.Response:
         checks["control"] = "ok"
     except Exception as exc:  # any failure means not ready; the reason is reported
         checks["control"] = f"{exc.__class__.__name__}: {exc}"
+    client = request.app.get(CLIENT)
+    if client is not None:  # Redis is a cache: its absence degrades, never un-readies
+        checks["redis"] = "ok" if client.redis_available else "unavailable (serving from the control plane)"
     ok = checks["control"] == "ok"
     return json_response({"status": "ready" if ok else "not ready", "checks": checks}, status=200 if ok else 503)
 
@@ -198,11 +203,19 @@ def build_app(runtime: RouterRuntime, resolver: Resolver, registry: CollectorReg
 
 
 async def open_service(settings: Settings, stack: AsyncExitStack) -> web.Application:
-    """Open the runtime and resolver for ``settings`` on ``stack`` and build the app."""
+    """Open the runtime and the two-level resolve client on ``stack`` and build the app.
+
+    Directory changes made through this service are published by the client, so every
+    other client (other routers, hosts) drops its stale entry.
+    """
     registry = CollectorRegistry()
     runtime = await stack.enter_async_context(open_runtime(settings))
-    resolver: Resolver = DirectResolver(runtime.directory)
-    return build_app(runtime, resolver, registry)
+    client = await stack.enter_async_context(ResolveClient(runtime.settings, runtime.directory.lookup,
+                                                           registry=registry))
+    runtime.directory.on_change = client.publish
+    app = build_app(runtime, client, registry)
+    app[CLIENT] = client
+    return app
 
 
 async def serve(settings: Settings, *, port: int | None = None,
