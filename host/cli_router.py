@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from host.cli import CliState, cli, emit, pass_state, run
+from host.cli import CliState, cli, emit, pass_state, run, stop_on_signals
 from router.runtime import open_runtime
 
 TENANT_COLUMNS = ["tenant_id", "code", "shard_id", "schema", "state", "epoch", "domains"]
@@ -127,3 +127,30 @@ def shards_set_state(state: CliState, shard_id: str, new_state: str) -> None:
         async with open_runtime(state.settings) as rt:
             return (await rt.directory.set_shard_state(shard_id, new_state)).to_dict()
     emit(state, run(go()), columns=SHARD_COLUMNS)
+
+
+@cli.group("router")
+def router_group() -> None:
+    """The router service (resolve, tenants, shards over HTTP)."""
+
+
+@router_group.command("serve")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (default TENANTFLEET_ROUTER_PORT, 8300).")
+@pass_state
+def router_serve(state: CliState, port: int | None) -> None:
+    """Serve the router on TENANTFLEET_BIND_HOST until SIGINT/SIGTERM, then drain and close."""
+    from router import service
+    from router.runtime import effective_settings
+
+    settings = effective_settings(state.settings)
+
+    async def go() -> None:
+        stop = stop_on_signals()
+
+        async def ready(bound: int) -> None:
+            click.echo(f"router serving on http://{settings.bind_host}:{bound}")
+
+        await service.serve(settings, port=port, ready=ready, stop=stop)
+
+    run(go())
