@@ -146,19 +146,21 @@ class ResolveClient:
 
     async def _open_redis(self, stack: AsyncExitStack) -> None:
         address = redis_address(self.settings.redis_url)
+        ssl = bool(address.pop("ssl"))
         common: dict[str, Any] = dict(address, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                                       socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S)
         # Commands: one immediate retry covers a pooled socket the server closed (a
         # restart); more would only delay the fall-back to the control plane.
-        pool = aioredis.BlockingConnectionPool(max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S,
-                                               retry=Retry(NoBackoff(), 1), **common)
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_S, retry=Retry(NoBackoff(), 1),
+            connection_class=aioredis.SSLConnection if ssl else aioredis.Connection, **common)
         self._redis = aioredis.Redis.from_pool(pool)
         stack.push_async_callback(self._redis.aclose)
         self._set_if_newer = self._redis.register_script(SET_IF_NEWER_LUA)
         self._get_by_alias = self._redis.register_script(GET_BY_ALIAS_LUA)
         # The listener has its own client without retries: redis-py would otherwise
         # reconnect and resubscribe silently, and we must know about the gap.
-        sub = aioredis.Redis(retry=Retry(NoBackoff(), 0), **common)
+        sub = aioredis.Redis(retry=Retry(NoBackoff(), 0), ssl=ssl, **common)
         stack.push_async_callback(sub.aclose)
         self._listener = asyncio.create_task(self._listen(sub), name=f"tenantfleet-resolve-listener-{self._ns}")
         stack.push_async_callback(self._stop_listener)
