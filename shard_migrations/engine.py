@@ -1,0 +1,266 @@
+"""Applying migration files to one unit: a shard's public scope, or one tenant's schema.
+
+A unit is guarded by a session-level ``pg_try_advisory_lock`` on (plugin, scope[, tenant]);
+a busy lock raises `LockBusy` at once (the caller retries later, never waits). Under the
+lock the unit's ledger is read again, so a unit another migrator finished in the meantime
+is a no-op. Consecutive transactional files run in ONE transaction together with their
+ledger rows, with ``lock_timeout`` / ``statement_timeout`` set locally and the
+search_path set locally to the tenant schema (quoted server-side), then ``public``: a
+crash leaves a tenant either before or after the whole group, never in between. A
+``-- fleet:no-transaction`` file runs on its own outside a transaction and is recorded
+after it succeeds; such a file must be idempotent (``IF NOT EXISTS``), since a crash
+between the file and its ledger row makes a resume run it again.
+
+Errors are sorted by SQLSTATE / exception class (`classify`), never by message text.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Sequence
+
+import asyncpg
+import semver
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from host.discovery import MigrationFile, PluginPackage
+from router.errors import MigrationDrift, MigrationFailed, ShardUnreachable
+from router.models import TenantRecord
+from router.pools import ShardPools
+from router.settings import Settings
+from shard_migrations import ledger
+from shard_migrations.ledger import Conn
+from shard_migrations.keys import (
+    APPLY_TENANT_BUDGET_S, LOCK_SQLSTATES, SHARD_SQLSTATE_PREFIXES, STATEMENT_TIMEOUT_SQLSTATE,
+    UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S, advisory_key,
+)
+
+
+class LockBusy(Exception):
+    """Another migrator holds this unit's advisory lock: retry the unit later."""
+
+
+class LockTimedOut(Exception):
+    """A table lock was not granted within lock_timeout (or a deadlock/serialization failure):
+    this unit backs off and is retried; its shard goes on."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing a migrator applies files to under one advisory lock."""
+    shard_id: str
+    scope: str                          # "public" | "tenant"
+    tenant: TenantRecord | None         # None for the public scope
+    files: tuple[MigrationFile, ...]    # the files the unit should have (the ledger decides what is pending)
+
+    @property
+    def key(self) -> str:
+        return public_key(self.shard_id) if self.tenant is None else tenant_key(self.tenant.tenant_id)
+
+    @property
+    def tenant_id(self) -> str | None:
+        return None if self.tenant is None else self.tenant.tenant_id
+
+    def where(self) -> str:
+        return f"shard {self.shard_id}" + (f", tenant {self.tenant.code} ({self.tenant.tenant_id})"
+                                           if self.tenant else ", public scope")
+
+
+def public_key(shard_id: str) -> str:
+    return f"public:{shard_id}"
+
+
+def tenant_key(tenant_id: str) -> str:
+    return f"tenant:{tenant_id}"
+
+
+def classify(exc: BaseException) -> str:
+    """``"lock"`` (retry this unit later), ``"shard"`` (the shard is down, slow or refusing:
+    back off the shard) or ``"fatal"`` (the SQL itself fails: stop the run)."""
+    if isinstance(exc, (LockBusy, LockTimedOut)):
+        return "lock"
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if state in LOCK_SQLSTATES:
+            return "lock"
+        if state == STATEMENT_TIMEOUT_SQLSTATE or state.startswith(SHARD_SQLSTATE_PREFIXES):
+            return "shard"
+        return "fatal"
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, ShardUnreachable)):
+        return "shard"
+    return "fatal"
+
+
+def is_shard_error(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and classify(exc) == "shard"
+
+
+def _timeouts(settings: Settings) -> tuple[str, str]:
+    return f"{settings.lock_timeout_ms}ms", f"{settings.statement_timeout_ms}ms"
+
+
+_SET_LOCAL = ("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true), "
+              "set_config('search_path', CASE WHEN $3::text IS NULL THEN 'public' "
+              "ELSE quote_ident($3::text) || ', public' END, true)")
+_SET_SESSION = _SET_LOCAL.replace(", true)", ", false)")
+
+
+async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings, *,
+                     allow_drift: bool = False) -> list[MigrationFile]:
+    """Apply the unit's pending files; returns the files applied (empty if none were pending).
+
+    Raises LockBusy (another migrator has the unit), LockTimedOut (a table lock was not
+    granted in time), MigrationDrift (a recorded file changed, unless ``allow_drift``),
+    MigrationFailed (a file's SQL fails: names file, shard and tenant; nothing of that
+    transaction is recorded), or the driver's connection errors (see `classify`).
+    """
+    key = advisory_key(plugin_id, unit.scope, unit.tenant_id)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+        raise LockBusy(unit.key)
+    try:
+        recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
+        pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
+        if drift and not allow_drift:
+            raise MigrationDrift(drift[0].describe(), file=f"{drift[0].scope}/{drift[0].name}",
+                                 shardId=unit.shard_id, tenantId=unit.tenant_id)
+        applied: list[MigrationFile] = []
+        for group in _groups(pending):
+            await _apply_group(conn, plugin_id, unit, group, settings)
+            applied.extend(group)
+        return applied
+    finally:
+        if not conn.is_closed():
+            try:
+                await conn.execute("SELECT pg_advisory_unlock($1)", key)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                pass  # the lock ends with the session; the pool resets or discards the connection
+
+
+def _groups(files: Sequence[MigrationFile]) -> list[list[MigrationFile]]:
+    """Consecutive transactional files together; each no-transaction file alone."""
+    out: list[list[MigrationFile]] = []
+    for f in files:
+        if f.no_transaction or not out or out[-1][0].no_transaction:
+            out.append([f])
+        else:
+            out[-1].append(f)
+    return out
+
+
+async def _apply_group(conn: Conn, plugin_id: str, unit: Unit, group: list[MigrationFile],
+                       settings: Settings) -> None:
+    lock_timeout, statement_timeout = _timeouts(settings)
+    schema = None if unit.tenant is None else unit.tenant.schema
+    if group[0].no_transaction:
+        f = group[0]
+        await conn.execute(_SET_SESSION, lock_timeout, statement_timeout, schema)
+        try:
+            await _run_file(conn, f, unit)
+        finally:
+            if not conn.is_closed():
+                await conn.execute("RESET lock_timeout; RESET statement_timeout; RESET search_path")
+        await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, [f])
+        return
+    async with conn.transaction():
+        await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, schema)
+        for f in group:
+            await _run_file(conn, f, unit)
+        await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, group)
+
+
+async def _run_file(conn: Conn, f: MigrationFile, unit: Unit) -> None:
+    try:
+        # no arguments: the simple query protocol, so a file may hold several statements and
+        # nothing is prepared (and cached) against tables the file is changing
+        await conn.execute(f.sql)
+    except asyncpg.PostgresError as exc:
+        kind = classify(exc)
+        if kind == "lock":
+            raise LockTimedOut(f"{f.scope}/{f.name} on {unit.where()}: {exc.sqlstate} {exc}") from exc
+        if kind == "shard":
+            raise
+        raise file_failed(f, unit, exc) from exc
+
+
+def file_failed(f: MigrationFile, unit: Unit, exc: asyncpg.PostgresError) -> MigrationFailed:
+    pos = getattr(exc, "position", None)
+    at = f" at character {pos}" if pos else ""
+    return MigrationFailed(f"{f.plugin_id} {f.scope}/{f.name} failed on {unit.where()}{at}: "
+                           f"{exc.sqlstate} {exc.__class__.__name__}: {exc}",
+                           file=f"{f.scope}/{f.name}", path=str(f.path), shardId=unit.shard_id,
+                           tenantId=unit.tenant_id, sqlstate=exc.sqlstate)
+
+
+async def try_in_rollback(conn: Conn, units: Sequence[Unit], settings: Settings) -> list[str]:
+    """Dry-run: run the units' transactional files in ONE transaction that is always rolled
+    back. Returns the names tried; no-transaction files are not tried (they can't be
+    rolled back). Raises MigrationFailed for the first failing file; LockTimedOut likewise."""
+    lock_timeout, statement_timeout = _timeouts(settings)
+    tried: list[str] = []
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        for unit in units:
+            schema = None if unit.tenant is None else unit.tenant.schema
+            await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, schema)
+            for f in unit.files:
+                if not f.no_transaction:
+                    await _run_file(conn, f, unit)
+                    tried.append(f"{f.scope}/{f.name}")
+    finally:
+        if not conn.is_closed():
+            await tx.rollback()
+    return tried
+
+
+async def apply_tenant(pools: ShardPools, settings: Settings, package: PluginPackage, tenant: TenantRecord, *,
+                       to: semver.Version | None = None, allow_drift: bool = False) -> list[str]:
+    """Bring ONE tenant up to ``package`` (or version ``to``) through the fleet engine.
+
+    For the host's "enable plugin for a tenant": applies the plugin's pending public-scope
+    files on the tenant's shard first (a tenant's files may use them), then its pending
+    tenant-scope files, each unit under its advisory lock, in transactions with the
+    configured ``lock_timeout``, each file recorded in the shard's ledger. A busy lock or a
+    lock timeout is retried with exponential backoff and jitter for up to 30 s. Safe to
+    call concurrently with a fleet run and with itself: nothing is applied twice.
+
+    Returns the files applied, as ``"public/001_x.sql"`` / ``"tenant/002_y.sql"`` (empty
+    when the tenant was up to date). Does not touch the control plane: the caller records
+    ``version_installed`` / ``enabled`` in ``sys_tenant_plugins``.
+
+    Raises MIGRATION_FAILED (a file's SQL fails, or the locks stayed busy past the
+    budget; names file, shard, tenant), MIGRATION_DRIFT (unless ``allow_drift``),
+    SHARD_NOT_FOUND / SHARD_UNREACHABLE (the tenant's shard is unknown or down).
+
+    ``pools`` may be the host's own pools: migration SQL runs without arguments (simple
+    protocol, nothing prepared); the ledger statements only touch ``fleet`` tables. Other
+    connections that cached statements on a table this changes may see
+    asyncpg.InvalidCachedStatementError once (asyncpg re-prepares outside transactions).
+    """
+    version = package.version if to is None else to
+    units = [Unit(tenant.shard_id, "public", None, tuple(package.files("public", version))),
+             Unit(tenant.shard_id, "tenant", tenant, tuple(package.files("tenant", version)))]
+    pool = await pools.get(tenant.shard_id)
+    applied: list[str] = []
+    for unit in units:
+        if not unit.files:
+            continue
+        try:
+            async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type((LockBusy, LockTimedOut)), reraise=True,
+                    wait=wait_random_exponential(multiplier=UNIT_BACKOFF_INITIAL_S, max=UNIT_BACKOFF_MAX_S),
+                    stop=stop_after_delay(APPLY_TENANT_BUDGET_S)):
+                with attempt:
+                    async with pool.acquire(timeout=settings.connect_timeout_s) as conn:
+                        done = await apply_unit(conn, package.id, unit, settings, allow_drift=allow_drift)
+        except (LockBusy, LockTimedOut) as exc:
+            raise MigrationFailed(f"{package.id}: {unit.where()} stayed locked for {APPLY_TENANT_BUDGET_S:.0f} s "
+                                  f"({exc.__class__.__name__}: {exc})", shardId=unit.shard_id,
+                                  tenantId=unit.tenant_id) from exc
+        except Exception as exc:
+            if classify(exc) != "shard":
+                raise
+            raise ShardUnreachable(f"shard {unit.shard_id} failed while migrating {unit.where()}: "
+                                   f"{exc.__class__.__name__}: {exc}", shardId=unit.shard_id) from exc
+        applied.extend(f"{f.scope}/{f.name}" for f in done)
+    return applied

@@ -1,0 +1,424 @@
+"""A fleet run: one plugin to one version on every shard and tenant.
+
+Order: the public scope on every shard, then every tenant's scope (on each shard whose
+public scope succeeded), then ``version_installed``: per tenant as each finishes, and in
+``sys_plugins`` once every targeted tenant has it. Per shard, units are taken in batches
+of ``batch_size`` (the shard is probed before each batch) by ``concurrency`` workers
+that go through the shard's `ShardLimiter`. A unit whose advisory lock is busy or whose
+DDL hit ``lock_timeout`` is set aside with its own backoff while the shard goes on; a
+shard that errors backs off alone, and one that stays down for ``shard_give_up_s`` is
+reported with its items failed while the other shards finish. A resumed run re-plans
+its open items from the ledgers, so nothing is applied twice and nothing is skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import asyncpg
+from tenacity import wait_random_exponential
+
+from host.discovery import PluginPackage
+from router.errors import MigrationDrift, MigrationFailed, ShardUnreachable, TenantFleetError, ValidationFailed
+from router.pools import ShardPools
+from router.settings import Settings
+from shard_migrations import runs
+from shard_migrations.engine import Unit, apply_unit, classify, public_key, tenant_key, try_in_rollback
+from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
+from shard_migrations.limiter import ShardLimiters, backoff_delay
+from shard_migrations.metrics import MigrateMetrics
+from shard_migrations.plan import Plan, ShardPlan, Target, build_plan, check_not_downgrade, resolve_target
+
+log = logging.getLogger("tenantfleet.migrate")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    to: str | None = None
+    from_file: str | None = None
+    tenant_ids: tuple[str, ...] | None = None
+    allow_drift: bool = False
+    batch_size: int | None = None
+    concurrency: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"to": self.to, "from": self.from_file,
+                "tenants": None if self.tenant_ids is None else list(self.tenant_ids)}
+
+
+@dataclass
+class ShardProgress:
+    shard_id: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    files: int = 0
+    deferred: int = 0
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+
+    def rate(self) -> float:
+        if self.started is None:
+            return 0.0
+        took = (self.finished or time.monotonic()) - self.started
+        return self.done / took if took > 0 else 0.0
+
+    def eta_s(self) -> float | None:
+        r = self.rate()
+        left = self.total - self.done - self.failed
+        return None if r <= 0 or left <= 0 else left / r
+
+
+@dataclass
+class RunReport:
+    run_id: int
+    plugin: str
+    version: str
+    state: str
+    shards: dict[str, ShardProgress]
+    applied_files: int
+    failed_items: list[tuple[str, str]] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    drift_allowed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "plugin": self.plugin, "version": self.version, "state": self.state,
+                "applied_files": self.applied_files, "drift_allowed": self.drift_allowed,
+                "shards": [{"shard_id": s.shard_id, "units": s.total, "done": s.done, "failed": s.failed,
+                            "files": s.files, "rate": round(s.rate(), 1), "error": s.error}
+                           for s in self.shards.values()],
+                "unreachable": self.unreachable,
+                "failed_items": [{"item": k, "error": e} for k, e in self.failed_items[:50]]}
+
+    def raise_for_failure(self) -> None:
+        """SHARD_UNREACHABLE naming the shards that stayed down, or MIGRATION_FAILED for failed items."""
+        hint = f"; the rest is done; finish with `migrate apply {self.plugin} --resume {self.run_id}`"
+        if self.unreachable:
+            sid, why = next(iter(self.unreachable.items()))
+            more = f" (and {len(self.unreachable) - 1} more shards)" if len(self.unreachable) > 1 else ""
+            raise ShardUnreachable(f"run {self.run_id}: shard {sid} stayed unreachable{more}: {why}{hint}",
+                                   runId=self.run_id, shards=sorted(self.unreachable))
+        if self.failed_items:
+            key, why = self.failed_items[0]
+            raise MigrationFailed(f"run {self.run_id}: {len(self.failed_items)} items failed, first {key}: {why}{hint}",
+                                  runId=self.run_id)
+
+
+@dataclass(order=True)
+class _Pending:
+    not_before: float
+    seq: int
+    unit: Unit = field(compare=False)
+    attempts: int = field(default=0, compare=False)
+    failing_since: float | None = field(default=None, compare=False)
+
+
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return eg.exceptions[0]
+
+
+class FleetMigrator:
+    """Plans, dry-runs and applies one plugin across the fleet.
+
+    ``pools`` should be opened with ``statement_cache_size=0`` (the CLI does): migration
+    connections see tables change shape under them.
+    """
+
+    def __init__(self, control: asyncpg.Pool, pools: ShardPools, settings: Settings, package: PluginPackage, *,
+                 metrics: MigrateMetrics | None = None, limiters: ShardLimiters | None = None) -> None:
+        self.control = control
+        self.pools = pools
+        self.settings = settings
+        self.package = package
+        self.metrics = metrics
+        self.limiters = limiters
+        self.progress: dict[str, ShardProgress] = {}
+        self.run_id: int | None = None
+        self._seq = itertools.count()
+        self._unit_wait = wait_random_exponential(multiplier=UNIT_BACKOFF_INITIAL_S, max=UNIT_BACKOFF_MAX_S)
+
+    # --- plan and dry-run ------------------------------------------------------------------
+    async def plan(self, opts: RunOptions) -> Plan:
+        """The plan for ``opts``. Raises VALIDATION_FAILED (unknown/downgrade version, bad --from),
+        TENANT_NOT_FOUND."""
+        target = resolve_target(self.package, opts.to, opts.from_file)
+        await check_not_downgrade(self.control, target)
+        return await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
+
+    async def dry_run(self, plan: Plan) -> list[dict[str, Any]]:
+        """Try the pending files on one canary tenant per shard (and the shard's pending public
+        files) in a transaction that is rolled back. One result per shard: ``ok`` with the
+        files tried, or the error. Nothing is recorded."""
+        async def one(sp: ShardPlan) -> dict[str, Any]:
+            res: dict[str, Any] = {"shard_id": sp.shard_id, "canary": None, "tried": [], "ok": True, "error": None}
+            units: list[Unit] = []
+            if sp.public_pending:
+                units.append(Unit(sp.shard_id, "public", None, tuple(sp.public_pending)))
+            if sp.tenants:
+                canary = sp.tenants[0]
+                res["canary"] = canary.tenant.code
+                units.append(Unit(sp.shard_id, "tenant", canary.tenant, tuple(canary.pending)))
+            if not sp.reachable:
+                return res | {"ok": False, "error": sp.error}
+            if not units:
+                return res
+            try:
+                pool = await self.pools.get(sp.shard_id)
+                async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+                    res["tried"] = await try_in_rollback(conn, units, self.settings)
+            except TenantFleetError as exc:
+                return res | {"ok": False, "error": exc.message}
+            except Exception as exc:
+                if classify(exc) == "fatal":
+                    raise
+                return res | {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"}
+            return res
+
+        return list(await asyncio.gather(*(one(sp) for sp in plan.shards.values())))
+
+    # --- apply -------------------------------------------------------------------------------
+    async def apply(self, opts: RunOptions, *, resume: int | None = None,
+                    on_run: Callable[[int], None] | None = None) -> RunReport:
+        """Run (or resume run ``resume``) to completion and return its report; the run's state
+        is ``done`` or ``failed`` (some shard stayed down or items failed; see the report).
+
+        Raises before anything is applied: VALIDATION_FAILED, PLUGIN_NOT_FOUND (resume of
+        another plugin's run), RUN_NOT_FOUND, TENANT_NOT_FOUND, MIGRATION_DRIFT (unless
+        ``allow_drift``). Raises during the run, after recording it as failed:
+        MIGRATION_FAILED (a file's SQL fails; names file, shard, tenant) and MIGRATION_DRIFT.
+        """
+        open_items: list[runs.OpenItem] = []
+        if resume is not None:
+            info = await runs.load_run(self.control, resume)
+            if info.plugin_id != self.package.id:
+                raise ValidationFailed(f"run {resume} migrates {info.plugin_id}, not {self.package.id}", runId=resume)
+            p = info.params
+            opts = RunOptions(to=info.target_version, from_file=p.get("from"),
+                              tenant_ids=None if p.get("tenants") is None else tuple(p["tenants"]),
+                              allow_drift=opts.allow_drift, batch_size=opts.batch_size, concurrency=opts.concurrency)
+            open_items = await runs.open_items(self.control, resume)
+        target = resolve_target(self.package, opts.to, opts.from_file)
+        await check_not_downgrade(self.control, target)
+        if resume is not None:
+            plan = await build_plan(self.control, self.pools, target,
+                                    tenant_ids=[i.tenant_id for i in open_items if i.tenant_id is not None],
+                                    shard_ids=[i.shard_id for i in open_items if i.tenant_id is None], strict=False)
+        else:
+            plan = await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
+        if plan.drift and not opts.allow_drift:
+            d = plan.drift[0]
+            raise MigrationDrift(d.describe() + (f" ({len(plan.drift)} drifted in all)" if len(plan.drift) > 1 else ""),
+                                 file=f"{d.scope}/{d.name}", shardId=d.shard_id, tenantId=d.tenant_id)
+        await runs.ensure_registry(self.control, self.package)
+        version = str(target.version)
+        if resume is None:
+            run_id = await runs.create_run(self.control, self.package.id, version, opts.params(), plan.item_keys())
+        else:
+            run_id = resume
+            await runs.claim(self.control, run_id)
+        self.run_id = run_id
+        if on_run is not None:
+            on_run(run_id)
+        attempts = {i.key: i.attempts for i in open_items}
+        limiters = self.limiters or ShardLimiters(self.settings, opts.concurrency)
+        self.limiters = limiters
+        batch = opts.batch_size or self.settings.batch_size
+        report = RunReport(run_id, self.package.id, version, "running", self.progress, 0,
+                           drift_allowed=len(plan.drift))
+        async with runs.RunRecorder(self.control, run_id, self.package.id, version, batch,
+                                    summary=lambda: self._summary(report)) as rec:
+            try:
+                if resume is not None:
+                    planned = {k for k, *_ in plan.item_keys()}
+                    live = {t.tenant_id for s in plan.shards.values() for t in (*s.up_to_date, *(x.tenant for x in s.tenants))}
+                    for item in open_items:
+                        if item.key in planned:
+                            continue
+                        if item.tenant_id is not None and item.tenant_id not in live:
+                            rec.skipped(item.key, "tenant is no longer active or suspended")
+                        else:  # the ledger says it's there (applied before the kill, or by another migrator)
+                            rec.done(item.key, item.attempts, item.tenant_id)
+                rec.flip(t.tenant_id for s in plan.shards.values() if s.reachable for t in s.up_to_date)
+                await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
+            except BaseException as exc:
+                report.state = "failed"
+                await rec.flush()
+                summary = self._summary(report) | {"error": getattr(exc, "message", None) or repr(exc)}
+                await asyncio.shield(runs.finish(self.control, run_id, "failed", summary))
+                raise
+        report.state = "failed" if report.unreachable or report.failed_items else "done"
+        if report.state == "done" and opts.tenant_ids is None:
+            await runs.flip_plugin(self.control, self.package, version)
+        await runs.finish(self.control, run_id, report.state, self._summary(report))
+        return report
+
+    def _summary(self, report: RunReport) -> dict[str, Any]:
+        d = report.to_dict()
+        return {"applied_files": d["applied_files"], "shards": d["shards"], "unreachable": d["unreachable"],
+                "failed": len(report.failed_items)}
+
+    async def _run_phases(self, plan: Plan, target: Target, opts: RunOptions, batch: int, limiters: ShardLimiters,
+                          rec: runs.RunRecorder, attempts: dict[str, int], report: RunReport) -> None:
+        for sp in plan.shards.values():
+            self.progress[sp.shard_id] = ShardProgress(sp.shard_id, total=len(sp.tenants) + bool(sp.public_pending))
+
+        def give_up(sp: ShardPlan, why: str) -> None:
+            report.unreachable[sp.shard_id] = why
+            self.progress[sp.shard_id].error = why
+            keys = ([public_key(sp.shard_id)] if sp.public_pending else []) + \
+                [tenant_key(t.tenant.tenant_id) for t in sp.tenants]
+            for k in keys:
+                if k not in done_keys:
+                    rec.failed(k, attempts.get(k, 0), why)
+                    report.failed_items.append((k, why))
+                    self.progress[sp.shard_id].failed += 1
+
+        done_keys: set[str] = set()
+        for sp in plan.unreachable:
+            give_up(sp, sp.error or "unreachable")
+        live = [sp for sp in plan.shards.values() if sp.reachable]
+
+        async def phase(scope: str, sp: ShardPlan) -> None:
+            if scope == "public":
+                units = [Unit(sp.shard_id, "public", None, tuple(sp.public_pending))] if sp.public_pending else []
+            else:
+                units = [Unit(sp.shard_id, "tenant", t.tenant, tuple(t.pending)) for t in sp.tenants]
+            if not units:
+                return
+            ok = await self._drive_shard(sp.shard_id, units, opts, batch, limiters, rec, attempts, report, done_keys)
+            if not ok:
+                lim = limiters.get(sp.shard_id)
+                give_up(sp, f"shard {sp.shard_id} down for {self.settings.shard_give_up_s:g} s: {lim.last_error}")
+
+        for scope in ("public", "tenant"):
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for sp in live:
+                        if sp.shard_id not in report.unreachable:
+                            tg.create_task(phase(scope, sp), name=f"migrate-{scope}-{sp.shard_id}")
+            except BaseExceptionGroup as eg:
+                raise _first_error(eg) from None
+
+    async def _drive_shard(self, shard_id: str, units: Sequence[Unit], opts: RunOptions, batch: int,
+                           limiters: ShardLimiters, rec: runs.RunRecorder, attempts: dict[str, int],
+                           report: RunReport, done_keys: set[str]) -> bool:
+        """Apply ``units`` on one shard; False if the shard went down (its open units are left
+        to the caller to report)."""
+        limiter = limiters.get(shard_id)
+        prog = self.progress[shard_id]
+        prog.started = prog.started or time.monotonic()
+        pool = await self.pools.get(shard_id)
+        batches = [list(units[i:i + batch]) for i in range(0, len(units), batch)]
+        batches.reverse()
+        ready: list[_Pending] = []     # heap by (not_before, seq)
+        load = asyncio.Lock()
+        pid = self.package.id
+
+        async def next_pending() -> _Pending | None:
+            while not limiter.down:
+                now = time.monotonic()
+                if ready and ready[0].not_before <= now:
+                    return heapq.heappop(ready)
+                if batches and not any(p.not_before <= now for p in ready):
+                    async with load:
+                        if batches:
+                            chunk = batches.pop()
+                            await limiter.probe(pool)
+                            rec.running((u.key, attempts.get(u.key, 0) + 1) for u in chunk)
+                            for u in chunk:
+                                heapq.heappush(ready, _Pending(0.0, next(self._seq), u, attempts.get(u.key, 0)))
+                    continue
+                if not ready:
+                    return None
+                await asyncio.sleep(min(0.25, max(0.0, ready[0].not_before - now)))
+            return None
+
+        async def worker() -> None:
+            while (p := await next_pending()) is not None:
+                key = p.unit.key
+                start = time.monotonic()
+                try:
+                    async with limiter.slot():
+                        if limiter.down:
+                            heapq.heappush(ready, p)
+                            return
+                        async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+                            applied = await apply_unit(conn, pid, p.unit, self.settings, allow_drift=opts.allow_drift)
+                except Exception as exc:
+                    kind = classify(exc)
+                    p.attempts += 1
+                    now = time.monotonic()
+                    why = f"{exc.__class__.__name__}: {exc}"
+                    if kind == "fatal":
+                        rec.failed(key, p.attempts, getattr(exc, "message", why))
+                        if isinstance(exc, TenantFleetError):
+                            raise
+                        raise MigrationFailed(f"{pid} on {p.unit.where()}: {why}", shardId=shard_id,
+                                              tenantId=p.unit.tenant_id) from exc
+                    if self.metrics:
+                        self.metrics.retries.labels(pid, shard_id, kind).inc()
+                    if kind == "shard":
+                        limiter.failure(exc)
+                        p.not_before = 0.0
+                    else:
+                        p.failing_since = p.failing_since or now
+                        if now - p.failing_since >= self.settings.shard_give_up_s:
+                            rec.failed(key, p.attempts, why)
+                            report.failed_items.append((key, why))
+                            prog.failed += 1
+                            prog.deferred = sum(1 for x in ready if x.attempts)
+                            continue
+                        p.not_before = now + backoff_delay(self._unit_wait, p.attempts)
+                    rec.attempt(key, p.attempts, why)
+                    heapq.heappush(ready, p)
+                    prog.deferred = sum(1 for x in ready if x.attempts)
+                    continue
+                limiter.success()
+                done_keys.add(key)
+                rec.done(key, p.attempts + 1, p.unit.tenant_id)
+                prog.done += 1
+                prog.files += len(applied)
+                report.applied_files += len(applied)
+                prog.deferred = sum(1 for x in ready if x.attempts)
+                if self.metrics:
+                    self.metrics.units.labels(pid, shard_id, p.unit.scope, "applied" if applied else "noop").inc()
+                    self.metrics.files.labels(pid, shard_id, p.unit.scope).inc(len(applied))
+                    self.metrics.unit_seconds.labels(pid, shard_id).observe(time.monotonic() - start)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(limiter.concurrency):
+                    tg.create_task(worker(), name=f"migrate-{shard_id}-{i}")
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
+        if not limiter.down:
+            prog.finished = time.monotonic()
+        return not limiter.down
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per-shard progress and limiter state (for the progress display and the metrics)."""
+        lims = self.limiters.snapshot() if self.limiters else {}
+        out: list[dict[str, Any]] = []
+        for sid, p in sorted(self.progress.items()):
+            lim = lims.get(sid)
+            state = "down" if p.error else lim.state if lim else "waiting"
+            backoff = lim.backoff_s if lim else 0.0
+            out.append({"shard_id": sid, "total": p.total, "done": p.done, "failed": p.failed, "files": p.files,
+                        "deferred": p.deferred, "state": state, "backoff_s": round(backoff, 2),
+                        "rate": p.rate(), "eta_s": p.eta_s(), "error": p.error})
+            if self.metrics:
+                self.metrics.pending.labels(self.package.id, sid).set(p.total - p.done - p.failed)
+                self.metrics.backoff.labels(sid).set(backoff)
+                self.metrics.down.labels(sid).set(1 if state == "down" else 0)
+        return out
