@@ -99,6 +99,7 @@ Handler = Callable[..., Any]
 COMMAND_MODULES = (
     "host.cli_fleet",
     "host.cli_router",
+    "shard_migrations.cli",
 )
 
 
