@@ -2,3 +2,7 @@
 shared table of units of measure."""
 
 meta = {"id": "inventory", "version": "1.1.0", "api": "1.x"}
+
+from plugins.inventory.routes import setup
+
+__all__ = ["meta", "setup"]

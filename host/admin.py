@@ -1,0 +1,152 @@
+"""The admin API under ``/admin`` (admin key required): thin adapters over the registry
+and RBAC services.
+
+    GET  /admin/plugins                                       plugins, versions, refused
+    POST /admin/plugins/{plugin}/enable | disable             globally
+    POST /admin/plugins/{plugin}/kill | revive                the DB kill switch
+    GET  /admin/plugins/{plugin}/role-templates
+    POST /admin/tenants/{tenant}/plugins/{plugin}/enable      applies pending migrations
+    POST /admin/tenants/{tenant}/plugins/{plugin}/disable
+    GET|PUT /admin/tenants/{tenant}/plugins/{plugin}/config   JSON object
+    GET  /admin/tenants/{tenant}/plugins/{plugin}/role-diff
+    POST /admin/tenants/{tenant}/plugins/{plugin}/role-templates/{role}/apply
+    PUT  /admin/tenants/{tenant}/roles/{role}                 {displayName, permissions}
+    POST /admin/principals                                    {tenant, name, roles} → apiKey (shown once)
+
+``{tenant}`` is a tenant id or code.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from host.bodies import read_json_object
+from host.context import PluginHost
+from host.keys import PLUGIN_HOST, REQ_TENANT
+from host.rbac import check_admin
+from host.runtime import HostRuntime
+from router.errors import ValidationFailed
+from router.models import TenantRecord
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+routes = web.RouteTableDef()
+
+
+def _rt(request: web.Request) -> HostRuntime:
+    host: PluginHost = request.app[PLUGIN_HOST]
+    rt = host.runtime
+    check_admin(rt.settings.admin_key, request)
+    return rt
+
+
+async def _tenant(rt: HostRuntime, request: web.Request, name: str | None = None) -> TenantRecord:
+    """The tenant named by id or code (``{tenant}`` in the path unless ``name`` is given)."""
+    name = request.match_info["tenant"] if name is None else name
+    try:
+        rec = await rt.resolver.resolve(id=str(uuid.UUID(name)))
+    except ValueError:
+        rec = await rt.resolver.resolve(code=name)
+    request[REQ_TENANT] = rec.tenant_id
+    return rec
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+@routes.get("/admin/plugins")
+async def list_plugins(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    return _json(await rt.registry.list_plugins())
+
+
+@routes.post("/admin/plugins/{plugin}/{action:enable|disable|kill|revive}")
+async def set_global(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    pid, action = request.match_info["plugin"], request.match_info["action"]
+    if action in ("enable", "disable"):
+        await rt.registry.set_global(pid, enabled=action == "enable")
+    else:
+        await rt.registry.set_global(pid, killed=action == "kill")
+    return _json({"pluginId": pid, "action": action})
+
+
+@routes.get("/admin/plugins/{plugin}/role-templates")
+async def role_templates(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    return _json(rt.registry.role_templates(request.match_info["plugin"]))
+
+
+@routes.post("/admin/tenants/{tenant}/plugins/{plugin}/{action:enable|disable}")
+async def set_tenant(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    pid = request.match_info["plugin"]
+    if request.match_info["action"] == "enable":
+        return _json(await rt.registry.enable_for_tenant(pid, rec))
+    return _json(await rt.registry.disable_for_tenant(pid, rec.tenant_id))
+
+
+@routes.get("/admin/tenants/{tenant}/plugins/{plugin}/config")
+async def get_config(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    return _json(await rt.registry.get_tenant_config(request.match_info["plugin"], rec.tenant_id))
+
+
+@routes.put("/admin/tenants/{tenant}/plugins/{plugin}/config")
+async def put_config(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    body = await read_json_object(request)
+    return _json(await rt.registry.set_tenant_config(request.match_info["plugin"], rec.tenant_id, body))
+
+
+@routes.get("/admin/tenants/{tenant}/plugins/{plugin}/role-diff")
+async def role_diff(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    return _json(await rt.registry.role_diff(request.match_info["plugin"], rec.tenant_id))
+
+
+@routes.post("/admin/tenants/{tenant}/plugins/{plugin}/role-templates/{role}/apply")
+async def apply_template(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    return _json(await rt.registry.apply_role_template(request.match_info["plugin"], rec.tenant_id,
+                                                       request.match_info["role"]))
+
+
+@routes.put("/admin/tenants/{tenant}/roles/{role}")
+async def put_role(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    rec = await _tenant(rt, request)
+    body = await read_json_object(request)
+    role = await rt.rbac.upsert_role(rec.tenant_id, request.match_info["role"],
+                                     str(body.get("displayName") or request.match_info["role"]),
+                                     body.get("permissions", []))
+    await rt.registry.invalidate()
+    await rt.registry.publish({"what": "roles", "tenantId": rec.tenant_id})
+    return _json(role)
+
+
+@routes.post("/admin/principals")
+async def create_principal(request: web.Request) -> web.Response:
+    rt = _rt(request)
+    body = await read_json_object(request)
+    tenant = body.get("tenant")
+    tenant_id: str | None = None
+    if tenant is not None:
+        if not isinstance(tenant, str):
+            raise ValidationFailed("tenant must be a tenant id or code", field="tenant")
+        tenant_id = (await _tenant(rt, request, tenant)).tenant_id
+    roles = body.get("roles", [])
+    if not isinstance(roles, list):
+        raise ValidationFailed("roles must be a list of role keys", field="roles")
+    name = body.get("name")
+    if not isinstance(name, str):
+        raise ValidationFailed("name must be a string", field="name")
+    created = await rt.rbac.create_principal(tenant_id=tenant_id, name=name, roles=roles)
+    return _json(created, status=201)

@@ -1,0 +1,124 @@
+"""The host's aiohttp app: build it, run it.
+
+    app = build_app(settings)                 # plugins discovered, loaded and mounted
+    async with serving(settings, port=0) as (app, url): ...   # run it in this loop
+    await serve(settings, port)               # run until cancelled (`tenantfleet serve`, `up`)
+
+Lifespan (``cleanup_ctx``): `open_host_runtime` opens control pool, shard pools,
+directory, resolve client, Redis, registry and the owned background tasks (pub/sub,
+cron). Shutdown order: the runner stops the listener, drains in-flight requests for up
+to `DRAIN_TIMEOUT_S`, then the lifespan cancels the owned tasks and closes Redis, the
+resolve client and the pools, in that order.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from host import admin
+from host.context import PluginHost
+from host.discovery import Discovery, discover
+from host.keys import DRAIN_TIMEOUT_S, METRICS, PARSER_MAX_FIELD, PLUGIN_HOST, RUNTIME
+from host.loader import load_plugins, mount
+from host.manifest import manifest
+from host.metrics import HostMetrics
+from host.middleware import envelope_middleware
+from host.runtime import open_host_runtime
+from router.settings import Settings
+
+log = logging.getLogger("tenantfleet.host")
+
+
+def build_app(settings: Settings, *, discovery: Discovery | None = None,
+              metrics: HostMetrics | None = None) -> web.Application:
+    """The host app with every acceptable plugin mounted; resources open at startup.
+
+    ``discovery`` defaults to `host.discovery.discover()`; tests pass their own.
+    """
+    found = discovery if discovery is not None else discover()
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes,
+                          handler_args={"max_field_size": PARSER_MAX_FIELD, "max_line_size": PARSER_MAX_FIELD})
+    host = PluginHost()
+    load_plugins(found, host)
+    app[PLUGIN_HOST] = host
+    app[METRICS] = metrics if metrics is not None else HostMetrics()
+
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        async with open_host_runtime(settings, found, app[METRICS], cron_jobs=host.cron_jobs()) as rt:
+            app[RUNTIME] = rt
+            host.attach(rt)
+            try:
+                yield
+            finally:
+                host.attach(None)
+
+    app.cleanup_ctx.append(lifespan)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/api/manifest", manifest)
+    app.router.add_routes(admin.routes)
+    mount(app, host, found)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up (no dependencies checked)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Control plane and every registered shard answer ``SELECT 1``; 503 naming what doesn't."""
+    rt = request.app[RUNTIME]
+    checks: dict[str, str] = {}
+
+    try:
+        await asyncio.wait_for(rt.control.fetchval("SELECT 1"), 2.0)
+        checks["control"] = "ok"
+        shards = await rt.directory.list_shards()
+    except Exception as exc:  # any failure is the answer here, reported by class
+        checks["control"] = exc.__class__.__name__
+        shards = []
+    for shard in shards:
+        try:
+            pool = await rt.shard_pools.get(shard.shard_id)
+            await asyncio.wait_for(pool.fetchval("SELECT 1"), 2.0)
+            checks[f"shard:{shard.shard_id}"] = "ok"
+        except Exception as exc:  # reported per shard, not raised
+            checks[f"shard:{shard.shard_id}"] = exc.__class__.__name__
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ready" if ready else "unready", "checks": checks},
+                             status=200 if ready else 503)
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@asynccontextmanager
+async def serving(settings: Settings, *, host: str | None = None, port: int | None = None,
+                  discovery: Discovery | None = None) -> AsyncIterator[tuple[web.Application, str]]:
+    """Run the host in this event loop; yields (app, base URL). ``port=0`` picks a free port."""
+    app = build_app(settings, discovery=discovery)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host or settings.bind_host, settings.host_port if port is None else port)
+        await site.start()
+        bound = runner.addresses[0][1]
+        yield app, f"http://{host or settings.bind_host}:{bound}"
+    finally:
+        await runner.cleanup()
+
+
+async def serve(settings: Settings, port: int | None = None, *, host: str | None = None) -> None:
+    """Serve until cancelled (SIGINT/SIGTERM handling is the caller's)."""
+    async with serving(settings, host=host, port=port) as (_, url):
+        log.info("host listening on %s", url)
+        await asyncio.Event().wait()

@@ -1,0 +1,65 @@
+"""Host constants: app-state keys, Redis keys and channels, request-state keys, limits.
+
+Redis names live under the configured namespace (``TENANTFLEET_REDIS_NAMESPACE``) so
+several fleets can share one Redis.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from host.context import PluginHost
+    from host.metrics import HostMetrics
+    from host.runtime import HostRuntime
+
+
+# --- app state (web.AppKey, never strings) ---------------------------------------------
+RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
+METRICS: Final[web.AppKey["HostMetrics"]] = web.AppKey("tenantfleet_metrics")
+PLUGIN_HOST: Final[web.AppKey["PluginHost"]] = web.AppKey("tenantfleet_plugin_host")
+
+# --- request state (aiohttp's Request is a MutableMapping[str, Any]) ----------------------
+REQ_ID: Final = "tf.request_id"
+REQ_PLUGIN: Final = "tf.plugin_id"
+REQ_TENANT: Final = "tf.tenant_id"
+REQ_CALLER: Final = "tf.caller"
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+TENANT_HEADER: Final = "X-Tenant"
+
+# Headers: aiohttp's parser accepts up to PARSER_MAX_FIELD bytes per line/field (beyond
+# that it answers a plain-text 400 itself); the middleware refuses anything over
+# MAX_HEADER_BYTES with the envelope, so every oversized header a client is likely to
+# send gets a proper error body.
+MAX_HEADER_BYTES: Final = 8192
+PARSER_MAX_FIELD: Final = 65536
+
+# How long a cached principal or tenant-plugin row may be used before it is re-read even
+# without an invalidation (a lost pub/sub message can't keep a revoked key alive longer).
+AUTH_CACHE_TTL_S: Final = 10.0
+REGISTRY_CACHE_TTL_S: Final = 30.0
+
+# Shutdown: how long in-flight requests get to finish after the listener closes.
+DRAIN_TIMEOUT_S: Final = 10.0
+
+# SQLSTATEs raised by fleet.enter_tenant (router/tables.py)
+SQLSTATE_NOT_ON_SHARD: Final = "TF404"
+SQLSTATE_FENCE_STALE: Final = "TF409"
+SQLSTATE_LOCK_TIMEOUT: Final = "55P03"
+
+
+def registry_channel(ns: str) -> str:
+    """Pub/sub: a plugin registry, kill-switch, role or principal change; every host reloads."""
+    return f"{ns}:host:registry"
+
+
+def events_channel(ns: str) -> str:
+    """Pub/sub: plugin events (``events.emit``), delivered to handlers on every host."""
+    return f"{ns}:host:events"
+
+
+def cron_lock_key(ns: str, job: str, tick: int) -> str:
+    """SET NX lock: the one host that runs ``job`` for the tick at epoch second ``tick``."""
+    return f"{ns}:host:cron:{job}:{tick}"

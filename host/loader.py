@@ -1,0 +1,107 @@
+"""Loading plugins into the app: api-major check, ``setup(ctx)``, mounting, the plugin gate.
+
+Every route a plugin registers is mounted at ``/api/plugins/{id}{path}`` behind the
+gate: resolve the tenant, authenticate the caller for that tenant, check kill switch
+and enablement (403 PLUGIN_DISABLED with ``{pluginId, tenantId}``), then the handler.
+A plugin whose ``meta.api`` major differs from the host's is refused with a log line
+and listed by the admin API; so is one whose ``setup`` fails or is missing.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from host.context import HostPluginContext, PluginHost
+from host.discovery import Discovery, PluginPackage
+from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
+from host.tenancy import resolve_request_tenant
+from plugins.api import API_MAJOR, Caller, Handler, Tenant
+from router.errors import NotFound, PluginNotFound
+
+log = logging.getLogger("tenantfleet.host.loader")
+
+PREFIX = "/api/plugins"
+
+
+def load_plugins(discovery: Discovery, host: PluginHost) -> None:
+    """Run each acceptable plugin's ``setup``; record the refused ones with a reason."""
+    host.refused.update(discovery.refused)
+    for pid, pkg in sorted(discovery.plugins.items()):
+        if pkg.api_major != API_MAJOR:
+            reason = f"plugin api {pkg.api} is not supported (host speaks {API_MAJOR}.x)"
+            log.error("plugin %s %s refused: %s", pid, pkg.version, reason, extra={"pluginId": pid})
+            host.refused[pid] = reason
+            continue
+        setup = getattr(pkg.module, "setup", None)
+        if not callable(setup):
+            host.refused[pid] = "no setup(ctx) function"
+            log.error("plugin %s refused: no setup(ctx) function", pid, extra={"pluginId": pid})
+            continue
+        ctx = HostPluginContext(pid, host)
+        try:
+            setup(ctx)
+        except Exception as exc:  # a broken plugin must not take the host down
+            host.refused[pid] = f"setup failed: {exc.__class__.__name__}: {exc}"
+            log.exception("plugin %s refused: setup failed", pid, extra={"pluginId": pid})
+            continue
+        host.contexts[pid] = ctx
+    for pid in host.refused:
+        discovery.plugins.pop(pid, None)
+
+
+def mount(app: web.Application, host: PluginHost, discovery: Discovery) -> None:
+    """Add every loaded plugin's routes, its health route, and the catch-all for unknown ones."""
+    for pid, ctx in host.contexts.items():
+        pkg = discovery.plugins[pid]
+        app.router.add_get(f"{PREFIX}/{pid}/health", functools.partial(_health, host, pkg))
+        for route in ctx.router.routes:
+            app.router.add_route(route.method, f"{PREFIX}/{pid}{route.path}", _gated(host, pid, route.handler))
+    app.router.add_route("*", PREFIX + "/{plugin}", functools.partial(_unknown, host))
+    app.router.add_route("*", PREFIX + "/{plugin}/{tail:.*}", functools.partial(_unknown, host))
+
+
+def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
+    @functools.wraps(handler)
+    async def gated(request: web.Request) -> web.StreamResponse:
+        rt = host.runtime
+        request[REQ_PLUGIN] = plugin_id
+        rec = await resolve_request_tenant(rt.resolver, request)
+        request[REQ_TENANT] = rec.tenant_id
+        principal = await rt.auth.for_tenant(request, rec.tenant_id)
+        tp = await rt.registry.gate(plugin_id, rec.tenant_id)
+        request[REQ_CALLER] = Caller(
+            tenant=Tenant(rec.tenant_id, rec.code, rec.domains), principal_id=principal.principal_id,
+            principal_name=principal.name, permissions=principal.permissions, plugin_version=tp.version_installed,
+            config=tp.config)
+        return await handler(request)
+    return gated
+
+
+async def _health(host: PluginHost, pkg: PluginPackage, request: web.Request) -> web.Response:
+    """Plugin health: loaded, kill switch, and the plugin's own checks (no tenant, no key)."""
+    rt = host.runtime
+    request[REQ_PLUGIN] = pkg.id
+    checks: list[dict[str, Any]] = []
+    ok = True
+    for check in host.contexts[pkg.id].health_checks:
+        try:
+            checks.append({"ok": True, **(await check())})
+        except Exception as exc:  # the check's failure is the answer, not a host error
+            ok = False
+            checks.append({"ok": False, "error": exc.__class__.__name__})
+            log.warning("health check of %s failed", pkg.id, exc_info=True, extra={"pluginId": pkg.id})
+    killed = rt.registry.is_killed(pkg.id)
+    status = "killed" if killed else "ok" if ok else "failing"
+    return web.json_response({"pluginId": pkg.id, "version": str(pkg.version), "status": status, "checks": checks},
+                             status=200 if status == "ok" else 503)
+
+
+async def _unknown(host: PluginHost, request: web.Request) -> web.StreamResponse:
+    pid = request.match_info["plugin"]
+    if pid not in host.contexts:
+        why = host.refused.get(pid)
+        raise PluginNotFound(f"no plugin {pid}" + (f" (refused: {why})" if why else ""), pluginId=pid)
+    raise NotFound(f"plugin {pid} has no route {request.method} {request.path}", pluginId=pid)

@@ -1,0 +1,40 @@
+"""``/api/manifest``: what the calling tenant's UI may show.
+
+For the tenant named by the request (``X-Tenant`` or Host) and the caller's key: each
+plugin that is loaded, not killed and enabled for the tenant, with the routes, menu
+entries and widgets of its ``manifest.json`` whose ``permission`` the caller holds
+(an entry without ``permission`` is shown to every caller of the tenant).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from host.context import PluginHost
+from host.keys import PLUGIN_HOST, REQ_TENANT
+from host.tenancy import resolve_request_tenant
+from router.errors import PluginDisabled
+
+SECTIONS = ("routes", "menu", "widgets")
+
+
+async def manifest(request: web.Request) -> web.Response:
+    host: PluginHost = request.app[PLUGIN_HOST]
+    rt = host.runtime
+    rec = await resolve_request_tenant(rt.resolver, request)
+    request[REQ_TENANT] = rec.tenant_id
+    principal = await rt.auth.for_tenant(request, rec.tenant_id)
+    out: list[dict[str, Any]] = []
+    for pid in sorted(host.contexts):
+        try:
+            tp = await rt.registry.gate(pid, rec.tenant_id)
+        except PluginDisabled:
+            continue
+        pkg = rt.discovery.plugins[pid]
+        entry: dict[str, Any] = {"pluginId": pid, "version": tp.version_installed}
+        for section in SECTIONS:
+            entry[section] = [item for item in pkg.manifest.get(section, ())
+                              if item.get("permission") is None or item["permission"] in principal.permissions]
+        out.append(entry)
+    return web.json_response({"tenantId": rec.tenant_id, "code": rec.code, "plugins": out})

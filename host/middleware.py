@@ -1,0 +1,107 @@
+"""The one middleware around every request: request id, error envelope, metrics, log line.
+
+- `TenantFleetError` → its envelope and status.
+- aiohttp's HTTP errors → the matching envelope (404 NOT_FOUND, 413 PAYLOAD_TOO_LARGE,
+  other 4xx VALIDATION_FAILED with the real status kept in ``status``).
+- anything else → ``500 INTERNAL`` with only the request id; the traceback goes to the log.
+- one JSON log line per request: ``{pluginId, tenantId, route, status, ms, requestId}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from host.keys import MAX_HEADER_BYTES, METRICS, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
+from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, TenantMoving, ValidationFailed
+
+access_log = logging.getLogger("tenantfleet.access")
+log = logging.getLogger("tenantfleet.host")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: TenantFleetError, request_id: str) -> web.Response:
+    resp = web.Response(body=orjson.dumps(exc.envelope(request_id)), status=exc.status,
+                        content_type="application/json")
+    if isinstance(exc, TenantMoving):
+        resp.headers["Retry-After"] = str(exc.details.get("retryAfter", 1))
+    return resp
+
+
+def _from_http(exc: web.HTTPException) -> TenantFleetError:
+    if exc.status == 404:
+        return NotFound("no such route")
+    if exc.status == 413:
+        return PayloadTooLarge("request body too large")
+    return ValidationFailed(exc.reason or "bad request", status=exc.status)
+
+
+def _check_headers(request: web.Request) -> None:
+    for name, value in request.raw_headers:
+        if len(name) + len(value) > MAX_HEADER_BYTES:
+            raise ValidationFailed(f"a request header is larger than {MAX_HEADER_BYTES} bytes",
+                                   field=name.decode("latin-1")[:64])
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None or info.route.resource is None:
+        return "unmatched"
+    return info.route.resource.canonical
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    rid = request.headers.get(REQUEST_ID_HEADER)
+    if rid is None or not _REQUEST_ID_RE.match(rid):
+        rid = uuid.uuid4().hex
+    request[REQ_ID] = rid
+    status = 500
+    try:
+        _check_headers(request)
+        resp = await handler(request)
+        status = resp.status
+    except TenantFleetError as exc:
+        resp = error_response(exc, rid)
+        status = exc.status
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        mapped = _from_http(exc)
+        resp = error_response(mapped, rid)
+        if mapped.code == "VALIDATION_FAILED" and 400 <= exc.status < 500:
+            resp.set_status(exc.status)  # e.g. 405 stays 405; the envelope says why
+        status = resp.status
+    except asyncio.CancelledError:
+        status = 499  # the client went away; nothing to send
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"requestId": rid, "pluginId": request.get(REQ_PLUGIN),
+                                                "tenantId": request.get(REQ_TENANT)})
+        resp = error_response(Internal("internal error"), rid)
+        status = 500
+    finally:
+        _record(request, rid, status, time.perf_counter() - started)
+    resp.headers[REQUEST_ID_HEADER] = rid
+    return resp
+
+
+def _record(request: web.Request, rid: str, status: int, seconds: float) -> None:
+    plugin = request.get(REQ_PLUGIN)
+    route = _route(request)
+    if plugin is not None:
+        request.app[METRICS].observe(plugin, route, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        fields: dict[str, Any] = {"pluginId": plugin, "tenantId": request.get(REQ_TENANT), "route": route,
+                                  "method": request.method, "status": status, "ms": round(seconds * 1000, 3),
+                                  "requestId": rid}
+        access_log.info(orjson.dumps(fields).decode(), extra={"fields": fields})

@@ -1,0 +1,183 @@
+"""Principals, API keys and permissions.
+
+A principal authenticates with a bearer API key; only the key's sha256 is stored (keys
+are 256 random bits, so a plain hash is as good as a slow one and costs microseconds).
+A principal belongs to one tenant (or none, for operators) and holds that tenant's
+roles by key; roles hold namespaced permissions (``inventory.view``). Authentication
+results are cached per host for `AUTH_CACHE_TTL_S` and dropped on every registry change
+heard over pub/sub, so a role change or a deleted key takes effect on every host at once.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import asyncpg
+from aiohttp import web
+
+from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER
+from router.errors import Forbidden, TenantNotFound, Unauthorized, ValidationFailed
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+KEY_PREFIX = "tfk_"
+ROLE_KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,62}$")
+PERMISSION_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_.]*$")
+
+_PRINCIPAL_SQL = """
+SELECT p.principal_id::text AS principal_id, p.tenant_id::text AS tenant_id, p.name, p.roles, p.is_admin,
+       coalesce((SELECT array_agg(DISTINCT perm) FROM roles r, unnest(r.permissions) AS perm
+                 WHERE r.tenant_id = p.tenant_id AND r.role_key = ANY (p.roles)), '{}') AS permissions
+FROM principals p WHERE p.key_hash = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    principal_id: str
+    tenant_id: str | None
+    name: str
+    roles: tuple[str, ...]
+    is_admin: bool
+    permissions: frozenset[str]
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def bearer(request: web.Request) -> str:
+    """The bearer token; UNAUTHORIZED if the header is missing or malformed."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("an API key is required: Authorization: Bearer <key>")
+    return token.strip()
+
+
+class Authenticator:
+    """Key → principal, with a short per-host cache."""
+
+    def __init__(self, control: asyncpg.Pool) -> None:
+        self._control = control
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    async def principal(self, key: str) -> Principal:
+        """The key's principal; UNAUTHORIZED for an unknown key."""
+        digest = hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            p = hit[0]
+        else:
+            row = await self._control.fetchrow(_PRINCIPAL_SQL, digest)
+            p = None if row is None else Principal(
+                principal_id=row["principal_id"], tenant_id=row["tenant_id"], name=row["name"],
+                roles=tuple(row["roles"]), is_admin=row["is_admin"], permissions=frozenset(row["permissions"]))
+            if len(self._cache) > 100_000:
+                self._cache.clear()  # bounded: unknown keys sprayed at us can't grow it forever
+            self._cache[digest] = (p, now + AUTH_CACHE_TTL_S)
+        if p is None:
+            raise Unauthorized("unknown API key")
+        return p
+
+    async def for_tenant(self, request: web.Request, tenant_id: str) -> Principal:
+        """The caller, who must belong to ``tenant_id``.
+
+        UNAUTHORIZED without a valid key; FORBIDDEN when the key belongs to another tenant,
+        whatever the request's tenant headers say.
+        """
+        p = await self.principal(bearer(request))
+        if p.tenant_id != tenant_id:
+            raise Forbidden("this API key does not belong to the requested tenant", tenantId=tenant_id)
+        return p
+
+
+def check_admin(settings_admin_key: str, request: web.Request) -> None:
+    """The admin key is required: UNAUTHORIZED if missing, FORBIDDEN if wrong."""
+    token = bearer(request)
+    if not settings_admin_key or not hmac.compare_digest(token.encode(), settings_admin_key.encode()):
+        raise Forbidden("the admin key is required for /admin", permission="admin")
+
+
+def require(permission: str) -> Callable[[Handler], Handler]:
+    """Decorator: the caller (set by the host's plugin gate) must hold ``permission``.
+
+    Raises FORBIDDEN with ``{"permission": permission}``.
+    """
+    if not PERMISSION_RE.match(permission):
+        raise ValueError(f"permission must be namespaced like inventory.view: {permission!r}")
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            caller = request.get(REQ_CALLER)
+            if caller is None or permission not in caller.permissions:
+                raise Forbidden(f"missing permission {permission}", permission=permission)
+            return await handler(request)
+        guarded.__dict__["required_permission"] = permission
+        return guarded
+    return wrap
+
+
+class RbacService:
+    """Principals and keys (admin API, CLI, `up`)."""
+
+    def __init__(self, control: asyncpg.Pool) -> None:
+        self._control = control
+
+    async def create_principal(self, *, tenant_id: str | None, name: str, roles: Sequence[str] = (),
+                               is_admin: bool = False) -> dict[str, Any]:
+        """A new principal and its API key (returned once, never stored).
+
+        Raises VALIDATION_FAILED for a bad name/role, TENANT_NOT_FOUND.
+        """
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise ValidationFailed("name must be a string of 1-200 characters", field="name")
+        if isinstance(roles, str) or not all(isinstance(r, str) and ROLE_KEY_RE.match(r) for r in roles):
+            raise ValidationFailed("roles must be a list of role keys like INVENTORY_MANAGER", field="roles")
+        if tenant_id is not None:
+            try:
+                tenant_id = str(uuid.UUID(tenant_id))
+            except (ValueError, TypeError, AttributeError):
+                raise ValidationFailed("tenantId must be a UUID", field="tenantId") from None
+            if not await self._control.fetchval("SELECT 1 FROM tenants WHERE tenant_id = $1::uuid", tenant_id):
+                raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
+        key = new_key()
+        principal_id = str(uuid.uuid4())
+        await self._control.execute(
+            "INSERT INTO principals (principal_id, tenant_id, name, key_hash, roles, is_admin) "
+            "VALUES ($1::uuid, $2::uuid, $3, $4, $5, $6)",
+            principal_id, tenant_id, name, hash_key(key), list(roles), is_admin)
+        return {"principalId": principal_id, "tenantId": tenant_id, "name": name, "roles": list(roles),
+                "isAdmin": is_admin, "apiKey": key}
+
+    async def upsert_role(self, tenant_id: str, role_key: str, display_name: str,
+                          permissions: Sequence[str]) -> dict[str, Any]:
+        """Create or replace one of a tenant's roles. VALIDATION_FAILED for bad keys/permissions."""
+        if not ROLE_KEY_RE.match(role_key):
+            raise ValidationFailed("role key must look like INVENTORY_MANAGER", field="roleKey")
+        if isinstance(permissions, str) or not all(isinstance(p, str) and PERMISSION_RE.match(p)
+                                                   for p in permissions):
+            raise ValidationFailed("permissions must be namespaced like inventory.view", field="permissions")
+        await self._control.execute(
+            "INSERT INTO roles (tenant_id, role_key, display_name, permissions) VALUES ($1::uuid, $2, $3, $4) "
+            "ON CONFLICT (tenant_id, role_key) DO UPDATE SET display_name = EXCLUDED.display_name, "
+            "permissions = EXCLUDED.permissions, updated_at = now()",
+            tenant_id, role_key, display_name, sorted(set(permissions)))
+        return {"tenantId": tenant_id, "roleKey": role_key, "displayName": display_name,
+                "permissions": sorted(set(permissions))}

@@ -1,0 +1,279 @@
+"""The plugin registry: what is installed, enabled, killed and configured, per tenant.
+
+Source of truth is the control plane (``sys_plugins``, ``sys_tenant_plugins``,
+``sys_plugin_role_templates``, ``roles``). Each host keeps a copy for the request path:
+the global rows (all of them, small) and the tenant rows it has used (with a TTL).
+Every change made through this module is published on the registry channel; every
+host's listener (see `host.events.Subscriber`) then calls `Registry.invalidate`, so an
+enable, disable or kill-switch flip reaches all hosts within one pub/sub hop.
+
+Gate: a plugin serves a tenant when it is not killed (``TENANTFLEET_KILLED_PLUGINS`` or
+``sys_plugins.killed``), enabled globally, and enabled for the tenant. Role templates
+are suggestions: enabling or upgrading a plugin never changes a tenant's roles; only
+`apply_role_template` does, when asked.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Mapping
+
+import asyncpg
+import orjson
+
+from host.discovery import Discovery, PluginPackage
+from host.keys import REGISTRY_CACHE_TTL_S
+from router.errors import PluginDisabled, ValidationFailed
+from router.models import TenantRecord
+from router.pools import ShardPools
+from router.settings import Settings
+
+log = logging.getLogger("tenantfleet.host.registry")
+
+Publish = Callable[[Mapping[str, Any]], Awaitable[None]]
+MAX_CONFIG_BYTES = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalPlugin:
+    plugin_id: str
+    version_installed: str
+    enabled_global: bool
+    killed: bool
+    config: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPlugin:
+    enabled: bool
+    version_installed: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+async def _no_publish(_: Mapping[str, Any]) -> None:
+    return None
+
+
+class Registry:
+    """Registry reads (cached, for the request path) and changes (published to every host)."""
+
+    def __init__(self, control: asyncpg.Pool, settings: Settings, discovery: Discovery, pools: ShardPools,
+                 publish: Publish = _no_publish) -> None:
+        self.control = control
+        self.settings = settings
+        self.discovery = discovery
+        self.pools = pools
+        self.publish = publish
+        self._global: dict[str, GlobalPlugin] = {}
+        self._tenant: dict[tuple[str, str], tuple[TenantPlugin | None, float]] = {}
+        self._loaded_at = 0.0
+
+    # --- loading and invalidation --------------------------------------------------------
+    async def sync_packages(self, packages: Mapping[str, PluginPackage]) -> None:
+        """Register loaded plugins and their role templates (existing rows are kept)."""
+        async with self.control.acquire() as conn, conn.transaction():
+            for pkg in packages.values():
+                await conn.execute(
+                    "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (plugin_id) DO NOTHING", pkg.id, pkg.api, str(pkg.version))
+                for tpl in pkg.role_templates:
+                    await conn.execute(
+                        "INSERT INTO sys_plugin_role_templates (plugin_id, role_key, display_name, permissions, version)"
+                        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                        pkg.id, tpl["role_key"], tpl.get("display_name", tpl["role_key"]),
+                        list(tpl["permissions"]), str(pkg.version))
+        await self.reload()
+
+    async def reload(self) -> None:
+        rows = await self.control.fetch(
+            "SELECT plugin_id, version_installed, enabled_global, killed, config FROM sys_plugins")
+        self._global = {r["plugin_id"]: GlobalPlugin(r["plugin_id"], r["version_installed"], r["enabled_global"],
+                                                     r["killed"], r["config"]) for r in rows}
+        self._loaded_at = time.monotonic()
+
+    async def invalidate(self) -> None:
+        """Forget cached tenant rows and re-read the global ones (a change was announced)."""
+        self._tenant.clear()
+        await self.reload()
+
+    async def _announce(self, what: str, plugin_id: str, tenant_id: str | None = None) -> None:
+        await self.invalidate()
+        await self.publish({"what": what, "pluginId": plugin_id, "tenantId": tenant_id})
+
+    # --- the gate (request path) -----------------------------------------------------------
+    def is_killed(self, plugin_id: str) -> bool:
+        if plugin_id in self.settings.killed_plugin_set:
+            return True
+        g = self._global.get(plugin_id)
+        return g is not None and g.killed
+
+    async def tenant_plugin(self, tenant_id: str, plugin_id: str) -> TenantPlugin | None:
+        now = time.monotonic()
+        if now - self._loaded_at > REGISTRY_CACHE_TTL_S:
+            await self.reload()  # safety net for a missed pub/sub message
+        key = (tenant_id, plugin_id)
+        hit = self._tenant.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        row = await self.control.fetchrow(
+            "SELECT enabled, version_installed, config FROM sys_tenant_plugins "
+            "WHERE tenant_id = $1::uuid AND plugin_id = $2", tenant_id, plugin_id)
+        tp = None if row is None else TenantPlugin(row["enabled"], row["version_installed"], row["config"])
+        if len(self._tenant) > 200_000:
+            self._tenant.clear()
+        self._tenant[key] = (tp, now + REGISTRY_CACHE_TTL_S)
+        return tp
+
+    async def gate(self, plugin_id: str, tenant_id: str) -> TenantPlugin:
+        """The tenant's row for a plugin it may use now; PLUGIN_DISABLED (with why) otherwise."""
+        details = {"pluginId": plugin_id, "tenantId": tenant_id}
+        if self.is_killed(plugin_id):
+            raise PluginDisabled(f"plugin {plugin_id} is switched off", reason="killed", **details)
+        g = self._global.get(plugin_id)
+        if g is None or not g.enabled_global:
+            raise PluginDisabled(f"plugin {plugin_id} is disabled", reason="disabled_globally", **details)
+        tp = await self.tenant_plugin(tenant_id, plugin_id)
+        if tp is None or not tp.enabled:
+            raise PluginDisabled(f"plugin {plugin_id} is not enabled for this tenant", reason="disabled_for_tenant",
+                                 **details)
+        return tp
+
+    def global_config(self, plugin_id: str) -> Mapping[str, Any]:
+        g = self._global.get(plugin_id)
+        return {} if g is None else g.config
+
+    # --- changes (admin API, CLI, `up`) ------------------------------------------------------
+    def package(self, plugin_id: str) -> PluginPackage:
+        return self.discovery.get(plugin_id)
+
+    async def list_plugins(self) -> dict[str, Any]:
+        """Loaded plugins with their registry state, and the refused ones with reasons."""
+        await self.reload()
+        plugins = []
+        for pid, pkg in sorted(self.discovery.plugins.items()):
+            g = self._global.get(pid)
+            enabled_tenants = await self.control.fetchval(
+                "SELECT count(*) FROM sys_tenant_plugins WHERE plugin_id = $1 AND enabled", pid)
+            plugins.append({"pluginId": pid, "version": str(pkg.version), "api": pkg.api,
+                            "versionInstalled": g.version_installed if g else None,
+                            "enabledGlobal": bool(g and g.enabled_global), "killed": self.is_killed(pid),
+                            "killedBy": ("env" if pid in self.settings.killed_plugin_set else
+                                         "db" if g and g.killed else None),
+                            "enabledTenants": enabled_tenants})
+        refused = [{"pluginId": k, "reason": v} for k, v in sorted(self.discovery.refused.items())]
+        return {"plugins": plugins, "refused": refused}
+
+    async def set_global(self, plugin_id: str, *, enabled: bool | None = None, killed: bool | None = None) -> None:
+        """Enable/disable a plugin globally or flip its kill switch. PLUGIN_NOT_FOUND."""
+        pkg = self.package(plugin_id)
+        await self.control.execute(
+            "INSERT INTO sys_plugins (plugin_id, api_version, version_installed, enabled_global, killed) "
+            "VALUES ($1, $2, $3, coalesce($4, false), coalesce($5, false)) ON CONFLICT (plugin_id) DO UPDATE SET "
+            "enabled_global = coalesce($4, sys_plugins.enabled_global), killed = coalesce($5, sys_plugins.killed), "
+            "updated_at = now()", plugin_id, pkg.api, str(pkg.version), enabled, killed)
+        log.info("plugin %s: enabled_global=%s killed=%s", plugin_id, enabled, killed,
+                 extra={"pluginId": plugin_id})
+        await self._announce("global", plugin_id)
+
+    async def enable_for_tenant(self, plugin_id: str, tenant: TenantRecord) -> dict[str, Any]:
+        """Apply the plugin's pending migrations to the tenant, then enable it there.
+
+        The tenant's ``version_installed`` becomes the loaded package's version. Roles are
+        not touched. Raises PLUGIN_NOT_FOUND, MIGRATION_FAILED, MIGRATION_DRIFT, SHARD_*.
+        """
+        from shard_migrations.engine import apply_tenant  # the fleet migrator's engine
+
+        pkg = self.package(plugin_id)
+        await self.control.execute(
+            "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "
+            "ON CONFLICT (plugin_id) DO NOTHING", plugin_id, pkg.api, str(pkg.version))
+        applied = await apply_tenant(self.pools, self.settings, pkg, tenant)
+        await self.control.execute(
+            "INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, enabled, version_installed) "
+            "VALUES ($1::uuid, $2, true, $3) ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = true, "
+            "version_installed = EXCLUDED.version_installed, updated_at = now()",
+            tenant.tenant_id, plugin_id, str(pkg.version))
+        log.info("plugin %s enabled for tenant %s (%d files applied)", plugin_id, tenant.tenant_id, len(applied),
+                 extra={"pluginId": plugin_id, "tenantId": tenant.tenant_id})
+        await self._announce("tenant", plugin_id, tenant.tenant_id)
+        return {"pluginId": plugin_id, "tenantId": tenant.tenant_id, "enabled": True,
+                "versionInstalled": str(pkg.version), "applied": applied}
+
+    async def disable_for_tenant(self, plugin_id: str, tenant_id: str) -> dict[str, Any]:
+        """Disable for one tenant (data and version are kept). PLUGIN_NOT_FOUND."""
+        self.package(plugin_id)
+        await self.control.execute(
+            "UPDATE sys_tenant_plugins SET enabled = false, updated_at = now() "
+            "WHERE tenant_id = $1::uuid AND plugin_id = $2", tenant_id, plugin_id)
+        await self._announce("tenant", plugin_id, tenant_id)
+        return {"pluginId": plugin_id, "tenantId": tenant_id, "enabled": False}
+
+    async def get_tenant_config(self, plugin_id: str, tenant_id: str) -> dict[str, Any]:
+        self.package(plugin_id)
+        config = await self.control.fetchval(
+            "SELECT config FROM sys_tenant_plugins WHERE tenant_id = $1::uuid AND plugin_id = $2",
+            tenant_id, plugin_id)
+        return dict(config or {})
+
+    async def set_tenant_config(self, plugin_id: str, tenant_id: str, config: Any) -> dict[str, Any]:
+        """Replace the tenant's config for a plugin (a JSON object, at most 64 KiB).
+
+        Raises VALIDATION_FAILED, PLUGIN_NOT_FOUND, and PLUGIN_DISABLED if the plugin was
+        never enabled for the tenant (there is no row to hold the config).
+        """
+        self.package(plugin_id)
+        if not isinstance(config, dict):
+            raise ValidationFailed("config must be a JSON object", field="config")
+        if len(orjson.dumps(config)) > MAX_CONFIG_BYTES:
+            raise ValidationFailed(f"config must be at most {MAX_CONFIG_BYTES} bytes of JSON", field="config")
+        done = await self.control.fetchval(
+            "UPDATE sys_tenant_plugins SET config = $3, updated_at = now() "
+            "WHERE tenant_id = $1::uuid AND plugin_id = $2 RETURNING 1", tenant_id, plugin_id, config)
+        if not done:
+            raise PluginDisabled(f"plugin {plugin_id} was never enabled for this tenant", pluginId=plugin_id,
+                                 tenantId=tenant_id)
+        await self._announce("config", plugin_id, tenant_id)
+        return config
+
+    async def enabled_tenants(self, plugin_id: str) -> list[str]:
+        rows = await self.control.fetch(
+            "SELECT tp.tenant_id::text AS tenant_id FROM sys_tenant_plugins tp JOIN tenants t USING (tenant_id) "
+            "WHERE tp.plugin_id = $1 AND tp.enabled AND t.state = 'active' ORDER BY 1", plugin_id)
+        return [r["tenant_id"] for r in rows]
+
+    # --- role templates ----------------------------------------------------------------------
+    def role_templates(self, plugin_id: str) -> list[dict[str, Any]]:
+        """The templates the loaded package ships."""
+        pkg = self.package(plugin_id)
+        return [{"roleKey": t["role_key"], "displayName": t.get("display_name", t["role_key"]),
+                 "permissions": sorted(t["permissions"]), "version": str(pkg.version)} for t in pkg.role_templates]
+
+    async def role_diff(self, plugin_id: str, tenant_id: str) -> list[dict[str, Any]]:
+        """Per template: what applying it would add to the tenant's role (never removes)."""
+        out = []
+        for tpl in self.role_templates(plugin_id):
+            current = await self.control.fetchval(
+                "SELECT permissions FROM roles WHERE tenant_id = $1::uuid AND role_key = $2", tenant_id, tpl["roleKey"])
+            have = set(current or [])
+            out.append({"roleKey": tpl["roleKey"], "exists": current is not None,
+                        "add": sorted(set(tpl["permissions"]) - have),
+                        "tenantOnly": sorted(have - set(tpl["permissions"])),
+                        "upToDate": set(tpl["permissions"]) <= have})
+        return out
+
+    async def apply_role_template(self, plugin_id: str, tenant_id: str, role_key: str) -> dict[str, Any]:
+        """Add the template's permissions to the tenant's role (created if missing).
+
+        The tenant's own extra permissions stay. Raises PLUGIN_NOT_FOUND, VALIDATION_FAILED.
+        """
+        tpl = next((t for t in self.role_templates(plugin_id) if t["roleKey"] == role_key), None)
+        if tpl is None:
+            raise ValidationFailed(f"plugin {plugin_id} has no role template {role_key}", field="roleKey")
+        perms = await self.control.fetchval(
+            "INSERT INTO roles (tenant_id, role_key, display_name, permissions) VALUES ($1::uuid, $2, $3, $4) "
+            "ON CONFLICT (tenant_id, role_key) DO UPDATE SET permissions = ARRAY(SELECT DISTINCT p FROM "
+            "unnest(roles.permissions || EXCLUDED.permissions) AS p ORDER BY p), updated_at = now() "
+            "RETURNING permissions", tenant_id, role_key, tpl["displayName"], tpl["permissions"])
+        await self._announce("roles", plugin_id, tenant_id)
+        return {"tenantId": tenant_id, "roleKey": role_key, "permissions": list(perms)}

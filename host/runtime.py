@@ -1,0 +1,111 @@
+"""The host's resources, opened and closed in one place.
+
+`open_host_runtime` is an `AsyncExitStack`: control pool, shard pools, directory,
+resolve client, Redis, registry, background tasks; on exit they close in reverse order
+(tasks are cancelled before Redis and the pools close), and a failing step doesn't stop
+the others from closing.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from host.cron import Cron, Job
+from host.discovery import Discovery
+from host.events import EventBus, Subscriber, TaskOwner
+from host.keys import registry_channel
+from host.metrics import HostMetrics
+from host.rbac import Authenticator, RbacService
+from host.registry import Registry
+from host.tx import TenantTx, keep_connection
+from router.client import ResolveClient, redis_address
+from router.directory import Directory
+from router.errors import ConfigInvalid
+from router.pools import ShardPools, create_pool
+from router.runtime import effective_settings
+from router.settings import Settings
+
+SUBSCRIBE_WAIT_S = 5.0
+
+
+@dataclass
+class HostRuntime:
+    settings: Settings
+    control: asyncpg.Pool
+    shard_pools: ShardPools
+    directory: Directory
+    resolver: ResolveClient
+    redis: aioredis.Redis
+    registry: Registry
+    auth: Authenticator
+    rbac: RbacService
+    tx: TenantTx
+    events: EventBus
+    cron: Cron
+    tasks: TaskOwner
+    metrics: HostMetrics
+    discovery: Discovery
+
+
+@asynccontextmanager
+async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: HostMetrics, *,
+                            cron_jobs: list[Job] | None = None) -> AsyncIterator[HostRuntime]:
+    """Everything a host needs, subscribed to pub/sub before it is handed out.
+
+    Raises FLEET_ERROR (no control plane configured), CONFIG_INVALID (no Redis URL),
+    SHARD_UNREACHABLE (control plane down).
+    """
+    settings = effective_settings(settings)
+    if not settings.redis_url:
+        raise ConfigInvalid("the host needs Redis: set TENANTFLEET_REDIS_URL", key="redis_url")
+    async with AsyncExitStack() as stack:
+        control = await create_pool(settings.control_dsn, settings, min_size=settings.control_pool_min,
+                                    max_size=settings.control_pool_max)
+        stack.push_async_callback(control.close)
+        await Directory.bootstrap(control)
+        holder: list[Directory] = []
+
+        async def dsn_lookup(shard_id: str) -> str | None:
+            return await holder[0].dsn_of(shard_id)
+
+        pools = await stack.enter_async_context(ShardPools(settings, dsn_lookup, reset=keep_connection))
+        directory = Directory(control, pools, settings)
+        holder.append(directory)
+        resolver = await stack.enter_async_context(
+            ResolveClient(settings, directory.lookup, registry=metrics.registry))
+        directory.on_change = resolver.publish
+        redis = aioredis.Redis(**redis_address(settings.redis_url), socket_connect_timeout=2.0)
+        stack.push_async_callback(redis.aclose)
+        tasks = TaskOwner()
+        stack.push_async_callback(tasks.close)  # closes before Redis and the pools
+
+        async def publish(change: Mapping[str, Any]) -> None:
+            await redis.publish(registry_channel(settings.redis_namespace), orjson.dumps(change))
+
+        registry = Registry(control, settings, discovery, pools, publish)
+        await registry.sync_packages(discovery.plugins)
+        auth = Authenticator(control)
+        events = EventBus(redis, settings.redis_namespace, tasks, metrics)
+
+        async def on_registry() -> None:
+            auth.clear()
+            await registry.invalidate()
+
+        subscriber = Subscriber(redis, settings.redis_namespace, events, on_registry)
+        tasks.spawn(subscriber.run(), name="pubsub")
+        await asyncio.wait_for(subscriber.ready.wait(), SUBSCRIBE_WAIT_S)
+        cron = Cron(redis, settings.redis_namespace, tasks, metrics, registry.enabled_tenants)
+        metrics.watch_pools(pools.opened)
+        rt = HostRuntime(settings=settings, control=control, shard_pools=pools, directory=directory,
+                         resolver=resolver, redis=redis, registry=registry, auth=auth, rbac=RbacService(control),
+                         tx=TenantTx(settings, resolver, pools, metrics), events=events, cron=cron, tasks=tasks,
+                         metrics=metrics, discovery=discovery)
+        if cron_jobs:
+            cron.start(cron_jobs)
+        yield rt

@@ -1,0 +1,68 @@
+"""Finding the calling tenant: the resolver the host uses and the request's tenant name.
+
+The host resolves through the router's `ResolveClient` (in-process cache → Redis →
+control plane, invalidated over pub/sub). A stale entry is harmless for data: the
+fence in `host.tx` catches it and calls `drop`.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from aiohttp import web
+
+from host.keys import TENANT_HEADER
+from router.errors import TenantNotFound, TenantNotReady, TenantSuspended, ValidationFailed
+from router.models import TenantRecord
+
+
+class Resolver(Protocol):
+    """What the host needs from a resolve client."""
+
+    async def resolve(self, *, id: str | None = None, code: str | None = None,
+                      domain: str | None = None) -> TenantRecord:
+        """The tenant's record; TENANT_NOT_FOUND or VALIDATION_FAILED."""
+        ...
+
+    def drop(self, tenant_id: str, *, stale_epoch: int | None = None) -> bool:
+        """Forget the cached entry; ``stale_epoch``: the epoch the fence found stale."""
+        ...
+
+
+def tenant_name(request: web.Request) -> tuple[str, str]:
+    """Which tenant a request names: ``X-Tenant`` (a UUID or a code) or else the Host domain.
+
+    Returns (kind, value) for `Resolver.resolve`; VALIDATION_FAILED if neither is usable.
+    """
+    header = request.headers.get(TENANT_HEADER)
+    if header is not None:
+        value = header.strip()
+        try:
+            return "id", str(uuid.UUID(value))
+        except ValueError:
+            return "code", value.lower()
+    host = request.host.rsplit(":", 1)[0].strip().lower() if request.host else ""
+    if not host or host.replace(".", "").isdigit() or host == "localhost":
+        raise ValidationFailed(f"name the tenant with the {TENANT_HEADER} header or a tenant domain as Host",
+                               field=TENANT_HEADER)
+    return "domain", host
+
+
+async def resolve_request_tenant(resolver: Resolver, request: web.Request) -> TenantRecord:
+    """The tenant a request is for, checked to be servable.
+
+    Raises TENANT_NOT_FOUND, VALIDATION_FAILED, TENANT_SUSPENDED, TENANT_NOT_READY.
+    """
+    kind, value = tenant_name(request)
+    rec = await resolver.resolve(**{kind: value})
+    check_servable(rec)
+    return rec
+
+
+def check_servable(rec: TenantRecord) -> None:
+    """Active and moving tenants are served (the fence guards a move); others are refused."""
+    if rec.state in ("active", "moving"):
+        return
+    if rec.state == "suspended":
+        raise TenantSuspended(f"tenant {rec.code} is suspended", tenantId=rec.tenant_id)
+    raise TenantNotReady(f"tenant {rec.code} is {rec.state}", tenantId=rec.tenant_id, state=rec.state)

@@ -1,0 +1,199 @@
+"""Inventory routes: list/get/create/update items, reconcile counts.
+
+Serves both sides of a rollout: ``location`` (added in 1.1.0) is read and written only
+for tenants whose installed version has it (``ctx.caller(request).plugin_version``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from plugins.api import Db, PluginContext, ValidationFailed, NotFound, json_body, json_response
+
+LOCATION_SINCE = (1, 1, 0)
+MAX_LIMIT = 500
+
+
+def _version(v: str) -> tuple[int, ...]:
+    core = v.split("-", 1)[0].split("+", 1)[0]
+    return tuple(int(p) for p in core.split(".")[:3])
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationFailed(f"{name} must be an integer", field=name) from None
+    if not lo <= value <= hi:
+        raise ValidationFailed(f"{name} must be between {lo} and {hi}", field=name)
+    return value
+
+
+def _item_id(request: web.Request) -> int:
+    try:
+        value = int(request.match_info["id"])
+    except ValueError:
+        raise ValidationFailed("item id must be an integer", field="id") from None
+    if not 1 <= value < 2**63:
+        raise ValidationFailed("item id out of range", field="id")
+    return value
+
+
+def _str(body: dict[str, Any], key: str, *, required: bool, max_len: int) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ValidationFailed(f"{key} is required", field=key)
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= max_len:
+        raise ValidationFailed(f"{key} must be a string of 1-{max_len} characters", field=key)
+    return value
+
+
+def _qty(body: dict[str, Any], *, required: bool) -> int | None:
+    value = body.get("qty")
+    if value is None:
+        if required:
+            raise ValidationFailed("qty is required", field="qty")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2_000_000_000:
+        raise ValidationFailed("qty must be an integer between 0 and 2000000000", field="qty")
+    return value
+
+
+def setup(ctx: PluginContext) -> None:
+    """Register inventory's routes and its health check."""
+    cols_v1 = "id, sku, name, qty, created_at, updated_at"
+    cols_v11 = cols_v1 + ", location"
+
+    def columns(request: web.Request) -> str:
+        return cols_v11 if _version(ctx.caller(request).plugin_version) >= LOCATION_SINCE else cols_v1
+
+    @ctx.router.get("/items")
+    @ctx.rbac.require("inventory.view")
+    async def list_items(request: web.Request) -> web.StreamResponse:
+        caller = ctx.caller(request)
+        limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
+        offset = _int_param(request, "offset", 0, 0, 10_000_000)
+        sql = f"SELECT {columns(request)} FROM items ORDER BY id LIMIT $1 OFFSET $2"  # column lists are constants
+
+        async def run(db: Db) -> list[Any]:
+            return await db.fetch(sql, limit, offset)
+        rows = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
+        return json_response({"items": [dict(r) for r in rows], "limit": limit, "offset": offset})
+
+    @ctx.router.get("/items/{id}")
+    @ctx.rbac.require("inventory.view")
+    async def get_item(request: web.Request) -> web.StreamResponse:
+        caller = ctx.caller(request)
+        item_id = _item_id(request)
+        sql = f"SELECT {columns(request)} FROM items WHERE id = $1"
+
+        async def run(db: Db) -> Any:
+            return await db.fetchrow(sql, item_id)
+        row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
+        if row is None:
+            raise NotFound(f"no item {item_id}", itemId=item_id)
+        return json_response(dict(row))
+
+    @ctx.router.post("/items")
+    @ctx.rbac.require("inventory.manage")
+    async def create_item(request: web.Request) -> web.StreamResponse:
+        caller = ctx.caller(request)
+        body = await json_body(request)
+        sku = _str(body, "sku", required=True, max_len=64)
+        name = _str(body, "name", required=False, max_len=200)
+        qty = _qty(body, required=True)
+        with_location = columns(request) == cols_v11
+        location = _str(body, "location", required=False, max_len=100) if with_location else None
+        if not with_location and "location" in body:
+            raise ValidationFailed("location needs inventory 1.1.0, not installed for this tenant", field="location")
+
+        async def run(db: Db) -> Any:
+            if with_location:
+                return await db.fetchrow(
+                    f"INSERT INTO items (sku, name, qty, location) VALUES ($1, $2, $3, $4) "
+                    f"ON CONFLICT (sku) DO NOTHING RETURNING {cols_v11}", sku, name, qty, location)
+            return await db.fetchrow(
+                f"INSERT INTO items (sku, name, qty) VALUES ($1, $2, $3) ON CONFLICT (sku) DO NOTHING "
+                f"RETURNING {cols_v1}", sku, name, qty)
+        row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
+        if row is None:
+            raise ValidationFailed(f"an item with sku {sku} exists", field="sku")
+        item = dict(row)
+        await ctx.events.emit("inventory.item_created", {"id": item["id"], "sku": sku, "qty": qty},
+                              tenant_id=caller.tenant.tenant_id)
+        return json_response(item, status=201)
+
+    @ctx.router.patch("/items/{id}")
+    @ctx.rbac.require("inventory.manage")
+    async def update_item(request: web.Request) -> web.StreamResponse:
+        caller = ctx.caller(request)
+        item_id = _item_id(request)
+        body = await json_body(request)
+        name = _str(body, "name", required=False, max_len=200)
+        qty = _qty(body, required=False)
+        with_location = columns(request) == cols_v11
+        if not with_location and "location" in body:
+            raise ValidationFailed("location needs inventory 1.1.0, not installed for this tenant", field="location")
+        location = _str(body, "location", required=False, max_len=100) if with_location else None
+        cols = columns(request)
+
+        async def run(db: Db) -> Any:
+            if with_location:
+                return await db.fetchrow(
+                    f"UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), "
+                    f"location = coalesce($4, location), updated_at = now() WHERE id = $1 RETURNING {cols}",
+                    item_id, name, qty, location)
+            return await db.fetchrow(
+                f"UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), updated_at = now() "
+                f"WHERE id = $1 RETURNING {cols}", item_id, name, qty)
+        row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
+        if row is None:
+            raise NotFound(f"no item {item_id}", itemId=item_id)
+        item = dict(row)
+        await ctx.events.emit("inventory.item_updated", {"id": item_id, "sku": item["sku"], "qty": item["qty"]},
+                              tenant_id=caller.tenant.tenant_id)
+        return json_response(item)
+
+    @ctx.router.post("/reconcile")
+    @ctx.rbac.require("inventory.reconcile")
+    async def reconcile(request: web.Request) -> web.StreamResponse:
+        """Body ``{"counts": [{"sku", "qty"}]}``: set each counted item's qty; report the differences."""
+        caller = ctx.caller(request)
+        body = await json_body(request)
+        counts = body.get("counts")
+        if not isinstance(counts, list) or not 1 <= len(counts) <= 1000:
+            raise ValidationFailed("counts must be a list of 1-1000 {sku, qty} objects", field="counts")
+        pairs: list[tuple[str, int]] = []
+        for c in counts:
+            if not isinstance(c, dict):
+                raise ValidationFailed("each count must be an object {sku, qty}", field="counts")
+            sku = _str(c, "sku", required=True, max_len=64)
+            qty = _qty(c, required=True)
+            assert sku is not None and qty is not None
+            pairs.append((sku, qty))
+
+        async def run(db: Db) -> list[Any]:
+            return await db.fetch(
+                "WITH counted AS (SELECT * FROM unnest($1::text[], $2::int[]) AS c(sku, qty)), "
+                "old AS (SELECT i.id, i.sku, i.qty FROM items i JOIN counted USING (sku) FOR UPDATE) "
+                "UPDATE items i SET qty = counted.qty, updated_at = now() FROM counted, old "
+                "WHERE i.sku = counted.sku AND old.id = i.id AND i.qty <> counted.qty "
+                "RETURNING i.sku, old.qty AS was, i.qty AS now",
+                [p[0] for p in pairs], [p[1] for p in pairs])
+        rows = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
+        changed = [dict(r) for r in rows]
+        for c in changed:
+            await ctx.events.emit("inventory.item_updated", {"sku": c["sku"], "qty": c["now"]},
+                                  tenant_id=caller.tenant.tenant_id)
+        return json_response({"changed": changed, "counted": len(pairs)})
+
+    async def health() -> dict[str, Any]:
+        return {"check": "routes", "routes": 5}
+
+    ctx.health_check(health)
