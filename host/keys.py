@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from host.context import PluginHost
     from host.metrics import HostMetrics
     from host.runtime import HostRuntime
+    from plugins.api import Caller
 
 
 # --- app state (web.AppKey, never strings) ---------------------------------------------
@@ -20,11 +21,11 @@ RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
 METRICS: Final[web.AppKey["HostMetrics"]] = web.AppKey("tenantfleet_metrics")
 PLUGIN_HOST: Final[web.AppKey["PluginHost"]] = web.AppKey("tenantfleet_plugin_host")
 
-# --- request state (aiohttp's Request is a MutableMapping[str, Any]) ----------------------
-REQ_ID: Final = "tf.request_id"
-REQ_PLUGIN: Final = "tf.plugin_id"
-REQ_TENANT: Final = "tf.tenant_id"
-REQ_CALLER: Final = "tf.caller"
+# --- request state (web.RequestKey, never strings) -------------------------------------------
+REQ_ID: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_request_id")
+REQ_PLUGIN: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_plugin_id")
+REQ_TENANT: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_tenant_id")
+REQ_CALLER: Final[web.RequestKey["Caller"]] = web.RequestKey("tenantfleet_caller")
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 TENANT_HEADER: Final = "X-Tenant"

@@ -1,0 +1,160 @@
+"""The host over HTTP: serving inventory, the gate, RBAC, tenant isolation, manifest, metrics, bad input."""
+from __future__ import annotations
+
+import io
+import logging
+from typing import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from tests.fleetkit import Fleet
+from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def host(fleet: Fleet) -> AsyncIterator[Host]:
+    async with running_host(host_settings(fleet)) as h:
+        yield h
+
+
+async def test_inventory_items_can_be_created_listed_fetched_and_updated(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    h = auth(key, rec.code)
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "A-1", "qty": 3, "location": "B2"},
+                              headers=h) as r:
+        assert r.status == 201, await r.text()
+        item = await r.json()
+    assert item["location"] == "B2" and item["qty"] == 3
+    async with host.http.patch(f"/api/plugins/inventory/items/{item['id']}", json={"qty": 7}, headers=h) as r:
+        assert (await r.json())["qty"] == 7
+    async with host.http.get(f"/api/plugins/inventory/items/{item['id']}", headers=h) as r:
+        assert (await r.json())["sku"] == "A-1"
+    async with host.http.get("/api/plugins/inventory/items", headers={"Authorization": f"Bearer {key}",
+                                                                      "Host": rec.domains[0]}) as r:
+        body = await r.json()
+        assert r.status == 200 and [i["sku"] for i in body["items"]] == ["A-1"]
+        assert r.headers["X-Request-Id"]
+    async with host.http.post("/api/plugins/inventory/reconcile", json={"counts": [{"sku": "A-1", "qty": 1}]},
+                              headers=h) as r:
+        assert (await r.json())["changed"] == [{"sku": "A-1", "was": 7, "now": 1}]
+
+
+async def test_disabled_plugin_answers_403_plugin_disabled_naming_plugin_and_tenant(
+        fleet: Fleet, host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/disable")
+    with caplog.at_level(logging.INFO, logger="tenantfleet.access"):
+        async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+            body = await r.json()
+    assert r.status == 403
+    assert body["error"]["code"] == "PLUGIN_DISABLED"
+    assert body["error"]["pluginId"] == "inventory" and body["error"]["tenantId"] == rec.tenant_id
+    lines = [rec_.fields for rec_ in caplog.records if hasattr(rec_, "fields")]  # type: ignore[attr-defined]
+    assert any(f["pluginId"] == "inventory" and f["tenantId"] == rec.tenant_id and f["status"] == 403
+               for f in lines)
+    await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/enable")
+    async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+        assert r.status == 200
+
+
+async def test_missing_key_is_401_and_missing_permission_is_403_naming_it(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host, roles=("INVENTORY_VIEWER",))
+    async with host.http.get("/api/plugins/inventory/items", headers={"X-Tenant": rec.code}) as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "UNAUTHORIZED"
+    async with host.http.get("/api/plugins/inventory/items", headers=auth("tfk_wrong", rec.code)) as r:
+        assert r.status == 401
+    async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+        assert r.status == 200
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "x", "qty": 1},
+                              headers=auth(key, rec.code)) as r:
+        body = await r.json()
+    assert r.status == 403 and body["error"]["code"] == "FORBIDDEN"
+    assert body["error"]["permission"] == "inventory.manage" and "inventory.manage" in body["error"]["message"]
+
+
+async def test_a_tenants_key_never_reads_another_tenants_rows_whatever_the_headers_say(
+        fleet: Fleet, host: Host) -> None:
+    a, key_a = await tenant_with_key(fleet, host)
+    b, key_b = await tenant_with_key(fleet, host)
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "B-SECRET", "qty": 1},
+                              headers=auth(key_b, b.code)) as r:
+        assert r.status == 201
+    for headers in (auth(key_a, b.code), auth(key_a, b.tenant_id),
+                    {"Authorization": f"Bearer {key_a}", "Host": b.domains[0]}):
+        async with host.http.get("/api/plugins/inventory/items", headers=headers) as r:
+            text = await r.text()
+            assert r.status == 403 and "B-SECRET" not in text
+    async with host.http.get("/api/plugins/inventory/items", headers=auth(key_a, a.code)) as r:
+        assert "B-SECRET" not in await r.text()
+
+
+async def test_manifest_lists_enabled_plugins_filtered_by_the_callers_permissions(fleet: Fleet, host: Host) -> None:
+    rec, viewer = await tenant_with_key(fleet, host, roles=("INVENTORY_VIEWER",))
+    async with host.http.get("/api/manifest", headers=auth(viewer, rec.code)) as r:
+        body = await r.json()
+    assert [p["pluginId"] for p in body["plugins"]] == ["inventory"]
+    inv = body["plugins"][0]
+    assert [m["id"] for m in inv["menu"]] == ["inventory"]
+    assert [w["id"] for w in inv["widgets"]] == ["inventory-low-stock"]
+    created = await host.admin("POST", "/admin/principals",
+                               {"tenant": rec.code, "name": "mgr", "roles": ["INVENTORY_MANAGER"]})
+    await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
+    async with host.http.get("/api/manifest", headers=auth(created["apiKey"], rec.code)) as r:
+        inv = (await r.json())["plugins"][0]
+    assert [m["id"] for m in inv["menu"]] == ["inventory", "inventory-reconcile"]
+
+
+async def test_metrics_label_requests_by_route_template_never_the_raw_path(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "M-1", "qty": 1},
+                              headers=auth(key, rec.code)) as r:
+        item = await r.json()
+    async with host.http.get(f"/api/plugins/inventory/items/{item['id']}", headers=auth(key, rec.code)) as r:
+        assert r.status == 200
+    async with host.http.get("/metrics") as r:
+        text = await r.text()
+    assert 'route="/api/plugins/inventory/items/{id}"' in text
+    assert f'/items/{item["id"]}"' not in text
+    assert 'tenantfleet_plugin_requests_total{plugin="inventory",route="/api/plugins/inventory/items/{id}",' \
+           'status_class="2xx"}' in text
+    assert "tenantfleet_plugin_request_seconds_bucket" in text and "tenantfleet_fence_retries_total" in text
+    assert "tenantfleet_host_pool_connections" in text
+
+
+async def test_bad_input_gets_the_envelope_never_a_500(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    h = auth(key, rec.code)
+    cases = [
+        ("GET", "/api/plugins/nosuch/items", h, None, 404, "PLUGIN_NOT_FOUND"),
+        ("GET", "/api/plugins/inventory/items", auth(key, "no-such-tenant"), None, 404, "TENANT_NOT_FOUND"),
+        ("GET", "/api/plugins/inventory/nosuch", h, None, 404, "NOT_FOUND"),
+        ("GET", "/api/plugins/inventory/items?limit=abc", h, None, 400, "VALIDATION_FAILED"),
+        ("GET", "/api/plugins/inventory/items/notanumber", h, None, 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", h, b"{not json", 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", h, b"[1, 2]", 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", h, b'{"sku": 5, "qty": "many"}', 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", h, b'{"sku": "x", "qty": true}', 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", h, io.BytesIO(b'{"sku": "x", "qty": 1}' + b" " * 2_000_000), 413,
+         "PAYLOAD_TOO_LARGE"),
+        ("GET", "/api/plugins/inventory/items", {**h, "X-Big": "x" * 20000}, None, 400, "VALIDATION_FAILED"),
+        ("GET", "/admin/plugins", {}, None, 401, "UNAUTHORIZED"),
+        ("GET", "/admin/plugins", {"Authorization": "Bearer nope"}, None, 403, "FORBIDDEN"),
+    ]
+    for method, path, headers, data, status, code in cases:
+        async with host.http.request(method, path, headers=headers, data=data) as r:
+            body = await r.json()
+            assert (r.status, body["error"]["code"]) == (status, code), (method, path, body)
+            assert body["error"]["requestId"]
+
+
+async def test_health_readiness_and_plugin_health(host: Host) -> None:
+    async with host.http.get("/healthz") as r:
+        assert r.status == 200
+    async with host.http.get("/readyz") as r:
+        body = await r.json()
+        assert r.status == 200, body
+        assert body["checks"]["control"] == "ok" and sum(k.startswith("shard:") for k in body["checks"]) == 3
+    async with host.http.get("/api/plugins/inventory/health") as r:
+        body = await r.json()
+        assert r.status == 200 and body["status"] == "ok" and body["checks"][0]["ok"]
