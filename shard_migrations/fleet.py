@@ -422,3 +422,11 @@ class FleetMigrator:
                 self.metrics.backoff.labels(sid).set(backoff)
                 self.metrics.down.labels(sid).set(1 if state == "down" else 0)
         return out
+
+
+def migration_pools(settings: Settings, dsn_lookup: Callable[[str], Any], concurrency: int | None = None) -> ShardPools:
+    """Shard pools for migrating: no statement cache (DDL changes table shapes under cached
+    statements) and room for ``concurrency`` workers plus the probe on each shard."""
+    room = (concurrency or settings.shard_concurrency) + 1
+    sized = settings.model_copy(update={"shard_pool_max": max(settings.shard_pool_max, room)})
+    return ShardPools(sized, dsn_lookup, statement_cache_size=0)

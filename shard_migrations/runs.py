@@ -83,7 +83,7 @@ async def flip_plugin(control: asyncpg.Pool, package: PluginPackage, version: st
 
 _FLIP_TENANTS = """
 INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, version_installed)
-SELECT u.t, $2, $3 FROM unnest($1::uuid[]) AS u(t) WHERE EXISTS (SELECT 1 FROM tenants WHERE tenant_id = u.t)
+SELECT u.t, $2, $3 FROM (SELECT DISTINCT unnest($1::uuid[]) AS t) AS u WHERE EXISTS (SELECT 1 FROM tenants WHERE tenant_id = u.t)
 ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET version_installed = EXCLUDED.version_installed, updated_at = now()
 WHERE sys_tenant_plugins.version_installed IS DISTINCT FROM EXCLUDED.version_installed
 """

@@ -15,9 +15,8 @@ import asyncpg
 
 from host.discovery import PluginPackage, discover, load_package
 from router.models import TenantRecord
-from router.pools import ShardPools
 from router.settings import Settings
-from shard_migrations.fleet import FleetMigrator
+from shard_migrations.fleet import FleetMigrator, migration_pools
 from tests.fleetkit import Fleet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ def shipped(plugin_id: str) -> PluginPackage:
 async def migrator(fleet: Fleet, package: PluginPackage, **overrides: Any) -> AsyncIterator[FleetMigrator]:
     """A FleetMigrator on the fleet with its own cache-less shard pools, as the CLI opens them."""
     settings = fleet.settings.model_copy(update=overrides) if overrides else fleet.settings
-    async with ShardPools(settings, fleet.directory.dsn_of, statement_cache_size=0) as pools:
+    async with migration_pools(settings, fleet.directory.dsn_of) as pools:
         yield FleetMigrator(fleet.control, pools, settings, package)
 
 

@@ -1,0 +1,194 @@
+"""`tenantfleet migrate plan|apply|status|verify`: thin adapters over the fleet migrator.
+
+Every command prints a table (or JSON with ``--json``) and exits non-zero on failure
+with one line ``error: CODE: message`` naming what failed and where.
+"""
+from __future__ import annotations
+
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import click
+from prometheus_client import CollectorRegistry
+
+from host.cli import CliState, cli, emit, pass_state, run
+from host.discovery import PluginPackage, discover
+from router.errors import MigrationFailed
+from router.runtime import RouterRuntime, open_runtime
+from shard_migrations import runs
+from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport, migration_pools
+from shard_migrations.metrics import MigrateMetrics
+from shard_migrations.progress import ProgressView
+from shard_migrations.verify import verify as verify_fleet
+
+SHARD_PLAN_COLUMNS = ["shard_id", "reachable", "public_pending", "tenants_pending", "tenants_up_to_date",
+                      "files_pending", "drift", "error"]
+REPORT_COLUMNS = ["shard_id", "units", "done", "failed", "files", "rate", "error"]
+
+
+@asynccontextmanager
+async def _migrator(state: CliState, plugin: str, *, concurrency: int | None = None, batch_size: int | None = None,
+                    metrics: MigrateMetrics | None = None) -> AsyncIterator[tuple[RouterRuntime, FleetMigrator]]:
+    package: PluginPackage = discover().get(plugin)
+    settings = state.settings
+    if batch_size is not None:
+        settings = settings.model_copy(update={"batch_size": batch_size})
+    async with AsyncExitStack() as stack:
+        rt = await stack.enter_async_context(open_runtime(settings))
+        pools = await stack.enter_async_context(migration_pools(rt.settings, rt.directory.dsn_of, concurrency))
+        yield rt, FleetMigrator(rt.control, pools, rt.settings, package, metrics=metrics)
+
+
+def _options(to: str | None, from_file: str | None, tenants: tuple[str, ...], allow_drift: bool = False,
+             batch_size: int | None = None, concurrency: int | None = None) -> RunOptions:
+    return RunOptions(to=to, from_file=from_file, tenant_ids=tenants or None, allow_drift=allow_drift,
+                      batch_size=batch_size, concurrency=concurrency)
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--tenant", "tenants", multiple=True, help="Only this tenant id (repeatable).")(fn)
+    fn = click.option("--from", "from_file", default=None,
+                      help="Start at this file (NNN_name.sql or scope/NNN_name.sql); earlier ones are not considered.")(fn)
+    fn = click.option("--to", default=None, help="Target version (default: the plugin package's version).")(fn)
+    return click.argument("plugin")(fn)
+
+
+@cli.group()
+def migrate() -> None:
+    """Plan, apply, watch and verify plugin schema upgrades across every shard and tenant.
+
+    Order: the plugin's public-scope files on every shard, then its tenant-scope files in
+    every active or suspended tenant, then version_installed per tenant and globally.
+    """
+
+
+@migrate.command("plan")
+@_common
+@pass_state
+def plan_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None, tenants: tuple[str, ...]) -> None:
+    """Show what `apply PLUGIN` would do: pending files per shard and tenant, drift, unreachable shards."""
+    async def go() -> dict[str, Any]:
+        async with _migrator(state, plugin) as (_, m):
+            return (await m.plan(_options(to, from_file, tenants))).to_dict()
+    data = run(go())
+    if state.json:
+        emit(state, data)
+        return
+    state.console.print(f"{data['plugin']} → {data['version']}: {data['files_pending']} file applications pending "
+                        f"(public: {', '.join(data['public_files']) or '-'}; tenant: {', '.join(data['tenant_files']) or '-'})",
+                        highlight=False)
+    emit(state, data["shards"], columns=SHARD_PLAN_COLUMNS)
+
+
+@migrate.command("apply")
+@_common
+@click.option("--dry-run", is_flag=True, help="Print the plan and try each new file on one canary tenant per shard "
+                                              "inside a transaction that is rolled back.")
+@click.option("--resume", "resume", type=int, default=None, metavar="RUN", help="Finish run RUN (after a crash or kill).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tenants per batch (default: settings).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Tenants at once per shard (default: settings).")
+@click.option("--allow-drift", is_flag=True, help="Go on although recorded files changed since they were applied.")
+@click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@pass_state
+def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None, tenants: tuple[str, ...],
+              dry_run: bool, resume: int | None, batch_size: int | None, concurrency: int | None, allow_drift: bool,
+              metrics_file: str | None) -> None:
+    """Apply PLUGIN's pending files across the fleet (or --resume RUN). Exit 0 only if everything is done."""
+    opts = _options(to, from_file, tenants, allow_drift, batch_size, concurrency)
+    if dry_run:
+        _dry_run(state, plugin, opts)
+        return
+    registry = CollectorRegistry()
+
+    async def go() -> RunReport:
+        async with _migrator(state, plugin, concurrency=concurrency, batch_size=batch_size,
+                             metrics=MigrateMetrics(registry)) as (_, m):
+            def started(run_id: int) -> None:
+                if not state.json:
+                    state.console.print(f"run {run_id}: {plugin} (resume with --resume {run_id})", highlight=False)
+            live = state.console.is_terminal and not state.json
+            async with ProgressView(state.console, m.snapshot, live=live, metrics=registry,
+                                    metrics_file=metrics_file) if not state.json else AsyncExitStack():
+                return await m.apply(opts, resume=resume, on_run=started)
+    report = run(go())
+    data = report.to_dict()
+    if state.json:
+        emit(state, data)
+    else:
+        state.console.print(f"run {report.run_id}: {report.state}, {report.applied_files} files applied "
+                            f"({report.plugin} → {report.version})", highlight=False)
+        emit(state, data["shards"], columns=REPORT_COLUMNS)
+    report.raise_for_failure()
+
+
+def _dry_run(state: CliState, plugin: str, opts: RunOptions) -> None:
+    async def go() -> dict[str, Any]:
+        async with _migrator(state, plugin) as (_, m):
+            plan = await m.plan(opts)
+            return {"plan": plan.to_dict(), "canaries": await m.dry_run(plan)}
+    data = run(go())
+    if state.json:
+        emit(state, data)
+    else:
+        p = data["plan"]
+        state.console.print(f"dry run: {p['plugin']} → {p['version']}, {p['files_pending']} file applications pending",
+                            highlight=False)
+        emit(state, p["shards"], columns=SHARD_PLAN_COLUMNS, title="plan")
+        emit(state, data["canaries"], columns=["shard_id", "canary", "ok", "tried", "error"],
+             title="canary (rolled back)")
+    bad = [c for c in data["canaries"] if not c["ok"]]
+    if bad:
+        raise MigrationFailed(f"dry run: {bad[0]['error']}" + (f" ({len(bad)} shards failed)" if len(bad) > 1 else ""),
+                              shardId=bad[0]["shard_id"])
+
+
+@migrate.command("status")
+@click.argument("run_id", type=int, required=False, metavar="[RUN]")
+@click.option("--plugin", default=None, help="List only this plugin's runs.")
+@pass_state
+def status_cmd(state: CliState, run_id: int | None, plugin: str | None) -> None:
+    """Show run RUN (items per shard and status, failures, heartbeat) or list recent runs.
+    Reads the control plane only: works while another process runs it."""
+    async def go() -> Any:
+        async with open_runtime(state.settings) as rt:
+            if run_id is None:
+                return await runs.list_runs(rt.control, plugin)
+            return await runs.run_status(rt.control, run_id)
+    data = run(go())
+    if state.json or run_id is None:
+        emit(state, data, columns=None if state.json else ["run_id", "plugin", "version", "state", "owner",
+                                                           "created_at", "finished_at"])
+        return
+    state.console.print(f"run {data['run_id']}: {data['plugin']} → {data['version']} {data['state']}"
+                        f"{' (alive)' if data['alive'] else ''}, owner {data['owner']}, "
+                        f"heartbeat {data['heartbeat_age_s']} s ago", highlight=False)
+    emit(state, data["shards"], columns=["shard_id", "pending", "running", "done", "failed", "skipped", "attempts"])
+    if data["failed_items"]:
+        emit(state, data["failed_items"], columns=["item_key", "shard_id", "attempts", "last_error"], title="failed")
+
+
+@migrate.command("verify")
+@click.argument("plugin")
+@click.option("--to", default=None, help="Version to check against (default: the plugin package's version).")
+@pass_state
+def verify_cmd(state: CliState, plugin: str, to: str | None) -> None:
+    """Compare every shard's ledger with PLUGIN's files: drift (exit 3), unreachable shards,
+    missing applications (exit 4)."""
+    async def go() -> Any:
+        package = discover().get(plugin)
+        async with open_runtime(state.settings) as rt, \
+                migration_pools(rt.settings, rt.directory.dsn_of) as pools:
+            return await verify_fleet(rt.control, pools, package, to)
+    report = run(go())
+    data = report.to_dict()
+    if state.json:
+        emit(state, data)
+    else:
+        state.console.print(f"{report.plugin} {report.version}: {report.shards} shards, {report.tenants} tenants, "
+                            f"{len(report.drift)} drifted, {len(report.missing)} missing, "
+                            f"{len(report.unreachable)} unreachable", highlight=False)
+        if report.drift:
+            emit(state, data["drift"], columns=["shard_id", "tenant_id", "file", "recorded", "expected"], title="drift")
+        if report.missing:
+            emit(state, data["missing"][:50], columns=["shard_id", "tenant_id", "file"], title="missing")
+    report.raise_for_problems()

@@ -1,0 +1,132 @@
+"""`tenantfleet migrate ...` from the command line: plan, dry-run, status, verify and bad input.
+
+Bad input gets one line ``error: CODE: message`` naming what and where, a non-zero exit,
+and the ledger unchanged for what did not apply.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from host.embedded import free_port
+from router.errors import MigrationFailed
+from shard_migrations.fleet import RunOptions
+from tests.conftest import FleetFactory
+from tests.migratekit import ledger_rows, make_tenants, migrator, run_cli, temp_plugin, tenant_objects
+
+
+def one_error_line(err: str, code: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {code}: "), err
+    return lines[0]
+
+
+async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_fleet: FleetFactory) -> None:
+    f = await fresh_fleet()
+    tenants = await make_tenants(f, 12)
+
+    rc, out, err = await run_cli(f, "--json", "migrate", "plan", "inventory")
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["version"] == "1.1.0" and plan["files_pending"] == 3 + 12 * 2
+
+    rc, out, err = await run_cli(f, "--json", "migrate", "apply", "inventory", "--dry-run")
+    assert rc == 0, err
+    canaries = json.loads(out)["canaries"]
+    assert {c["shard_id"] for c in canaries} == set(f.shard_dsns)
+    assert all(c["ok"] and "tenant/002_location.sql" in c["tried"] for c in canaries), canaries
+    assert await ledger_rows(f, "inventory") == []
+    for dsn in f.shard_dsns.values():
+        assert all(not o["tables"] for o in (await tenant_objects(dsn)).values())  # rolled back
+
+    rc, out, err = await run_cli(f, "migrate", "verify", "inventory")
+    assert rc == 4
+    one_error_line(err, "MIGRATION_INCOMPLETE")
+
+    rc, out, err = await run_cli(f, "migrate", "apply", "inventory")
+    assert rc == 0, out + err
+    assert "run " in out and "done" in out
+
+    rc, out, err = await run_cli(f, "--json", "migrate", "status")
+    assert rc == 0, err
+    run_id = json.loads(out)[0]["run_id"]
+    rc, out, err = await run_cli(f, "--json", "migrate", "status", str(run_id))
+    assert rc == 0, err
+    status = json.loads(out)
+    assert status["state"] == "done" and sum(s["done"] for s in status["shards"]) == 3 + 12
+
+    rc, out, err = await run_cli(f, "--json", "migrate", "verify", "inventory")
+    assert rc == 0, err
+    assert json.loads(out)["ok"] is True and json.loads(out)["tenants"] == len(tenants)
+
+
+async def test_missing_plugin_unknown_version_downgrade_and_unknown_run_are_one_line_errors(
+        fresh_fleet: FleetFactory) -> None:
+    f = await fresh_fleet()
+    await make_tenants(f, 6)
+    rc, _, err = await run_cli(f, "migrate", "apply", "nosuchplugin")
+    assert rc != 0 and "nosuchplugin" in one_error_line(err, "PLUGIN_NOT_FOUND")
+    for bad in ("9.9.9", "1.0.5", "one"):
+        rc, _, err = await run_cli(f, "migrate", "apply", "inventory", "--to", bad)
+        assert rc != 0 and bad in one_error_line(err, "VALIDATION_FAILED")
+    rc, _, err = await run_cli(f, "migrate", "apply", "inventory", "--from", "007_nothing.sql")
+    assert rc != 0 and "007_nothing.sql" in one_error_line(err, "VALIDATION_FAILED")
+    rc, _, err = await run_cli(f, "migrate", "status", "424242")
+    assert rc != 0 and "424242" in one_error_line(err, "RUN_NOT_FOUND")
+    assert await ledger_rows(f, "inventory") == []
+
+    rc, out, err = await run_cli(f, "migrate", "apply", "inventory")
+    assert rc == 0, out + err
+    before = await ledger_rows(f, "inventory")
+    rc, _, err = await run_cli(f, "migrate", "apply", "inventory", "--to", "1.0.0")
+    assert rc != 0 and "downgrade" in one_error_line(err, "VALIDATION_FAILED")
+    assert await ledger_rows(f, "inventory") == before
+
+
+async def test_unreachable_shard_dsn_is_reported_by_name_and_the_other_shards_finish(
+        fresh_fleet: FleetFactory) -> None:
+    f = await fresh_fleet()
+    tenants = await make_tenants(f, 9)
+    good_dsn = f.shard_dsns["shard3"]
+    await f.control.execute("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard3'",
+                            f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    rc, out, err = await run_cli(f, "migrate", "apply", "inventory")
+    assert rc != 0
+    line = one_error_line(err, "SHARD_UNREACHABLE")
+    assert "shard3" in line and "127.0.0.1" in line and "--resume" in line
+    rows = await ledger_rows(f, "inventory")   # shard3's ledger is read through its real DSN
+    on3 = {t.tenant_id for t in tenants if t.shard_id == "shard3"}
+    assert not [r for r in rows if r["shard_id"] == "shard3"]
+    assert {r["tenant_id"] for r in rows if r["scope"] == "tenant"} == {t.tenant_id for t in tenants} - on3
+
+    await f.control.execute("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard3'", good_dsn)
+    run_id = await f.control.fetchval("SELECT max(run_id) FROM fleet_runs")
+    rc, out, err = await run_cli(f, "migrate", "apply", "inventory", "--resume", str(run_id))
+    assert rc == 0, out + err
+    assert len(await ledger_rows(f, "inventory")) == 3 + 2 * len(tenants)
+
+
+async def test_syntax_error_in_a_file_names_file_shard_and_tenant_and_records_nothing_of_it(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    await make_tenants(f, 6)
+    pkg = temp_plugin(tmp_path, "broken", {
+        "public/001_ref.sql": "CREATE TABLE IF NOT EXISTS broken_ref (k text PRIMARY KEY);",
+        "tenant/001_ok.sql": "CREATE TABLE broken_things (id bigint PRIMARY KEY);",
+        "tenant/002_bad.sql": "ALTER TABLE broken_things ADD COLUMN note text;\nCREAT INDEX oops ON broken_things (note);",
+    })
+    async with migrator(f, pkg) as m:
+        canaries = await m.dry_run(await m.plan(RunOptions()))
+        assert all(not c["ok"] and "002_bad.sql" in c["error"] and "42601" in c["error"] for c in canaries)
+        with pytest.raises(MigrationFailed) as caught:
+            await m.apply(RunOptions())
+    msg = caught.value.message
+    assert "tenant/002_bad.sql" in msg and "shard" in msg and "tenant" in msg and "42601" in msg, msg
+    rows = await ledger_rows(f, "broken")
+    assert {r["name"] for r in rows} <= {"001_ref.sql"}      # only the public file, which did apply
+    assert await f.control.fetchval("SELECT state FROM fleet_runs WHERE plugin_id = 'broken'") == "failed"
+    for dsn in f.shard_dsns.values():
+        assert all("broken_things" not in o["tables"] for o in (await tenant_objects(dsn)).values())
