@@ -50,6 +50,7 @@ def load_plugins(discovery: Discovery, host: PluginHost) -> None:
         host.contexts[pid] = ctx
     for pid in host.refused:
         discovery.plugins.pop(pid, None)
+    discovery.refused.update(host.refused)  # the admin API lists them from here
 
 
 def mount(app: web.Application, host: PluginHost, discovery: Discovery) -> None:

@@ -1,0 +1,185 @@
+"""Plugins: mounting and api-major refusal, import boundary, events across hosts, cron, kill switch, role templates."""
+from __future__ import annotations
+
+import ast
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import FleetFactory
+from tests.fleetkit import Fleet
+from tests.hostkit import (
+    ADMIN_KEY, auth, discovery_with, host_settings, plugin_package, running_host, tenant_with_key,
+)
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+TEST_PLUGIN = '''
+from plugins.api import PluginContext, json_response
+
+async def _noop(run): pass
+
+def setup(ctx: PluginContext) -> None:
+    @ctx.router.get("/boom")
+    async def boom(request):
+        raise RuntimeError("secret internals: password=hunter2")
+
+    @ctx.router.get("/ok")
+    async def ok(request):
+        return json_response({"tenant": ctx.caller(request).tenant.code,
+                              "version": ctx.caller(request).plugin_version})
+'''
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+async def test_plugins_mount_under_their_id_and_other_api_majors_are_refused_and_listed(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good_id, good = plugin_package(tmp_path, TEST_PLUGIN)
+    bad_id, bad = plugin_package(tmp_path, TEST_PLUGIN, api="2.x")
+    async with running_host(host_settings(fleet), discovery_with(good, bad)) as host:
+        assert any(bad_id in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+        listed = await host.admin("GET", "/admin/plugins")
+        assert bad_id in [r["pluginId"] for r in listed["refused"]]
+        assert good_id in [p["pluginId"] for p in listed["plugins"]]
+        rec, key = await tenant_with_key(fleet, host, plugins=(good_id,), roles=())
+        async with host.http.get(f"/api/plugins/{good_id}/ok", headers=auth(key, rec.code)) as r:
+            assert r.status == 200 and (await r.json()) == {"tenant": rec.code, "version": "1.0.0"}
+        async with host.http.get(f"/api/plugins/{bad_id}/ok", headers=auth(key, rec.code)) as r:
+            body = await r.json()
+            assert r.status == 404 and body["error"]["code"] == "PLUGIN_NOT_FOUND" and "refused" in body["error"]["message"]
+        async with host.http.get(f"/api/plugins/{good_id}/boom", headers=auth(key, rec.code)) as r:
+            text = await r.text()
+            assert r.status == 500 and '"INTERNAL"' in text and "hunter2" not in text and "Traceback" not in text
+        async with host.http.get(f"/api/plugins/{good_id}/ok", headers=auth(key, rec.code)) as r:
+            assert r.status == 200  # still serving
+
+
+def test_plugins_import_only_the_plugin_api_module() -> None:
+    offenders = []
+    for path in PLUGINS.rglob("*.py"):
+        if path.name == "api.py" and path.parent == PLUGINS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("host", "router", "shard_migrations") or (top == "plugins" and name != "plugins.api"
+                                                                     and not name.startswith(f"plugins.{path.relative_to(PLUGINS).parts[0]}")):
+                    offenders.append(f"{path.relative_to(PLUGINS)}: {name}")
+    assert offenders == []
+
+
+EVENTS_PLUGIN = '''
+from plugins.api import PluginContext
+HEARD = []
+
+def setup(ctx: PluginContext) -> None:
+    async def broken(event):
+        raise ValueError("handler bug")
+
+    async def good(event):
+        HEARD.append((id(ctx), event.payload["n"], event.tenant_id))
+
+    ctx.events.on("ping", broken)
+    ctx.events.on("ping", good)
+'''
+
+
+async def test_events_reach_handlers_on_every_host_and_a_failing_handler_stops_nothing(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pid, pkg = plugin_package(tmp_path, EVENTS_PLUGIN)
+    heard: list[Any] = pkg.module.HEARD
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as h1, \
+            running_host(host_settings(fleet), discovery_with(pkg)) as h2:
+        ctx = h1.app[__import__("host.keys", fromlist=["PLUGIN_HOST"]).PLUGIN_HOST].contexts[pid]
+        await ctx.events.emit("ping", {"n": 1}, tenant_id="t-1")  # returns at publish
+        await _until(lambda: asyncio.sleep(0, len(heard) >= 2))
+        assert sorted(n for _, n, _ in heard) == [1, 1] and len({c for c, _, _ in heard}) == 2
+        failures = [r for r in caplog.records if r.getMessage() == "event handler failed"]
+        assert len(failures) == 2 and all(getattr(r, "pluginId") == pid for r in failures)
+        assert h2.url != h1.url
+
+
+CRON_PLUGIN = '''
+from plugins.api import PluginContext
+RUNS = []
+
+def setup(ctx: PluginContext) -> None:
+    async def tick(run):
+        RUNS.append((run.scheduled, run.tenant_id))
+    ctx.cron.register("* * * * * *", tick, name="every_second")
+'''
+
+
+async def test_each_cron_tick_runs_on_exactly_one_of_two_hosts(fleet: Fleet, tmp_path: Path) -> None:
+    pid, pkg = plugin_package(tmp_path, CRON_PLUGIN)
+    runs: list[Any] = pkg.module.RUNS
+    async with running_host(host_settings(fleet), discovery_with(pkg)), \
+            running_host(host_settings(fleet), discovery_with(pkg)):
+        await _until(lambda: asyncio.sleep(0, len(runs) >= 3), timeout=10)
+    ticks = [s for s, _ in runs]
+    assert len(ticks) == len(set(ticks)), ticks  # no tick twice
+    assert all(t is None for _, t in runs)
+
+
+async def test_kill_switch_from_env_and_db_flag_reaching_another_host_within_a_second(
+        fresh_fleet: FleetFactory) -> None:
+    f = await fresh_fleet()
+    async with running_host(host_settings(f)) as h1, running_host(host_settings(f)) as h2:
+        rec, key = await tenant_with_key(f, h1)
+        async with h2.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+            assert r.status == 200
+        await h1.admin("POST", "/admin/plugins/inventory/kill")
+        started = time.monotonic()
+
+        async def h2_refuses() -> bool:
+            async with h2.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+                return r.status == 403 and (await r.json())["error"]["code"] == "PLUGIN_DISABLED"
+        await _until(h2_refuses, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        await h1.admin("POST", "/admin/plugins/inventory/revive")
+        await _until(lambda: _ok(h2, key, rec.code), timeout=1.0)
+    async with running_host(host_settings(f, killed_plugins="inventory")) as h3:
+        async with h3.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+            body = await r.json()
+            assert r.status == 403 and body["error"]["reason"] == "killed"
+        listed = await h3.admin("GET", "/admin/plugins")
+        assert [p["killedBy"] for p in listed["plugins"] if p["pluginId"] == "inventory"] == ["env"]
+
+
+async def _ok(host: Any, key: str, tenant: str) -> bool:
+    async with host.http.get("/api/plugins/inventory/items", headers=auth(key, tenant)) as r:
+        return bool(r.status == 200)
+
+
+async def test_role_templates_are_diffed_and_applied_only_when_asked(fleet: Fleet) -> None:
+    async with running_host(host_settings(fleet)) as host:
+        rec, key = await tenant_with_key(fleet, host, roles=())
+        await host.admin("PUT", f"/admin/tenants/{rec.code}/roles/INVENTORY_MANAGER",
+                         {"displayName": "Mgr", "permissions": ["inventory.view", "custom.thing"]})
+        await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/enable")  # an upgrade/enable
+        roles = await fleet.control.fetchval(
+            "SELECT permissions FROM roles WHERE tenant_id = $1::uuid AND role_key = 'INVENTORY_MANAGER'", rec.tenant_id)
+        assert sorted(roles) == ["custom.thing", "inventory.view"]  # untouched
+        diff = await host.admin("GET", f"/admin/tenants/{rec.code}/plugins/inventory/role-diff")
+        mgr = next(d for d in diff if d["roleKey"] == "INVENTORY_MANAGER")
+        assert mgr["add"] == ["inventory.manage", "inventory.reconcile"] and mgr["tenantOnly"] == ["custom.thing"]
+        applied = await host.admin(
+            "POST", f"/admin/tenants/{rec.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
+        assert applied["permissions"] == ["custom.thing", "inventory.manage", "inventory.reconcile", "inventory.view"]
+        config = await host.admin("PUT", f"/admin/tenants/{rec.code}/plugins/inventory/config", {"threshold": 3})
+        assert config == {"threshold": 3}
+        assert await host.admin("GET", f"/admin/tenants/{rec.code}/plugins/inventory/config") == {"threshold": 3}
+        async with host.http.put(f"/admin/tenants/{rec.code}/plugins/inventory/config", data=b"[1]",
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+            assert r.status == 400
