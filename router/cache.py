@@ -55,6 +55,7 @@ class TenantCache:
         self.epoch_memory = epoch_memory or max_size
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # tenant_id -> entry, oldest use first
+        self._touch = self._entries.move_to_end
         self._codes: dict[str, _Entry] = {}
         self._domains: dict[str, _Entry] = {}
         self._index: dict[str, dict[str, _Entry]] = {"id": self._entries, "code": self._codes,
@@ -72,14 +73,16 @@ class TenantCache:
 
         Raises KeyError for a kind other than id, code or domain.
         """
+        # the hot path of every request: bound methods are looked up once, in __init__
         entry = self._index[kind].get(value)
         if entry is None:
             return None
         if entry.expires <= self._clock():
             self._remove(entry)
             return None
-        self._entries.move_to_end(entry.rec.tenant_id)
-        return entry.rec
+        rec = entry.rec
+        self._touch(rec.tenant_id)
+        return rec
 
     def put(self, rec: TenantRecord) -> bool:
         """Cache ``rec`` unless a newer epoch of that tenant is held or known to exist.

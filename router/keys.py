@@ -37,8 +37,7 @@ SHARD_STATES: Final = ("active", "draining", "readonly", "offline")
 # the control plane, so timeouts are short and a failure opens a breaker for a while.
 REDIS_SOCKET_TIMEOUT_S: Final = 0.25
 REDIS_CONNECT_TIMEOUT_S: Final = 0.25
-REDIS_MAX_CONNECTIONS: Final = 64          # per client; bounds a miss storm's Redis sockets
-REDIS_POOL_WAIT_S: Final = 0.5             # waiting this long for a pooled connection counts as a failure
+REDIS_MAX_CONNECTIONS: Final = 64          # per client: Redis calls in flight (and sockets) at most
 REDIS_BREAKER_S: Final = 1.0               # after a Redis failure, skip Redis this long, then probe once
 LISTENER_POLL_S: Final = 1.0               # pub/sub read timeout; the loop just reads again
 LISTENER_RETRY_S: Final = 0.1              # first reconnect delay of the invalidation listener ...

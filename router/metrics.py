@@ -83,6 +83,7 @@ class ResolveMetrics:
         self.miss_seconds = Histogram("tenantfleet_resolve_miss_seconds",
                                       "Time to load a name that missed the in-process cache, by the level that had it",
                                       ["level"], registry=registry, buckets=MISS_BUCKETS)
+        self.miss_by_level = {level: self.miss_seconds.labels(level) for level in ("redis", "control")}
         try:
             registry.register(self._collector)
         except ValueError:
