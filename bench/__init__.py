@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): each starts or reaches a fleet, measures, prints and writes JSON."""
