@@ -100,6 +100,7 @@ COMMAND_MODULES = (
     "host.cli_fleet",
     "host.cli_router",
     "shard_migrations.cli",
+    "host.cli_host",
 )
 
 
