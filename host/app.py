@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -117,8 +117,16 @@ async def serving(settings: Settings, *, host: str | None = None, port: int | No
         await runner.cleanup()
 
 
-async def serve(settings: Settings, port: int | None = None, *, host: str | None = None) -> None:
-    """Serve until cancelled (SIGINT/SIGTERM handling is the caller's)."""
-    async with serving(settings, host=host, port=port) as (_, url):
+async def serve(settings: Settings, *, port: int | None = None, host: str | None = None,
+                ready: Callable[[str], Awaitable[None]] | None = None, stop: asyncio.Event | None = None,
+                discovery: Discovery | None = None) -> None:
+    """Serve the host until ``stop`` is set (or cancelled); ``ready(url)`` once listening.
+
+    Shutdown order: stop accepting, drain in-flight requests (up to `DRAIN_TIMEOUT_S`),
+    cancel the owned tasks, close Redis and the pools (see `serving`).
+    """
+    async with serving(settings, host=host, port=port, discovery=discovery) as (_, url):
         log.info("host listening on %s", url)
-        await asyncio.Event().wait()
+        if ready is not None:
+            await ready(url)
+        await (stop or asyncio.Event()).wait()
