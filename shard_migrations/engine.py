@@ -86,7 +86,9 @@ def classify(exc: BaseException) -> str:
         if state == STATEMENT_TIMEOUT_SQLSTATE or state.startswith(SHARD_SQLSTATE_PREFIXES):
             return "shard"
         return "fatal"
-    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, ShardUnreachable)):
+    # InternalClientError: the protocol is in an unknown state after the server went away mid-query
+    if isinstance(exc, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                        ShardUnreachable)):
         return "shard"
     return "fatal"
 
@@ -132,7 +134,7 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
         if not conn.is_closed():
             try:
                 await conn.execute("SELECT pg_advisory_unlock($1)", key)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
                 pass  # the lock ends with the session; the pool resets or discards the connection
 
 

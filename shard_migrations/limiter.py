@@ -105,7 +105,8 @@ class ShardLimiter:
         try:
             async with pool.acquire(timeout=self._timeout_s) as conn:
                 await conn.fetchval("SELECT 1", timeout=self._timeout_s)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError) as exc:
             self.failure(exc)
             return
         took = time.monotonic() - start
