@@ -83,7 +83,8 @@ async def tenant_objects(dsn: str) -> dict[str, dict[str, set[str]]]:
 
 def cli_env(fleet: Fleet, **extra: str) -> dict[str, str]:
     """Environment for a `python -m host.cli` subprocess aimed at this fleet."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLEET_")}
+    # a minimal environment: no TENANTFLEET_* of the caller's leaks in, and no os.environ read here
+    env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
     env.update(TENANTFLEET_CONTROL_DSN=fleet.control_dsn, TENANTFLEET_REDIS_URL=fleet.settings.redis_url,
                TENANTFLEET_REDIS_NAMESPACE=fleet.settings.redis_namespace, PYTHONPATH=str(ROOT))
     env.update({f"TENANTFLEET_{k.upper()}": v for k, v in extra.items()})
