@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tenants", type=int, default=100_000, help="tenants registered in the directory")
     p.add_argument("--rounds", type=int, default=5, help="rounds of every measurement; medians are reported")
-    p.add_argument("--seconds", type=float, default=2.0, help="time budget of each measurement in each round")
+    p.add_argument("--seconds", type=float, default=1.5, help="time budget of each measurement in each round")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s of the key mix (weight of rank k is 1/k^s)")
     p.add_argument("--seed", type=int, default=20261125, help="random seed of the key mix")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "resolve.json", help="JSON results file")
@@ -330,9 +330,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             rounds = []
             async with ResolveClient(settings, directory.lookup) as client:
                 for i in range(args.rounds):
+                    started = time.perf_counter()
                     r = await one_round(client, redis, records, by_code, keys, args.seconds)
                     rounds.append(r)
-                    print(f"round {i + 1}/{args.rounds}: memory hit {r['memory_hit']['ns_per_op']:.0f} ns/op, "
+                    print(f"round {i + 1}/{args.rounds} ({time.perf_counter() - started:.0f}s): memory hit {r['memory_hit']['ns_per_op']:.0f} ns/op, "
                           f"dict {r['dict']['ns_per_op']:.0f} ns/op, redis p50 {r['redis_hit']['p50_us']:.0f} us, "
                           f"miss p50 {r['miss']['p50_us']:.0f} us", flush=True)
             memory = memory_per_10k(records)

@@ -68,20 +68,33 @@ def test_an_entry_expires_after_its_ttl() -> None:
     assert len(c) == 0
 
 
-def test_the_least_recently_used_tenant_is_evicted_with_its_aliases() -> None:
+def test_eviction_spares_a_recently_used_tenant_once_and_takes_aliases_with_the_evicted() -> None:
     c = cache(FakeClock(), max_size=3)
     a, b, d = record("a", domains=("a.example.com",)), record("b"), record("d")
     for r in (a, b, d):
         c.put(r)
-    assert c.get("code", "a") is a  # a is now the most recently used; b is the oldest
-    e = record("e")
-    c.put(e)
+    assert c.get("code", "a") is a  # a is used; b is the oldest unused entry
+    c.put(record("e"))
     assert len(c) == 3 and c.evictions == 1
     assert c.get("code", "b") is None and c.get("id", b.tenant_id) is None
     assert c.get("domain", "a.example.com") is a
-    for code in ("f", "g", "h"):  # a was touched last, so it goes after d and e
+    for code in ("f", "g", "h", "i", "j", "k"):  # a is not used again: it ages out
         c.put(record(code))
+    assert len(c) == 3
     assert c.get("domain", "a.example.com") is None and c.get("code", "a") is None
+    assert c.get("id", a.tenant_id) is None
+
+
+def test_the_cache_stays_bounded_when_every_entry_is_in_use() -> None:
+    c = cache(FakeClock(), max_size=50)
+    recs = [record(f"u{i}") for i in range(50)]
+    for r in recs:
+        c.put(r)
+    for n in range(3):
+        for r in recs:
+            c.get("id", r.tenant_id)
+        c.put(record(f"n{n}"))
+        assert len(c) == 50
 
 
 def test_an_older_epoch_never_replaces_a_newer_entry() -> None:
