@@ -45,15 +45,14 @@ async def _tenant(rt: HostRuntime, name: str) -> TenantRecord:
 def serve(state: CliState, port: int | None) -> None:
     """Run the plugin host until SIGINT/SIGTERM (stops accepting, drains, then closes)."""
     from host.app import serve as serve_host
-    from host.logs import configure
-
-    configure(state.settings.log_level)
+    from host.logs import json_logging
 
     async def go() -> None:
         async def ready(url: str) -> None:
             click.echo(f"host listening on {url}", err=True)
         await serve_host(state.settings, port=port, ready=ready, stop=stop_on_signals())
-    asyncio.run(go())
+    with json_logging(state.settings.log_level):
+        asyncio.run(go())
 
 
 @cli.group()

@@ -17,7 +17,7 @@ from aiohttp import web
 from host.context import HostPluginContext, PluginHost
 from host.discovery import Discovery, PluginPackage
 from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
-from host.tenancy import resolve_request_tenant
+from host.tenancy import REQUEST_TENANT, resolve_request_tenant
 from plugins.api import API_MAJOR, Caller, Handler, Tenant
 from router.errors import NotFound, PluginNotFound
 
@@ -71,6 +71,7 @@ def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
         request[REQ_PLUGIN] = plugin_id
         rec = await resolve_request_tenant(rt.resolver, request)
         request[REQ_TENANT] = rec.tenant_id
+        REQUEST_TENANT.set(rec)
         principal = await rt.auth.for_tenant(request, rec.tenant_id)
         tp = await rt.registry.gate(plugin_id, rec.tenant_id)
         request[REQ_CALLER] = Caller(

@@ -7,6 +7,7 @@ fence in `host.tx` catches it and calls `drop`.
 from __future__ import annotations
 
 import uuid
+from contextvars import ContextVar
 from typing import Protocol
 
 from aiohttp import web
@@ -14,6 +15,11 @@ from aiohttp import web
 from host.keys import TENANT_HEADER
 from router.errors import TenantNotFound, TenantNotReady, TenantSuspended, ValidationFailed
 from router.models import TenantRecord
+
+
+# The tenant the current request was resolved to (set by the plugin gate): `host.tx` uses
+# it instead of resolving the same tenant again. Per task, so requests never see each other's.
+REQUEST_TENANT: ContextVar[TenantRecord | None] = ContextVar("tenantfleet_request_tenant", default=None)
 
 
 class Resolver(Protocol):

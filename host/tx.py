@@ -36,7 +36,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD
 from host.metrics import HostMetrics
-from host.tenancy import Resolver, check_servable
+from host.tenancy import REQUEST_TENANT, Resolver, check_servable
 from plugins.api import Db
 from router.errors import TenantMoving
 from router.models import TenantRecord, parse_tenant_id
@@ -96,10 +96,10 @@ class TenantTx:
         self._pools = pools
         self._metrics = metrics
 
-    async def run(self, tenant_id: str, fn: TxFn[T], *, rec: TenantRecord | None = None) -> T:
+    async def run(self, tenant_id: str, fn: TxFn[T]) -> T:
         """Run ``fn(conn)`` in a transaction scoped to the tenant; return its result.
 
-        ``rec`` (the request's already-resolved record) saves a resolve. On a stale
+        Inside a plugin route, the tenant the request resolved to is reused. On a stale
         fence the cached entry is dropped, the tenant re-resolved and ``fn`` retried, at
         most ``settings.fence_retries`` times; ``fn`` may therefore run more than once,
         but only one run ever commits. Raises TENANT_NOT_FOUND, TENANT_SUSPENDED,
@@ -107,6 +107,7 @@ class TenantTx:
         mover held the tenant longer than ``fence_wait_ms``), SHARD_UNREACHABLE, and
         whatever ``fn`` raises (after rolling back).
         """
+        rec = REQUEST_TENANT.get()
         if rec is None or rec.tenant_id != tenant_id:
             rec = await self._resolver.resolve(id=parse_tenant_id(tenant_id))
         fence_tries = 0
@@ -124,7 +125,9 @@ class TenantTx:
                 if fence_tries > self._settings.fence_retries:
                     raise TenantMoving(f"tenant {rec.code} is moving; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from None
-                rec = await self._resolver.resolve(id=rec.tenant_id)
+                stale, rec = rec, await self._resolver.resolve(id=rec.tenant_id)
+                if REQUEST_TENANT.get() is stale:
+                    REQUEST_TENANT.set(rec)  # later transactions of this request use the new placement
             except asyncpg.InvalidCachedStatementError:
                 statement_tries += 1
                 self._metrics.cached_statement_retries.inc()

@@ -1,0 +1,259 @@
+"""Benchmark: the host's inventory list route against the bare yardstick (prints figures).
+
+    .venv/bin/python bench/request_path.py [--duration 5] [--rounds 3] [--profile]
+
+Starts its own embedded fleet (control plane + 1 shard + Valkey) under a temp dir, puts
+the yardstick's data (../shared/bench/seed_items.sql: t_1..t_100 with 100 items) and 100
+host tenants with inventory enabled (100 items each, one API key each) on the same shard
+server, then runs, in alternating rounds under the same wrk load (-t1 -c32, random
+tenant per request):
+
+  host   GET /api/plugins/inventory/items?limit=10 with X-Tenant + bearer key: resolve,
+         gate, RBAC, fence, metrics, one JSON log line (to a file), 10 rows
+  bare4 / bare3 / bare1   bare_tenant_server.py with 4, 3 and 1 round trips
+
+Every server is its own single process with a pool of 8. Medians of throughput and p99
+go to stdout and bench/results/request_path.json (with ratios). ``--profile`` runs one
+extra host round under pyinstrument and writes bench/results/request_path_profile.txt.
+It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared" / "bench"
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+TENANTS = 100
+
+
+def _wrk(url: str, script: Path, duration: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{duration}s", "-s", str(script), "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([0-9.]+)(us|ms|s)", out)
+    assert p99 is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": float(errors.group(1)) if errors else 0.0}
+
+
+def _wait_port(port: int, deadline_s: float = 30.0) -> None:
+    import socket
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+async def _prepare(control_dsn: str, shard_dsn: str, redis_url: str) -> list[tuple[str, str]]:
+    """Register the shard, create 100 tenants with inventory + 100 items + a key; seed the yardstick."""
+    import asyncpg
+
+    from host.provision import provision_tenants
+    from router.runtime import open_runtime
+    from router.settings import Settings
+
+    settings = Settings.load(environ={}, control_dsn=control_dsn, redis_url=redis_url, admin_key="bench")
+    conn = await asyncpg.connect(shard_dsn)
+    try:
+        await conn.execute((SHARED / "seed_items.sql").read_text())
+    finally:
+        await conn.close()
+    async with open_runtime(settings) as rt:
+        await rt.directory.add_shard("shard1", shard_dsn)
+        tenants = [await rt.directory.create_tenant(f"bench-{i:03d}") for i in range(TENANTS)]
+    keys = await provision_tenants(settings, tenants, plugins=("inventory",), name="bench")
+    conn = await asyncpg.connect(shard_dsn)
+    try:
+        for t in tenants:
+            async with conn.transaction():
+                await conn.execute("SELECT set_config('search_path', quote_ident($1), true)", t.schema)
+                await conn.execute("INSERT INTO items (sku, qty) SELECT 'sku-' || g, g FROM generate_series(1, 100) g")
+    finally:
+        await conn.close()
+    return [(t.code, keys[t.code]) for t in tenants]
+
+
+async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 3000) -> dict[str, float]:
+    """with_tenant_tx sequentially (one 10-row read), statement cache on vs off: microseconds per call."""
+    from contextlib import AsyncExitStack
+
+    from host.metrics import HostMetrics
+    from host.tx import TenantTx, keep_connection
+    from router.client import ResolveClient
+    from router.directory import Directory
+    from router.pools import ShardPools, create_pool
+    from router.settings import Settings
+
+    settings = Settings.load(environ={}, control_dsn=control_dsn, redis_url=redis_url)
+    out: dict[str, float] = {}
+    async with AsyncExitStack() as stack:
+        control = await create_pool(control_dsn, settings, min_size=1, max_size=2)
+        stack.push_async_callback(control.close)
+        directory = Directory(control, ShardPools(settings, lambda s: asyncio.sleep(0, None)), settings)
+        resolver = await stack.enter_async_context(ResolveClient(settings, directory.lookup))
+        tenant_ids = [r["tenant_id"] for r in await control.fetch("SELECT tenant_id::text FROM tenants LIMIT 20")]
+        for label, extra in (("statement_cache_on", {}), ("statement_cache_off", {"statement_cache_size": 0})):
+            async with ShardPools(settings, directory.dsn_of, reset=keep_connection, **extra) as pools:
+                tx = TenantTx(settings, resolver, pools, HostMetrics())
+
+                async def read(conn: Any) -> Any:
+                    return await conn.fetch("SELECT id, sku, qty FROM items ORDER BY id LIMIT 10")
+                for t in tenant_ids:
+                    await tx.run(t, read)
+                started = time.perf_counter()
+                for i in range(calls):
+                    await tx.run(tenant_ids[i % len(tenant_ids)], read)
+                out[label] = (time.perf_counter() - started) / calls * 1e6
+    return out
+
+
+def _serve_host(args: argparse.Namespace) -> None:
+    """Child process: run the host (optionally under pyinstrument) until SIGTERM."""
+    from host.app import serve
+    from host.logs import json_logging
+    from router.settings import Settings
+
+    settings = Settings.load(environ={}, control_dsn=args.control_dsn, redis_url=args.redis_url, admin_key="bench",
+                             shard_pool_min=8, shard_pool_max=8, host_port=args.port)
+    profiler = None
+    if args.profile_out:
+        from pyinstrument import Profiler
+        profiler = Profiler(interval=0.0005, async_mode="disabled")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+        async def ready(url: str) -> None:
+            if profiler is not None:
+                profiler.start()
+        await serve(settings, ready=ready, stop=stop)
+    with open(RESULTS / "host.log", "w") as log_file, json_logging("INFO", log_file):
+        asyncio.run(main())
+    if profiler is not None:
+        profiler.stop()
+        Path(args.profile_out).write_text(profiler.output_text(unicode=False, color=False, show_all=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--duration", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--serve-host", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--control-dsn", help=argparse.SUPPRESS)
+    p.add_argument("--redis-url", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.serve_host:
+        _serve_host(args)
+        return
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (Debian: apt-get install -y wrk)")
+
+    from host.embedded import EmbeddedFleet, free_port
+
+    root = Path(tempfile.mkdtemp(prefix="tenantfleet-bench-"))
+    root.chmod(0o755)
+    fleet = EmbeddedFleet(root, shards=1, tuned_for_tests=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        info = fleet.start()
+        shard_dsn = info.shard_dsns["shard1"]
+        pairs = asyncio.run(_prepare(info.control_dsn, shard_dsn, info.redis_url))
+        host_lua = RESULTS / "host_tenants.lua"
+        entries = ",\n".join(f'  {{"{c}", "{k}"}}' for c, k in pairs)
+        host_lua.write_text(
+            "local tenants = {\n" + entries + "\n}\n"
+            "request = function()\n  local t = tenants[math.random(1, #tenants)]\n"
+            '  return wrk.format("GET", "/api/plugins/inventory/items?limit=10", '
+            '{["X-Tenant"] = t[1], ["Authorization"] = "Bearer " .. t[2]})\nend\n')
+        ports = {name: free_port() for name in ("host", "bare4", "bare3", "bare1")}
+
+        def start_host(profile_out: str | None = None) -> subprocess.Popen[bytes]:
+            cmd = [PY, __file__, "--serve-host", "--control-dsn", info.control_dsn, "--redis-url", info.redis_url,
+                   "--port", str(ports["host"])]
+            if profile_out:
+                cmd += ["--profile-out", profile_out]
+            proc = subprocess.Popen(cmd, cwd=ROOT)
+            _wait_port(ports["host"])
+            return proc
+
+        procs.append(start_host())
+        for rt in (4, 3, 1):
+            procs.append(subprocess.Popen([PY, str(SHARED / "bare_tenant_server.py"), "--dsn", shard_dsn,
+                                           "--roundtrips", str(rt), "--port", str(ports[f"bare{rt}"]),
+                                           "--pool-size", "8"], stdout=subprocess.DEVNULL))
+            _wait_port(ports[f"bare{rt}"])
+        targets = {"host": (ports["host"], host_lua), **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua")
+                                                          for n in (4, 3, 1)}}
+        for name, (port, script) in targets.items():  # warm-up: pools, caches, prepared statements
+            _wrk(f"http://127.0.0.1:{port}", script, 2)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for r in range(args.rounds):
+            for name, (port, script) in targets.items():
+                res = _wrk(f"http://127.0.0.1:{port}", script, args.duration)
+                runs[name].append(res)
+                print(f"round {r + 1} {name:6s} {res['rps']:9.0f} req/s  p99 {res['p99_ms']:7.2f} ms"
+                      f"  non-2xx {res['non2xx']:.0f}", flush=True)
+        med = {n: {"rps": statistics.median(x["rps"] for x in v), "p99_ms": statistics.median(x["p99_ms"] for x in v)}
+               for n, v in runs.items()}
+        ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
+                  for b in ("bare4", "bare3", "bare1")}
+        micro = asyncio.run(_tx_micro(info.control_dsn, info.redis_url))
+        result: dict[str, Any] = {"medians": med, "ratios": ratios, "rounds": runs, "tx_micro_us": micro,
+                                  "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
+        print("\nmedians:")
+        for n, m in med.items():
+            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms")
+        print("ratios (host / yardstick): " + ", ".join(
+            f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
+        print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items()))
+        if args.profile:
+            procs[0].send_signal(signal.SIGTERM)
+            procs[0].wait(30)
+            out = RESULTS / "request_path_profile.txt"
+            procs[0] = start_host(str(out))
+            _wrk(f"http://127.0.0.1:{ports['host']}", host_lua, args.duration)
+            procs[0].send_signal(signal.SIGTERM)
+            procs[0].wait(60)
+            result["profile"] = str(out)
+            print(f"profile: {out}")
+        (RESULTS / "request_path.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {RESULTS / 'request_path.json'}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        fleet.reset()
+
+
+if __name__ == "__main__":
+    main()
