@@ -7,7 +7,8 @@ of ``batch_size`` (the shard is probed before each batch) by ``concurrency`` wor
 that go through the shard's `ShardLimiter`. A unit whose advisory lock is busy or whose
 DDL hit ``lock_timeout`` is set aside with its own backoff while the shard goes on; a
 shard that errors backs off alone, and one that stays down for ``shard_give_up_s`` is
-reported with its items failed while the other shards finish. A resumed run re-plans
+reported with its items failed while the other shards finish (one whose ledger can't be
+read when the run starts is reported at once). A resumed run re-plans
 its open items from the ledgers, so nothing is applied twice and nothing is skipped.
 """
 from __future__ import annotations
@@ -253,9 +254,12 @@ class FleetMigrator:
                 await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
             except BaseException as exc:
                 report.state = "failed"
-                await rec.flush()
                 summary = self._summary(report) | {"error": getattr(exc, "message", None) or repr(exc)}
-                await asyncio.shield(runs.finish(self.control, run_id, "failed", summary))
+                try:
+                    await rec.flush()
+                    await asyncio.shield(runs.finish(self.control, run_id, "failed", summary))
+                except runs.DB_ERRORS:  # the control plane is gone too: keep the run's own error
+                    log.warning("run %s: could not record the failure", run_id, exc_info=True)
                 raise
         report.state = "failed" if report.unreachable or report.failed_items else "done"
         if report.state == "done" and opts.tenant_ids is None:
@@ -318,7 +322,14 @@ class FleetMigrator:
         limiter = limiters.get(shard_id)
         prog = self.progress[shard_id]
         prog.started = prog.started or time.monotonic()
-        pool = await self.pools.get(shard_id)
+        try:
+            pool = await self.pools.get(shard_id)
+        except Exception as exc:
+            if classify(exc) != "shard":
+                raise
+            limiter.failure(exc)
+            limiter.down = True
+            return False
         batches = [list(units[i:i + batch]) for i in range(0, len(units), batch)]
         batches.reverse()
         ready: list[_Pending] = []     # heap by (not_before, seq)

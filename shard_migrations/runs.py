@@ -208,6 +208,7 @@ class RunRecorder:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _closing: bool = False
 
     async def __aenter__(self) -> "RunRecorder":
         self._task = asyncio.create_task(self._loop(), name=f"run-{self.run_id}-recorder")
@@ -216,11 +217,10 @@ class RunRecorder:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # let a flush in progress finish rather than cancel it halfway
+            self._closing = True
+            self._wake.set()
+            await self._task
         await self.flush()
 
     def _note(self, key: str, status: str, attempts: int, error: str | None) -> None:
@@ -266,9 +266,10 @@ class RunRecorder:
                             self.run_id, list(changes), [c.status for c in changes.values()],
                             [c.attempts for c in changes.values()], [c.error for c in changes.values()])
                     await flip_tenants(conn, self.plugin_id, self.version, flips)
-            except DB_ERRORS:
-                # keep them for the next flush: the control plane may be back by then
-                log.warning("run %s: recording %d item changes failed", self.run_id, len(changes), exc_info=True)
+            except BaseException as exc:
+                # keep them for the next flush (also when cancelled): the control plane may be back by then
+                if isinstance(exc, DB_ERRORS):
+                    log.warning("run %s: recording %d item changes failed", self.run_id, len(changes), exc_info=True)
                 for k, c in changes.items():
                     self._changes.setdefault(k, c)
                 self._flips.extend(flips)
@@ -281,12 +282,14 @@ class RunRecorder:
 
     async def _loop(self) -> None:
         last_beat = 0.0
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), FLUSH_S)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            if self._closing:
+                return
             try:
                 await self.flush()
                 if time.monotonic() - last_beat >= HEARTBEAT_S:

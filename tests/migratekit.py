@@ -17,6 +17,7 @@ from host.discovery import PluginPackage, discover, load_package
 from router.models import TenantRecord
 from router.settings import Settings
 from shard_migrations.fleet import FleetMigrator, migration_pools
+from shard_migrations.metrics import MigrateMetrics
 from tests.fleetkit import Fleet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +28,12 @@ def shipped(plugin_id: str) -> PluginPackage:
 
 
 @asynccontextmanager
-async def migrator(fleet: Fleet, package: PluginPackage, **overrides: Any) -> AsyncIterator[FleetMigrator]:
+async def migrator(fleet: Fleet, package: PluginPackage, metrics: MigrateMetrics | None = None,
+                   **overrides: Any) -> AsyncIterator[FleetMigrator]:
     """A FleetMigrator on the fleet with its own cache-less shard pools, as the CLI opens them."""
     settings = fleet.settings.model_copy(update=overrides) if overrides else fleet.settings
     async with migration_pools(settings, fleet.directory.dsn_of) as pools:
-        yield FleetMigrator(fleet.control, pools, settings, package)
+        yield FleetMigrator(fleet.control, pools, settings, package, metrics=metrics)
 
 
 async def make_tenants(fleet: Fleet, n: int, prefix: str | None = None, shard_id: str | None = None,

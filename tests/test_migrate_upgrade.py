@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from shard_migrations.fleet import RunOptions
+from shard_migrations.metrics import MigrateMetrics
 from tests.conftest import FleetFactory
 from tests.migratekit import ledger_rows, make_tenants, migrator, shipped, tenant_objects
 
@@ -16,11 +18,18 @@ async def test_three_hundred_tenants_on_three_shards_upgrade_with_column_index_a
     async with migrator(f, inv) as m:
         first = await m.apply(RunOptions(to="1.0.0"))
     assert first.state == "done" and first.applied_files == 3 + 300
-    async with migrator(f, inv) as m:
+    registry = CollectorRegistry()
+    async with migrator(f, inv, metrics=MigrateMetrics(registry)) as m:
         plan = await m.plan(RunOptions())
         assert plan.files_pending() == 300
         second = await m.apply(RunOptions())
+        m.snapshot()
     assert second.state == "done" and second.applied_files == 300
+    files = sum(registry.get_sample_value("tenantfleet_migrate_files_applied_total",
+                                          {"plugin": "inventory", "shard": s, "scope": "tenant"}) or 0
+                for s in f.shard_dsns)
+    assert files == 300
+    assert registry.get_sample_value("tenantfleet_migrate_units_pending", {"plugin": "inventory", "shard": "shard1"}) == 0
 
     for shard_id, dsn in f.shard_dsns.items():
         objects = await tenant_objects(dsn)
@@ -48,3 +57,22 @@ async def test_three_hundred_tenants_on_three_shards_upgrade_with_column_index_a
     async with migrator(f, inv) as m:
         again = await m.apply(RunOptions())
     assert again.applied_files == 0 and again.state == "done"
+
+
+async def test_tenant_and_from_options_limit_a_run_to_those_tenants_and_files(fresh_fleet: FleetFactory) -> None:
+    f = await fresh_fleet()
+    tenants = await make_tenants(f, 9)
+    inv = shipped("inventory")
+    chosen = tenants[4]
+    async with migrator(f, inv) as m:
+        only = await m.apply(RunOptions(to="1.0.0", tenant_ids=(chosen.tenant_id,)))
+        assert only.state == "done" and only.applied_files == 2      # its shard's public file + its 001
+        rows = await ledger_rows(f, "inventory")
+        assert {r["tenant_id"] for r in rows if r["scope"] == "tenant"} == {chosen.tenant_id}
+        # --from the tenant file 002: public and 001 are not considered, so only 002 is applied
+        await m.apply(RunOptions(to="1.0.0"))
+        later = await m.apply(RunOptions(from_file="tenant/002_location.sql"))
+        assert later.applied_files == len(tenants)
+    names = {(r["tenant_id"], r["name"]) for r in await ledger_rows(f, "inventory") if r["scope"] == "tenant"}
+    assert len(names) == 2 * len(tenants)
+    assert await f.control.fetchval("SELECT version_installed FROM sys_plugins WHERE plugin_id = 'inventory'") == "1.1.0"
