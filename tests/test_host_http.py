@@ -50,9 +50,10 @@ async def test_disabled_plugin_answers_403_plugin_disabled_naming_plugin_and_ten
     assert r.status == 403
     assert body["error"]["code"] == "PLUGIN_DISABLED"
     assert body["error"]["pluginId"] == "inventory" and body["error"]["tenantId"] == rec.tenant_id
-    lines = [rec_.fields for rec_ in caplog.records if hasattr(rec_, "fields")]  # type: ignore[attr-defined]
-    assert any(f["pluginId"] == "inventory" and f["tenantId"] == rec.tenant_id and f["status"] == 403
-               for f in lines)
+    lines = [getattr(r, "fields") for r in caplog.records if hasattr(r, "fields")]
+    line = next(f for f in lines if f["requestId"] == body["error"]["requestId"])
+    assert line["pluginId"] == "inventory" and line["tenantId"] == rec.tenant_id and line["status"] == 403
+    assert line["route"] == "/api/plugins/inventory/items" and isinstance(line["ms"], float)
     await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/enable")
     async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
         assert r.status == 200

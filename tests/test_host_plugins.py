@@ -183,3 +183,51 @@ async def test_role_templates_are_diffed_and_applied_only_when_asked(fleet: Flee
         async with host.http.put(f"/admin/tenants/{rec.code}/plugins/inventory/config", data=b"[1]",
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
             assert r.status == 400
+
+
+async def test_restock_raises_a_request_when_inventory_reports_low_stock(fleet: Fleet) -> None:
+    async with running_host(host_settings(fleet)) as host:
+        rec, key = await tenant_with_key(fleet, host, plugins=("inventory", "restock"),
+                                         roles=("INVENTORY_MANAGER", "RESTOCK_CLERK"))
+        await host.admin("PUT", f"/admin/tenants/{rec.code}/plugins/restock/config", {"threshold": 3})
+        async with host.http.post("/api/plugins/inventory/items", json={"sku": "LOW-1", "qty": 2},
+                                  headers=auth(key, rec.code)) as r:
+            assert r.status == 201
+        async with host.http.post("/api/plugins/inventory/items", json={"sku": "OK-1", "qty": 9},
+                                  headers=auth(key, rec.code)) as r:
+            assert r.status == 201
+
+        async def requested() -> bool:
+            async with host.http.get("/api/plugins/restock/requests", headers=auth(key, rec.code)) as r:
+                return [q["sku"] for q in (await r.json())["requests"]] == ["LOW-1"]
+        await _until(requested)
+
+
+SLOW_CRON_PLUGIN = '''
+import asyncio, time
+from plugins.api import PluginContext
+RUNS = []
+
+def setup(ctx: PluginContext) -> None:
+    async def tick(run):
+        RUNS.append((run.scheduled.timestamp(), time.time(), run.tenant_id))
+        if len(RUNS) == 1:
+            await asyncio.sleep(2.5)  # misses two ticks
+    ctx.cron.register("* * * * * *", tick, name="slow", per_tenant=True)
+'''
+
+
+async def test_per_tenant_cron_jobs_get_their_tenant_and_missed_ticks_do_not_pile_up(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pid, pkg = plugin_package(tmp_path, SLOW_CRON_PLUGIN)
+    runs: list[Any] = pkg.module.RUNS
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as host:
+        rec, _ = await tenant_with_key(fleet, host, plugins=(pid,), roles=())
+        await _until(lambda: asyncio.sleep(0, len(runs) >= 3), timeout=8)
+    # the plugin id is this test's own, so every run is for this test's tenant
+    assert {t for _, _, t in runs} == {rec.tenant_id}
+    _, first_started, _ = runs[0]
+    slow_ended = first_started + 2.5
+    # the ticks missed while the first run was busy are dropped, not replayed in a burst
+    assert all(scheduled >= slow_ended - 1.0 for scheduled, _, _ in runs[1:]), runs
+    assert len(runs) <= 4

@@ -14,6 +14,7 @@ from host.discovery import discover
 from host.metrics import HostMetrics
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient
+from router.errors import TenantMoving
 from router.models import TenantRecord
 from router.pools import ShardPools
 from shard_migrations.engine import apply_tenant
@@ -181,3 +182,24 @@ async def test_public_schema_grants_create_to_no_role_the_host_connects_as(fleet
             assert non_super == []
         finally:
             await conn.close()
+
+
+async def test_a_mover_holding_the_tenant_makes_transactions_wait_then_503_tenant_moving(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"fence_wait_ms": 300})
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = TenantTx(settings, resolver, pools, HostMetrics())
+        rec = await fleet.directory.create_tenant(code(), shard_id="shard1")
+        mover = await asyncpg.connect(fleet.shard_dsns["shard1"])
+        stack.push_async_callback(mover.close)
+        async with mover.transaction():
+            await mover.execute("SELECT pg_advisory_xact_lock(fleet.tenant_lock_key($1::uuid))", rec.tenant_id)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TenantMoving) as caught:
+                await tx.run(rec.tenant_id, _path)
+            assert caught.value.status == 503 and caught.value.details["retryAfter"] == 1
+            assert asyncio.get_running_loop().time() - started >= 0.25  # it waited for the mover first
+            waiting = asyncio.create_task(tx.run(rec.tenant_id, _path))
+            await asyncio.sleep(0.05)  # the transaction is now queued behind the mover's lock
+        assert await waiting == f"{rec.schema}, public"  # released in time: it went through
