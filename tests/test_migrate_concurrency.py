@@ -56,6 +56,13 @@ async def test_a_tenant_whose_table_is_locked_backs_off_and_completes_after_rele
 
             await wait_for(rest_done_and_victim_retrying, timeout=60, what="the other tenants while one is locked")
             assert not run.done()
+            # another process sees the live run and the tenant still open
+            rc, out, err = await run_cli(f, "--json", "migrate", "status", str(m.run_id))
+            assert rc == 0, err
+            status = json.loads(out)
+            assert status["state"] == "running" and status["alive"] is True
+            victim_shard = next(s for s in status["shards"] if s["shard_id"] == victim.shard_id)
+            assert victim_shard["running"] == 1 and victim_shard["attempts"] >= 2
             assert "items.location" not in (await tenant_objects(f.shard_dsns[victim.shard_id]))[victim.schema]["columns"]
             await tx.rollback()
             report = await asyncio.wait_for(run, 60)
