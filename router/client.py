@@ -94,6 +94,14 @@ def _matches(rec: TenantRecord, kind: str, value: str) -> bool:
     return value in rec.domains
 
 
+def _listener_ended(task: asyncio.Task[None]) -> None:
+    # The listener only ends by cancellation; anything else is a bug that leaves this
+    # process deaf to invalidations, so say so now (closing the client re-raises it).
+    if not task.cancelled() and task.exception() is not None:
+        log.error("invalidation listener died; cached tenants now expire by TTL only",
+                  exc_info=task.exception())
+
+
 class ResolveClient:
     """Resolves tenants through two cache levels; one instance per process (or per test).
 
@@ -167,6 +175,7 @@ class ResolveClient:
         sub = aioredis.Redis(retry=Retry(NoBackoff(), 0), ssl=ssl, **common)
         stack.push_async_callback(sub.aclose)
         self._listener = asyncio.create_task(self._listen(sub), name=f"tenantfleet-resolve-listener-{self._ns}")
+        self._listener.add_done_callback(_listener_ended)
         stack.push_async_callback(self._stop_listener)
         try:
             await asyncio.wait_for(self._first_attempt.wait(), LISTENER_READY_S)
