@@ -150,18 +150,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         tenants = await bulk_tenants(rt, total)
         figures["setup_tenants_s"] = time.perf_counter() - t0
         engine_group, floor_group = tenants[:args.tenants], tenants[args.tenants:2 * args.tenants]
-        opts = dict(batch_size=args.batch_size, concurrency=args.concurrency)
         async with migration_pools(settings, rt.directory.dsn_of, args.concurrency) as pools:
             def migrator() -> FleetMigrator:
                 return FleetMigrator(rt.control, pools, settings, inv)
 
+            def opts(**kw: Any) -> RunOptions:
+                return RunOptions(batch_size=args.batch_size, concurrency=args.concurrency, **kw)
+
             t0 = time.perf_counter()
-            rep = await migrator().apply(RunOptions(to="1.0.0", **opts))  # type: ignore[arg-type]
+            rep = await migrator().apply(opts(to="1.0.0"))
             figures["apply_001_all_s"] = time.perf_counter() - t0
             assert rep.state == "done", rep.to_dict()
 
             t0 = time.perf_counter()
-            rep = await migrator().apply(RunOptions(tenant_ids=tuple(t.tenant_id for t in engine_group), **opts))  # type: ignore[arg-type]
+            rep = await migrator().apply(opts(tenant_ids=tuple(t.tenant_id for t in engine_group)))
             figures["engine_s"] = time.perf_counter() - t0
             assert rep.state == "done" and rep.applied_files == args.tenants, rep.to_dict()
 
@@ -170,12 +172,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await record_floor(rt, floor_group, loc)
 
             t0 = time.perf_counter()
-            rep = await migrator().apply(RunOptions(**opts))  # type: ignore[arg-type]
+            rep = await migrator().apply(opts())
             figures["apply_002_rest_s"] = time.perf_counter() - t0
             figures["apply_002_rest_tenants"] = rep.applied_files
 
             t0 = time.perf_counter()
-            rep = await migrator().apply(RunOptions(**opts))  # type: ignore[arg-type]
+            rep = await migrator().apply(opts())
             figures["noop_apply_s"] = time.perf_counter() - t0
             assert rep.applied_files == 0 and rep.state == "done"
             t0 = time.perf_counter()
