@@ -7,7 +7,9 @@ import click
 from rich.table import Table
 
 from host.cli import CliState, cli, pass_state, stop_on_signals
-from host.demo import DemoInfo, admin_key_for, ensure_demo_tenants, ensure_shards
+from host.demo import (
+    DemoInfo, admin_key_for, ensure_demo_tenants, ensure_shards, load_demo_keys, save_demo_keys,
+)
 from router.runtime import open_runtime
 from router.settings import Settings
 
@@ -33,21 +35,38 @@ def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Setting
 
 
 async def _prepare(settings: Settings) -> DemoInfo:
+    from host.provision import provision_tenants
+
     shard_dsns = {f"shard{i}": dsn for i, dsn in enumerate(settings.shard_dsn_list, start=1)}
     async with open_runtime(settings) as rt:
         await ensure_shards(rt, shard_dsns)
         demo = DemoInfo(admin_key=settings.admin_key, tenants=await ensure_demo_tenants(rt))
+    keys = load_demo_keys(settings.fleet_dir)
+    missing = [t for t in demo.tenants if t.code not in keys]
+    if missing:  # enable the plugins (applying their migrations), roles, one API key each
+        keys.update(await provision_tenants(settings, missing))
+        save_demo_keys(settings.fleet_dir, keys)
+    demo.api_keys = {t.code: keys[t.code] for t in demo.tenants}
     return demo
 
 
-def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port: int) -> None:
+def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port: int, host_port: int) -> None:
     base = f"http://{settings.bind_host}:{router_port}"
+    host = f"http://{settings.bind_host}:{host_port}"
+    acme, globex = demo.api_keys.get("acme", ""), demo.api_keys.get("globex", "")
     # plain echo, not rich: commands must not be wrapped, so they work when pasted
     lines = [
         f"\nrouter  {base}   (OpenAPI: {base}/v1/openapi.json, metrics: {base}/metrics)",
+        f"host    {host}   (metrics: {host}/metrics)",
         f"admin key: {demo.admin_key}  (kept in {settings.fleet_dir}/admin.key)",
+        f"API keys: acme {acme}, globex {globex}  (kept in {settings.fleet_dir}/demo-keys.json)",
         "",
         "try:",
+        f"  curl -s {host}/api/plugins/inventory/items -H 'X-Tenant: acme' -H 'Authorization: Bearer {acme}'",
+        f"  curl -s -X POST {host}/api/plugins/inventory/items -H 'Host: globex.example.com'"
+        f" -H 'Authorization: Bearer {globex}' -d '{{\"sku\": \"bolt-1\", \"name\": \"Bolt\", \"qty\": 5}}'",
+        f"  curl -s {host}/api/plugins/inventory/items -H 'X-Tenant: globex' -H 'Authorization: Bearer {globex}'",
+        f"  curl -s {host}/api/manifest -H 'X-Tenant: acme' -H 'Authorization: Bearer {acme}'",
         f"  curl -s '{base}/v1/tenants/resolve?code=acme'",
         f"  curl -s '{base}/v1/tenants/resolve?domain=globex.example.com'",
         f"  curl -s -X POST {base}/v1/tenants -H 'Authorization: Bearer {demo.admin_key}'"
@@ -77,19 +96,31 @@ def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
     settings = settings.model_copy(update={"admin_key": admin_key_for(settings.fleet_dir, settings.admin_key)})
     demo = asyncio.run(_prepare(settings))
     if not serve:
-        _print_tour(state, settings, demo, settings.router_port)
+        _print_tour(state, settings, demo, settings.router_port, settings.host_port)
         return
 
     async def serve_all() -> None:
+        from host import app as host_app
         from router import service
 
         stop = stop_on_signals()
+        listening: dict[str, int] = {}
 
-        async def ready(port: int) -> None:
-            _print_tour(state, settings, demo, port)
-            click.echo("\nserving; Ctrl-C stops the services (`tenantfleet down` stops the servers)")
+        def listening_on(service_name: str, port: int) -> None:
+            listening[service_name] = port
+            if len(listening) == 2:  # print once, when both services accept
+                _print_tour(state, settings, demo, listening["router"], listening["host"])
+                click.echo("\nserving; Ctrl-C stops the services (`tenantfleet down` stops the servers)")
 
-        await service.serve(settings, ready=ready, stop=stop)
+        async def router_ready(port: int) -> None:
+            listening_on("router", port)
+
+        async def host_ready(url: str) -> None:
+            listening_on("host", int(url.rsplit(":", 1)[1]))
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(service.serve(settings, ready=router_ready, stop=stop))
+            tg.create_task(host_app.serve(settings, ready=host_ready, stop=stop))
 
     asyncio.run(serve_all())
     click.echo("stopped serving; the fleet's servers keep running (`tenantfleet down` stops them)")

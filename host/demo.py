@@ -1,6 +1,7 @@
 """The demo data `tenantfleet up` ensures: shards registered, two tenants, an admin key."""
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,23 @@ def admin_key_for(fleet_dir: Path, configured: str) -> str:
     path.touch(mode=0o600)
     path.write_text(key + "\n")
     return key
+
+
+def load_demo_keys(fleet_dir: Path) -> dict[str, str]:
+    """The demo tenants' API keys `up` created before ({code: key}); keys are stored hashed
+    in the control plane, so this dev-only file (0600) is the one place they can be shown."""
+    path = fleet_dir / "demo-keys.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def save_demo_keys(fleet_dir: Path, keys: dict[str, str]) -> None:
+    path = fleet_dir / "demo-keys.json"
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(keys, indent=2) + "\n")
 
 
 async def ensure_shards(rt: RouterRuntime, shard_dsns: dict[str, str]) -> None:

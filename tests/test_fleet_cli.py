@@ -44,9 +44,12 @@ def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Pat
     assert codes == {"acme", "globex"}
     shards = orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)
     assert [s["shard_id"] for s in shards] == ["shard1", "shard2"]
-    again = tf(fleet_dir, "up", "--no-serve")  # idempotent: same fleet, same tenants
+    keys = orjson.loads((fleet_dir / "demo-keys.json").read_bytes())
+    assert set(keys) == {"acme", "globex"} and keys["acme"] in up.stdout
+    again = tf(fleet_dir, "up", "--no-serve")  # idempotent: same fleet, same tenants, same keys
     assert again.returncode == 0, again.stderr
     assert len(orjson.loads(tf(fleet_dir, "--json", "tenants", "list").stdout)) == 2
+    assert orjson.loads((fleet_dir / "demo-keys.json").read_bytes()) == keys
     down = tf(fleet_dir, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
 
