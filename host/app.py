@@ -28,6 +28,7 @@ from host.loader import load_plugins, mount
 from host.manifest import manifest
 from host.metrics import HostMetrics
 from host.middleware import envelope_middleware
+from host.openapi import openapi_view
 from host.runtime import open_host_runtime
 from router.settings import Settings
 
@@ -61,6 +62,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi_view)
     app.router.add_get("/api/manifest", manifest)
     app.router.add_routes(admin.routes)
     mount(app, host, found)

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from host.keys import RUNTIME
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 
@@ -159,3 +160,42 @@ async def test_health_readiness_and_plugin_health(host: Host) -> None:
     async with host.http.get("/api/plugins/inventory/health") as r:
         body = await r.json()
         assert r.status == 200 and body["status"] == "ok" and body["checks"][0]["ok"]
+
+
+async def test_one_route_serves_both_sides_of_a_rollout_through_one_pooled_connection(fleet: Fleet) -> None:
+    import semver
+
+    from host.discovery import discover
+    from shard_migrations.engine import apply_tenant
+
+    async with running_host(host_settings(fleet, shard_pool_min=1, shard_pool_max=1)) as one:
+        new, key_new = await tenant_with_key(fleet, one, shard_id="shard2")
+        old, key_old = await tenant_with_key(fleet, one, shard_id="shard2", plugins=())
+        await apply_tenant(fleet.shard_pools, fleet.settings, discover().get("inventory"), old,
+                           to=semver.Version.parse("1.0.0"))
+        await fleet.control.execute(
+            "INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, enabled, version_installed) "
+            "VALUES ($1::uuid, 'inventory', true, '1.0.0')", old.tenant_id)
+        await one.admin("POST", f"/admin/tenants/{old.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
+        for tenant, key in ((new, key_new), (old, key_old)):
+            async with one.http.post("/api/plugins/inventory/items", json={"sku": "R-1", "qty": 1},
+                                     headers=auth(key, tenant.code)) as r:
+                assert r.status == 201, await r.text()
+        for _ in range(3):
+            async with one.http.get("/api/plugins/inventory/items", headers=auth(key_new, new.code)) as r:
+                assert r.status == 200 and "location" in (await r.json())["items"][0]
+            async with one.http.get("/api/plugins/inventory/items", headers=auth(key_old, old.code)) as r:
+                assert r.status == 200 and "location" not in (await r.json())["items"][0]
+        async with one.http.post("/api/plugins/inventory/items", json={"sku": "R-2", "qty": 1, "location": "X"},
+                                 headers=auth(key_old, old.code)) as r:
+            assert r.status == 400 and (await r.json())["error"]["field"] == "location"
+        pool = one.app[RUNTIME].shard_pools.opened()["shard2"]
+        assert pool.get_size() == 1
+
+
+async def test_openapi_document_lists_plugin_admin_and_host_routes(host: Host) -> None:
+    async with host.http.get("/openapi.json") as r:
+        doc = await r.json()
+    assert doc["openapi"].startswith("3.")
+    assert doc["paths"]["/api/plugins/inventory/items/{id}"]["get"]["tags"] == ["plugin:inventory"]
+    assert "post" in doc["paths"]["/admin/principals"] and "/readyz" in doc["paths"]
