@@ -363,7 +363,7 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], memory: dict[
     # Ratios are taken within each round (the two figures were measured seconds apart)
     # and then their median: on a shared machine a whole round can run slow.
     def ratio(top: str, bottom: str) -> float:
-        return statistics.median(1 / r[top]["ops_per_s"] / (1 / r[bottom]["ops_per_s"]) for r in rounds)
+        return statistics.median(float(r[bottom]["ops_per_s"]) / float(r[top]["ops_per_s"]) for r in rounds)
 
     ratios = {"memory_hit_over_dict": ratio("memory_hit", "dict"), "cache_get_over_dict": ratio("cache_get", "dict"),
               "redis_hit_over_memory_hit": ratio("redis_hit", "memory_hit"), "miss_over_redis_hit": ratio("miss", "redis_hit")}
