@@ -40,8 +40,14 @@ class TaskOwner:
             raise RuntimeError("the host is shutting down")
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # an owned loop died of a bug: say so now rather than at garbage collection
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
         self._closed = True

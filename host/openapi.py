@@ -47,6 +47,9 @@ def document(app: web.Application) -> dict[str, Any]:
                           "default": {"description": "Error envelope",
                                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
         }
+        permission = getattr(route.handler, "required_permission", None)
+        if permission is not None:
+            op["x-permission"] = permission
         if path.startswith("/api/plugins/") and not path.endswith("/health") or path == "/api/manifest":
             op["parameters"].append({"name": "X-Tenant", "in": "header", "required": False,
                                      "schema": {"type": "string"}, "description": "tenant code or id (else Host)"})

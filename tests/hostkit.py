@@ -83,10 +83,12 @@ def plugin_package(tmp_path: Path, source: str, *, api: str = "1.x", version: st
     for name, text in (extra_files or {}).items():
         (pkg_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg_dir / name).write_text(text)
-    if str(tmp_path) not in sys.path:
-        sys.path.insert(0, str(tmp_path))
-    importlib.invalidate_caches()
-    return pid, load_package(importlib.import_module(pid))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        importlib.invalidate_caches()
+        return pid, load_package(importlib.import_module(pid))  # unique name: never collides in sys.modules
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 def discovery_with(*packages: Any) -> Discovery:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from host.keys import PLUGIN_HOST
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import (
@@ -101,7 +102,7 @@ async def test_events_reach_handlers_on_every_host_and_a_failing_handler_stops_n
     heard: list[Any] = pkg.module.HEARD
     async with running_host(host_settings(fleet), discovery_with(pkg)) as h1, \
             running_host(host_settings(fleet), discovery_with(pkg)) as h2:
-        ctx = h1.app[__import__("host.keys", fromlist=["PLUGIN_HOST"]).PLUGIN_HOST].contexts[pid]
+        ctx = h1.app[PLUGIN_HOST].contexts[pid]
         await ctx.events.emit("ping", {"n": 1}, tenant_id="t-1")  # returns at publish
         await _until(lambda: asyncio.sleep(0, len(heard) >= 2))
         assert sorted(n for _, n, _ in heard) == [1, 1] and len({c for c, _, _ in heard}) == 2

@@ -46,6 +46,18 @@ async def _inventory_tenant(kit: Kit, version: str = "1.1.0", shard_id: str = "s
     return rec
 
 
+async def _until_activity(fleet: Fleet, shard_id: str, count_sql: str, timeout: float = 5.0) -> None:
+    """Poll the shard until ``count_sql`` (a constant query) counts at least one row."""
+    conn = await asyncpg.connect(fleet.shard_dsns[shard_id])
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await conn.fetchval(count_sql):
+            assert asyncio.get_running_loop().time() < deadline, count_sql
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def _path(conn: Any) -> str:
     return str(await conn.fetchval("SELECT current_setting('search_path')"))
 
@@ -82,7 +94,8 @@ async def test_an_error_or_a_cancellation_leaves_no_path_lock_or_transaction_beh
         await conn.execute("SELECT pg_sleep(10)")
 
     task = asyncio.create_task(kit.tx.run(a.tenant_id, slow))
-    await asyncio.sleep(0.2)  # let it reach pg_sleep; the test is about what remains afterwards
+    await _until_activity(kit.fleet, "shard1", "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)'"
+                          " AND state = 'active'")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -201,5 +214,6 @@ async def test_a_mover_holding_the_tenant_makes_transactions_wait_then_503_tenan
             assert caught.value.status == 503 and caught.value.details["retryAfter"] == 1
             assert asyncio.get_running_loop().time() - started >= 0.25  # it waited for the mover first
             waiting = asyncio.create_task(tx.run(rec.tenant_id, _path))
-            await asyncio.sleep(0.05)  # the transaction is now queued behind the mover's lock
+            await _until_activity(fleet, "shard1", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                  " AND NOT granted")  # queued behind the mover
         assert await waiting == f"{rec.schema}, public"  # released in time: it went through
