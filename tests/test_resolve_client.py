@@ -315,3 +315,31 @@ def test_redis_urls_are_parsed_by_host_and_port_including_valkey() -> None:
     assert redis_address("rediss://u:p%40ss@cache.internal")["password"] == "p@ss"
     with pytest.raises(ConfigInvalid):
         redis_address("http://127.0.0.1:6379")
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_load_others_wait_on(fleet: Fleet, clients: ClientFactory) -> None:
+    rec = await fleet.directory.create_tenant(code())
+    lookup = CountingLookup(fleet.directory)
+    client = await clients(fleet.settings, lookup)
+    waiters = [asyncio.create_task(client.resolve(code=rec.code)) for _ in range(10)]
+    await eventually(lambda: client.stats.coalesced == 9, 1.0, what="all ten join the one load")
+    waiters[0].cancel()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert all(r == rec for r in results[1:])
+    assert lookup.calls == 1
+
+
+async def test_a_client_opened_while_redis_is_unreachable_serves_from_the_control_plane(fleet: Fleet) -> None:
+    rec = await fleet.directory.create_tenant(code())
+    lookup = CountingLookup(fleet.directory)
+    settings = fleet.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    started = time.monotonic()
+    async with ResolveClient(settings, lookup) as client:
+        assert not client.listening
+        assert await client.resolve(code=rec.code) == rec
+        client.clear_local()
+        assert await client.resolve(id=rec.tenant_id) == rec
+        await client.publish(rec)
+        assert not client.redis_available and client.stats.control == 2
+    assert time.monotonic() - started < 2.0  # no waiting on timeouts per call
