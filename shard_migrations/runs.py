@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, Callable, Iterable, Sequence
 
 import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from host.discovery import PluginPackage
 from router.errors import RunNotFound
@@ -84,6 +85,7 @@ async def flip_plugin(control: asyncpg.Pool, package: PluginPackage, version: st
 _FLIP_TENANTS = """
 INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, version_installed)
 SELECT u.t, $2, $3 FROM (SELECT DISTINCT unnest($1::uuid[]) AS t) AS u WHERE EXISTS (SELECT 1 FROM tenants WHERE tenant_id = u.t)
+ORDER BY u.t  -- one row-lock order for every writer: two migrators flipping the same tenants can't deadlock
 ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET version_installed = EXCLUDED.version_installed, updated_at = now()
 WHERE sys_tenant_plugins.version_installed IS DISTINCT FROM EXCLUDED.version_installed
 """
@@ -221,7 +223,10 @@ class RunRecorder:
             self._closing = True
             self._wake.set()
             await self._task
-        await self.flush()
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(DB_ERRORS), stop=stop_after_attempt(4),
+                                           wait=wait_random_exponential(multiplier=0.1, max=2), reraise=True):
+            with attempt:
+                await self.flush()
 
     def _note(self, key: str, status: str, attempts: int, error: str | None) -> None:
         self._changes[key] = _Change(status, attempts, error)
