@@ -67,7 +67,8 @@ async def eventually(condition: Callable[[], Awaitable[bool] | bool], timeout: f
 async def clients() -> AsyncIterator[ClientFactory]:
     """Opens ResolveClients that are closed when the test ends."""
     async with AsyncExitStack() as stack:
-        async def open_client(settings: Settings, lookup: CountingLookup, **kw: object) -> ResolveClient:
+        async def open_client(settings: Settings, lookup: Callable[[str, str], Awaitable[TenantRecord | None]],
+                              **kw: object) -> ResolveClient:
             return await stack.enter_async_context(ResolveClient(settings, lookup, **kw))  # type: ignore[arg-type]
         yield open_client
 
@@ -320,10 +321,17 @@ def test_redis_urls_are_parsed_by_host_and_port_including_valkey() -> None:
 async def test_a_cancelled_caller_does_not_cancel_the_load_others_wait_on(fleet: Fleet, clients: ClientFactory) -> None:
     rec = await fleet.directory.create_tenant(code())
     lookup = CountingLookup(fleet.directory)
-    client = await clients(fleet.settings, lookup)
+    gate = asyncio.Event()
+
+    async def gated(kind: str, value: str) -> TenantRecord | None:
+        await gate.wait()  # hold the load open until one caller has been cancelled
+        return await lookup(kind, value)
+
+    client = await clients(fleet.settings.model_copy(update={"redis_url": ""}), gated)
     waiters = [asyncio.create_task(client.resolve(code=rec.code)) for _ in range(10)]
     await eventually(lambda: client.stats.coalesced == 9, 1.0, what="all ten join the one load")
     waiters[0].cancel()
+    gate.set()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert isinstance(results[0], asyncio.CancelledError)
     assert all(r == rec for r in results[1:])
