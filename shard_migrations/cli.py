@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from host.cli import CliState, cli, emit, pass_state, run
 from host.discovery import PluginPackage, discover
-from router.errors import MigrationFailed
+from router.errors import MigrationFailed, ShardUnreachable
 from router.runtime import RouterRuntime, open_runtime
 from shard_migrations import runs
 from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport, migration_pools
@@ -78,6 +78,14 @@ def plan_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None
                         f"(public: {', '.join(data['public_files']) or '-'}; tenant: {', '.join(data['tenant_files']) or '-'})",
                         highlight=False)
     emit(state, data["shards"], columns=SHARD_PLAN_COLUMNS)
+    _raise_unreachable(data)
+
+
+def _raise_unreachable(plan: dict[str, Any]) -> None:
+    down = [s for s in plan["shards"] if not s["reachable"]]
+    if down:
+        more = f" (and {len(down) - 1} more shards)" if len(down) > 1 else ""
+        raise ShardUnreachable(f"{down[0]['error']}{more}", shardId=down[0]["shard_id"])
 
 
 @migrate.command("apply")
@@ -136,6 +144,7 @@ def _dry_run(state: CliState, plugin: str, opts: RunOptions) -> None:
         emit(state, p["shards"], columns=SHARD_PLAN_COLUMNS, title="plan")
         emit(state, data["canaries"], columns=["shard_id", "canary", "ok", "tried", "error"],
              title="canary (rolled back)")
+    _raise_unreachable(data["plan"])
     bad = [c for c in data["canaries"] if not c["ok"]]
     if bad:
         raise MigrationFailed(f"dry run: {bad[0]['error']}" + (f" ({len(bad)} shards failed)" if len(bad) > 1 else ""),

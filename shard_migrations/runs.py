@@ -57,8 +57,8 @@ class RunInfo:
                 "summary": self.summary}
 
 
-_RUN_COLS = ("run_id, plugin_id, target_version, params, state, owner, heartbeat_at, summary, created_at, "
-             "finished_at")
+_SELECT_RUNS = ("SELECT run_id, plugin_id, target_version, params, state, owner, heartbeat_at, summary, created_at, "
+                "finished_at FROM fleet_runs ")
 
 
 def _info(r: asyncpg.Record) -> RunInfo:
@@ -115,7 +115,7 @@ async def create_run(control: asyncpg.Pool, plugin_id: str, version: str, params
 
 async def load_run(control: asyncpg.Pool, run_id: int) -> RunInfo:
     """The run, or RUN_NOT_FOUND."""
-    row = await control.fetchrow(f"SELECT {_RUN_COLS} FROM fleet_runs WHERE run_id = $1 AND kind = $2",
+    row = await control.fetchrow(_SELECT_RUNS + "WHERE run_id = $1 AND kind = $2",
                                  run_id, RUN_KIND)
     if row is None:
         raise RunNotFound(f"no migration run {run_id}", runId=run_id)
@@ -180,7 +180,7 @@ async def run_status(control: asyncpg.Pool, run_id: int, *, failed_limit: int = 
 
 async def list_runs(control: asyncpg.Pool, plugin_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     rows = await control.fetch(
-        f"SELECT {_RUN_COLS} FROM fleet_runs WHERE kind = $1 AND ($2::text IS NULL OR plugin_id = $2) "
+        _SELECT_RUNS + "WHERE kind = $1 AND ($2::text IS NULL OR plugin_id = $2) "
         "ORDER BY run_id DESC LIMIT $3", RUN_KIND, plugin_id, limit)
     return [_info(r).to_dict() for r in rows]
 

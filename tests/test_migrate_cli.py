@@ -93,6 +93,9 @@ async def test_unreachable_shard_dsn_is_reported_by_name_and_the_other_shards_fi
     good_dsn = f.shard_dsns["shard3"]
     await f.control.execute("UPDATE shards SET dsn = $1 WHERE shard_id = 'shard3'",
                             f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    for dry in ((), ("--dry-run",)):
+        rc, out, err = await run_cli(f, "migrate", "plan" if not dry else "apply", "inventory", *dry)
+        assert rc != 0 and "shard3" in one_error_line(err, "SHARD_UNREACHABLE")
     rc, out, err = await run_cli(f, "migrate", "apply", "inventory")
     assert rc != 0
     line = one_error_line(err, "SHARD_UNREACHABLE")
