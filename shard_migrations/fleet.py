@@ -155,7 +155,9 @@ class FleetMigrator:
         TENANT_NOT_FOUND."""
         target = resolve_target(self.package, opts.to, opts.from_file)
         await check_not_downgrade(self.control, target)
-        return await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
+        plan = await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
+        plan.raise_if_downgrade()
+        return plan
 
     async def dry_run(self, plan: Plan) -> list[dict[str, Any]]:
         """Try the pending files on one canary tenant per shard (and the shard's pending public
@@ -217,6 +219,7 @@ class FleetMigrator:
                                     shard_ids=[i.shard_id for i in open_items if i.tenant_id is None], strict=False)
         else:
             plan = await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
+        plan.raise_if_downgrade()
         if plan.drift and not opts.allow_drift:
             d = plan.drift[0]
             raise MigrationDrift(d.describe() + (f" ({len(plan.drift)} drifted in all)" if len(plan.drift) > 1 else ""),

@@ -67,10 +67,10 @@ def resolve_target(package: PluginPackage, to: str | None, from_file: str | None
 
 
 async def check_not_downgrade(control: asyncpg.Pool, target: Target) -> None:
-    """VALIDATION_FAILED if the registry says the plugin (or a tenant) is already past the target."""
+    """VALIDATION_FAILED if the registry says a tenant is already past the target. (The
+    ledgers are checked too, by `build_plan`: see `Plan.raise_if_downgrade`.)"""
     rows = await control.fetch(
-        "SELECT version_installed FROM sys_plugins WHERE plugin_id = $1 "
-        "UNION SELECT DISTINCT version_installed FROM sys_tenant_plugins WHERE plugin_id = $1", target.plugin_id)
+        "SELECT DISTINCT version_installed FROM sys_tenant_plugins WHERE plugin_id = $1", target.plugin_id)
     for r in rows:
         try:
             installed = parse_version(r["version_installed"])
@@ -122,6 +122,7 @@ class ShardPlan:
     tenants: list[TenantPlan] = field(default_factory=list)   # tenants with pending files
     up_to_date: list[TenantRecord] = field(default_factory=list)
     drift: list[ledger.Drift] = field(default_factory=list)
+    ahead: list[str] = field(default_factory=list)   # files newer than the target that are recorded
 
     @property
     def reachable(self) -> bool:
@@ -144,6 +145,14 @@ class Plan:
     @property
     def drift(self) -> list[ledger.Drift]:
         return [d for s in self.shards.values() for d in s.drift]
+
+    def raise_if_downgrade(self) -> None:
+        """VALIDATION_FAILED naming a shard/tenant whose ledger has a file newer than the target."""
+        for s in self.shards.values():
+            if s.ahead:
+                t = self.target
+                raise ValidationFailed(f"downgrade refused: {s.ahead[0]} is applied, {t.plugin_id} {t.version} requested "
+                                       "(migrations only go forward)", pluginId=t.plugin_id, version=str(t.version))
 
     @property
     def unreachable(self) -> list[ShardPlan]:
@@ -207,6 +216,14 @@ async def _plan_shard(pools: ShardPools, target: Target, plan: ShardPlan, tenant
     plan.public_pending, drift = ledger.split(target.public_files, recorded.get(("public", None), {}),
                                               shard_id=plan.shard_id, tenant_id=None)
     plan.drift.extend(drift)
+    later = {(f.scope, f.name): f for f in target.package.migrations if f.since > target.version}
+    if later:
+        for (scope, tenant_id), names in recorded.items():
+            for name in names:
+                f = later.get((scope, name))
+                if f is not None:
+                    where = f"tenant {tenant_id}" if tenant_id else "public scope"
+                    plan.ahead.append(f"{scope}/{name} ({f.since}) on shard {plan.shard_id}, {where}")
     for t in tenants:
         pending, drift = ledger.split(target.tenant_files, recorded.get(("tenant", t.tenant_id), {}),
                                       shard_id=plan.shard_id, tenant_id=t.tenant_id)

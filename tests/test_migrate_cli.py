@@ -83,6 +83,11 @@ async def test_missing_plugin_unknown_version_downgrade_and_unknown_run_are_one_
     before = await ledger_rows(f, "inventory")
     rc, _, err = await run_cli(f, "migrate", "apply", "inventory", "--to", "1.0.0")
     assert rc != 0 and "downgrade" in one_error_line(err, "VALIDATION_FAILED")
+    # the ledgers say so too, even when the registry has been lost
+    await f.control.execute("DELETE FROM sys_tenant_plugins")
+    rc, _, err = await run_cli(f, "migrate", "apply", "inventory", "--to", "1.0.0")
+    line = one_error_line(err, "VALIDATION_FAILED")
+    assert rc != 0 and "downgrade" in line and "002_location.sql" in line and "shard" in line
     assert await ledger_rows(f, "inventory") == before
 
 
