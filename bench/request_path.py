@@ -53,6 +53,13 @@ def _wrk(url: str, script: Path, duration: int) -> dict[str, float]:
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": float(errors.group(1)) if errors else 0.0}
 
 
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (Linux /proc)."""
+    import os
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_port(port: int, deadline_s: float = 30.0) -> None:
     import socket
     deadline = time.monotonic() + deadline_s
@@ -216,16 +223,20 @@ def main() -> None:
             _wait_port(ports[f"bare{rt}"])
         targets = {"host": (ports["host"], host_lua), **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua")
                                                           for n in (4, 3, 1)}}
+        pids = {"host": procs[0].pid, "bare4": procs[1].pid, "bare3": procs[2].pid, "bare1": procs[3].pid}
         for name, (port, script) in targets.items():  # warm-up: pools, caches, prepared statements
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
             for name, (port, script) in targets.items():
+                cpu = _cpu_s(pids[name])
                 res = _wrk(f"http://127.0.0.1:{port}", script, args.duration)
+                # server CPU per request: robust to noisy neighbours, unlike req/s
+                res["cpu_us_per_req"] = (_cpu_s(pids[name]) - cpu) / (res["rps"] * args.duration) * 1e6
                 runs[name].append(res)
                 print(f"round {r + 1} {name:6s} {res['rps']:9.0f} req/s  p99 {res['p99_ms']:7.2f} ms"
-                      f"  non-2xx {res['non2xx']:.0f}", flush=True)
-        med = {n: {"rps": statistics.median(x["rps"] for x in v), "p99_ms": statistics.median(x["p99_ms"] for x in v)}
+                      f"  server CPU {res['cpu_us_per_req']:5.0f} us/req  non-2xx {res['non2xx']:.0f}", flush=True)
+        med = {n: {k: statistics.median(x[k] for x in v) for k in ("rps", "p99_ms", "cpu_us_per_req")}
                for n, v in runs.items()}
         ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
                   for b in ("bare4", "bare3", "bare1")}
@@ -234,7 +245,7 @@ def main() -> None:
                                   "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
         print("\nmedians:")
         for n, m in med.items():
-            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms")
+            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms  server CPU {m['cpu_us_per_req']:5.0f} us/req")
         print("ratios (host / yardstick): " + ", ".join(
             f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
         print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items()))

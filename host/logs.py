@@ -43,6 +43,11 @@ def json_logging(level: str, stream: TextIO | None = None) -> Iterator[None]:
     """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    # The logging HOWTO's "Optimization" switches: our lines carry no caller location,
+    # thread or process names, and collecting them costs a stack walk per record.
+    saved_flags = (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, handler, respect_handler_level=False)
     root = logging.getLogger()
@@ -54,6 +59,7 @@ def json_logging(level: str, stream: TextIO | None = None) -> Iterator[None]:
         yield
     finally:
         listener.stop()
+        (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing) = saved_flags
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
 

@@ -109,4 +109,15 @@ def _record(request: web.Request, rid: str, status: int, seconds: float) -> None
         fields: dict[str, Any] = {"pluginId": plugin, "tenantId": request.get(REQ_TENANT), "route": route,
                                   "method": request.method, "status": status, "ms": round(seconds * 1000, 3),
                                   "requestId": rid}
-        access_log.info(orjson.dumps(fields).decode(), extra={"fields": fields})
+        access_log.info(_Line(fields), extra={"fields": fields})
+
+
+class _Line:
+    """The access line's message, rendered only if a handler formats it (not on the request path)."""
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return orjson.dumps(self.fields).decode()

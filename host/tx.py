@@ -27,6 +27,7 @@ the stale statements, and the transaction had been aborted, so nothing partial l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from typing import Awaitable, Callable, TypeVar
@@ -62,15 +63,21 @@ async def keep_connection(conn: asyncpg.Connection) -> None:
 
 
 def enter_sql(rec: TenantRecord, wait_ms: int) -> str:
-    """The fence statement for ``rec``.
+    """The fence statement for ``rec`` (see `_enter_sql`)."""
+    return _enter_sql(rec.tenant_id, rec.epoch, wait_ms)
+
+
+@functools.lru_cache(maxsize=65536)  # one text per (tenant, epoch): no UUID parse per request
+def _enter_sql(tenant_id: str, epoch: int, wait_ms: int) -> str:
+    """``BEGIN`` and ``fleet.enter_tenant(...)`` as one simple query.
 
     The one place values are written into SQL text, on purpose: the simple-query protocol
     (the only way asyncpg sends BEGIN and a statement in one round trip) carries no
     parameters. Both values are re-derived from typed values, never from request text:
     ``uuid.UUID`` renders only hex digits and dashes, ``int`` renders only digits.
     """
-    tenant = str(uuid.UUID(rec.tenant_id))
-    return f"BEGIN; SELECT fleet.enter_tenant('{tenant}'::uuid, {int(rec.epoch)}::bigint, {int(wait_ms)}::int)"
+    tenant = str(uuid.UUID(tenant_id))
+    return f"BEGIN; SELECT fleet.enter_tenant('{tenant}'::uuid, {int(epoch)}::bigint, {int(wait_ms)}::int)"
 
 
 async def abort(conn: Conn) -> None:

@@ -5,6 +5,7 @@ for tenants whose installed version has it (``ctx.caller(request).plugin_version
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,7 @@ LOCATION_SINCE = (1, 1, 0)
 MAX_LIMIT = 500
 
 
+@lru_cache(maxsize=64)
 def _version(v: str) -> tuple[int, ...]:
     core = v.split("-", 1)[0].split("+", 1)[0]
     return tuple(int(p) for p in core.split(".")[:3])
