@@ -1,6 +1,8 @@
 """Applying migration files to one unit: a shard's public scope, or one tenant's schema.
 
-A unit is guarded by a session-level ``pg_try_advisory_lock`` on (plugin, scope[, tenant]);
+A unit is guarded by an advisory lock on (plugin, scope[, tenant]), taken with
+``pg_try_advisory_xact_lock`` inside the unit's transaction (or, when the unit has a
+no-transaction file, with a session-level ``pg_try_advisory_lock`` released in ``finally``);
 a busy lock raises `LockBusy` at once (the caller retries later, never waits). Under the
 lock the unit's ledger is read again, so a unit another migrator finished in the meantime
 is a no-op. Consecutive transactional files run in ONE transaction together with their
@@ -117,6 +119,9 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
     transaction is recorded), or the driver's connection errors (see `classify`).
     """
     key = advisory_key(plugin_id, unit.scope, unit.tenant_id)
+    if not any(f.no_transaction for f in unit.files):
+        return await _apply_in_one_transaction(conn, plugin_id, unit, settings, key, allow_drift)
+    # a no-transaction file needs the lock across transactions: a session-level lock
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
         raise LockBusy(unit.key)
     try:
@@ -135,7 +140,36 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
             try:
                 await conn.execute("SELECT pg_advisory_unlock($1)", key)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
-                pass  # the lock ends with the session; the pool resets or discards the connection
+                conn.terminate()  # the lock must not outlive the unit: it ends with the session
+
+
+_LOCK_AND_SET_LOCAL = ("SELECT pg_try_advisory_xact_lock($1), set_config('lock_timeout', $2, true), "
+                       "set_config('statement_timeout', $3, true), set_config('search_path', "
+                       "CASE WHEN $4::text IS NULL THEN 'public' ELSE quote_ident($4::text) || ', public' END, true)")
+
+
+async def _apply_in_one_transaction(conn: Conn, plugin_id: str, unit: Unit, settings: Settings, key: int,
+                                    allow_drift: bool) -> list[MigrationFile]:
+    """The common case (no no-transaction file): the lock is transaction-level and taken in
+    the same statement that sets the local timeouts and search_path, so a unit costs
+    BEGIN, lock, ledger read, the files, the ledger rows, COMMIT."""
+    lock_timeout, statement_timeout = _timeouts(settings)
+    schema = None if unit.tenant is None else unit.tenant.schema
+    async with conn.transaction():
+        row = await conn.fetchrow(_LOCK_AND_SET_LOCAL, key, lock_timeout, statement_timeout, schema)
+        if row is None or not row[0]:
+            raise LockBusy(unit.key)
+        # a new statement, so a new snapshot: it sees whatever the lock's previous holder committed
+        recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
+        pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
+        if drift and not allow_drift:
+            raise MigrationDrift(drift[0].describe(), file=f"{drift[0].scope}/{drift[0].name}",
+                                 shardId=unit.shard_id, tenantId=unit.tenant_id)
+        for f in pending:
+            await _run_file(conn, f, unit)
+        if pending:
+            await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, pending)
+    return pending
 
 
 def _groups(files: Sequence[MigrationFile]) -> list[list[MigrationFile]]:
@@ -160,7 +194,10 @@ async def _apply_group(conn: Conn, plugin_id: str, unit: Unit, group: list[Migra
             await _run_file(conn, f, unit)
         finally:
             if not conn.is_closed():
-                await conn.execute("RESET lock_timeout; RESET statement_timeout; RESET search_path")
+                try:
+                    await conn.execute("RESET lock_timeout; RESET statement_timeout; RESET search_path")
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                    conn.terminate()  # never hand a connection with a tenant's search_path back to the pool
         await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, [f])
         return
     async with conn.transaction():

@@ -130,11 +130,8 @@ def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class FleetMigrator:
-    """Plans, dry-runs and applies one plugin across the fleet.
-
-    ``pools`` should be opened with ``statement_cache_size=0`` (the CLI does): migration
-    connections see tables change shape under them.
-    """
+    """Plans, dry-runs and applies one plugin across the fleet. Open ``pools`` with
+    `migration_pools` (sized for the workers)."""
 
     def __init__(self, control: asyncpg.Pool, pools: ShardPools, settings: Settings, package: PluginPackage, *,
                  metrics: MigrateMetrics | None = None, limiters: ShardLimiters | None = None) -> None:
@@ -439,8 +436,21 @@ class FleetMigrator:
 
 
 def migration_pools(settings: Settings, dsn_lookup: Callable[[str], Any], concurrency: int | None = None) -> ShardPools:
-    """Shard pools for migrating: no statement cache (DDL changes table shapes under cached
-    statements) and room for ``concurrency`` workers plus the probe on each shard."""
+    """Shard pools for migrating, with room for ``concurrency`` workers plus the probe on each shard.
+
+    The statement cache stays on: migration connections prepare statements only on the
+    ``fleet`` tables and catalog functions, which plugin files never change; the files
+    themselves run unprepared (simple protocol), so DDL can't invalidate a cached plan.
+    Without the cache every parameterised statement costs two round trips.
+    """
     room = (concurrency or settings.shard_concurrency) + 1
     sized = settings.model_copy(update={"shard_pool_max": max(settings.shard_pool_max, room)})
-    return ShardPools(sized, dsn_lookup, statement_cache_size=0)
+    return ShardPools(sized, dsn_lookup, reset=_no_session_state)
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's reset for migration connections. asyncpg has already rolled back an open
+    transaction; the full reset (unlock all, RESET ALL, ...) would cost a round trip per
+    unit for nothing: the engine leaves no session state (its locks are transaction-level
+    or released in ``finally``, its settings local or RESET, and a connection whose
+    release step failed is terminated)."""
