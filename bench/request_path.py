@@ -162,7 +162,7 @@ def _serve_host(args: argparse.Namespace) -> None:
             if profiler is not None:
                 profiler.start()
         await serve(settings, ready=ready, stop=stop)
-    with open(RESULTS / "host.log", "w") as log_file, json_logging("INFO", log_file):
+    with open(RESULTS / "host.log", "w") as log_file, json_logging(args.host_log_level, log_file):
         asyncio.run(main())
     if profiler is not None:
         profiler.stop()
@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--host-log-level", default="INFO",
+                   help="the host's log level (WARNING drops the access line: shows what it costs)")
     p.add_argument("--serve-host", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--control-dsn", help=argparse.SUPPRESS)
     p.add_argument("--redis-url", help=argparse.SUPPRESS)
@@ -208,7 +210,7 @@ def main() -> None:
 
         def start_host(profile_out: str | None = None) -> subprocess.Popen[bytes]:
             cmd = [PY, __file__, "--serve-host", "--control-dsn", info.control_dsn, "--redis-url", info.redis_url,
-                   "--port", str(ports["host"])]
+                   "--port", str(ports["host"]), "--host-log-level", args.host_log_level]
             if profile_out:
                 cmd += ["--profile-out", profile_out]
             proc = subprocess.Popen(cmd, cwd=ROOT)

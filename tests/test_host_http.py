@@ -199,3 +199,21 @@ async def test_openapi_document_lists_plugin_admin_and_host_routes(host: Host) -
     assert doc["openapi"].startswith("3.")
     assert doc["paths"]["/api/plugins/inventory/items/{id}"]["get"]["tags"] == ["plugin:inventory"]
     assert "post" in doc["paths"]["/admin/principals"] and "/readyz" in doc["paths"]
+
+
+def test_json_logging_writes_each_record_as_one_json_line_and_keeps_tracebacks_in_the_log() -> None:
+    import orjson
+
+    from host.logs import json_logging
+
+    buf = io.StringIO()
+    fields = {"pluginId": "inventory", "tenantId": "t", "route": "/r", "status": 200, "ms": 1.5, "requestId": "x"}
+    with json_logging("INFO", buf):
+        logging.getLogger("tenantfleet.access").info("req", extra={"fields": fields})
+        try:
+            raise RuntimeError("deep detail")
+        except RuntimeError:
+            logging.getLogger("tenantfleet.host").exception("unhandled", extra={"requestId": "x"})
+    first, second = [orjson.loads(line) for line in buf.getvalue().splitlines()]
+    assert {k: first[k] for k in fields} == fields
+    assert second["msg"] == "unhandled" and second["requestId"] == "x" and "deep detail" in second["exc"]
