@@ -56,9 +56,13 @@ async def read_shard(conn: Conn, plugin_id: str) -> ShardLedger:
 
 async def read_unit(conn: Conn, plugin_id: str, scope: str, tenant_id: str | None) -> dict[str, str]:
     """The ledger of one (plugin, scope[, tenant]): {file name: checksum}."""
-    rows = await conn.fetch(
-        "SELECT name, checksum FROM fleet.sys_plugin_migrations "
-        "WHERE plugin_id = $1 AND scope = $2 AND tenant_id IS NOT DISTINCT FROM $3::uuid", plugin_id, scope, tenant_id)
+    # `=` / `IS NULL` rather than IS NOT DISTINCT FROM, which can't use the unique index
+    if tenant_id is None:
+        rows = await conn.fetch("SELECT name, checksum FROM fleet.sys_plugin_migrations "
+                                "WHERE plugin_id = $1 AND scope = $2 AND tenant_id IS NULL", plugin_id, scope)
+    else:
+        rows = await conn.fetch("SELECT name, checksum FROM fleet.sys_plugin_migrations "
+                                "WHERE plugin_id = $1 AND scope = $2 AND tenant_id = $3::uuid", plugin_id, scope, tenant_id)
     return {r["name"]: r["checksum"] for r in rows}
 
 
