@@ -6,6 +6,7 @@ and the ledger unchanged for what did not apply.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def one_error_line(err: str, code: str) -> str:
     return lines[0]
 
 
-async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_fleet: FleetFactory) -> None:
+async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_fleet: FleetFactory,
+                                                                         tmp_path: Path) -> None:
     f = await fresh_fleet()
     tenants = await make_tenants(f, 12)
 
@@ -46,9 +48,13 @@ async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_
     assert rc == 4
     one_error_line(err, "MIGRATION_INCOMPLETE")
 
-    rc, out, err = await run_cli(f, "migrate", "apply", "inventory")
+    metrics = tmp_path / "migrate.prom"
+    rc, out, err = await run_cli(f, "migrate", "apply", "inventory", "--metrics-file", str(metrics))
     assert rc == 0, out + err
     assert "run " in out and "done" in out
+    assert re.search(r"^shard1: (\d+)/\1 done, 0 failed", out, re.M), out    # plain progress lines off a terminal
+    exposed = metrics.read_text()
+    assert 'tenantfleet_migrate_files_applied_total{plugin="inventory",scope="tenant",shard="shard1"}' in exposed
 
     rc, out, err = await run_cli(f, "--json", "migrate", "status")
     assert rc == 0, err
