@@ -19,11 +19,28 @@ from tests.hostkit import (
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 
 TEST_PLUGIN = '''
+import asyncio
 from plugins.api import PluginContext, json_response
-
-async def _noop(run): pass
+SLOW_STARTED = asyncio.Event()
 
 def setup(ctx: PluginContext) -> None:
+    @ctx.router.get("/ctx")
+    async def context(request):
+        caller = ctx.caller(request)
+        other = await ctx.resolve_tenant(code=request.query["other"])
+        missing = await ctx.resolve_tenant(code="no-such-tenant-here")
+        return json_response({
+            "other": other.tenant_id if other else None, "missing": missing,
+            "global": await ctx.config.get_global("greeting", "none"),
+            "tenant": await ctx.config.get_tenant(caller.tenant.tenant_id, "colour", "none"),
+        })
+
+    @ctx.router.get("/slow")
+    async def slow(request):
+        SLOW_STARTED.set()
+        await asyncio.sleep(0.5)
+        return json_response({"done": True})
+
     @ctx.router.get("/boom")
     async def boom(request):
         raise RuntimeError("secret internals: password=hunter2")
@@ -150,6 +167,13 @@ async def test_kill_switch_from_env_and_db_flag_reaching_another_host_within_a_s
         assert time.monotonic() - started < 1.0
         await h1.admin("POST", "/admin/plugins/inventory/revive")
         await _until(lambda: _ok(h2, key, rec.code), timeout=1.0)
+        await h1.admin("POST", "/admin/plugins/inventory/disable")  # globally
+
+        async def h2_disabled_globally() -> bool:
+            async with h2.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+                return r.status == 403 and (await r.json())["error"]["reason"] == "disabled_globally"
+        await _until(h2_disabled_globally, timeout=1.0)
+        await h1.admin("POST", "/admin/plugins/inventory/enable")
     async with running_host(host_settings(f, killed_plugins="inventory")) as h3:
         async with h3.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
             body = await r.json()
@@ -232,3 +256,36 @@ async def test_per_tenant_cron_jobs_get_their_tenant_and_missed_ticks_do_not_pil
     # the ticks missed while the first run was busy are dropped, not replayed in a burst
     assert all(scheduled >= slow_ended - 1.0 for scheduled, _, _ in runs[1:]), runs
     assert len(runs) <= 4
+
+
+async def test_context_resolves_tenants_and_reads_global_and_tenant_config(fleet: Fleet, tmp_path: Path) -> None:
+    pid, pkg = plugin_package(tmp_path, TEST_PLUGIN)
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as host:
+        rec, key = await tenant_with_key(fleet, host, plugins=(pid,), roles=())
+        other, _ = await tenant_with_key(fleet, host, plugins=(), roles=())
+        await fleet.control.execute("UPDATE sys_plugins SET config = '{\"greeting\": \"hi\"}' WHERE plugin_id = $1", pid)
+        await host.admin("PUT", f"/admin/tenants/{rec.code}/plugins/{pid}/config", {"colour": "teal"})  # reloads
+        async with host.http.get(f"/api/plugins/{pid}/ctx", params={"other": other.code},
+                                 headers=auth(key, rec.code)) as r:
+            assert await r.json() == {"other": other.tenant_id, "missing": None, "global": "hi", "tenant": "teal"}
+
+
+async def test_shutdown_stops_accepting_and_lets_in_flight_requests_finish(fleet: Fleet, tmp_path: Path) -> None:
+    import aiohttp
+
+    from host.app import serving
+
+    pid, pkg = plugin_package(tmp_path, TEST_PLUGIN)
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as setup_host:
+        rec, key = await tenant_with_key(fleet, setup_host, plugins=(pid,), roles=())
+    async with aiohttp.ClientSession() as http:
+        async with serving(host_settings(fleet), host="127.0.0.1", port=0, discovery=discovery_with(pkg)) as (_, url):
+            in_flight = asyncio.create_task(http.get(f"{url}/api/plugins/{pid}/slow", headers=auth(key, rec.code)))
+            await asyncio.wait_for(pkg.module.SLOW_STARTED.wait(), 5)
+        # the context has exited: the listener closed first, the slow request was drained
+        resp = await in_flight
+        assert resp.status == 200 and await resp.json() == {"done": True}
+        resp.release()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(f"{url}/healthz"):
+                pass
