@@ -68,6 +68,12 @@ async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_
     assert rc == 0, err
     assert json.loads(out)["ok"] is True and json.loads(out)["tenants"] == len(tenants)
 
+    # the second shipped plugin has tenant files only
+    rc, out, err = await run_cli(f, "--json", "migrate", "apply", "restock")
+    assert rc == 0, err
+    assert json.loads(out)["applied_files"] == len(tenants)
+    assert {r["name"] for r in await ledger_rows(f, "restock")} == {"001_requests.sql"}
+
 
 async def test_missing_plugin_unknown_version_downgrade_and_unknown_run_are_one_line_errors(
         fresh_fleet: FleetFactory) -> None:
