@@ -28,6 +28,7 @@ from router.errors import PluginDisabled, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
+from shard_migrations.engine import apply_tenant
 
 log = logging.getLogger("tenantfleet.host.registry")
 
@@ -182,8 +183,6 @@ class Registry:
         The tenant's ``version_installed`` becomes the loaded package's version. Roles are
         not touched. Raises PLUGIN_NOT_FOUND, MIGRATION_FAILED, MIGRATION_DRIFT, SHARD_*.
         """
-        from shard_migrations.engine import apply_tenant  # the fleet migrator's engine
-
         pkg = self.package(plugin_id)
         await self.control.execute(
             "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "

@@ -26,7 +26,7 @@ from host.registry import Registry
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
-from router.errors import ConfigInvalid
+from router.errors import ConfigInvalid, FleetError
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
@@ -58,8 +58,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
                             cron_jobs: list[Job] | None = None) -> AsyncIterator[HostRuntime]:
     """Everything a host needs, subscribed to pub/sub before it is handed out.
 
-    Raises FLEET_ERROR (no control plane configured), CONFIG_INVALID (no Redis URL),
-    SHARD_UNREACHABLE (control plane down).
+    Raises FLEET_ERROR (no control plane configured, or Redis not answering), CONFIG_INVALID
+    (no Redis URL), SHARD_UNREACHABLE (control plane down).
     """
     settings = effective_settings(settings)
     if not settings.redis_url:
@@ -99,7 +99,11 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
 
         subscriber = Subscriber(redis, settings.redis_namespace, events, on_registry)
         tasks.spawn(subscriber.run(), name="pubsub")
-        await asyncio.wait_for(subscriber.ready.wait(), SUBSCRIBE_WAIT_S)
+        try:
+            await asyncio.wait_for(subscriber.ready.wait(), SUBSCRIBE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise FleetError(f"Redis at {settings.redis_url} did not answer within {SUBSCRIBE_WAIT_S:.0f} s; "
+                             "the host needs it for invalidations, events and cron") from None
         cron = Cron(redis, settings.redis_namespace, tasks, metrics, registry.enabled_tenants)
         metrics.watch_pools(pools.opened)
         rt = HostRuntime(settings=settings, control=control, shard_pools=pools, directory=directory,
