@@ -171,7 +171,8 @@ def status_cmd(state: CliState, run_id: int | None, plugin: str | None) -> None:
     state.console.print(f"run {data['run_id']}: {data['plugin']} → {data['version']} {data['state']}"
                         f"{' (alive)' if data['alive'] else ''}, owner {data['owner']}, "
                         f"heartbeat {data['heartbeat_age_s']} s ago", highlight=False)
-    emit(state, data["shards"], columns=["shard_id", "pending", "running", "done", "failed", "skipped", "attempts"])
+    emit(state, data["shards"], columns=["shard_id", "pending", "running", "done", "failed", "skipped", "attempts",
+                                         "state", "rate", "eta_s"])
     if data["failed_items"]:
         emit(state, data["failed_items"], columns=["item_key", "shard_id", "attempts", "last_error"], title="failed")
 

@@ -268,8 +268,11 @@ class FleetMigrator:
         return report
 
     def _summary(self, report: RunReport) -> dict[str, Any]:
-        d = report.to_dict()
-        return {"applied_files": d["applied_files"], "shards": d["shards"], "unreachable": d["unreachable"],
+        """What the heartbeat stores for `status`: totals and each shard's live state."""
+        shards = [{k: row[k] for k in ("shard_id", "state", "backoff_s", "deferred", "done", "failed", "files")}
+                  | {"rate": round(row["rate"], 1), "eta_s": None if row["eta_s"] is None else round(row["eta_s"], 1),
+                     "error": row["error"]} for row in self.snapshot()]
+        return {"applied_files": report.applied_files, "shards": shards, "unreachable": report.unreachable,
                 "failed": len(report.failed_items)}
 
     async def _run_phases(self, plan: Plan, target: Target, opts: RunOptions, batch: int, limiters: ShardLimiters,

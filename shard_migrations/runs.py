@@ -173,7 +173,9 @@ async def run_status(control: asyncpg.Pool, run_id: int, *, failed_limit: int = 
     out = info.to_dict()
     out["heartbeat_age_s"] = None if age is None else round(age, 1)
     out["alive"] = info.state == "running" and age is not None and age < 3 * HEARTBEAT_S
-    out["shards"] = [{"shard_id": sid, **c} for sid, c in sorted(shards.items())]
+    live = {s.get("shard_id"): s for s in (info.summary or {}).get("shards", []) if isinstance(s, dict)}
+    out["shards"] = [{"shard_id": sid, **c, "state": live.get(sid, {}).get("state"), "rate": live.get(sid, {}).get("rate"),
+                      "eta_s": live.get(sid, {}).get("eta_s")} for sid, c in sorted(shards.items())]
     out["failed_items"] = [dict(r) for r in failed]
     return out
 
