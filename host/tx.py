@@ -39,7 +39,7 @@ from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_
 from host.metrics import HostMetrics
 from host.tenancy import REQUEST_TENANT, Resolver, check_servable
 from plugins.api import Db
-from router.errors import TenantMoving
+from router.errors import ShardUnreachable, TenantMoving
 from router.models import TenantRecord, parse_tenant_id
 from router.pools import ShardPools
 from router.settings import Settings
@@ -51,6 +51,8 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 TxFn = Callable[[Db], Awaitable[T]]
 
 CACHED_STATEMENT_RETRIES = 1
+# A shard that refuses or drops connections (sorted by class, never by message text).
+_SHARD_DOWN = (OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError)
 
 
 class _Stale(Exception):
@@ -124,6 +126,9 @@ class TenantTx:
             pool = await self._pools.get(rec.shard_id)
             try:
                 return await self._attempt(pool, rec, fn)
+            except _SHARD_DOWN as exc:
+                raise ShardUnreachable(f"shard {rec.shard_id} is unreachable: {exc.__class__.__name__}",
+                                       shardId=rec.shard_id) from exc
             except _Stale:
                 fence_tries += 1
                 self._metrics.fence_retries.inc()
