@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from host.keys import MAX_HEADER_BYTES, METRICS, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
-from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, TenantMoving, ValidationFailed
+from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
 
 access_log = logging.getLogger("tenantfleet.access")
 log = logging.getLogger("tenantfleet.host")
@@ -36,8 +36,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_response(exc: TenantFleetError, request_id: str) -> web.Response:
     resp = web.Response(body=orjson.dumps(exc.envelope(request_id)), status=exc.status,
                         content_type="application/json")
-    if isinstance(exc, TenantMoving):
-        resp.headers["Retry-After"] = str(exc.details.get("retryAfter", 1))
+    retry = exc.details.get("retryAfter")
+    if retry is not None:  # TENANT_MOVING and any other error that says when to come back
+        resp.headers["Retry-After"] = str(retry)
     return resp
 
 
@@ -76,6 +77,10 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         resp = await handler(request)
         status = resp.status
     except TenantFleetError as exc:
+        if exc.status >= 500:  # the operator needs these; the client gets the envelope only
+            log.error("%s %s failed: %s: %s", request.method, request.path, exc.code, exc.message,
+                      exc_info=exc.__cause__ is not None,
+                      extra={"requestId": rid, "pluginId": request.get(REQ_PLUGIN), "tenantId": request.get(REQ_TENANT)})
         resp = error_response(exc, rid)
         status = exc.status
     except web.HTTPException as exc:

@@ -217,3 +217,22 @@ def test_json_logging_writes_each_record_as_one_json_line_and_keeps_tracebacks_i
     first, second = [orjson.loads(line) for line in buf.getvalue().splitlines()]
     assert {k: first[k] for k in fields} == fields
     assert second["msg"] == "unhandled" and second["requestId"] == "x" and "deep detail" in second["exc"]
+
+
+async def test_a_cutover_outlasting_the_fence_wait_is_503_tenant_moving_with_retry_after(fleet: Fleet) -> None:
+    import asyncpg
+
+    async with running_host(host_settings(fleet, fence_wait_ms=200)) as h:
+        rec, key = await tenant_with_key(fleet, h)
+        mover = await asyncpg.connect(fleet.shard_dsns[rec.shard_id])
+        try:
+            async with mover.transaction():
+                await mover.execute("SELECT pg_advisory_xact_lock(fleet.tenant_lock_key($1::uuid))", rec.tenant_id)
+                async with h.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+                    body = await r.json()
+                    assert r.status == 503 and body["error"]["code"] == "TENANT_MOVING"
+                    assert r.headers["Retry-After"] == "1"
+        finally:
+            await mover.close()
+        async with h.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+            assert r.status == 200
