@@ -153,4 +153,7 @@ def router_serve(state: CliState, port: int | None) -> None:
 
         await service.serve(settings, port=port, ready=ready, stop=stop)
 
-    run(go())
+    from host.logs import json_logging
+
+    with json_logging(settings.log_level):
+        run(go())

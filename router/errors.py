@@ -69,6 +69,11 @@ class NotFound(TenantFleetError):
     status = 404
 
 
+class MethodNotAllowed(TenantFleetError):
+    code = "METHOD_NOT_ALLOWED"
+    status = 405
+
+
 class PayloadTooLarge(TenantFleetError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413

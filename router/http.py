@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
+from router.errors import Internal, MethodNotAllowed, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
 
 log = logging.getLogger("tenantfleet.http")
 
@@ -50,6 +50,8 @@ def _from_http(exc: web.HTTPException) -> TenantFleetError:
         return NotFound("no such route")
     if exc.status == 413:
         return PayloadTooLarge("request body too large")
+    if exc.status == 405:
+        return MethodNotAllowed(f"method not allowed; allowed: {', '.join(sorted(getattr(exc, 'allowed_methods', ())))}")
     return ValidationFailed(exc.reason or "bad request")
 
 

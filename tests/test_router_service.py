@@ -157,3 +157,11 @@ async def test_unknown_route_is_an_enveloped_404(router_url: str, http: aiohttp.
     async with http.get(f"{router_url}/v2/whatever") as r:
         assert r.status == 404
         assert (await r.json())["error"]["code"] == "NOT_FOUND"
+
+
+async def test_wrong_method_is_an_enveloped_405_naming_the_allowed_ones(router_url: str,
+                                                                         http: aiohttp.ClientSession) -> None:
+    async with http.delete(f"{router_url}/v1/shards") as r:
+        assert r.status == 405
+        body = await r.json()
+    assert body["error"]["code"] == "METHOD_NOT_ALLOWED" and "GET" in body["error"]["message"]
