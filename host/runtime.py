@@ -27,6 +27,7 @@ from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
 from router.errors import ConfigInvalid, FleetError
+from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
@@ -38,7 +39,8 @@ SUBSCRIBE_WAIT_S = 5.0
 class HostRuntime:
     settings: Settings
     control: asyncpg.Pool
-    shard_pools: ShardPools
+    shard_pools: ShardPools   # the request path's: every connection runs as APP_ROLE
+    owner_pools: ShardPools   # the shard DSN's owner role: tenant schemas, plugin migrations
     directory: Directory
     resolver: ResolveClient
     redis: aioredis.Redis
@@ -74,8 +76,16 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def dsn_lookup(shard_id: str) -> str | None:
             return await holder[0].dsn_of(shard_id)
 
-        pools = await stack.enter_async_context(ShardPools(settings, dsn_lookup, reset=keep_connection))
-        directory = Directory(control, pools, settings)
+        # Two pool sets per shard, both from the shard's DSN. The request path (fence and
+        # plugin SQL) runs as APP_ROLE, which can read and write tenant rows but create,
+        # alter or drop nothing, so the public schema grants CREATE to no role the host's
+        # requests run as (CVE-2018-1058) even though the DSN is the owner's. Creating
+        # tenant schemas and applying plugin migrations (admin API) need the owner: those
+        # get pools of their own, opened on first use and holding no idle connections.
+        pools = await stack.enter_async_context(
+            ShardPools(settings, dsn_lookup, role=APP_ROLE, reset=keep_connection))
+        owner_pools = await stack.enter_async_context(ShardPools(settings, dsn_lookup, min_size=0))
+        directory = Directory(control, owner_pools, settings)
         holder.append(directory)
         resolver = await stack.enter_async_context(
             ResolveClient(settings, directory.lookup, registry=metrics.registry))
@@ -88,7 +98,7 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def publish(change: Mapping[str, Any]) -> None:
             await redis.publish(registry_channel(settings.redis_namespace), orjson.dumps(change))
 
-        registry = Registry(control, settings, discovery, pools, publish)
+        registry = Registry(control, settings, discovery, owner_pools, publish)
         await registry.sync_packages(discovery.plugins)
         auth = Authenticator(control)
         events = EventBus(redis, settings.redis_namespace, tasks, metrics)
@@ -106,8 +116,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
                              "the host needs it for invalidations, events and cron") from None
         cron = Cron(redis, settings.redis_namespace, tasks, metrics, registry.enabled_tenants)
         metrics.watch_pools(pools.opened)
-        rt = HostRuntime(settings=settings, control=control, shard_pools=pools, directory=directory,
-                         resolver=resolver, redis=redis, registry=registry, auth=auth, rbac=RbacService(control),
+        rt = HostRuntime(settings=settings, control=control, shard_pools=pools, owner_pools=owner_pools,
+                         directory=directory, resolver=resolver, redis=redis, registry=registry, auth=auth, rbac=RbacService(control),
                          tx=TenantTx(settings, resolver, pools, metrics), events=events, cron=cron, tasks=tasks,
                          metrics=metrics, discovery=discovery)
         if cron_jobs:

@@ -122,15 +122,21 @@ class Directory:
 
     async def prepare_shards(self) -> list[str]:
         """Re-run the idempotent ``fleet`` schema set-up on every registered shard (an upgrade
-        of tenantfleet may add shard functions). Returns the shards that could not be reached."""
+        of tenantfleet may add shard functions, or the app role and the grants of tenant
+        schemas made before it). ``shard_pools`` must connect as the shards' owner role.
+        Returns the shards that could not be reached."""
         unreachable: list[str] = []
         for shard in await self.list_shards():
             try:
                 pool = await self.shard_pools.get(shard.shard_id)
                 async with pool.acquire() as conn:
-                    await schema.ensure_shard(conn)
+                    caught_up = await schema.ensure_shard(conn)
             except ShardUnreachable:
                 unreachable.append(shard.shard_id)
+                continue
+            if caught_up:
+                log.info("shard %s: %d tenant schemas granted to the app role", shard.shard_id, caught_up,
+                         extra={"shardId": shard.shard_id})
         return unreachable
 
     async def list_shards(self) -> list[ShardRecord]:

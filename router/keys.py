@@ -28,6 +28,13 @@ DOMAIN_RE: Final = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0
 SHARD_ID_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 SCHEMA_RE: Final = re.compile(r"^t_[0-9a-f]{32}$")
 
+# The NOLOGIN role the host's request path runs as on every shard (least privilege,
+# CVE-2018-1058): USAGE on its tenant schemas and DML on their tables, read on public,
+# the fence; no CREATE anywhere. Roles are cluster-wide, so fleets sharing a server
+# share it; that grants nothing across databases (privileges are per object, and a
+# NOLOGIN role can't open a connection). Created by `router.schema.ensure_shard`.
+APP_ROLE: Final = "tenantfleet_app"
+
 TENANT_STATES: Final = ("provisioning", "active", "moving", "suspended", "deleting")
 SHARD_STATES: Final = ("active", "draining", "readonly", "offline")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import asyncpg
 import orjson
@@ -36,9 +36,41 @@ async def connect(dsn: str, settings: Settings, **kwargs: Any) -> asyncpg.Connec
     return result
 
 
-async def create_pool(dsn: str, settings: Settings, *, min_size: int, max_size: int, **kwargs: Any) -> asyncpg.Pool:
+def role_init(role: str) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, None]]:
+    """A pool ``init`` that also switches each new connection to ``role`` for its lifetime.
+
+    Once per connection, never per request: ``set_config('role', $1, false)`` is ``SET
+    ROLE`` with the name as a value (no identifier in SQL text), set at session level, and
+    the role survives the pool's reset (``RESET ALL`` skips it; PostgreSQL marks ``role``
+    GUC_NO_RESET_ALL) and every transaction. Not a startup parameter (``server_settings``):
+    poolers such as PgBouncer refuse unknown startup parameters, and ``init`` fails with a
+    clear error on a shard not prepared for the role.
+
+    What it does not do: the session user is still the DSN's owner, so SQL that runs
+    ``RESET ROLE`` (or ``set_config('role', 'none', false)``) gets the owner back. It keeps
+    plugin SQL from creating or altering objects by mistake or through a query built from
+    input; it is not a wall against code that sets out to escape it (plugin code runs in
+    the host process, next to the DSN, anyway). A LOGIN role of its own per shard would
+    be that wall.
+    """
+    async def init(conn: asyncpg.Connection) -> None:
+        await init_connection(conn)
+        try:
+            await conn.execute("SELECT pg_catalog.set_config('role', $1, false)", role)
+        except asyncpg.InvalidParameterValueError as exc:  # 22023: no such role on this server
+            raise ShardUnreachable(f"role {role} does not exist on this shard: prepare the shard with this "
+                                   "version of tenantfleet (`tenantfleet up`, or Directory.prepare_shards)",
+                                   role=role) from exc
+    return init
+
+
+async def create_pool(dsn: str, settings: Settings, *, min_size: int, max_size: int, role: str | None = None,
+                      **kwargs: Any) -> asyncpg.Pool:
+    """A bounded pool with tenantfleet's codecs; with ``role``, every connection runs as
+    that role (see `role_init`). SHARD_UNREACHABLE if the server doesn't answer."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init_connection,
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                         init=init_connection if role is None else role_init(role),
                                          timeout=settings.connect_timeout_s, **kwargs)
     except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise ShardUnreachable(f"cannot connect to {redact(dsn)}: {exc.__class__.__name__}: {exc}",
@@ -61,13 +93,20 @@ class ShardPools:
     """One bounded asyncpg pool per shard, opened on first use.
 
     ``dsn_lookup(shard_id)`` returns the shard's DSN (from the directory) or None.
+    Connections run as the DSN's role (the owner: DDL, the directory, the migrator), or,
+    with ``role``, switch to it once each (the host's request path: `APP_ROLE`).
+    ``min_size`` / ``max_size`` override the settings' shard pool bounds.
     Use as ``async with ShardPools(...) as pools``; closing closes every pool, and keeps
     going when one fails (it is terminated instead).
     """
 
-    def __init__(self, settings: Settings, dsn_lookup: DsnLookup, **pool_kwargs: Any) -> None:
+    def __init__(self, settings: Settings, dsn_lookup: DsnLookup, *, role: str | None = None,
+                 min_size: int | None = None, max_size: int | None = None, **pool_kwargs: Any) -> None:
         self._settings = settings
         self._dsn_lookup = dsn_lookup
+        self._role = role
+        self._min_size = settings.shard_pool_min if min_size is None else min_size
+        self._max_size = settings.shard_pool_max if max_size is None else max_size
         self._pool_kwargs = pool_kwargs
         self._pools: dict[str, asyncpg.Pool] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -92,8 +131,8 @@ class ShardPools:
                 dsn = await self._dsn_lookup(shard_id)
                 if dsn is None:
                     raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
-                pool = await create_pool(dsn, self._settings, min_size=self._settings.shard_pool_min,
-                                         max_size=self._settings.shard_pool_max, **self._pool_kwargs)
+                pool = await create_pool(dsn, self._settings, min_size=self._min_size, max_size=self._max_size,
+                                         role=self._role, **self._pool_kwargs)
                 self._pools[shard_id] = pool
         return pool
 

@@ -197,6 +197,83 @@ BEGIN
     RAISE EXCEPTION 'not a tenant schema name: %', name USING ERRCODE = '22023';
   END IF;
   EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', name);
+  PERFORM fleet.grant_app_role(name);
+END $fn$;
+
+-- What the host's request-path role (fleet.app_role(), see ensure_app_role) may do in one
+-- tenant schema: USAGE, and DML on its tables and sequences: now, and on whatever the
+-- migrator creates there later. ALTER DEFAULT PRIVILEGES applies to objects created by
+-- the role running it, i.e. the shard DSN's owner role: the same role the migrator
+-- connects as. Per schema, not database-wide: a database-wide default would also hand
+-- the app role DML on fleet.* (the ledger, the fence) and on public. The schema's
+-- default-ACL entry is dropped with the schema. Returns the schema name (set-based calls).
+CREATE OR REPLACE FUNCTION fleet.grant_app_role(name text) RETURNS text
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_role name := fleet.app_role();
+BEGIN
+  IF name !~ '^t_[0-9a-f]{32}$' THEN
+    RAISE EXCEPTION 'not a tenant schema name: %', name USING ERRCODE = '22023';
+  END IF;
+  EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', name, v_role);
+  EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I TO %I', name, v_role);
+  EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO %I', name, v_role);
+  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO %I',
+                 name, v_role);
+  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE, SELECT ON SEQUENCES TO %I', name, v_role);
+  RETURN name;
+END $fn$;
+
+-- The request path's role on this shard: created NOLOGIN if missing, given exactly what
+-- enter_tenant and plugin DML need, and remembered as fleet.app_role() (generated here,
+-- so the name is passed as a value and quoted server-side). Never given CREATE.
+-- Roles are cluster-wide while the bootstrap advisory lock is per database: shard
+-- databases on one server may race to CREATE ROLE; the loser gets 42710 or 23505 (the
+-- unique index on pg_authid) and uses the winner's role.
+CREATE OR REPLACE FUNCTION fleet.ensure_app_role(role name) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  r pg_catalog.pg_roles%ROWTYPE;
+BEGIN
+  IF role !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
+    RAISE EXCEPTION 'not an app role name: %', role USING ERRCODE = '22023';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role) THEN
+    BEGIN
+      EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', role);
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN
+      NULL;  -- another database on this server created it first
+    END;
+  END IF;
+  -- A role of that name made by someone else with more power would turn "least
+  -- privilege" into a privilege grant: refuse it rather than switch into it.
+  SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = role;
+  IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls THEN
+    RAISE EXCEPTION 'role % exists with attributes the app role must not have', role
+      USING ERRCODE = '42501', HINT = 'make it NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS';
+  END IF;
+  -- SET ROLE needs membership; a superuser owner is a member of every role already.
+  IF NOT pg_catalog.pg_has_role(current_user, role, 'MEMBER') THEN
+    BEGIN
+      EXECUTE format('GRANT %I TO %I', role, current_user);
+    EXCEPTION WHEN unique_violation THEN
+      NULL;  -- granted concurrently from another database
+    END;
+  END IF;
+  EXECUTE format('CREATE OR REPLACE FUNCTION fleet.app_role() RETURNS name LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                 format('SELECT %L::pg_catalog.name', role));
+  EXECUTE format('GRANT USAGE ON SCHEMA fleet TO %I', role);
+  EXECUTE format('GRANT EXECUTE ON FUNCTION fleet.enter_tenant(uuid, bigint, int), fleet.tenant_lock_key(uuid) TO %I',
+                 role);
+  EXECUTE format('GRANT SELECT ON TABLE fleet.tenant_fence TO %I', role);
+  -- public: read the plugins' shared (public-scope) tables; the migrator writes them.
+  EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', role);
+  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', role);
+  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO %I', role);
+  -- Temporary tables are CREATE too: pg_temp is searched before the tenant's schema, so
+  -- a temp table made on a pooled connection would shadow the next tenant's tables.
+  -- Only PUBLIC holds TEMPORARY by default; the database owner keeps it by ownership.
+  EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', pg_catalog.current_database());
 END $fn$;
 
 CREATE OR REPLACE FUNCTION fleet.drop_tenant_schema(name text) RETURNS void

@@ -271,7 +271,8 @@ async def apply_tenant(pools: ShardPools, settings: Settings, package: PluginPac
     budget; names file, shard, tenant), MIGRATION_DRIFT (unless ``allow_drift``),
     SHARD_NOT_FOUND / SHARD_UNREACHABLE (the tenant's shard is unknown or down).
 
-    ``pools`` may be the host's own pools: migration SQL runs without arguments (simple
+    ``pools`` must connect as the shard's owner role (the host passes its owner pools, not
+    the request path's, whose app role can't run DDL); migration SQL runs without arguments (simple
     protocol, nothing prepared); the ledger statements only touch ``fleet`` tables. Other
     connections that cached statements on a table this changes may see
     asyncpg.InvalidCachedStatementError once (asyncpg re-prepares outside transactions).
