@@ -252,12 +252,19 @@ BEGIN
     RAISE EXCEPTION 'role % exists with attributes the app role must not have', role
       USING ERRCODE = '42501', HINT = 'make it NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS';
   END IF;
-  -- SET ROLE needs membership; a superuser owner is a member of every role already.
-  IF NOT pg_catalog.pg_has_role(current_user, role, 'MEMBER') THEN
+  -- SET ROLE needs membership (PostgreSQL 16+: a membership with the SET option; the
+  -- ADMIN-only membership a CREATEROLE owner gets by creating the role is not enough).
+  -- A superuser owner passes either check already.
+  IF NOT pg_catalog.pg_has_role(current_user, role,
+       CASE WHEN pg_catalog.current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END) THEN
     BEGIN
       EXECUTE format('GRANT %I TO %I', role, current_user);
-    EXCEPTION WHEN unique_violation THEN
-      NULL;  -- granted concurrently from another database
+    EXCEPTION
+      WHEN unique_violation THEN
+        NULL;  -- granted concurrently from another database
+      WHEN insufficient_privilege THEN  -- e.g. PostgreSQL 16+, a role another owner created
+        RAISE EXCEPTION 'role % may not switch to role % and can''t grant it to itself', current_user, role
+          USING ERRCODE = '42501', HINT = format('as a superuser: GRANT %I TO %I', role, current_user);
     END;
   END IF;
   EXECUTE format('CREATE OR REPLACE FUNCTION fleet.app_role() RETURNS name LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',

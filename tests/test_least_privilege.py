@@ -24,6 +24,7 @@ from router.errors import ShardUnreachable
 from router.keys import APP_ROLE
 from router.models import TenantRecord
 from router.pools import ShardPools
+from router.settings import Settings
 from shard_migrations.engine import apply_tenant
 from tests.fleetkit import Fleet, Servers, create_database, drop_database
 from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
@@ -213,3 +214,45 @@ async def test_shard_databases_on_one_server_racing_to_create_the_role_both_get_
         await drop_database(admin_dsn, db_name)
         await holder.execute(f"DROP ROLE IF EXISTS {quoted}")
         await holder.close()
+
+
+async def test_a_shard_owned_by_a_non_superuser_creates_joins_and_switches_to_the_app_role(servers: Servers) -> None:
+    # Managed servers (RDS and the like) give no superuser: the DSN's owner has CREATEROLE
+    # and owns its database. Role names of this test's own, dropped at the end.
+    tag = uuid.uuid4().hex[:10]
+    owner_role, app_role = f"tf_owner_{tag}", f"tf_app_{tag}"
+    admin_dsn = next(iter(servers.shard_admin_dsns.values()))
+    db_name = f"tf_{tag}ab_owned"
+    dsn = await create_database(admin_dsn, db_name)
+    admin = await asyncpg.connect(admin_dsn)
+    # test-only DDL: identifiers quoted by the server
+    o, a, d = await admin.fetchrow("SELECT quote_ident($1), quote_ident($2), quote_ident($3)",
+                                   owner_role, app_role, db_name)
+    try:
+        await admin.execute(f"CREATE ROLE {o} LOGIN CREATEROLE")
+        await admin.execute(f"ALTER DATABASE {d} OWNER TO {o}")
+        owner_dsn = dsn.replace("://postgres@", f"://{owner_role}@", 1)
+        assert owner_dsn != dsn
+        owner = await asyncpg.connect(owner_dsn)
+        try:
+            assert not await owner.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            await schema.ensure_shard(owner, app_role)
+            await owner.execute("SELECT fleet.create_tenant_schema('t_' || repeat('b', 32))")
+        finally:
+            await owner.close()
+        settings = Settings.load(environ={}, control_dsn=owner_dsn)
+
+        async def lookup(_: str) -> str:
+            return owner_dsn
+        async with ShardPools(settings, lookup, role=app_role) as pools:
+            pool = await pools.get("owned")
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT current_user") == app_role
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.execute("CREATE TABLE public.tf_hijack (x int)")
+                assert await conn.fetchval("SELECT has_schema_privilege('t_' || repeat('b', 32), 'USAGE')")
+    finally:
+        await drop_database(admin_dsn, db_name)
+        await admin.execute(f"DROP ROLE IF EXISTS {a}")
+        await admin.execute(f"DROP ROLE IF EXISTS {o}")
+        await admin.close()
