@@ -15,7 +15,7 @@ _BOOTSTRAP_LOCK = 0x7466_626F_6F74_0001
 # 100k schemas' catalog locks at once; once caught up, one cheap query finds nothing.
 GRANT_BATCH = 1000
 _GRANT_MISSING = """
-SELECT count(fleet.grant_app_role(n.nspname))
+SELECT fleet.grant_app_role(coalesce(array_agg(n.nspname::text), '{}'), true)
 FROM (SELECT nspname FROM pg_catalog.pg_namespace n
       WHERE nspname ~ '^t_[0-9a-f]{32}$'
         AND NOT pg_catalog.has_schema_privilege(fleet.app_role(), n.oid, 'USAGE')
@@ -28,7 +28,7 @@ _SHARD_HARDENING = [
     # These run as their caller and fail without the owner's privileges anyway; nobody
     # else has a reason to call them.
     "REVOKE EXECUTE ON FUNCTION fleet.create_tenant_schema(text), fleet.drop_tenant_schema(text), "
-    "fleet.grant_app_role(text), fleet.ensure_app_role(name) FROM PUBLIC",
+    "fleet.grant_app_role(text[], boolean), fleet.ensure_app_role(name) FROM PUBLIC",
 ]
 
 
