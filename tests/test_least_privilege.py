@@ -130,6 +130,19 @@ async def test_the_role_is_switched_once_per_connection_never_per_request(fleet:
         assert len(logged) == 3 * 5 and not [q for q in logged if "role" in q]
 
 
+async def test_the_role_outlives_asyncpgs_default_reset_between_borrowers(fleet: Fleet) -> None:
+    # the host skips the reset (keep_connection); a pool that keeps asyncpg's RESET ALL
+    # must not hand the next borrower the owner role either
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE) as pools:
+        pool = await pools.get("shard1")
+        seen = []
+        for _ in range(3):
+            async with pool.acquire() as conn:
+                seen.append((await conn.fetchval("SELECT current_user"), conn.get_server_pid()))
+    assert len(set(seen)) == 1 and seen[0][0] == APP_ROLE
+
+
 async def test_a_tenant_schema_made_before_the_app_role_gets_its_grants_on_prepare_shards(fleet: Fleet) -> None:
     rec = await fleet.directory.create_tenant(code(), shard_id="shard2")
     pkg = discover().get("inventory")
