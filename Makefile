@@ -31,6 +31,16 @@ test-external: $(STAMP)
 	TENANTFLEET_TEST_EXTERNAL_REDIS=$${TENANTFLEET_TEST_EXTERNAL_REDIS:-redis://127.0.0.1:6379/15} \
 	$(BIN)/pytest -q -p no:cacheprovider
 
+## Benchmarks (figures, not tests): installs what they need (the bench extra, and wrk), then runs all three.
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y wrk || { apt-get update && apt-get install -y wrk; }; \
+	  else echo "make bench: wrk is not installed; as root: apt-get install -y wrk (Debian's package)" >&2; exit 1; fi; }
+	$(BIN)/python bench/resolve.py
+	$(BIN)/python bench/migrate.py
+	$(BIN)/python bench/request_path.py --profile
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 

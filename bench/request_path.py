@@ -143,7 +143,7 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
 
 def _serve_host(args: argparse.Namespace) -> None:
     """Child process: run the host (optionally under pyinstrument) until SIGTERM."""
-    from host.app import serve
+    from host.app import run, serve
     from host.logs import json_logging
     from router.settings import Settings
 
@@ -163,7 +163,7 @@ def _serve_host(args: argparse.Namespace) -> None:
                 profiler.start()
         await serve(settings, ready=ready, stop=stop)
     with open(RESULTS / "host.log", "w") as log_file, json_logging(args.host_log_level, log_file):
-        asyncio.run(main())
+        run(main())  # on uvloop when installed, as `tenantfleet serve` (the yardstick does the same)
     if profiler is not None:
         profiler.stop()
         Path(args.profile_out).write_text(profiler.output_text(unicode=False, color=False, show_all=True))

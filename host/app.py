@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +33,8 @@ from host.runtime import open_host_runtime
 from router.settings import Settings
 
 log = logging.getLogger("tenantfleet.host")
+
+T = TypeVar("T")
 
 
 def build_app(settings: Settings, *, discovery: Discovery | None = None,
@@ -132,3 +134,24 @@ async def serve(settings: Settings, *, port: int | None = None, host: str | None
         if ready is not None:
             await ready(url)
         await (stop or asyncio.Event()).wait()
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a Linux/macOS dependency), else None (asyncio's).
+
+    Why: the request path is mostly socket I/O (PostgreSQL round trips, the HTTP
+    response); uvloop's transports cost less CPU per send and receive than the selector
+    loop's (bench/request_path.py, both sides on the same loop: see bench/README.md).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on `loop_factory`'s loop: how `tenantfleet serve` and `up` run the host."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)

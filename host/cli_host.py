@@ -1,7 +1,6 @@
 """`tenantfleet serve`, `tenantfleet plugins ...`, `tenantfleet keys create`: adapters over the host's services."""
 from __future__ import annotations
 
-import asyncio
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -44,7 +43,7 @@ async def _tenant(rt: HostRuntime, name: str) -> TenantRecord:
 @pass_state
 def serve(state: CliState, port: int | None) -> None:
     """Run the plugin host until SIGINT/SIGTERM (stops accepting, drains, then closes)."""
-    from host.app import serve as serve_host
+    from host.app import run as run_host, serve as serve_host
     from host.logs import json_logging
 
     async def go() -> None:
@@ -52,7 +51,7 @@ def serve(state: CliState, port: int | None) -> None:
             click.echo(f"host listening on {url}", err=True)
         await serve_host(state.settings, port=port, ready=ready, stop=stop_on_signals())
     with json_logging(state.settings.log_level):
-        asyncio.run(go())
+        run_host(go())  # on uvloop when it is installed
 
 
 @cli.group()
