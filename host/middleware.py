@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from host.keys import MAX_HEADER_BYTES, METRICS, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
+from host.logs import access_json, direct_handler
 from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
 
 access_log = logging.getLogger("tenantfleet.access")
@@ -114,7 +115,11 @@ def _record(request: web.Request, rid: str, status: int, seconds: float) -> None
         fields: dict[str, Any] = {"pluginId": plugin, "tenantId": request.get(REQ_TENANT), "route": route,
                                   "method": request.method, "status": status, "ms": round(seconds * 1000, 3),
                                   "requestId": rid}
-        access_log.info(_Line(fields), extra={"fields": fields})
+        sink = direct_handler(access_log, logging.INFO)
+        if sink is not None:  # the same line logging would write, for a fraction of the CPU
+            sink.write_line(access_json(access_log.name, time.time(), fields))
+        else:
+            access_log.info(_Line(fields), extra={"fields": fields})
 
 
 class _Line:

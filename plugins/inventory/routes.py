@@ -83,6 +83,10 @@ def setup(ctx: PluginContext) -> None:
     def columns(request: web.Request) -> str:
         return cols_v11 if has_location(request) else cols_v1
 
+    # Built once: the same text every time, so asyncpg's statement cache reuses the prepared statement.
+    list_sql_v1 = f"SELECT {list_v1} FROM items ORDER BY id LIMIT $1 OFFSET $2"
+    list_sql_v11 = f"SELECT {list_v11} FROM items ORDER BY id LIMIT $1 OFFSET $2"
+
     @ctx.router.get("/items")
     @ctx.rbac.require("inventory.view")
     async def list_items(request: web.Request) -> web.StreamResponse:
@@ -90,7 +94,7 @@ def setup(ctx: PluginContext) -> None:
         caller = ctx.caller(request)
         limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
         offset = _int_param(request, "offset", 0, 0, 10_000_000)
-        sql = f"SELECT {list_v11 if has_location(request) else list_v1} FROM items ORDER BY id LIMIT $1 OFFSET $2"
+        sql = list_sql_v11 if _version(caller.plugin_version) >= LOCATION_SINCE else list_sql_v1
 
         async def run(db: Db) -> list[Any]:
             return await db.fetch(sql, limit, offset)
