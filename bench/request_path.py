@@ -12,8 +12,10 @@ tenant per request):
          gate, RBAC, fence, metrics, one JSON log line (to a file), 10 rows
   bare4 / bare3 / bare1   bare_tenant_server.py with 4, 3 and 1 round trips
 
-Every server is its own single process with a pool of 8. Medians of throughput and p99
-go to stdout and bench/results/request_path.json (with ratios). ``--profile`` runs one
+Every server is its own single process with a pool of 8, on uvloop when it is installed
+(the yardstick picks it the same way). Medians of throughput, p99 and CPU per request
+(the server's, PostgreSQL's and wrk's: they share the cores) go to stdout and
+bench/results/request_path.json (with ratios). ``--profile`` runs one
 extra host round under pyinstrument and writes bench/results/request_path_profile.txt.
 It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off.
 """
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import json
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -43,14 +46,18 @@ TENANTS = 100
 
 
 def _wrk(url: str, script: Path, duration: int) -> dict[str, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(["wrk", "-t1", "-c32", f"-d{duration}s", "-s", str(script), "--latency", url],
                          capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only wrk exits meanwhile: its CPU
+    wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([0-9.]+)(us|ms|s)", out)
     assert p99 is not None, out
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": float(errors.group(1)) if errors else 0.0}
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "non2xx": float(errors.group(1)) if errors else 0.0,
+            "wrk_cpu_s": wrk_cpu}
 
 
 def _cpu_s(pid: int) -> float:
@@ -58,6 +65,33 @@ def _cpu_s(pid: int) -> float:
     import os
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_cpu_s(postmaster: int) -> float:
+    """utime + stime of a PostgreSQL server: the postmaster, its live children, and (through
+    the postmaster's cutime + cstime) the children it has reaped, such as autovacuum workers."""
+    import os
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(stat.parent.name) == postmaster:
+            total += sum(int(f) for f in fields[11:15])
+        elif int(fields[1]) == postmaster:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def _postmaster_pid(dsn: str) -> int:
+    import asyncpg
+    conn = await asyncpg.connect(dsn)
+    try:  # the backend's parent, read while the backend is still there
+        backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    finally:
+        await conn.close()
 
 
 def _wait_port(port: int, deadline_s: float = 30.0) -> None:
@@ -226,19 +260,27 @@ def main() -> None:
         targets = {"host": (ports["host"], host_lua), **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua")
                                                           for n in (4, 3, 1)}}
         pids = {"host": procs[0].pid, "bare4": procs[1].pid, "bare3": procs[2].pid, "bare1": procs[3].pid}
+        postmaster = asyncio.run(_postmaster_pid(shard_dsn))
         for name, (port, script) in targets.items():  # warm-up: pools, caches, prepared statements
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
             for name, (port, script) in targets.items():
-                cpu = _cpu_s(pids[name])
+                cpu, pg_cpu = _cpu_s(pids[name]), _postgres_cpu_s(postmaster)
                 res = _wrk(f"http://127.0.0.1:{port}", script, args.duration)
-                # server CPU per request: robust to noisy neighbours, unlike req/s
-                res["cpu_us_per_req"] = (_cpu_s(pids[name]) - cpu) / (res["rps"] * args.duration) * 1e6
+                served = res["rps"] * args.duration
+                # CPU per request: robust to noisy neighbours, unlike req/s. The three
+                # processes share the machine's cores: the server, PostgreSQL (only this
+                # target's connections are busy during its round), and wrk itself.
+                res["cpu_us_per_req"] = (_cpu_s(pids[name]) - cpu) / served * 1e6
+                res["pg_cpu_us_per_req"] = (_postgres_cpu_s(postmaster) - pg_cpu) / served * 1e6
+                res["wrk_cpu_us_per_req"] = res.pop("wrk_cpu_s") / served * 1e6
                 runs[name].append(res)
                 print(f"round {r + 1} {name:6s} {res['rps']:9.0f} req/s  p99 {res['p99_ms']:7.2f} ms"
-                      f"  server CPU {res['cpu_us_per_req']:5.0f} us/req  non-2xx {res['non2xx']:.0f}", flush=True)
-        med = {n: {k: statistics.median(x[k] for x in v) for k in ("rps", "p99_ms", "cpu_us_per_req")}
+                      f"  CPU us/req: server {res['cpu_us_per_req']:4.0f} postgres {res['pg_cpu_us_per_req']:4.0f}"
+                      f" wrk {res['wrk_cpu_us_per_req']:3.0f}  non-2xx {res['non2xx']:.0f}", flush=True)
+        med = {n: {k: statistics.median(x[k] for x in v)
+                   for k in ("rps", "p99_ms", "cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")}
                for n, v in runs.items()}
         ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
                   for b in ("bare4", "bare3", "bare1")}
@@ -247,7 +289,8 @@ def main() -> None:
                                   "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
         print("\nmedians:")
         for n, m in med.items():
-            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms  server CPU {m['cpu_us_per_req']:5.0f} us/req")
+            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms  CPU us/req: server"
+                  f" {m['cpu_us_per_req']:4.0f} postgres {m['pg_cpu_us_per_req']:4.0f} wrk {m['wrk_cpu_us_per_req']:3.0f}")
         print("ratios (host / yardstick): " + ", ".join(
             f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
         print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items()))
