@@ -122,10 +122,11 @@ def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
             tg.create_task(service.serve(settings, ready=router_ready, stop=stop))
             tg.create_task(host_app.serve(settings, ready=host_ready, stop=stop))
 
+    from host.app import run as run_on_fast_loop
     from host.logs import json_logging
 
     with json_logging(settings.log_level):  # one JSON line per request and event, on stderr
-        asyncio.run(serve_all())
+        run_on_fast_loop(serve_all())  # uvloop when installed, as `tenantfleet serve`
     click.echo("stopped serving; the fleet's servers keep running (`tenantfleet down` stops them)")
 
 

@@ -153,7 +153,8 @@ def router_serve(state: CliState, port: int | None) -> None:
 
         await service.serve(settings, port=port, ready=ready, stop=stop)
 
+    from host.app import run as run_on_fast_loop
     from host.logs import json_logging
 
     with json_logging(settings.log_level):
-        run(go())
+        run_on_fast_loop(go())
