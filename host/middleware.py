@@ -21,7 +21,8 @@ from aiohttp import web
 
 from host.keys import MAX_HEADER_BYTES, METRICS, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
 from host.logs import access_json, direct_handler
-from router.errors import Internal, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
+from router.errors import Internal, TenantFleetError, ValidationFailed
+from router.http import error_response, from_http
 
 access_log = logging.getLogger("tenantfleet.access")
 log = logging.getLogger("tenantfleet.host")
@@ -32,23 +33,6 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(1)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(exc: TenantFleetError, request_id: str) -> web.Response:
-    resp = web.Response(body=orjson.dumps(exc.envelope(request_id)), status=exc.status,
-                        content_type="application/json")
-    retry = exc.details.get("retryAfter")
-    if retry is not None:  # TENANT_MOVING and any other error that says when to come back
-        resp.headers["Retry-After"] = str(retry)
-    return resp
-
-
-def _from_http(exc: web.HTTPException) -> TenantFleetError:
-    if exc.status == 404:
-        return NotFound("no such route")
-    if exc.status == 413:
-        return PayloadTooLarge("request body too large")
-    return ValidationFailed(exc.reason or "bad request", status=exc.status)
 
 
 def _check_headers(request: web.Request) -> None:
@@ -87,10 +71,9 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        mapped = _from_http(exc)
-        resp = error_response(mapped, rid)
-        if mapped.code == "VALIDATION_FAILED" and 400 <= exc.status < 500:
-            resp.set_status(exc.status)  # e.g. 405 stays 405; the envelope says why
+        resp = error_response(from_http(exc), rid)
+        if 400 <= exc.status < 500:
+            resp.set_status(exc.status)  # the envelope says why; the status stays aiohttp's
         status = resp.status
     except asyncio.CancelledError:
         status = 499  # the client went away; nothing to send

@@ -38,6 +38,8 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(exc: TenantFleetError, rid: str) -> web.Response:
+    """The envelope response for ``exc``: its status, ``X-Request-Id``, and ``Retry-After``
+    when the error says when to come back (TENANT_MOVING)."""
     headers = {REQUEST_ID_HEADER: rid}
     retry = exc.details.get("retryAfter")
     if retry is not None:
@@ -45,7 +47,8 @@ def error_response(exc: TenantFleetError, rid: str) -> web.Response:
     return json_response(exc.envelope(rid), status=exc.status, headers=headers)
 
 
-def _from_http(exc: web.HTTPException) -> TenantFleetError:
+def from_http(exc: web.HTTPException) -> TenantFleetError:
+    """The envelope error for one of aiohttp's HTTP errors (the status is kept by the caller)."""
     if exc.status == 404:
         return NotFound("no such route")
     if exc.status == 413:
@@ -68,7 +71,7 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        resp_err = error_response(_from_http(exc), rid)
+        resp_err = error_response(from_http(exc), rid)
         resp_err.set_status(exc.status)
         return resp_err
     except Exception:
