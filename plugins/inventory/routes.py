@@ -67,25 +67,36 @@ def _qty(body: dict[str, Any], *, required: bool) -> int | None:
     return value
 
 
+# Whole query texts, keyed by "inventory >= 1.1.0 is installed for the caller" (the
+# `location` column): nothing is assembled at run time, and each text stays the same so
+# asyncpg's statement cache reuses it. The list returns compact rows; timestamps come with
+# the single item (two timestamptz per row cost ~25% of the list route, see bench/README.md).
+LIST_SQL = {
+    False: "SELECT id, sku, name, qty FROM items ORDER BY id LIMIT $1 OFFSET $2",
+    True: "SELECT id, sku, name, qty, location FROM items ORDER BY id LIMIT $1 OFFSET $2",
+}
+GET_SQL = {
+    False: "SELECT id, sku, name, qty, created_at, updated_at FROM items WHERE id = $1",
+    True: "SELECT id, sku, name, qty, created_at, updated_at, location FROM items WHERE id = $1",
+}
+INSERT_SQL = {
+    False: "INSERT INTO items (sku, name, qty) VALUES ($1, $2, $3) ON CONFLICT (sku) DO NOTHING "
+           "RETURNING id, sku, name, qty, created_at, updated_at",
+    True: "INSERT INTO items (sku, name, qty, location) VALUES ($1, $2, $3, $4) ON CONFLICT (sku) DO NOTHING "
+          "RETURNING id, sku, name, qty, created_at, updated_at, location",
+}
+UPDATE_SQL = {
+    False: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), updated_at = now() "
+           "WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at",
+    True: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), location = coalesce($4, location), "
+          "updated_at = now() WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at, location",
+}
+
+
 def setup(ctx: PluginContext) -> None:
     """Register inventory's routes and its health check."""
-    # Column lists are constants chosen by version, never request text. The list route
-    # returns compact rows; timestamps come with the single item (decoding and encoding
-    # two timestamptz per row cost ~25% of the list route's throughput, see bench/README.md).
-    cols_v1 = "id, sku, name, qty, created_at, updated_at"
-    cols_v11 = cols_v1 + ", location"
-    list_v1 = "id, sku, name, qty"
-    list_v11 = list_v1 + ", location"
-
     def has_location(request: web.Request) -> bool:
         return _version(ctx.caller(request).plugin_version) >= LOCATION_SINCE
-
-    def columns(request: web.Request) -> str:
-        return cols_v11 if has_location(request) else cols_v1
-
-    # Built once: the same text every time, so asyncpg's statement cache reuses the prepared statement.
-    list_sql_v1 = f"SELECT {list_v1} FROM items ORDER BY id LIMIT $1 OFFSET $2"
-    list_sql_v11 = f"SELECT {list_v11} FROM items ORDER BY id LIMIT $1 OFFSET $2"
 
     @ctx.router.get("/items")
     @ctx.rbac.require("inventory.view")
@@ -94,7 +105,7 @@ def setup(ctx: PluginContext) -> None:
         caller = ctx.caller(request)
         limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
         offset = _int_param(request, "offset", 0, 0, 10_000_000)
-        sql = list_sql_v11 if _version(caller.plugin_version) >= LOCATION_SINCE else list_sql_v1
+        sql = LIST_SQL[_version(caller.plugin_version) >= LOCATION_SINCE]
 
         async def run(db: Db) -> list[Any]:
             return await db.fetch(sql, limit, offset)
@@ -106,7 +117,7 @@ def setup(ctx: PluginContext) -> None:
     async def get_item(request: web.Request) -> web.StreamResponse:
         caller = ctx.caller(request)
         item_id = _item_id(request)
-        sql = f"SELECT {columns(request)} FROM items WHERE id = $1"
+        sql = GET_SQL[has_location(request)]
 
         async def run(db: Db) -> Any:
             return await db.fetchrow(sql, item_id)
@@ -123,19 +134,15 @@ def setup(ctx: PluginContext) -> None:
         sku = _str(body, "sku", required=True, max_len=64)
         name = _str(body, "name", required=False, max_len=200)
         qty = _qty(body, required=True)
-        with_location = columns(request) == cols_v11
+        with_location = has_location(request)
         location = _str(body, "location", required=False, max_len=100) if with_location else None
         if not with_location and "location" in body:
             raise ValidationFailed("location needs inventory 1.1.0, not installed for this tenant", field="location")
 
         async def run(db: Db) -> Any:
             if with_location:
-                return await db.fetchrow(
-                    f"INSERT INTO items (sku, name, qty, location) VALUES ($1, $2, $3, $4) "
-                    f"ON CONFLICT (sku) DO NOTHING RETURNING {cols_v11}", sku, name, qty, location)
-            return await db.fetchrow(
-                f"INSERT INTO items (sku, name, qty) VALUES ($1, $2, $3) ON CONFLICT (sku) DO NOTHING "
-                f"RETURNING {cols_v1}", sku, name, qty)
+                return await db.fetchrow(INSERT_SQL[True], sku, name, qty, location)
+            return await db.fetchrow(INSERT_SQL[False], sku, name, qty)
         row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
         if row is None:
             raise ValidationFailed(f"an item with sku {sku} exists", field="sku")
@@ -152,21 +159,15 @@ def setup(ctx: PluginContext) -> None:
         body = await json_body(request)
         name = _str(body, "name", required=False, max_len=200)
         qty = _qty(body, required=False)
-        with_location = columns(request) == cols_v11
+        with_location = has_location(request)
         if not with_location and "location" in body:
             raise ValidationFailed("location needs inventory 1.1.0, not installed for this tenant", field="location")
         location = _str(body, "location", required=False, max_len=100) if with_location else None
-        cols = columns(request)
 
         async def run(db: Db) -> Any:
             if with_location:
-                return await db.fetchrow(
-                    f"UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), "
-                    f"location = coalesce($4, location), updated_at = now() WHERE id = $1 RETURNING {cols}",
-                    item_id, name, qty, location)
-            return await db.fetchrow(
-                f"UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), updated_at = now() "
-                f"WHERE id = $1 RETURNING {cols}", item_id, name, qty)
+                return await db.fetchrow(UPDATE_SQL[True], item_id, name, qty, location)
+            return await db.fetchrow(UPDATE_SQL[False], item_id, name, qty)
         row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
         if row is None:
             raise NotFound(f"no item {item_id}", itemId=item_id)
