@@ -10,7 +10,7 @@ import importlib
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Awaitable, Iterable, Sequence, TypeVar
 
 import click
 import orjson
@@ -91,9 +91,6 @@ def cli(ctx: click.Context, as_json: bool) -> None:
 
 
 pass_state = click.make_pass_decorator(CliState)
-
-Handler = Callable[..., Any]
-
 
 # Modules that add their commands to `cli` when imported (one line each).
 COMMAND_MODULES = (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
 import asyncpg
 
@@ -273,7 +273,3 @@ def normalise_query(*, id: str | None = None, code: str | None = None, domain: s
     if kind == "code":
         return kind, check_code(value)
     return kind, check_domain(value)
-
-
-def dumps_records(records: Sequence[Any]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in records]

@@ -10,13 +10,13 @@ import asyncio
 import hmac
 import time
 from contextlib import AsyncExitStack
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from router.client import ResolveClient
-from router.directory import Directory, normalise_query
+from router.directory import normalise_query
 from router.errors import Unauthorized, ValidationFailed
 from router.http import Handler, envelope_middleware, json_response, read_json_object
 from router.models import TenantRecord, parse_tenant_id
@@ -30,17 +30,6 @@ class Resolver(Protocol):
                       domain: str | None = None) -> TenantRecord: ...
 
 
-class DirectResolver:
-    """Resolves straight from the control plane (no cache)."""
-
-    def __init__(self, directory: Directory) -> None:
-        self._directory = directory
-
-    async def resolve(self, *, id: str | None = None, code: str | None = None,
-                      domain: str | None = None) -> TenantRecord:
-        return await self._directory.get(id=id, code=code, domain=domain)
-
-
 RUNTIME = web.AppKey("runtime", RouterRuntime)
 CLIENT = web.AppKey("client", ResolveClient)
 RESOLVER = web.AppKey("resolver", object)
@@ -48,7 +37,6 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 SETTINGS = web.AppKey("settings", Settings)
 HTTP_REQUESTS = web.AppKey("http_requests", Counter)
 HTTP_LATENCY = web.AppKey("http_latency", Histogram)
-Startup = Callable[[web.Application], AsyncIterator[None]]
 
 
 def _resolver(request: web.Request) -> Resolver:
