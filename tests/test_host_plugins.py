@@ -289,3 +289,19 @@ async def test_shutdown_stops_accepting_and_lets_in_flight_requests_finish(fleet
         with pytest.raises(aiohttp.ClientConnectionError):
             async with http.get(f"{url}/healthz"):
                 pass
+
+
+async def test_a_role_change_on_one_host_reaches_another_hosts_cached_principal_within_a_second(
+        fleet: Fleet) -> None:
+    async with running_host(host_settings(fleet)) as h1, running_host(host_settings(fleet)) as h2:
+        rec, key = await tenant_with_key(fleet, h1)
+        assert await _ok(h2, key, rec.code)  # h2 now holds the principal in its header-keyed cache
+        await h1.admin("PUT", f"/admin/tenants/{rec.code}/roles/INVENTORY_MANAGER",
+                       {"displayName": "Mgr", "permissions": ["custom.thing"]})
+        started = time.monotonic()
+
+        async def h2_forbids() -> bool:
+            async with h2.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+                return r.status == 403 and (await r.json())["error"]["permission"] == "inventory.view"
+        await _until(h2_forbids, timeout=1.0)
+        assert time.monotonic() - started < 1.0
