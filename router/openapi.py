@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from router.keys import CODE_RE, TENANT_STATES
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -27,13 +29,13 @@ DOCUMENT: dict[str, Any] = {
             "Tenant": {"type": "object", "properties": {
                 "tenant_id": {"type": "string", "format": "uuid"}, "code": {"type": "string"},
                 "schema": {"type": "string"}, "shard_id": {"type": "string"},
-                "state": {"type": "string", "enum": ["provisioning", "active", "moving", "suspended", "deleting"]},
+                "state": {"type": "string", "enum": list(TENANT_STATES)},
                 "epoch": {"type": "integer"}, "domains": {"type": "array", "items": {"type": "string"}}}},
             "Shard": {"type": "object", "properties": {
                 "shard_id": {"type": "string"}, "dsn": {"type": "string"}, "state": {"type": "string"},
                 "capacity": {"type": "integer"}, "weight": {"type": "integer"}, "tenants": {"type": "integer"}}},
             "NewTenant": {"type": "object", "required": ["code"], "properties": {
-                "code": {"type": "string", "pattern": "^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"},
+                "code": {"type": "string", "pattern": CODE_RE.pattern},
                 "domains": {"type": "array", "items": {"type": "string"}}, "shard_id": {"type": "string"}}},
             "NewShard": {"type": "object", "required": ["shard_id", "dsn"], "properties": {
                 "shard_id": {"type": "string"}, "dsn": {"type": "string"},
