@@ -6,6 +6,7 @@ from typing import Any
 import click
 
 from host.cli import CliState, cli, emit, pass_state, run, stop_on_signals
+from router.keys import SHARD_STATES
 from router.runtime import open_runtime
 
 TENANT_COLUMNS = ["tenant_id", "code", "shard_id", "schema", "state", "epoch", "domains"]
@@ -119,7 +120,7 @@ def shards_list(state: CliState) -> None:
 
 @shards.command("set-state")
 @click.argument("shard_id")
-@click.argument("new_state", type=click.Choice(["active", "draining", "readonly", "offline"]))
+@click.argument("new_state", type=click.Choice(SHARD_STATES))
 @pass_state
 def shards_set_state(state: CliState, shard_id: str, new_state: str) -> None:
     """Set SHARD_ID's state; only active shards receive new tenants."""
