@@ -10,7 +10,7 @@ import importlib
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any, Awaitable, Iterable, Sequence, TypeVar
+from typing import Any, Coroutine, Iterable, Sequence, TypeVar
 
 import click
 import orjson
@@ -30,8 +30,8 @@ class CliState:
     console: Console
 
 
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
 
 
 def stop_on_signals() -> asyncio.Event:
