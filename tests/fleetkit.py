@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 
 from host.embedded import EmbeddedFleet
 from router.directory import Directory
-from router.pools import ShardPools, create_pool
+from router.pools import ShardPools
+from router.runtime import open_runtime
 from router.settings import Settings
 
 _DBNAME = re.compile(r"^tf_[0-9a-f]{12}_[a-z0-9]+$")
@@ -101,7 +102,8 @@ class Fleet:
 
 
 async def open_fleet(servers: Servers, stack: AsyncExitStack, *, shards: int = 3, **overrides: Any) -> Fleet:
-    """Create and bootstrap a fresh fleet; everything it opens is closed by ``stack``."""
+    """Create and bootstrap a fresh fleet (through `open_runtime`, as the CLI and services
+    do); everything it opens is closed by ``stack``."""
     tag = uuid.uuid4().hex[:12]
     control_name = f"tf_{tag}_control"
     control_dsn = await create_database(servers.control_admin_dsn, control_name)
@@ -113,18 +115,7 @@ async def open_fleet(servers: Servers, stack: AsyncExitStack, *, shards: int = 3
         stack.push_async_callback(drop_database, admin, name)
     settings = Settings.load(environ={}, control_dsn=control_dsn, redis_url=servers.redis_url,
                              redis_namespace=f"tf{tag}", **overrides)
-    control = await create_pool(control_dsn, settings, min_size=1, max_size=10)
-    stack.push_async_callback(control.close)
-    await Directory.bootstrap(control)
-    directory: Directory | None = None
-
-    async def dsn_lookup(shard_id: str) -> str | None:
-        assert directory is not None
-        return await directory.dsn_of(shard_id)
-
-    pools = ShardPools(settings, dsn_lookup)
-    stack.push_async_callback(pools.close)
-    directory = Directory(control, pools, settings)
+    rt = await stack.enter_async_context(open_runtime(settings))
     for shard_id, dsn in shard_dsns.items():
-        await directory.add_shard(shard_id, dsn)
-    return Fleet(servers, settings, control_dsn, shard_dsns, control, pools, directory, stack)
+        await rt.directory.add_shard(shard_id, dsn)
+    return Fleet(servers, settings, control_dsn, shard_dsns, rt.control, rt.shard_pools, rt.directory, stack)
