@@ -77,8 +77,12 @@ class Authenticator:
         # keys go in, each with the expiry of the `_cache` entry it copies; bounded like
         # `_cache`; `clear` (any registry change heard over pub/sub) empties both.
         self._by_header: dict[str, tuple[Principal, float]] = {}
+        # Bumped by `clear`: a read that was in flight when a change was announced may have
+        # seen the old row, so its result is returned but not cached.
+        self._generation = 0
 
     def clear(self) -> None:
+        self._generation += 1
         self._cache.clear()
         self._by_header.clear()
 
@@ -96,10 +100,13 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit
+        generation = self._generation
         row = await self._control.fetchrow(_PRINCIPAL_SQL, digest)
         p = None if row is None else Principal(
             principal_id=row["principal_id"], tenant_id=row["tenant_id"], name=row["name"],
             roles=tuple(row["roles"]), is_admin=row["is_admin"], permissions=frozenset(row["permissions"]))
+        if generation != self._generation:
+            return p, now  # already expired, so neither cache serves it again
         if len(self._cache) > 100_000:
             self._cache.clear()  # bounded: unknown keys sprayed at us can't grow it forever
         entry = self._cache[digest] = (p, now + AUTH_CACHE_TTL_S)

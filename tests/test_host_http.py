@@ -1,6 +1,7 @@
 """The host over HTTP: serving inventory, the gate, RBAC, tenant isolation, manifest, metrics, bad input."""
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from typing import AsyncIterator
@@ -9,8 +10,9 @@ import pytest
 import pytest_asyncio
 
 from host.keys import RUNTIME
+from host.rbac import Authenticator, RbacService
 from tests.fleetkit import Fleet
-from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
+from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -236,3 +238,18 @@ async def test_a_cutover_outlasting_the_fence_wait_is_503_tenant_moving_with_ret
             await mover.close()
         async with h.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
             assert r.status == 200
+
+
+async def test_a_principal_read_in_flight_when_the_cache_is_cleared_is_not_cached(fleet: Fleet) -> None:
+    c = code()
+    rec = await fleet.directory.create_tenant(c, [f"{c}.example.com"])
+    rbac = RbacService(fleet.control)
+    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.view"])
+    key = (await rbac.create_principal(tenant_id=rec.tenant_id, name="clerk", roles=["CLERK"]))["apiKey"]
+    authn = Authenticator(fleet.control)
+    reading = asyncio.create_task(authn.principal(key))
+    await asyncio.sleep(0)  # the read is now waiting on PostgreSQL
+    authn.clear()  # a change was announced meanwhile: what the read saw may be stale
+    assert (await reading).permissions == {"inventory.view"}
+    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.manage"])
+    assert (await authn.principal(key)).permissions == {"inventory.manage"}
