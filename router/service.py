@@ -32,16 +32,11 @@ class Resolver(Protocol):
 
 RUNTIME = web.AppKey("runtime", RouterRuntime)
 CLIENT = web.AppKey("client", ResolveClient)
-RESOLVER = web.AppKey("resolver", object)
+RESOLVER = web.AppKey("resolver", Resolver)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SETTINGS = web.AppKey("settings", Settings)
 HTTP_REQUESTS = web.AppKey("http_requests", Counter)
 HTTP_LATENCY = web.AppKey("http_latency", Histogram)
-
-
-def _resolver(request: web.Request) -> Resolver:
-    r: Resolver = request.app[RESOLVER]  # type: ignore[assignment]
-    return r
 
 
 def _require_admin(request: web.Request) -> None:
@@ -72,7 +67,7 @@ async def resolve(request: web.Request) -> web.Response:
     if any(len(q.getall(k)) > 1 for k in q):
         raise ValidationFailed("each query parameter may be given once")
     kind, value = normalise_query(id=q.get("id"), code=q.get("code"), domain=q.get("domain"))
-    rec = await _resolver(request).resolve(**{kind: value})
+    rec = await request.app[RESOLVER].resolve(**{kind: value})
     return json_response(rec.to_dict())
 
 
@@ -96,7 +91,7 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 async def get_tenant(request: web.Request) -> web.Response:
     tid = parse_tenant_id(request.match_info["id"])
-    return json_response((await _resolver(request).resolve(id=tid)).to_dict())
+    return json_response((await request.app[RESOLVER].resolve(id=tid)).to_dict())
 
 
 async def suspend_tenant(request: web.Request) -> web.Response:
