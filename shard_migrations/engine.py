@@ -26,7 +26,7 @@ import semver
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from host.discovery import MigrationFile, PluginPackage
-from router.errors import MigrationDrift, MigrationFailed, ShardUnreachable
+from router.errors import MigrationFailed, ShardUnreachable
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
@@ -128,8 +128,7 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
         recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
         pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
         if drift and not allow_drift:
-            raise MigrationDrift(drift[0].describe(), file=f"{drift[0].scope}/{drift[0].name}",
-                                 shardId=unit.shard_id, tenantId=unit.tenant_id)
+            raise ledger.drift_error(drift)
         applied: list[MigrationFile] = []
         for group in _groups(pending):
             await _apply_group(conn, plugin_id, unit, group, settings)
@@ -163,8 +162,7 @@ async def _apply_in_one_transaction(conn: Conn, plugin_id: str, unit: Unit, sett
         recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
         pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
         if drift and not allow_drift:
-            raise MigrationDrift(drift[0].describe(), file=f"{drift[0].scope}/{drift[0].name}",
-                                 shardId=unit.shard_id, tenantId=unit.tenant_id)
+            raise ledger.drift_error(drift)
         for f in pending:
             await _run_file(conn, f, unit)
         if pending:

@@ -25,10 +25,10 @@ import asyncpg
 from tenacity import wait_random_exponential
 
 from host.discovery import PluginPackage
-from router.errors import MigrationDrift, MigrationFailed, ShardUnreachable, TenantFleetError, ValidationFailed
+from router.errors import MigrationFailed, ShardUnreachable, TenantFleetError, ValidationFailed
 from router.pools import ShardPools
 from router.settings import Settings
-from shard_migrations import runs
+from shard_migrations import ledger, runs
 from shard_migrations.engine import Unit, apply_unit, classify, public_key, tenant_key, try_in_rollback
 from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
 from shard_migrations.limiter import ShardLimiters, backoff_delay
@@ -218,9 +218,7 @@ class FleetMigrator:
             plan = await build_plan(self.control, self.pools, target, tenant_ids=opts.tenant_ids)
         plan.raise_if_downgrade()
         if plan.drift and not opts.allow_drift:
-            d = plan.drift[0]
-            raise MigrationDrift(d.describe() + (f" ({len(plan.drift)} drifted in all)" if len(plan.drift) > 1 else ""),
-                                 file=f"{d.scope}/{d.name}", shardId=d.shard_id, tenantId=d.tenant_id)
+            raise ledger.drift_error(plan.drift)
         await runs.ensure_registry(self.control, self.package)
         version = str(target.version)
         if resume is None:

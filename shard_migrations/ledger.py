@@ -13,6 +13,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from host.discovery import MigrationFile
+from router.errors import MigrationDrift
 
 # a plain connection or one borrowed from a pool
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -41,6 +42,13 @@ class Drift:
     def to_dict(self) -> dict[str, str | None]:
         return {"shard_id": self.shard_id, "scope": self.scope, "tenant_id": self.tenant_id, "file": self.name,
                 "recorded": self.recorded, "expected": self.expected}
+
+
+def drift_error(drift: Sequence[Drift]) -> MigrationDrift:
+    """MIGRATION_DRIFT naming the first drifted file, its shard and tenant (and how many drifted)."""
+    d = drift[0]
+    more = f" ({len(drift)} drifted in all)" if len(drift) > 1 else ""
+    return MigrationDrift(d.describe() + more, file=f"{d.scope}/{d.name}", shardId=d.shard_id, tenantId=d.tenant_id)
 
 
 async def read_shard(conn: Conn, plugin_id: str) -> ShardLedger:

@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 
 from host.discovery import PluginPackage
-from router.errors import MigrationDrift, MigrationIncomplete, ShardUnreachable
+from router.errors import MigrationIncomplete, ShardUnreachable
 from router.pools import ShardPools
-from shard_migrations.ledger import Drift
+from shard_migrations.ledger import Drift, drift_error
 from shard_migrations.plan import build_plan, resolve_target
 
 
@@ -40,10 +40,7 @@ class VerifyReport:
         """MIGRATION_DRIFT (first drifted file, shard, tenant), else SHARD_UNREACHABLE, else
         MIGRATION_INCOMPLETE (first missing application)."""
         if self.drift:
-            d = self.drift[0]
-            more = f" ({len(self.drift)} drifted in all)" if len(self.drift) > 1 else ""
-            raise MigrationDrift(d.describe() + more, file=f"{d.scope}/{d.name}", shardId=d.shard_id,
-                                 tenantId=d.tenant_id)
+            raise drift_error(self.drift)
         if self.unreachable:
             sid, why = next(iter(self.unreachable.items()))
             raise ShardUnreachable(why, shardId=sid)
