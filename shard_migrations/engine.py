@@ -95,10 +95,6 @@ def classify(exc: BaseException) -> str:
     return "fatal"
 
 
-def is_shard_error(exc: BaseException) -> bool:
-    return isinstance(exc, Exception) and classify(exc) == "shard"
-
-
 def _timeouts(settings: Settings) -> tuple[str, str]:
     return f"{settings.lock_timeout_ms}ms", f"{settings.statement_timeout_ms}ms"
 

@@ -17,7 +17,7 @@ from router.errors import TenantNotFound, ValidationFailed
 from router.models import TenantRecord, parse_tenant_id
 from router.pools import ShardPools, redact
 from shard_migrations import ledger
-from shard_migrations.engine import is_shard_error, public_key, tenant_key
+from shard_migrations.engine import classify, public_key, tenant_key
 from shard_migrations.keys import TENANT_STATES_TARGETED
 
 
@@ -205,8 +205,8 @@ async def _plan_shard(pools: ShardPools, target: Target, plan: ShardPlan, tenant
         pool = await pools.get(plan.shard_id)
         async with pool.acquire() as conn:
             recorded = await ledger.read_shard(conn, target.plugin_id)
-    except BaseException as exc:
-        if not is_shard_error(exc):
+    except Exception as exc:
+        if classify(exc) != "shard":
             raise
         plan.error = f"cannot read the ledger of shard {plan.shard_id} at {redact(plan.dsn)}: " \
                      f"{exc.__class__.__name__}: {exc}"
