@@ -69,6 +69,9 @@ class Registry:
         self._global: dict[str, GlobalPlugin] = {}
         self._tenant: dict[tuple[str, str], tuple[TenantPlugin | None, float]] = {}
         self._loaded_at = 0.0
+        # Bumped by `invalidate`: a tenant row read while a change was being announced may be
+        # the old one, so it is returned but not cached.
+        self._generation = 0
         # Settings are frozen: parse TENANTFLEET_KILLED_PLUGINS once, not on every request.
         self._env_killed = settings.killed_plugin_set
 
@@ -97,6 +100,7 @@ class Registry:
 
     async def invalidate(self) -> None:
         """Forget cached tenant rows and re-read the global ones (a change was announced)."""
+        self._generation += 1
         self._tenant.clear()
         await self.reload()
 
@@ -119,10 +123,13 @@ class Registry:
         hit = self._tenant.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
+        generation = self._generation
         row = await self.control.fetchrow(
             "SELECT enabled, version_installed, config FROM sys_tenant_plugins "
             "WHERE tenant_id = $1::uuid AND plugin_id = $2", tenant_id, plugin_id)
         tp = None if row is None else TenantPlugin(row["enabled"], row["version_installed"], row["config"])
+        if generation != self._generation:
+            return tp
         if len(self._tenant) > 200_000:
             self._tenant.clear()
         self._tenant[key] = (tp, now + REGISTRY_CACHE_TTL_S)

@@ -9,8 +9,10 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from host.discovery import discover
 from host.keys import RUNTIME
 from host.rbac import Authenticator, RbacService
+from host.registry import Registry
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
 
@@ -253,3 +255,19 @@ async def test_a_principal_read_in_flight_when_the_cache_is_cleared_is_not_cache
     assert (await reading).permissions == {"inventory.view"}
     await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.manage"])
     assert (await authn.principal(key)).permissions == {"inventory.manage"}
+
+
+async def test_a_tenant_plugin_row_read_in_flight_during_an_invalidation_is_not_cached(
+        fleet: Fleet, host: Host) -> None:
+    rec, _ = await tenant_with_key(fleet, host)
+    registry = Registry(fleet.control, fleet.settings, discover(), fleet.shard_pools)
+    await registry.reload()
+    reading = asyncio.create_task(registry.tenant_plugin(rec.tenant_id, "inventory"))
+    await asyncio.sleep(0)  # the read is now waiting on PostgreSQL
+    await registry.invalidate()  # a change was announced meanwhile: what the read saw may be stale
+    tp = await reading
+    assert tp is not None and tp.enabled
+    await fleet.control.execute("UPDATE sys_tenant_plugins SET enabled = false "
+                                "WHERE tenant_id = $1::uuid AND plugin_id = 'inventory'", rec.tenant_id)
+    tp = await registry.tenant_plugin(rec.tenant_id, "inventory")
+    assert tp is not None and not tp.enabled
