@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from host.cli import CliState, cli, emit, pass_state, run
 from host.discovery import PluginPackage, discover
 from router.errors import MigrationFailed, ShardUnreachable
-from router.runtime import RouterRuntime, open_runtime
+from router.runtime import open_runtime
 from shard_migrations import runs
 from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport, migration_pools
 from shard_migrations.metrics import MigrateMetrics
@@ -28,7 +28,7 @@ REPORT_COLUMNS = ["shard_id", "units", "done", "failed", "files", "rate", "error
 
 @asynccontextmanager
 async def _migrator(state: CliState, plugin: str, *, concurrency: int | None = None, batch_size: int | None = None,
-                    metrics: MigrateMetrics | None = None) -> AsyncIterator[tuple[RouterRuntime, FleetMigrator]]:
+                    metrics: MigrateMetrics | None = None) -> AsyncIterator[FleetMigrator]:
     package: PluginPackage = discover().get(plugin)
     settings = state.settings
     if batch_size is not None:
@@ -36,7 +36,7 @@ async def _migrator(state: CliState, plugin: str, *, concurrency: int | None = N
     async with AsyncExitStack() as stack:
         rt = await stack.enter_async_context(open_runtime(settings))
         pools = await stack.enter_async_context(migration_pools(rt.settings, rt.directory.dsn_of, concurrency))
-        yield rt, FleetMigrator(rt.control, pools, rt.settings, package, metrics=metrics)
+        yield FleetMigrator(rt.control, pools, rt.settings, package, metrics=metrics)
 
 
 def _options(to: str | None, from_file: str | None, tenants: tuple[str, ...], allow_drift: bool = False,
@@ -68,7 +68,7 @@ def migrate() -> None:
 def plan_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None, tenants: tuple[str, ...]) -> None:
     """Show what `apply PLUGIN` would do: pending files per shard and tenant, drift, unreachable shards."""
     async def go() -> dict[str, Any]:
-        async with _migrator(state, plugin) as (_, m):
+        async with _migrator(state, plugin) as m:
             return (await m.plan(_options(to, from_file, tenants))).to_dict()
     data = run(go())
     if state.json:
@@ -110,7 +110,7 @@ def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | Non
 
     async def go() -> RunReport:
         async with _migrator(state, plugin, concurrency=concurrency, batch_size=batch_size,
-                             metrics=MigrateMetrics(registry)) as (_, m):
+                             metrics=MigrateMetrics(registry)) as m:
             def started(run_id: int) -> None:
                 if not state.json:
                     state.console.print(f"run {run_id}: {plugin} (resume with --resume {run_id})", highlight=False)
@@ -131,7 +131,7 @@ def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | Non
 
 def _dry_run(state: CliState, plugin: str, opts: RunOptions) -> None:
     async def go() -> dict[str, Any]:
-        async with _migrator(state, plugin) as (_, m):
+        async with _migrator(state, plugin) as m:
             plan = await m.plan(opts)
             return {"plan": plan.to_dict(), "canaries": await m.dry_run(plan)}
     data = run(go())
