@@ -127,8 +127,7 @@ async def put_role(request: web.Request) -> web.Response:
     role = await rt.rbac.upsert_role(rec.tenant_id, request.match_info["role"],
                                      str(body.get("displayName") or request.match_info["role"]),
                                      body.get("permissions", []))
-    await rt.registry.invalidate()
-    await rt.registry.publish({"what": "roles", "tenantId": rec.tenant_id})
+    await rt.registry.announce("roles", None, rec.tenant_id)
     return _json(role)
 
 

@@ -104,7 +104,8 @@ class Registry:
         self._tenant.clear()
         await self.reload()
 
-    async def _announce(self, what: str, plugin_id: str, tenant_id: str | None = None) -> None:
+    async def announce(self, what: str, plugin_id: str | None, tenant_id: str | None = None) -> None:
+        """Drop this host's cached copies, then tell every host (principal caches included)."""
         await self.invalidate()
         await self.publish({"what": what, "pluginId": plugin_id, "tenantId": tenant_id})
 
@@ -194,7 +195,7 @@ class Registry:
             "updated_at = now()", plugin_id, pkg.api, str(pkg.version), enabled, killed)
         log.info("plugin %s: enabled_global=%s killed=%s", plugin_id, enabled, killed,
                  extra={"pluginId": plugin_id})
-        await self._announce("global", plugin_id)
+        await self.announce("global", plugin_id)
 
     async def enable_for_tenant(self, plugin_id: str, tenant: TenantRecord) -> dict[str, Any]:
         """Apply the plugin's pending migrations to the tenant, then enable it there.
@@ -214,7 +215,7 @@ class Registry:
             tenant.tenant_id, plugin_id, str(pkg.version))
         log.info("plugin %s enabled for tenant %s (%d files applied)", plugin_id, tenant.tenant_id, len(applied),
                  extra={"pluginId": plugin_id, "tenantId": tenant.tenant_id})
-        await self._announce("tenant", plugin_id, tenant.tenant_id)
+        await self.announce("tenant", plugin_id, tenant.tenant_id)
         return {"pluginId": plugin_id, "tenantId": tenant.tenant_id, "enabled": True,
                 "versionInstalled": str(pkg.version), "applied": applied}
 
@@ -224,7 +225,7 @@ class Registry:
         await self.control.execute(
             "UPDATE sys_tenant_plugins SET enabled = false, updated_at = now() "
             "WHERE tenant_id = $1::uuid AND plugin_id = $2", tenant_id, plugin_id)
-        await self._announce("tenant", plugin_id, tenant_id)
+        await self.announce("tenant", plugin_id, tenant_id)
         return {"pluginId": plugin_id, "tenantId": tenant_id, "enabled": False}
 
     async def get_tenant_config(self, plugin_id: str, tenant_id: str) -> dict[str, Any]:
@@ -251,7 +252,7 @@ class Registry:
         if not done:
             raise PluginDisabled(f"plugin {plugin_id} was never enabled for this tenant", pluginId=plugin_id,
                                  tenantId=tenant_id)
-        await self._announce("config", plugin_id, tenant_id)
+        await self.announce("config", plugin_id, tenant_id)
         return config
 
     async def enabled_tenants(self, plugin_id: str) -> list[str]:
@@ -293,5 +294,5 @@ class Registry:
             "ON CONFLICT (tenant_id, role_key) DO UPDATE SET permissions = ARRAY(SELECT DISTINCT p FROM "
             "unnest(roles.permissions || EXCLUDED.permissions) AS p ORDER BY p), updated_at = now() "
             "RETURNING permissions", tenant_id, role_key, tpl["displayName"], tpl["permissions"])
-        await self._announce("roles", plugin_id, tenant_id)
+        await self.announce("roles", plugin_id, tenant_id)
         return {"tenantId": tenant_id, "roleKey": role_key, "permissions": list(perms)}
