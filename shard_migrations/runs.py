@@ -299,8 +299,12 @@ class RunRecorder:
                 return
             try:
                 await self.flush()
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    await self.heartbeat()
-                    last_beat = time.monotonic()
             except DB_ERRORS:
-                pass  # logged by flush; tried again on the next tick
+                continue  # logged by flush; tried again on the next tick
+            if time.monotonic() - last_beat >= HEARTBEAT_S:
+                try:
+                    await self.heartbeat()
+                except DB_ERRORS:  # tried again on the next tick; `status` shows the run's age meanwhile
+                    log.warning("run %s: heartbeat failed", self.run_id, exc_info=True)
+                else:
+                    last_beat = time.monotonic()
