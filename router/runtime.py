@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 import asyncpg
 
-from router.directory import Directory, OnChange
+from router.directory import Directory
 from router.errors import FleetError
 from router.pools import ShardPools, create_pool
 from router.settings import Settings
@@ -43,9 +43,10 @@ class RouterRuntime:
 
 
 @asynccontextmanager
-async def open_runtime(settings: Settings, *, on_change: OnChange | None = None,
-                       bootstrap: bool = True) -> AsyncIterator[RouterRuntime]:
-    """Control pool, shard pools and directory, closed in reverse order on exit."""
+async def open_runtime(settings: Settings, *, bootstrap: bool = True) -> AsyncIterator[RouterRuntime]:
+    """Control pool, shard pools and directory, closed in reverse order on exit.
+
+    The directory announces nothing until its owner sets ``directory.on_change``."""
     settings = effective_settings(settings)
     async with AsyncExitStack() as stack:
         control = await create_pool(settings.control_dsn, settings, min_size=settings.control_pool_min,
@@ -53,13 +54,10 @@ async def open_runtime(settings: Settings, *, on_change: OnChange | None = None,
         stack.push_async_callback(control.close)
         if bootstrap:
             await Directory.bootstrap(control)
-        holder: list[Directory] = []
 
         async def dsn_lookup(shard_id: str) -> str | None:
-            return await holder[0].dsn_of(shard_id)
+            return await directory.dsn_of(shard_id)  # bound below, before any pool is opened
 
         pools = await stack.enter_async_context(ShardPools(settings, dsn_lookup))
-        directory = Directory(control, pools, settings) if on_change is None else \
-            Directory(control, pools, settings, on_change)
-        holder.append(directory)
+        directory = Directory(control, pools, settings)
         yield RouterRuntime(settings, control, pools, directory)
