@@ -256,7 +256,7 @@ class EmbeddedFleet:
         self.control = PgServer("control", self.root, ports.get("control") or free_port(), self.tuned_for_tests)
         self.shard_servers = [
             PgServer(f"shard{i}", self.root, ports.get(f"shard{i}") or free_port(), self.tuned_for_tests)
-            for i in range(1, (self.shards or 3) + 1)
+            for i in range(1, self.shards + 1)
         ]
         self.valkey = ValkeyProc(self.root, ports.get("valkey") or free_port())
         self._runas = _RunAs.for_postgres()
