@@ -58,7 +58,7 @@ class RunInfo:
 
 
 _SELECT_RUNS = ("SELECT run_id, plugin_id, target_version, params, state, owner, heartbeat_at, summary, created_at, "
-                "finished_at FROM fleet_runs ")
+                "finished_at, extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s FROM fleet_runs ")
 
 
 def _info(r: asyncpg.Record) -> RunInfo:
@@ -113,13 +113,17 @@ async def create_run(control: asyncpg.Pool, plugin_id: str, version: str, params
     return run_id
 
 
-async def load_run(control: asyncpg.Pool, run_id: int) -> RunInfo:
-    """The run, or RUN_NOT_FOUND."""
+async def _run_row(control: asyncpg.Pool, run_id: int) -> asyncpg.Record:
     row = await control.fetchrow(_SELECT_RUNS + "WHERE run_id = $1 AND kind = $2",
                                  run_id, RUN_KIND)
     if row is None:
         raise RunNotFound(f"no migration run {run_id}", runId=run_id)
-    return _info(row)
+    return row
+
+
+async def load_run(control: asyncpg.Pool, run_id: int) -> RunInfo:
+    """The run, or RUN_NOT_FOUND."""
+    return _info(await _run_row(control, run_id))
 
 
 async def claim(control: asyncpg.Pool, run_id: int) -> None:
@@ -155,15 +159,14 @@ async def finish(control: asyncpg.Pool, run_id: int, state: str, summary: dict[s
 async def run_status(control: asyncpg.Pool, run_id: int, *, failed_limit: int = 20) -> dict[str, Any]:
     """A run with its item counts per shard and status, and its latest failures. Reads the
     control plane only, so it works while another process runs the run."""
-    info = await load_run(control, run_id)
+    row = await _run_row(control, run_id)
+    info, age = _info(row), row["heartbeat_age_s"]
     counts = await control.fetch(
         "SELECT shard_id, status, count(*)::int AS n, sum(attempts)::int AS attempts FROM fleet_run_items "
         "WHERE run_id = $1 GROUP BY shard_id, status ORDER BY shard_id, status", run_id)
     failed = await control.fetch(
         "SELECT item_key, shard_id, attempts, last_error FROM fleet_run_items WHERE run_id = $1 "
         "AND status = 'failed' ORDER BY updated_at DESC LIMIT $2", run_id, failed_limit)
-    age = await control.fetchval("SELECT extract(epoch FROM now() - heartbeat_at)::float8 FROM fleet_runs "
-                                 "WHERE run_id = $1", run_id)
     shards: dict[str, dict[str, int]] = {}
     for r in counts:
         s = shards.setdefault(r["shard_id"], {"pending": 0, "running": 0, "done": 0, "failed": 0, "skipped": 0,
