@@ -17,7 +17,6 @@ and RBAC services.
 """
 from __future__ import annotations
 
-import uuid
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from host.context import PluginHost
 from host.keys import PLUGIN_HOST, REQ_TENANT
 from host.rbac import check_admin
 from host.runtime import HostRuntime
+from host.tenancy import resolve_id_or_code
 from router.errors import ValidationFailed
 from router.models import TenantRecord
 
@@ -43,11 +43,7 @@ def _rt(request: web.Request) -> HostRuntime:
 
 async def _tenant(rt: HostRuntime, request: web.Request, name: str | None = None) -> TenantRecord:
     """The tenant named by id or code (``{tenant}`` in the path unless ``name`` is given)."""
-    name = request.match_info["tenant"] if name is None else name
-    try:
-        rec = await rt.resolver.resolve(id=str(uuid.UUID(name)))
-    except ValueError:
-        rec = await rt.resolver.resolve(code=name)
+    rec = await resolve_id_or_code(rt.resolver, request.match_info["tenant"] if name is None else name)
     request[REQ_TENANT] = rec.tenant_id
     return rec
 

@@ -11,8 +11,8 @@ from host.cli import CliState, cli, emit, pass_state, run, stop_on_signals
 from host.discovery import discover
 from host.metrics import HostMetrics
 from host.runtime import HostRuntime, open_host_runtime
+from host.tenancy import resolve_id_or_code
 from router.errors import ValidationFailed
-from router.models import TenantRecord
 
 T = TypeVar("T")
 
@@ -28,14 +28,6 @@ def _with_runtime(state: CliState, fn: Callable[[HostRuntime], Awaitable[T]]) ->
         async with _runtime(state) as rt:
             return await fn(rt)
     return run(go())
-
-
-async def _tenant(rt: HostRuntime, name: str) -> TenantRecord:
-    try:
-        import uuid
-        return await rt.resolver.resolve(id=str(uuid.UUID(name)))
-    except ValueError:
-        return await rt.resolver.resolve(code=name)
 
 
 @cli.command()
@@ -78,7 +70,7 @@ def _toggle(state: CliState, plugin_id: str, tenant: str | None, enable: bool) -
         if tenant is None:
             await rt.registry.set_global(plugin_id, enabled=enable)
             return {"pluginId": plugin_id, "enabledGlobal": enable}
-        rec = await _tenant(rt, tenant)
+        rec = await resolve_id_or_code(rt.resolver, tenant)
         if enable:
             return await rt.registry.enable_for_tenant(plugin_id, rec)
         return await rt.registry.disable_for_tenant(plugin_id, rec.tenant_id)
@@ -123,7 +115,7 @@ def plugins_kill(state: CliState, plugin_id: str, revive: bool) -> None:
 def plugins_config(state: CliState, plugin_id: str, tenant: str, new: str | None) -> None:
     """Show (or replace with --set) a plugin's config for one tenant."""
     async def go(rt: HostRuntime) -> dict[str, Any]:
-        rec = await _tenant(rt, tenant)
+        rec = await resolve_id_or_code(rt.resolver, tenant)
         if new is None:
             return await rt.registry.get_tenant_config(plugin_id, rec.tenant_id)
         try:
@@ -142,7 +134,7 @@ def plugins_config(state: CliState, plugin_id: str, tenant: str, new: str | None
 def plugins_roles(state: CliState, plugin_id: str, tenant: str, role_key: str | None) -> None:
     """Diff a plugin's role templates against a tenant's roles, or --apply one."""
     async def go(rt: HostRuntime) -> Any:
-        rec = await _tenant(rt, tenant)
+        rec = await resolve_id_or_code(rt.resolver, tenant)
         if role_key is None:
             return await rt.registry.role_diff(plugin_id, rec.tenant_id)
         return await rt.registry.apply_role_template(plugin_id, rec.tenant_id, role_key)
@@ -162,6 +154,6 @@ def keys() -> None:
 def keys_create(state: CliState, tenant: str, name: str, roles: tuple[str, ...]) -> None:
     """Create a principal and print its API key (shown once; only its hash is stored)."""
     async def go(rt: HostRuntime) -> dict[str, Any]:
-        rec = await _tenant(rt, tenant)
+        rec = await resolve_id_or_code(rt.resolver, tenant)
         return await rt.rbac.create_principal(tenant_id=rec.tenant_id, name=name, roles=list(roles))
     emit(state, _with_runtime(state, go))

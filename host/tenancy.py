@@ -72,6 +72,15 @@ async def resolve_request_tenant(resolver: Resolver, request: web.Request) -> Te
     return rec
 
 
+async def resolve_id_or_code(resolver: Resolver, name: str) -> TenantRecord:
+    """The tenant named by a UUID or a code (admin API paths, CLI arguments); TENANT_NOT_FOUND."""
+    try:
+        tenant_id = str(uuid.UUID(name))
+    except ValueError:
+        return await resolver.resolve(code=name)
+    return await resolver.resolve(id=tenant_id)
+
+
 def check_servable(rec: TenantRecord) -> None:
     """Active and moving tenants are served (the fence guards a move); others are refused."""
     if rec.state in ("active", "moving"):
