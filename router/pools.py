@@ -15,6 +15,8 @@ from router.settings import Settings
 DsnLookup = Callable[[str], Awaitable[str | None]]
 # A connection of our own or one lent by a pool: both run queries the same way.
 AnyConnection = asyncpg.Connection | PoolConnectionProxy
+# What connecting raises when the server is down, refuses us or doesn't answer in time.
+CONNECT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
@@ -28,12 +30,15 @@ async def connect(dsn: str, settings: Settings, **kwargs: Any) -> asyncpg.Connec
     """One connection with tenantfleet's codecs; ShardUnreachable if the server doesn't answer."""
     try:
         conn = await asyncpg.connect(dsn, timeout=settings.connect_timeout_s, **kwargs)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ShardUnreachable(f"cannot connect to {redact(dsn)}: {exc.__class__.__name__}: {exc}",
-                               dsn=redact(dsn)) from exc
+    except CONNECT_ERRORS as exc:
+        raise _unreachable(dsn, exc) from exc
     await init_connection(conn)
     result: asyncpg.Connection = conn
     return result
+
+
+def _unreachable(dsn: str, exc: BaseException) -> ShardUnreachable:
+    return ShardUnreachable(f"cannot connect to {redact(dsn)}: {exc.__class__.__name__}: {exc}", dsn=redact(dsn))
 
 
 def role_init(role: str) -> Callable[[asyncpg.Connection], Coroutine[Any, Any, None]]:
@@ -72,9 +77,8 @@ async def create_pool(dsn: str, settings: Settings, *, min_size: int, max_size: 
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                          init=init_connection if role is None else role_init(role),
                                          timeout=settings.connect_timeout_s, **kwargs)
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ShardUnreachable(f"cannot connect to {redact(dsn)}: {exc.__class__.__name__}: {exc}",
-                               dsn=redact(dsn)) from exc
+    except CONNECT_ERRORS as exc:
+        raise _unreachable(dsn, exc) from exc
     assert pool is not None
     return pool
 
