@@ -171,17 +171,17 @@ class Registry:
     async def list_plugins(self) -> dict[str, Any]:
         """Loaded plugins with their registry state, and the refused ones with reasons."""
         await self.reload()
+        counts = {r["plugin_id"]: r["n"] for r in await self.control.fetch(
+            "SELECT plugin_id, count(*) AS n FROM sys_tenant_plugins WHERE enabled GROUP BY plugin_id")}
         plugins = []
         for pid, pkg in sorted(self.discovery.plugins.items()):
             g = self._global.get(pid)
-            enabled_tenants = await self.control.fetchval(
-                "SELECT count(*) FROM sys_tenant_plugins WHERE plugin_id = $1 AND enabled", pid)
             plugins.append({"pluginId": pid, "version": str(pkg.version), "api": pkg.api,
                             "versionInstalled": g.version_installed if g else None,
                             "enabledGlobal": bool(g and g.enabled_global), "killed": self.is_killed(pid),
-                            "killedBy": ("env" if pid in self.settings.killed_plugin_set else
+                            "killedBy": ("env" if pid in self._env_killed else
                                          "db" if g and g.killed else None),
-                            "enabledTenants": enabled_tenants})
+                            "enabledTenants": counts.get(pid, 0)})
         refused = [{"pluginId": k, "reason": v} for k, v in sorted(self.discovery.refused.items())]
         return {"plugins": plugins, "refused": refused}
 
