@@ -63,6 +63,11 @@ class Unit:
     def tenant_id(self) -> str | None:
         return None if self.tenant is None else self.tenant.tenant_id
 
+    @property
+    def schema(self) -> str | None:
+        """The tenant's schema, or None for the public scope (search_path is then ``public``)."""
+        return None if self.tenant is None else self.tenant.schema
+
     def where(self) -> str:
         return f"shard {self.shard_id}" + (f", tenant {self.tenant.code} ({self.tenant.tenant_id})"
                                            if self.tenant else ", public scope")
@@ -149,9 +154,8 @@ async def _apply_in_one_transaction(conn: Conn, plugin_id: str, unit: Unit, sett
     the same statement that sets the local timeouts and search_path, so a unit costs
     BEGIN, lock, ledger read, the files, the ledger rows, COMMIT."""
     lock_timeout, statement_timeout = _timeouts(settings)
-    schema = None if unit.tenant is None else unit.tenant.schema
     async with conn.transaction():
-        row = await conn.fetchrow(_LOCK_AND_SET_LOCAL, key, lock_timeout, statement_timeout, schema)
+        row = await conn.fetchrow(_LOCK_AND_SET_LOCAL, key, lock_timeout, statement_timeout, unit.schema)
         if row is None or not row[0]:
             raise LockBusy(unit.key)
         # a new statement, so a new snapshot: it sees whatever the lock's previous holder committed
@@ -180,10 +184,9 @@ def _groups(files: Sequence[MigrationFile]) -> list[list[MigrationFile]]:
 async def _apply_group(conn: Conn, plugin_id: str, unit: Unit, group: list[MigrationFile],
                        settings: Settings) -> None:
     lock_timeout, statement_timeout = _timeouts(settings)
-    schema = None if unit.tenant is None else unit.tenant.schema
     if group[0].no_transaction:
         f = group[0]
-        await conn.execute(_SET_SESSION, lock_timeout, statement_timeout, schema)
+        await conn.execute(_SET_SESSION, lock_timeout, statement_timeout, unit.schema)
         try:
             await _run_file(conn, f, unit)
         finally:
@@ -195,7 +198,7 @@ async def _apply_group(conn: Conn, plugin_id: str, unit: Unit, group: list[Migra
         await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, [f])
         return
     async with conn.transaction():
-        await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, schema)
+        await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, unit.schema)
         for f in group:
             await _run_file(conn, f, unit)
         await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, group)
@@ -234,8 +237,7 @@ async def try_in_rollback(conn: Conn, units: Sequence[Unit], settings: Settings)
     await tx.start()
     try:
         for unit in units:
-            schema = None if unit.tenant is None else unit.tenant.schema
-            await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, schema)
+            await conn.execute(_SET_LOCAL, lock_timeout, statement_timeout, unit.schema)
             for f in unit.files:
                 if not f.no_transaction:
                     await _run_file(conn, f, unit)
