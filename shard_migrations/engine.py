@@ -100,6 +100,10 @@ def classify(exc: BaseException) -> str:
     return "fatal"
 
 
+# what the session cleanup in ``finally`` may hit; the connection is then terminated
+_CLEANUP_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+
+
 def _timeouts(settings: Settings) -> tuple[str, str]:
     return f"{settings.lock_timeout_ms}ms", f"{settings.statement_timeout_ms}ms"
 
@@ -139,7 +143,7 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
         if not conn.is_closed():
             try:
                 await conn.execute("SELECT pg_advisory_unlock($1)", key)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+            except _CLEANUP_ERRORS:
                 conn.terminate()  # the lock must not outlive the unit: it ends with the session
 
 
@@ -193,7 +197,7 @@ async def _apply_group(conn: Conn, plugin_id: str, unit: Unit, group: list[Migra
             if not conn.is_closed():
                 try:
                     await conn.execute("RESET lock_timeout; RESET statement_timeout; RESET search_path")
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                except _CLEANUP_ERRORS:
                     conn.terminate()  # never hand a connection with a tenant's search_path back to the pool
         await ledger.record(conn, plugin_id, unit.scope, unit.tenant_id, [f])
         return
