@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from host.runtime import HostRuntime
+from host.discovery import discover
+from host.metrics import HostMetrics
+from host.runtime import HostRuntime, open_host_runtime
 from router.models import TenantRecord
 from router.settings import Settings
 
@@ -42,10 +44,6 @@ async def provision_tenants(settings: Settings, tenants: Sequence[TenantRecord],
 
     For `tenantfleet up` before it serves; changes are published, so running hosts see them.
     """
-    from host.discovery import discover
-    from host.metrics import HostMetrics
-    from host.runtime import open_host_runtime
-
     keys: dict[str, str] = {}
     async with open_host_runtime(settings, discover(), HostMetrics()) as rt:
         for tenant in tenants:
