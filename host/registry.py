@@ -270,10 +270,13 @@ class Registry:
 
     async def role_diff(self, plugin_id: str, tenant_id: str) -> list[dict[str, Any]]:
         """Per template: what applying it would add to the tenant's role (never removes)."""
+        templates = self.role_templates(plugin_id)
+        existing = {r["role_key"]: r["permissions"] for r in await self.control.fetch(
+            "SELECT role_key, permissions FROM roles WHERE tenant_id = $1::uuid AND role_key = ANY ($2::text[])",
+            tenant_id, [t["roleKey"] for t in templates])}
         out = []
-        for tpl in self.role_templates(plugin_id):
-            current = await self.control.fetchval(
-                "SELECT permissions FROM roles WHERE tenant_id = $1::uuid AND role_key = $2", tenant_id, tpl["roleKey"])
+        for tpl in templates:
+            current = existing.get(tpl["roleKey"])
             have = set(current or [])
             out.append({"roleKey": tpl["roleKey"], "exists": current is not None,
                         "add": sorted(set(tpl["permissions"]) - have),
