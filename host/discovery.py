@@ -174,21 +174,23 @@ def discover() -> Discovery:
     import plugins as builtin
 
     found = Discovery()
+
+    def refuse(key: str, modname: str, why: str) -> None:
+        found.refused[key] = why
+        log.error("plugin %s refused: %s", modname, why)
+
     names = [f"plugins.{m.name}" for m in pkgutil.iter_modules(builtin.__path__) if m.ispkg]
     names += [ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
     for modname in names:
         try:
             pkg = load_package(importlib.import_module(modname))
         except ValidationFailed as exc:
-            found.refused[modname.rsplit(".", 1)[-1]] = exc.message
-            log.error("plugin %s refused: %s", modname, exc.message)
-            continue
+            refuse(modname.rsplit(".", 1)[-1], modname, exc.message)
         except ImportError as exc:
-            found.refused[modname.rsplit(".", 1)[-1]] = f"import failed: {exc}"
-            log.error("plugin %s refused: import failed: %s", modname, exc)
-            continue
-        if pkg.id in found.plugins:
-            found.refused[pkg.id] = f"duplicate id (also {found.plugins[pkg.id].module.__name__})"
-            continue
-        found.plugins[pkg.id] = pkg
+            refuse(modname.rsplit(".", 1)[-1], modname, f"import failed: {exc}")
+        else:
+            if pkg.id in found.plugins:
+                refuse(pkg.id, modname, f"duplicate id (also {found.plugins[pkg.id].module.__name__})")
+            else:
+                found.plugins[pkg.id] = pkg
     return found
