@@ -14,6 +14,7 @@ are suggestions: enabling or upgrading a plugin never changes a tenant's roles; 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Registry:
         # Bumped by `invalidate`: a tenant row read while a change was being announced may be
         # the old one, so it is returned but not cached.
         self._generation = 0
+        self._expiry_reload = asyncio.Lock()
         # Settings are frozen: parse TENANTFLEET_KILLED_PLUGINS once, not on every request.
         self._env_killed = settings.killed_plugin_set
 
@@ -119,7 +121,11 @@ class Registry:
     async def tenant_plugin(self, tenant_id: str, plugin_id: str) -> TenantPlugin | None:
         now = time.monotonic()
         if now - self._loaded_at > REGISTRY_CACHE_TTL_S:
-            await self.reload()  # safety net for a missed pub/sub message
+            # safety net for a missed pub/sub message; one reload for all the requests that
+            # find the copy expired at once, not one control-plane query each
+            async with self._expiry_reload:
+                if time.monotonic() - self._loaded_at > REGISTRY_CACHE_TTL_S:
+                    await self.reload()
         key = (tenant_id, plugin_id)
         hit = self._tenant.get(key)
         if hit is not None and hit[1] > now:

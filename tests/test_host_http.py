@@ -271,3 +271,20 @@ async def test_a_tenant_plugin_row_read_in_flight_during_an_invalidation_is_not_
                                 "WHERE tenant_id = $1::uuid AND plugin_id = 'inventory'", rec.tenant_id)
     tp = await registry.tenant_plugin(rec.tenant_id, "inventory")
     assert tp is not None and not tp.enabled
+
+
+class _CountingRegistry(Registry):
+    reloads = 0
+
+    async def reload(self) -> None:
+        self.reloads += 1
+        await super().reload()
+
+
+async def test_requests_finding_the_registry_copy_expired_together_share_one_reload(
+        fleet: Fleet, host: Host) -> None:
+    rec, _ = await tenant_with_key(fleet, host)
+    registry = _CountingRegistry(fleet.control, fleet.settings, discover(), fleet.shard_pools)  # never loaded yet
+    found = await asyncio.gather(*(registry.tenant_plugin(rec.tenant_id, "inventory") for _ in range(20)))
+    assert all(tp is not None and tp.enabled for tp in found)
+    assert registry.reloads == 1
