@@ -30,7 +30,7 @@ def shipped(plugin_id: str) -> PluginPackage:
 @asynccontextmanager
 async def migrator(fleet: Fleet, package: PluginPackage, metrics: MigrateMetrics | None = None,
                    **overrides: Any) -> AsyncIterator[FleetMigrator]:
-    """A FleetMigrator on the fleet with its own cache-less shard pools, as the CLI opens them."""
+    """A FleetMigrator on the fleet with its own `migration_pools`, as the CLI opens them."""
     settings = fleet.settings.model_copy(update=overrides) if overrides else fleet.settings
     async with migration_pools(settings, fleet.directory.dsn_of) as pools:
         yield FleetMigrator(fleet.control, pools, settings, package, metrics=metrics)
