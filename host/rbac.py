@@ -5,7 +5,9 @@ are 256 random bits, so a plain hash is as good as a slow one and costs microsec
 A principal belongs to one tenant (or none, for operators) and holds that tenant's
 roles by key; roles hold namespaced permissions (``inventory.view``). Authentication
 results are cached per host for `AUTH_CACHE_TTL_S` and dropped on every registry change
-heard over pub/sub, so a role change or a deleted key takes effect on every host at once.
+heard over pub/sub, so a role change made through the admin API or the registry takes
+effect on every host within a pub/sub hop. A change that announces nothing (there is no
+key-revocation command yet: a principal row deleted in SQL) is seen within the TTL.
 """
 from __future__ import annotations
 
