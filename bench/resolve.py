@@ -38,6 +38,7 @@ from typing import Any, Awaitable, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
@@ -46,10 +47,9 @@ from bench.common import (  # noqa: E402
 )
 from router.cache import TenantCache  # noqa: E402
 from router.client import ResolveClient, redis_address  # noqa: E402
-from router.directory import Directory  # noqa: E402
 from router.keys import redis_alias_key, redis_tenant_key  # noqa: E402
 from router.models import TenantRecord  # noqa: E402
-from router.pools import ShardPools, create_pool  # noqa: E402
+from router.runtime import open_runtime  # noqa: E402
 from router.settings import Settings  # noqa: E402
 
 BATCH = 10_000
@@ -96,33 +96,24 @@ def zipf_keys(records: list[TenantRecord], s: float, k: int, seed: int) -> list[
     return [records[order[r]].code for r in ranks]
 
 
-async def register(settings: Settings, records: list[TenantRecord], shard_id: str) -> None:
-    control = await create_pool(settings.control_dsn, settings, min_size=1, max_size=2)
-    try:
-        await Directory.bootstrap(control)
-        async with control.acquire() as conn, conn.transaction():
-            # a shard row for the foreign key; offline, so placement never picks it
-            await conn.execute("INSERT INTO shards (shard_id, dsn, state) VALUES ($1, $2, 'offline')",
-                               shard_id, "postgresql://bench.invalid/none")
-            await conn.copy_records_to_table(
-                "tenants", columns=["tenant_id", "code", "schema_name", "shard_id", "state", "epoch"],
-                records=[(uuid.UUID(r.tenant_id), r.code, r.schema, r.shard_id, r.state, r.epoch) for r in records])
-            await conn.copy_records_to_table(
-                "tenant_domains", columns=["domain", "tenant_id"],
-                records=[(d, uuid.UUID(r.tenant_id)) for r in records for d in r.domains])
-            await conn.execute("ANALYZE tenants")
-            await conn.execute("ANALYZE tenant_domains")
-    finally:
-        await control.close()
+async def register(control: asyncpg.Pool, records: list[TenantRecord], shard_id: str) -> None:
+    async with control.acquire() as conn, conn.transaction():
+        # a shard row for the foreign key; offline, so placement never picks it
+        await conn.execute("INSERT INTO shards (shard_id, dsn, state) VALUES ($1, $2, 'offline')",
+                           shard_id, "postgresql://bench.invalid/none")
+        await conn.copy_records_to_table(
+            "tenants", columns=["tenant_id", "code", "schema_name", "shard_id", "state", "epoch"],
+            records=[(uuid.UUID(r.tenant_id), r.code, r.schema, r.shard_id, r.state, r.epoch) for r in records])
+        await conn.copy_records_to_table(
+            "tenant_domains", columns=["domain", "tenant_id"],
+            records=[(d, uuid.UUID(r.tenant_id)) for r in records for d in r.domains])
+        await conn.execute("ANALYZE tenants")
+        await conn.execute("ANALYZE tenant_domains")
 
 
-async def unregister(settings: Settings, shard_id: str) -> None:
-    control = await create_pool(settings.control_dsn, settings, min_size=1, max_size=1)
-    try:
-        await control.execute("DELETE FROM tenants WHERE shard_id = $1", shard_id)  # domains cascade
-        await control.execute("DELETE FROM shards WHERE shard_id = $1", shard_id)
-    finally:
-        await control.close()
+async def unregister(control: asyncpg.Pool, shard_id: str) -> None:
+    await control.execute("DELETE FROM tenants WHERE shard_id = $1", shard_id)  # domains cascade
+    await control.execute("DELETE FROM shards WHERE shard_id = $1", shard_id)
 
 
 def redis_of(settings: Settings) -> aioredis.Redis:
@@ -310,10 +301,6 @@ def memory_per_10k(records: list[TenantRecord]) -> dict[str, float]:
             "with_records_bytes_per_tenant": with_records / len(sample)}
 
 
-async def _no_shard(shard_id: str) -> str | None:
-    return None
-
-
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     shard_id = f"bench-{tag}"
@@ -325,33 +312,31 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         settings = target.settings
         print(f"fleet: {'embedded' if target.embedded else 'external'} ({time.perf_counter() - t0:.1f}s)", flush=True)
         records = make_records(args.tenants, shard_id, tag)
-        t1 = time.perf_counter()
-        await register(settings, records, shard_id)
-        print(f"registered {len(records):,} tenants in {time.perf_counter() - t1:.1f}s", flush=True)
-        by_code = {r.code: r for r in records}
-        keys = zipf_keys(records, args.zipf, SAMPLE, args.seed)
-        redis = redis_of(settings)
-        control = await create_pool(settings.control_dsn, settings, min_size=1, max_size=4)
-        try:
-            await fill_redis(redis, settings, records)
-            # resolve reads the control plane only; the shard pools are never opened
-            directory = Directory(control, ShardPools(settings, _no_shard), settings)
-            rounds = []
-            async with ResolveClient(settings, directory.lookup) as client:
-                for i in range(args.rounds):
-                    started = time.perf_counter()
-                    r = await one_round(client, redis, records, by_code, keys, args.seconds)
-                    rounds.append(r)
-                    print(f"round {i + 1}/{args.rounds} ({time.perf_counter() - started:.0f}s): memory hit {r['memory_hit']['ns_per_op']:.0f} ns/op, "
-                          f"dict {r['dict']['ns_per_op']:.0f} ns/op, redis p50 {r['redis_hit']['p50_us']:.0f} us, "
-                          f"miss p50 {r['miss']['p50_us']:.0f} us", flush=True)
-            memory = memory_per_10k(records)
-        finally:
-            await drop_namespace(redis, settings.redis_namespace)
-            await redis.aclose()
-            await control.close()
-            if not target.embedded:
-                await unregister(settings, shard_id)
+        # resolve reads the control plane only; the runtime's shard pools are never opened
+        async with open_runtime(settings) as rt:
+            t1 = time.perf_counter()
+            await register(rt.control, records, shard_id)
+            print(f"registered {len(records):,} tenants in {time.perf_counter() - t1:.1f}s", flush=True)
+            by_code = {r.code: r for r in records}
+            keys = zipf_keys(records, args.zipf, SAMPLE, args.seed)
+            redis = redis_of(settings)
+            try:
+                await fill_redis(redis, settings, records)
+                rounds = []
+                async with ResolveClient(settings, rt.directory.lookup) as client:
+                    for i in range(args.rounds):
+                        started = time.perf_counter()
+                        r = await one_round(client, redis, records, by_code, keys, args.seconds)
+                        rounds.append(r)
+                        print(f"round {i + 1}/{args.rounds} ({time.perf_counter() - started:.0f}s): memory hit {r['memory_hit']['ns_per_op']:.0f} ns/op, "
+                              f"dict {r['dict']['ns_per_op']:.0f} ns/op, redis p50 {r['redis_hit']['p50_us']:.0f} us, "
+                              f"miss p50 {r['miss']['p50_us']:.0f} us", flush=True)
+                memory = memory_per_10k(records)
+            finally:
+                await drop_namespace(redis, settings.redis_namespace)
+                await redis.aclose()
+                if not target.embedded:
+                    await unregister(rt.control, shard_id)
     return report(args, rounds, memory, len(set(keys)))
 
 
