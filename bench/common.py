@@ -45,9 +45,9 @@ async def fleet_target(*, shards: int = 0, **overrides: Any) -> AsyncIterator[Ta
     """The servers named by ``TENANTFLEET_CONTROL_DSN``/``_REDIS_URL`` if set (via Settings),
     else an embedded fleet (control plane + ``shards`` shard servers + Valkey) in a temp
     dir, stopped and wiped on exit."""
-    base = Settings.load()
-    if base.control_dsn:
-        yield Target(Settings.load(**overrides), embedded=False)
+    configured = Settings.load(**overrides)
+    if configured.control_dsn:
+        yield Target(configured, embedded=False)
         return
     root = Path(tempfile.mkdtemp(prefix="tenantfleet-bench-"))
     root.chmod(0o755)  # the unprivileged PostgreSQL user must reach it when we run as root
