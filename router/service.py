@@ -34,13 +34,12 @@ RUNTIME = web.AppKey("runtime", RouterRuntime)
 CLIENT = web.AppKey("client", ResolveClient)
 RESOLVER = web.AppKey("resolver", Resolver)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-SETTINGS = web.AppKey("settings", Settings)
 HTTP_REQUESTS = web.AppKey("http_requests", Counter)
 HTTP_LATENCY = web.AppKey("http_latency", Histogram)
 
 
 def _require_admin(request: web.Request) -> None:
-    key = request.app[SETTINGS].admin_key
+    key = request.app[RUNTIME].settings.admin_key
     if not key:
         raise Unauthorized("writes need an admin key: set TENANTFLEET_ADMIN_KEY on the router")
     auth = request.headers.get("Authorization", "")
@@ -164,7 +163,6 @@ def build_app(runtime: RouterRuntime, resolver: Resolver, registry: CollectorReg
     app[RUNTIME] = runtime
     app[RESOLVER] = resolver
     app[REGISTRY] = registry
-    app[SETTINGS] = runtime.settings
     app[HTTP_REQUESTS] = Counter("tenantfleet_router_http_requests_total", "Router HTTP requests",
                                  ["route", "status"], registry=registry)
     app[HTTP_LATENCY] = Histogram("tenantfleet_router_http_seconds", "Router HTTP latency", ["route"],
