@@ -131,7 +131,8 @@ class Directory:
                 pool = await self.shard_pools.get(shard.shard_id)
                 async with pool.acquire() as conn:
                     caught_up = await schema.ensure_shard(conn)
-            except ShardUnreachable:
+            except ShardUnreachable as exc:
+                log.warning("shard %s not prepared: %s", shard.shard_id, exc.message, extra={"shardId": shard.shard_id})
                 unreachable.append(shard.shard_id)
                 continue
             if caught_up:
