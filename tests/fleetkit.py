@@ -19,6 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from host.embedded import EmbeddedFleet
+from router.client import redis_address
 from router.directory import Directory
 from router.pools import ShardPools
 from router.runtime import open_runtime
@@ -49,11 +50,10 @@ class Servers:
 
 def start_servers(external_pg: str | None, external_redis: str | None) -> Servers:
     if external_pg:
-        r = urlsplit(external_redis or "redis://127.0.0.1:6379/15")
+        r = redis_address(external_redis or "redis://127.0.0.1:6379/15")
         return Servers(control_admin_dsn=external_pg,
                        shard_admin_dsns={f"shard{i}": external_pg for i in (1, 2, 3)},
-                       redis_host=r.hostname or "127.0.0.1", redis_port=r.port or 6379,
-                       redis_db=int((r.path or "/0").strip("/") or 0))
+                       redis_host=r["host"], redis_port=r["port"], redis_db=r["db"])
     root = Path(tempfile.mkdtemp(prefix="tenantfleet-test-"))
     root.chmod(0o755)
     fleet = EmbeddedFleet(root, shards=3, tuned_for_tests=True)
