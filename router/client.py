@@ -249,7 +249,7 @@ class ResolveClient:
             return rec
         if self.cache.is_negative(kind, value):
             self.stats.negative += 1
-            raise TenantNotFound(f"no tenant with {kind} {value}", **{kind: value})
+            raise TenantNotFound(f"no tenant with {kind} {value}", lookup=kind, value=value)
         key = (kind, value)
         task = self._flights.get(key)
         if task is None:
@@ -265,7 +265,7 @@ class ResolveClient:
         else:
             self.stats.control += 1
         if found is None:
-            raise TenantNotFound(f"no tenant with {kind} {value}", **{kind: value})
+            raise TenantNotFound(f"no tenant with {kind} {value}", lookup=kind, value=value)
         return found
 
     def _flight_done(self, key: tuple[str, str], task: asyncio.Task[Loaded]) -> None:
@@ -310,7 +310,7 @@ class ResolveClient:
         rec = await self._lookup("id", tid)
         if rec is None:
             self.cache.drop(tid)
-            raise TenantNotFound(f"no tenant with id {tid}", id=tid)
+            raise TenantNotFound(f"no tenant with id {tid}", lookup="id", value=tid)
         if self.cache.put(rec):
             await self._redis_write(rec)
         return rec

@@ -59,6 +59,7 @@ async def test_unknown_tenant_is_404_in_the_envelope(router_url: str, http: aioh
         assert r.status == 404
         body = await r.json()
     assert body["error"]["code"] == "TENANT_NOT_FOUND"
+    assert (body["error"]["lookup"], body["error"]["value"]) == ("code", "nobody-here")
     assert body["error"]["requestId"] == r.headers["X-Request-Id"]
 
 
