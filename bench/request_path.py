@@ -159,7 +159,7 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
         for label, extra in (("statement_cache_on", {}), ("statement_cache_off", {"statement_cache_size": 0})):
             pools = await stack.enter_async_context(
                 ShardPools(settings, directory.dsn_of, reset=keep_connection, **extra))
-            txs[label] = TenantTx(settings, resolver, pools, HostMetrics())
+            txs[label] = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
 
         async def read(conn: Any) -> Any:
             return await conn.fetch("SELECT id, sku, qty FROM items ORDER BY id LIMIT 10")

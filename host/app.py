@@ -29,7 +29,7 @@ from host.manifest import manifest
 from host.metrics import HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
-from host.runtime import open_host_runtime
+from host.runtime import HostRuntime, open_host_runtime
 from router.settings import Settings
 
 log = logging.getLogger("tenantfleet.host")
@@ -90,14 +90,18 @@ async def readyz(request: web.Request) -> web.Response:
         shards = []
     for shard in shards:
         try:
-            pool = await rt.shard_pools.get(shard.shard_id)
-            await asyncio.wait_for(pool.fetchval("SELECT 1"), 2.0)
+            await asyncio.wait_for(_select_one(rt, shard.shard_id), 2.0)
             checks[f"shard:{shard.shard_id}"] = "ok"
         except Exception as exc:  # reported per shard, not raised
             checks[f"shard:{shard.shard_id}"] = exc.__class__.__name__
     ready = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ready" if ready else "unready", "checks": checks},
                              status=200 if ready else 503)
+
+
+async def _select_one(rt: HostRuntime, shard_id: str) -> None:
+    async with rt.tx.connection(shard_id) as conn:  # the request path's own connections
+        await conn.fetchval("SELECT 1")
 
 
 async def metrics_view(request: web.Request) -> web.Response:

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
-import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from host.leases import PoolFigures
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 REQUEST_LABELS = ("plugin", "route", "status_class")
 
-PoolSource = Callable[[], dict[str, asyncpg.Pool]]
+PoolSource = Callable[[], Mapping[str, PoolFigures]]
 
 
 class _PoolCollector(Collector):
@@ -32,11 +33,14 @@ class _PoolCollector(Collector):
                                  labels=["shard"])
         idle = GaugeMetricFamily("tenantfleet_host_pool_idle", "Idle connections in a shard pool", labels=["shard"])
         cap = GaugeMetricFamily("tenantfleet_host_pool_max", "Upper bound of a shard pool", labels=["shard"])
-        for shard_id, pool in sorted(self._source().items()):
-            size.add_metric([shard_id], pool.get_size())
-            idle.add_metric([shard_id], pool.get_idle_size())
-            cap.add_metric([shard_id], pool.get_max_size())
-        return [size, idle, cap]
+        waiting = GaugeMetricFamily("tenantfleet_host_pool_waiting",
+                                    "Tenant transactions waiting for a connection to a shard", labels=["shard"])
+        for shard_id, f in sorted(self._source().items()):
+            size.add_metric([shard_id], f.size)
+            idle.add_metric([shard_id], f.idle)
+            cap.add_metric([shard_id], f.max)
+            waiting.add_metric([shard_id], f.waiting)
+        return [size, idle, cap, waiting]
 
 
 class _RouteFigures:

@@ -92,6 +92,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         directory.on_change = resolver.publish
         redis = aioredis.Redis(**redis_address(settings.redis_url), socket_connect_timeout=2.0)
         stack.push_async_callback(redis.aclose)
+        tx = TenantTx(settings, resolver, pools, metrics)
+        stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
         stack.push_async_callback(tasks.close)  # closes before Redis and the pools
 
@@ -115,10 +117,10 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
             raise FleetError(f"Redis at {settings.redis_url} did not answer within {SUBSCRIBE_WAIT_S:.0f} s; "
                              "the host needs it for invalidations, events and cron") from None
         cron = Cron(redis, settings.redis_namespace, tasks, metrics, registry.enabled_tenants)
-        metrics.watch_pools(pools.opened)
+        metrics.watch_pools(tx.pool_figures)
         rt = HostRuntime(settings=settings, control=control, shard_pools=pools, owner_pools=owner_pools,
                          directory=directory, resolver=resolver, redis=redis, registry=registry, auth=auth, rbac=RbacService(control),
-                         tx=TenantTx(settings, resolver, pools, metrics), events=events, cron=cron, tasks=tasks,
+                         tx=tx, events=events, cron=cron, tasks=tasks,
                          metrics=metrics, discovery=discovery)
         if cron_jobs:
             cron.start(cron_jobs)

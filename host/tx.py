@@ -9,6 +9,12 @@ error or a cancellation the transaction is rolled back, and a connection whose s
 can't be proven clean (rollback failed, cancelled mid-query) is terminated instead of
 being returned.
 
+Connections come from `host.leases` (kept checked out of asyncpg's pool between
+transactions: a list pop and append instead of asyncpg's acquire/release cycle), and
+``fn`` gets a `TenantDb` that refuses every use once its transaction has ended. A
+connection lost under a transaction (terminated backend, closed socket) is answered with
+SHARD_UNREACHABLE, whichever asyncpg error surfaced, and replaced for the next one.
+
 Why the pools skip asyncpg's reset query: everything this module sets is
 transaction-local and every path ends the transaction, so the ``RESET ALL;
 pg_advisory_unlock_all(); ...`` round trip asyncpg runs on each release would clean
@@ -30,16 +36,18 @@ import asyncio
 import functools
 import logging
 import uuid
-from typing import Awaitable, Callable, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from host.leases import Leases, PoolFigures, is_gone
 from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD
 from host.metrics import HostMetrics
 from host.tenancy import REQUEST_TENANT, Resolver, check_servable
 from plugins.api import Db
-from router.errors import ShardUnreachable, TenantMoving
+from router.errors import ShardUnreachable, TenantFleetError, TenantMoving
 from router.models import TenantRecord, parse_tenant_id
 from router.pools import ShardPools
 from router.settings import Settings
@@ -84,26 +92,37 @@ def _enter_sql(tenant_id: str, epoch: int, wait_ms: int) -> str:
 
 async def abort(conn: Conn) -> None:
     """Roll back; a connection that can't be rolled back cleanly is terminated."""
-    if conn.is_closed():
+    if is_gone(conn):
         return
     try:
         await conn.execute("ROLLBACK")
     except asyncio.CancelledError:
         conn.terminate()
         raise
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-        # e.g. "another operation is in progress" after a cancelled query
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError):
+        # e.g. "another operation is in progress" after a cancelled query or a lost connection
         conn.terminate()
 
 
 class TenantTx:
-    """Runs functions inside fenced tenant transactions on the tenant's shard."""
+    """Runs functions inside fenced tenant transactions on the tenant's shard.
+
+    Its connections stay leased from ``pools`` (`host.leases`): `close` it (or use it as
+    ``async with``) before closing the pools, or their close waits for them.
+    """
 
     def __init__(self, settings: Settings, resolver: Resolver, pools: ShardPools, metrics: HostMetrics) -> None:
         self._settings = settings
         self._resolver = resolver
         self._pools = pools
         self._metrics = metrics
+        self._leased: dict[str, Leases] = {}
+
+    async def __aenter__(self) -> "TenantTx":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def run(self, tenant_id: str, fn: TxFn[T]) -> T:
         """Run ``fn(conn)`` in a transaction scoped to the tenant; return its result.
@@ -123,9 +142,9 @@ class TenantTx:
         statement_tries = 0
         while True:
             check_servable(rec)
-            pool = await self._pools.get(rec.shard_id)
+            leases = await self._leases(rec.shard_id)
             try:
-                return await self._attempt(pool, rec, fn)
+                return await self._attempt(leases, rec, fn)
             except _SHARD_DOWN as exc:
                 raise ShardUnreachable(f"shard {rec.shard_id} is unreachable: {exc.__class__.__name__}",
                                        shardId=rec.shard_id) from exc
@@ -146,29 +165,107 @@ class TenantTx:
                 if statement_tries > CACHED_STATEMENT_RETRIES:
                     raise
 
-    async def _attempt(self, pool: asyncpg.Pool, rec: TenantRecord, fn: TxFn[T]) -> T:
-        async with pool.acquire() as conn:
-            try:
-                await conn.execute(enter_sql(rec, self._settings.fence_wait_ms))
-            except asyncpg.PostgresError as exc:
-                await abort(conn)
+    async def _leases(self, shard_id: str) -> Leases:
+        leases = self._leased.get(shard_id)
+        if leases is not None and not leases.pool.is_closing():
+            return leases
+        pool = await self._pools.get(shard_id)  # SHARD_NOT_FOUND, SHARD_UNREACHABLE
+        leases = self._leased.get(shard_id)
+        if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
+            stale, leases = leases, Leases(pool)
+            self._leased[shard_id] = leases
+            if stale is not None:
+                await stale.close()
+        return leases
+
+    @asynccontextmanager
+    async def connection(self, shard_id: str) -> AsyncIterator[PoolConnectionProxy]:
+        """One of the request path's connections to ``shard_id``, outside any tenant (e.g.
+        ``/readyz``'s ``SELECT 1``); given back afterwards. SHARD_NOT_FOUND if unregistered."""
+        leases = await self._leases(shard_id)
+        conn = await leases.take()
+        try:
+            yield conn
+        finally:
+            leases.give(conn)
+
+    def pool_figures(self) -> dict[str, PoolFigures]:
+        """Per shard: connections open, idle, the bound and takers waiting (for /metrics)."""
+        out = {}
+        for shard_id, leases in self._leased.items():
+            held, free, waiting = leases.figures()
+            pool = leases.pool
+            out[shard_id] = PoolFigures(pool.get_size(), free + pool.get_idle_size(), pool.get_max_size(), waiting)
+        return out
+
+    async def close(self) -> None:
+        """Give every connection back to its pool (before the pools close)."""
+        leased, self._leased = list(self._leased.values()), {}
+        await asyncio.gather(*(leases.close() for leases in leased))
+
+    async def _attempt(self, leases: Leases, rec: TenantRecord, fn: TxFn[T]) -> T:
+        conn = await leases.take()
+        db = TenantDb(conn)
+        fencing = True
+        try:
+            await conn.execute(enter_sql(rec, self._settings.fence_wait_ms))
+            fencing = False
+            result = await fn(db)
+            await conn.execute("COMMIT")
+            return result
+        except BaseException as exc:
+            lost = is_gone(conn)  # before the rollback, which terminates what it can't roll back
+            await abort(conn)
+            if lost and isinstance(exc, Exception) and not isinstance(exc, TenantFleetError):
+                # whichever asyncpg error surfaced (a closed connection, a FATAL from a
+                # terminated backend, a protocol left mid-operation), the shard is the cause
+                raise ShardUnreachable(f"shard {rec.shard_id}: connection lost ({exc.__class__.__name__})",
+                                       shardId=rec.shard_id) from exc
+            if fencing and isinstance(exc, asyncpg.PostgresError):
                 if exc.sqlstate in (SQLSTATE_FENCE_STALE, SQLSTATE_NOT_ON_SHARD):
                     raise _Stale() from exc
                 if exc.sqlstate == SQLSTATE_LOCK_TIMEOUT:
                     raise TenantMoving(f"tenant {rec.code} is being moved; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from exc
-                raise
-            except BaseException:
-                await abort(conn)
-                raise
-            try:
-                result = await fn(conn)
-            except BaseException:
-                await abort(conn)
-                raise
-            try:
-                await conn.execute("COMMIT")
-            except BaseException:
-                await abort(conn)
-                raise
-            return result
+            raise
+        finally:
+            db._conn = None
+            leases.give(conn)
+
+
+class TenantDb:
+    """What ``fn`` gets: the transaction's connection, usable until the transaction ends.
+
+    The connection itself goes on serving other tenants' transactions (`host.leases`), so
+    a reference kept past the end of ``fn``'s transaction must not reach it: every use
+    after that raises ``asyncpg.InterfaceError``. The `plugins.api.Db` methods are direct;
+    any other attribute of the asyncpg connection is passed through.
+    """
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: PoolConnectionProxy) -> None:
+        self._conn: PoolConnectionProxy | None = conn
+
+    def _live(self) -> PoolConnectionProxy:
+        conn = self._conn
+        if conn is None:
+            raise asyncpg.InterfaceError("this connection's with_tenant_tx transaction has ended")
+        return conn
+
+    def fetch(self, query: str, *args: Any, timeout: float | None = None) -> Coroutine[Any, Any, list[Any]]:
+        return self._live().fetch(query, *args, timeout=timeout)
+
+    def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
+        return self._live().fetchrow(query, *args, timeout=timeout)
+
+    def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
+        return self._live().fetchval(query, *args, column=column, timeout=timeout)
+
+    def execute(self, query: str, *args: Any, timeout: float | None = None) -> Coroutine[Any, Any, str]:
+        return self._live().execute(query, *args, timeout=timeout)
+
+    def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> Coroutine[Any, Any, None]:
+        return self._live().executemany(command, args, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live(), name)

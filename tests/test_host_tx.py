@@ -36,7 +36,8 @@ async def kit(fleet: Fleet) -> AsyncIterator[Kit]:
         pools = await stack.enter_async_context(ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection))
         resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
         metrics = HostMetrics()
-        yield Kit(fleet, TenantTx(settings, resolver, pools, metrics), pools, resolver, metrics)
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, metrics))
+        yield Kit(fleet, tx, pools, resolver, metrics)
 
 
 async def _inventory_tenant(kit: Kit, version: str = "1.1.0", shard_id: str = "shard1") -> TenantRecord:
@@ -63,8 +64,7 @@ async def _path(conn: Any) -> str:
 
 
 async def _session_state(kit: Kit, shard_id: str) -> tuple[str, int, bool]:
-    pool = await kit.pools.get(shard_id)
-    async with pool.acquire() as conn:
+    async with kit.tx.connection(shard_id) as conn:  # the one connection, between transactions
         path = await conn.fetchval("SELECT current_setting('search_path')")
         locks = await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
         return path, locks, conn.is_in_transaction()
@@ -202,7 +202,7 @@ async def test_a_mover_holding_the_tenant_makes_transactions_wait_then_503_tenan
     async with AsyncExitStack() as stack:
         pools = await stack.enter_async_context(ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection))
         resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-        tx = TenantTx(settings, resolver, pools, HostMetrics())
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
         rec = await fleet.directory.create_tenant(code(), shard_id="shard1")
         mover = await asyncpg.connect(fleet.shard_dsns["shard1"])
         stack.push_async_callback(mover.close)

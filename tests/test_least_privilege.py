@@ -116,15 +116,16 @@ async def test_the_role_is_switched_once_per_connection_never_per_request(fleet:
         pools = await stack.enter_async_context(
             ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
         resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-        tx = TenantTx(settings, resolver, pools, HostMetrics())
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
 
         async def who(db: Any) -> Any:
             return await db.fetchrow("SELECT current_user AS cur, pg_backend_pid() AS pid")
         first = await tx.run(rec.tenant_id, who)  # opens the pool's one connection (and switches it)
         logged: list[str] = []
-        async with (await pools.get("shard1")).acquire() as conn:
+        async with tx.connection("shard1") as conn:
             conn.add_query_logger(lambda q: logged.append(q.query))
         rows = [await tx.run(rec.tenant_id, who) for _ in range(5)]
+        await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon
         assert {(r["cur"], r["pid"]) for r in rows} == {(APP_ROLE, first["pid"])}
         # per request: the fence (with BEGIN), the plugin's query, COMMIT; nothing about the role
         assert len(logged) == 3 * 5 and not [q for q in logged if "role" in q]
@@ -163,7 +164,7 @@ async def test_a_tenant_schema_made_before_the_app_role_gets_its_grants_on_prepa
         pools = await stack.enter_async_context(
             ShardPools(fleet.settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
         resolver = await stack.enter_async_context(ResolveClient(fleet.settings, fleet.directory.lookup))
-        tx = TenantTx(fleet.settings, resolver, pools, HostMetrics())
+        tx = await stack.enter_async_context(TenantTx(fleet.settings, resolver, pools, HostMetrics()))
 
         async def write(db: Any) -> Any:
             await db.execute("INSERT INTO items (sku, qty, location) VALUES ('old-1', 1, 'A')")

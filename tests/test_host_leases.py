@@ -1,0 +1,163 @@
+"""The request path's leased connections (host/leases.py): hand-over to waiters, cancelled
+waiters, broken connections, idle return, close, and handles that outlive their transaction."""
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from typing import Any, AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from host.leases import Leases, LeasesClosed
+from host.metrics import HostMetrics
+from host.tx import TenantTx, keep_connection
+from router.client import ResolveClient
+from router.errors import ShardUnreachable
+from router.keys import APP_ROLE
+from router.models import TenantRecord
+from router.pools import ShardPools
+from tests.fleetkit import Fleet
+from tests.hostkit import code
+
+
+class Kit:
+    def __init__(self, tx: TenantTx, pools: ShardPools, tenant: TenantRecord) -> None:
+        self.tx, self.pools, self.tenant = tx, pools, tenant
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def one(fleet: Fleet) -> AsyncIterator[Kit]:
+    """A TenantTx over ONE app-role connection to shard1, and a tenant there."""
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(
+            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+        yield Kit(tx, pools, await fleet.directory.create_tenant(code(), shard_id="shard1"))
+
+
+async def _pid(db: Any) -> int:
+    return int(await db.fetchval("SELECT pg_backend_pid()"))
+
+
+async def test_many_transactions_share_one_connection_by_turns(one: Kit) -> None:
+    gate = asyncio.Event()
+
+    async def held(db: Any) -> int:
+        await gate.wait()  # the first holds the connection until the rest are waiting
+        return await _pid(db)
+    first = asyncio.create_task(one.tx.run(one.tenant.tenant_id, held))
+    rest = [asyncio.create_task(one.tx.run(one.tenant.tenant_id, _pid)) for _ in range(20)]
+    await asyncio.sleep(0.05)
+    assert one.tx.pool_figures()["shard1"].waiting == 20
+    gate.set()
+    pids = await asyncio.gather(first, *rest)
+    assert len(set(pids)) == 1
+    figures = one.tx.pool_figures()["shard1"]
+    assert (figures.size, figures.idle, figures.waiting) == (1, 1, 0)
+
+
+async def test_a_cancelled_waiter_neither_takes_nor_loses_the_connection(one: Kit) -> None:
+    gate = asyncio.Event()
+
+    async def held(db: Any) -> int:
+        await gate.wait()
+        return await _pid(db)
+    first = asyncio.create_task(one.tx.run(one.tenant.tenant_id, held))
+    await asyncio.sleep(0.02)
+    waiting = [asyncio.create_task(one.tx.run(one.tenant.tenant_id, _pid)) for _ in range(2)]
+    await asyncio.sleep(0.02)
+    waiting[0].cancel()
+    gate.set()
+    results = await asyncio.gather(first, *waiting, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError) and results[2] == results[0]
+    assert await asyncio.wait_for(one.tx.run(one.tenant.tenant_id, _pid), 5) == results[0]
+    assert one.tx.pool_figures()["shard1"].waiting == 0
+
+
+async def test_a_waiter_cancelled_as_the_connection_reaches_it_passes_it_on(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        leases = Leases(await pools.get("shard1"))
+        conn = await leases.take()
+        first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
+        await asyncio.sleep(0.02)
+        leases.give(conn)   # handed to `first`, which has not run yet...
+        first.cancel()      # ...and is cancelled before it does
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await asyncio.wait_for(second, 5) is conn
+        leases.give(conn)
+        assert await asyncio.wait_for(leases.take(), 5) is conn
+        leases.give(conn)
+        await leases.close()
+
+
+async def test_a_connection_killed_under_a_transaction_is_replaced_for_the_next(one: Kit, fleet: Fleet) -> None:
+    pid = await one.tx.run(one.tenant.tenant_id, _pid)
+    admin = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        async def killed(db: Any) -> None:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            await db.fetchval("SELECT 1")
+        with pytest.raises(ShardUnreachable):  # not asyncpg's "released back to the pool"
+            await one.tx.run(one.tenant.tenant_id, killed)
+    finally:
+        await admin.close()
+    new_pid = await asyncio.wait_for(one.tx.run(one.tenant.tenant_id, _pid), 5)
+    assert new_pid != pid
+    assert (await one.pools.get("shard1")).get_size() == 1
+
+
+async def test_a_handle_kept_past_its_transaction_refuses_every_use(one: Kit) -> None:
+    kept: list[Any] = []
+
+    async def keep(db: Any) -> None:
+        kept.append(db)
+        await db.execute("SELECT 1")
+    await one.tx.run(one.tenant.tenant_id, keep)
+    for use in (lambda: kept[0].fetchval("SELECT 1"), lambda: kept[0].execute("SELECT 1"),
+                lambda: kept[0].fetch("SELECT 1"), lambda: kept[0].fetchrow("SELECT 1"),
+                lambda: kept[0].transaction()):
+        with pytest.raises(asyncpg.InterfaceError, match="transaction has ended"):
+            use()
+
+
+async def test_unneeded_connections_go_back_to_asyncpg_after_the_idle_interval(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 3})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        pool = await pools.get("shard1")
+        leases = Leases(pool, idle_s=0.2)
+        taken = [await leases.take() for _ in range(3)]
+        assert pool.get_idle_size() == 0
+        for conn in taken:
+            leases.give(conn)
+        assert leases.figures() == (3, 3, 0)
+        # one stays busy: two were never needed for a whole interval and go back
+        busy = await leases.take()
+        await asyncio.sleep(0.5)
+        assert leases.figures()[:2] == (1, 0) and pool.get_idle_size() == 2
+        leases.give(busy)
+        await leases.close()
+        assert pool.get_idle_size() == pool.get_size() == 3
+
+
+async def test_close_returns_every_connection_and_fails_waiters(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        pool = await pools.get("shard1")
+        leases = Leases(pool)
+        conn = await leases.take()
+        waiter = asyncio.create_task(leases.take())
+        await asyncio.sleep(0.02)
+        await leases.close()
+        with pytest.raises(LeasesClosed):
+            await waiter
+        leases.give(conn)  # given back after close: straight to asyncpg
+        await asyncio.sleep(0.05)
+        assert pool.get_idle_size() == 1
+        with pytest.raises(LeasesClosed):
+            await leases.take()
