@@ -145,3 +145,23 @@ async def create_principal(request: web.Request) -> web.Response:
         raise ValidationFailed("name must be a string", field="name")
     created = await rt.rbac.create_principal(tenant_id=tenant_id, name=name, roles=roles)
     return _json(created, status=201)
+
+
+@routes.get("/admin/principals")
+async def list_principals(request: web.Request) -> web.Response:
+    """``?tenant=<id or code>``: that tenant's principals; without it, the fleet-level ones. No keys."""
+    rt = _rt(request)
+    tenant = request.query.get("tenant")
+    tenant_id = None if tenant is None else (await _tenant(rt, request, tenant)).tenant_id
+    return _json({"tenantId": tenant_id, "principals": await rt.rbac.list_principals(tenant_id)})
+
+
+@routes.delete("/admin/principals/{principal}")
+async def revoke_principal(request: web.Request) -> web.Response:
+    """Revoke a key: refused on this host at once, on every other host within about a second."""
+    rt = _rt(request)
+    revoked = await rt.rbac.revoke_principal(request.match_info["principal"])
+    rt.auth.clear()
+    await rt.registry.announce("principals", None, revoked["tenantId"])
+    return _json(revoked)
+

@@ -65,7 +65,7 @@ def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, ti
         columns = list(first.keys())
     table = Table(title=title)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # ids wrap on a narrow terminal, never cut short
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     state.console.print(table)

@@ -157,3 +157,27 @@ def keys_create(state: CliState, tenant: str, name: str, roles: tuple[str, ...])
         rec = await resolve_id_or_code(rt.resolver, tenant)
         return await rt.rbac.create_principal(tenant_id=rec.tenant_id, name=name, roles=list(roles))
     emit(state, _with_runtime(state, go))
+
+
+@keys.command("list")
+@click.option("--tenant", help="Tenant id or code; without it, the fleet-level (admin) principals.")
+@pass_state
+def keys_list(state: CliState, tenant: str | None) -> None:
+    """List principals: id, name, roles, created (never the keys; they are stored hashed)."""
+    async def go(rt: HostRuntime) -> list[dict[str, Any]]:
+        tenant_id = None if tenant is None else (await resolve_id_or_code(rt.resolver, tenant)).tenant_id
+        return await rt.rbac.list_principals(tenant_id)
+    emit(state, _with_runtime(state, go), columns=["principalId", "name", "roles", "isAdmin", "createdAt"])
+
+
+@keys.command("revoke")
+@click.argument("principal_id")
+@pass_state
+def keys_revoke(state: CliState, principal_id: str) -> None:
+    """Revoke a principal's key; every running host refuses it within about a second."""
+    async def go(rt: HostRuntime) -> dict[str, Any]:
+        revoked = await rt.rbac.revoke_principal(principal_id)
+        await rt.registry.announce("principals", None, revoked["tenantId"])
+        return revoked
+    emit(state, _with_runtime(state, go))
+

@@ -25,7 +25,7 @@ import asyncpg
 from aiohttp import web
 
 from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER
-from router.errors import Forbidden, TenantNotFound, Unauthorized, ValidationFailed
+from router.errors import Forbidden, NotFound, TenantNotFound, Unauthorized, ValidationFailed
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -196,6 +196,31 @@ class RbacService:
             principal_id, tenant_id, name, hash_key(key), list(roles), is_admin)
         return {"principalId": principal_id, "tenantId": tenant_id, "name": name, "roles": list(roles),
                 "isAdmin": is_admin, "apiKey": key}
+
+    async def list_principals(self, tenant_id: str | None) -> list[dict[str, Any]]:
+        """One tenant's principals, or with None the fleet-level ones; oldest first. Never a key."""
+        rows = await self._control.fetch(
+            "SELECT principal_id::text, tenant_id::text, name, roles, is_admin, created_at FROM principals "
+            "WHERE tenant_id IS NOT DISTINCT FROM $1::uuid ORDER BY created_at, principal_id", tenant_id)
+        return [{"principalId": r["principal_id"], "tenantId": r["tenant_id"], "name": r["name"],
+                 "roles": list(r["roles"]), "isAdmin": r["is_admin"], "createdAt": r["created_at"].isoformat()}
+                for r in rows]
+
+    async def revoke_principal(self, principal_id: str) -> dict[str, Any]:
+        """Delete a principal, and with it its key. Hosts that cached it refuse it once the
+        change is announced (`Registry.announce`; the admin API and the CLI do).
+
+        Raises VALIDATION_FAILED for a malformed id, NOT_FOUND for an unknown one.
+        """
+        try:
+            pid = str(uuid.UUID(principal_id))
+        except (ValueError, TypeError, AttributeError):
+            raise ValidationFailed("principalId must be a UUID", field="principalId") from None
+        row = await self._control.fetchrow(
+            "DELETE FROM principals WHERE principal_id = $1::uuid RETURNING tenant_id::text, name", pid)
+        if row is None:
+            raise NotFound(f"no principal {pid}", principalId=pid)
+        return {"principalId": pid, "tenantId": row["tenant_id"], "name": row["name"], "revoked": True}
 
     async def upsert_role(self, tenant_id: str, role_key: str, display_name: str,
                           permissions: Sequence[str]) -> dict[str, Any]:

@@ -50,6 +50,15 @@ def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Pat
     assert again.returncode == 0, again.stderr
     assert len(orjson.loads(tf(fleet_dir, "--json", "tenants", "list").stdout)) == 2
     assert orjson.loads((fleet_dir / "demo-keys.json").read_bytes()) == keys
+    listed_keys = tf(fleet_dir, "--json", "keys", "list", "--tenant", "acme")
+    assert listed_keys.returncode == 0, listed_keys.stderr
+    principals = orjson.loads(listed_keys.stdout)
+    assert len(principals) == 1 and keys["acme"] not in listed_keys.stdout  # hashed: never shown again
+    revoked = tf(fleet_dir, "--json", "keys", "revoke", principals[0]["principalId"])
+    assert revoked.returncode == 0 and orjson.loads(revoked.stdout)["revoked"] is True, revoked.stderr
+    assert orjson.loads(tf(fleet_dir, "--json", "keys", "list", "--tenant", "acme").stdout) == []
+    again_revoked = tf(fleet_dir, "keys", "revoke", principals[0]["principalId"])
+    assert again_revoked.returncode != 0 and again_revoked.stderr.startswith("error: NOT_FOUND")
     down = tf(fleet_dir, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
 

@@ -182,6 +182,34 @@ async def test_kill_switch_from_env_and_db_flag_reaching_another_host_within_a_s
         assert [p["killedBy"] for p in listed["plugins"] if p["pluginId"] == "inventory"] == ["env"]
 
 
+async def test_a_revoked_key_is_refused_here_at_once_and_on_another_host_within_a_second(fleet: Fleet) -> None:
+    async with running_host(host_settings(fleet)) as h1, running_host(host_settings(fleet)) as h2:
+        rec, key = await tenant_with_key(fleet, h1)
+        assert await _ok(h1, key, rec.code) and await _ok(h2, key, rec.code)  # both hosts cache it
+        listed = await h1.admin("GET", f"/admin/principals?tenant={rec.code}")
+        assert [p["name"] for p in listed["principals"]] == ["tester"] and key not in str(listed)
+        pid = listed["principals"][0]["principalId"]
+        revoked = await h1.admin("DELETE", f"/admin/principals/{pid}")
+        started = time.monotonic()
+        assert revoked == {"principalId": pid, "tenantId": rec.tenant_id, "name": "tester", "revoked": True}
+        async with h1.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "UNAUTHORIZED"
+
+        async def h2_refuses() -> bool:
+            async with h2.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+                return r.status == 401
+        await _until(h2_refuses, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        assert (await h1.admin("GET", f"/admin/principals?tenant={rec.code}"))["principals"] == []
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        for path, status, code in ((f"/admin/principals/{pid}", 404, "NOT_FOUND"),
+                                   ("/admin/principals/not-a-uuid", 400, "VALIDATION_FAILED")):
+            async with h1.http.delete(path, headers=admin) as r:
+                assert r.status == status and (await r.json())["error"]["code"] == code
+        async with h1.http.get("/admin/principals?tenant=no-such-tenant", headers=admin) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "TENANT_NOT_FOUND"
+
+
 async def _ok(host: Any, key: str, tenant: str) -> bool:
     async with host.http.get("/api/plugins/inventory/items", headers=auth(key, tenant)) as r:
         return bool(r.status == 200)
