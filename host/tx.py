@@ -181,9 +181,14 @@ class TenantTx:
     @asynccontextmanager
     async def connection(self, shard_id: str) -> AsyncIterator[PoolConnectionProxy]:
         """One of the request path's connections to ``shard_id``, outside any tenant (e.g.
-        ``/readyz``'s ``SELECT 1``); given back afterwards. SHARD_NOT_FOUND if unregistered."""
+        ``/readyz``'s ``SELECT 1``); given back afterwards. SHARD_NOT_FOUND if unregistered,
+        SHARD_UNREACHABLE if a connection can't be opened."""
         leases = await self._leases(shard_id)
-        conn = await leases.take()
+        try:
+            conn = await leases.take()
+        except _SHARD_DOWN as exc:  # as `run` reports it
+            raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
+                                   shardId=shard_id) from exc
         try:
             yield conn
         finally:

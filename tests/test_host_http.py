@@ -13,6 +13,8 @@ from host.discovery import discover
 from host.keys import RUNTIME
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
+from host.embedded import free_port
+from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
 
@@ -152,6 +154,19 @@ async def test_bad_input_gets_the_envelope_never_a_500(fleet: Fleet, host: Host)
             body = await r.json()
             assert (r.status, body["error"]["code"]) == (status, code), (method, path, body)
             assert body["error"]["requestId"]
+
+
+async def test_readiness_names_the_shard_that_does_not_answer_and_checks_the_others(
+        fresh_fleet: FleetFactory) -> None:
+    fleet = await fresh_fleet()
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"  # nothing listens there
+    await fleet.control.execute("INSERT INTO shards (shard_id, dsn, state) VALUES ('ghost', $1, 'draining')", dead)
+    async with running_host(host_settings(fleet)) as h:
+        async with h.http.get("/readyz") as r:
+            body = await r.json()
+    assert r.status == 503 and body["status"] == "unready"
+    assert body["checks"].pop("shard:ghost") == "ShardUnreachable"
+    assert set(body["checks"].values()) == {"ok"} and len(body["checks"]) == 1 + len(fleet.shard_dsns)
 
 
 async def test_health_readiness_and_plugin_health(host: Host) -> None:
