@@ -21,13 +21,13 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from host.bodies import read_json_object
 from host.context import PluginHost
 from host.keys import PLUGIN_HOST, REQ_TENANT
 from host.rbac import check_admin
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code
 from router.errors import ValidationFailed
+from router.http import read_json_object
 from router.models import TenantRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -74,6 +74,7 @@ class Registry:
         # the old one, so it is returned but not cached.
         self._generation = 0
         self._expiry_reload = asyncio.Lock()
+        self._reloading = asyncio.Lock()
         # Settings are frozen: parse TENANTFLEET_KILLED_PLUGINS once, not on every request.
         self._env_killed = settings.killed_plugin_set
 
@@ -94,11 +95,14 @@ class Registry:
         await self.reload()
 
     async def reload(self) -> None:
-        rows = await self.control.fetch(
-            "SELECT plugin_id, version_installed, enabled_global, killed, config FROM sys_plugins")
-        self._global = {r["plugin_id"]: GlobalPlugin(r["plugin_id"], r["version_installed"], r["enabled_global"],
-                                                     r["killed"], r["config"]) for r in rows}
-        self._loaded_at = time.monotonic()
+        # One at a time: two reloads in flight could finish out of order and leave the
+        # older read in place (a kill switch undone on this host until the next reload).
+        async with self._reloading:
+            rows = await self.control.fetch(
+                "SELECT plugin_id, version_installed, enabled_global, killed, config FROM sys_plugins")
+            self._global = {r["plugin_id"]: GlobalPlugin(r["plugin_id"], r["version_installed"],
+                                                         r["enabled_global"], r["killed"], r["config"]) for r in rows}
+            self._loaded_at = time.monotonic()
 
     async def invalidate(self) -> None:
         """Forget cached tenant rows and re-read the global ones (a change was announced)."""

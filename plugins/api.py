@@ -23,10 +23,10 @@ from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVa
 import orjson
 from aiohttp import web
 
-from host.bodies import read_json_object
 from router.errors import (
     Forbidden, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed,
 )
+from router.http import read_json_object
 
 API_VERSION = "1.0"
 API_MAJOR = 1

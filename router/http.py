@@ -82,15 +82,21 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or VALIDATION_FAILED / PAYLOAD_TOO_LARGE."""
+    """The body as a JSON object (router service, host admin API and plugin routes alike).
+
+    The app's ``client_max_size`` bounds it: PAYLOAD_TOO_LARGE beyond that;
+    VALIDATION_FAILED (``field: body``) for no body, malformed JSON or anything but an object.
+    """
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge("request body too large") from exc
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge("request body too large") from None
+    if not raw:
+        raise ValidationFailed("a JSON object body is required", field="body")
     try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise ValidationFailed("body is not valid JSON") from exc
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):
-        raise ValidationFailed("body must be a JSON object")
+        raise ValidationFailed("body must be a JSON object", field="body")
     return data
