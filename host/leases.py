@@ -12,7 +12,11 @@ asyncpg still does everything else: it opens connections (with the pool's ``init
 app role), replaces broken ones and closes them. A connection goes back to asyncpg's
 pool when it is closed or still inside a transaction (asyncpg rolls back, or replaces
 it), when it was not needed for a whole ``idle_s`` interval (the pool's own idle
-handling then applies), and at `close`.
+handling then applies), once every `RECYCLE_EVERY` transactions (asyncpg's
+``max_queries`` and ``expire_connections`` act on release only), and at `close`.
+
+Whoever closes the pool closes its `Leases` first (`TenantTx.close`), or the pool's
+close waits for the leased connections.
 
 Not thread-safe, like asyncpg: one event loop.
 """
@@ -26,6 +30,10 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 DEFAULT_IDLE_S = 60.0
+# Every this many transactions one connection goes back through asyncpg's release, whose
+# checks (max_queries, Pool.expire_connections) only run there; the cost is one
+# release/acquire cycle per RECYCLE_EVERY transactions.
+RECYCLE_EVERY = 1000
 
 
 class PoolFigures(NamedTuple):
@@ -50,8 +58,10 @@ class LeasesClosed(asyncpg.InterfaceError):
 class Leases:
     """Up to the pool's ``max_size`` connections, leased from ``pool`` and reused by turns."""
 
-    def __init__(self, pool: asyncpg.Pool, *, idle_s: float = DEFAULT_IDLE_S) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, idle_s: float = DEFAULT_IDLE_S,
+                 recycle_every: int = RECYCLE_EVERY) -> None:
         self._pool = pool
+        self._recycle_every = recycle_every
         self._max = pool.get_max_size()
         self._idle_s = idle_s
         self._free: list[PoolConnectionProxy] = []
@@ -61,6 +71,7 @@ class Leases:
         self._sweeper: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._gives = 0
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -101,13 +112,17 @@ class Leases:
             try:
                 handed_over = await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and (handed := waiter.result()) is not None:
-                    self.give(handed)  # handed over as we were cancelled: pass it on
-                else:
+                if not waiter.done() or waiter.cancelled():
                     try:
                         self._waiters.remove(waiter)
                     except ValueError:
                         pass
+                elif waiter.exception() is None:  # woken as we were cancelled: pass it on
+                    handed = waiter.result()
+                    if handed is not None:
+                        self.give(handed)
+                    else:
+                        self._wake_one(None)  # a free slot: the next waiter opens a connection
                 raise
             if handed_over is not None:
                 return handed_over
@@ -116,6 +131,13 @@ class Leases:
     def give(self, conn: PoolConnectionProxy) -> None:
         """Give a taken connection back: to the longest waiter, or to the free list."""
         if self._closed or is_gone(conn) or conn.is_in_transaction():
+            self._return(conn)
+            self._wake_one(None)
+            return
+        self._gives += 1
+        if self._gives % self._recycle_every == 0:
+            # now and then through asyncpg's own release, so that its upkeep still applies
+            # (max_queries, expire_connections); the next take leases it again
             self._return(conn)
             self._wake_one(None)
             return

@@ -42,7 +42,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from host.leases import Leases, PoolFigures, is_gone
+from host.leases import Leases, LeasesClosed, PoolFigures, is_gone
 from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD
 from host.metrics import HostMetrics
 from host.tenancy import REQUEST_TENANT, Resolver, check_servable
@@ -59,8 +59,9 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 TxFn = Callable[[Db], Awaitable[T]]
 
 CACHED_STATEMENT_RETRIES = 1
-# A shard that refuses or drops connections (sorted by class, never by message text).
-_SHARD_DOWN = (OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError)
+# Opening a connection failed: the shard refuses, drops or doesn't answer (sorted by class,
+# never by message text). Errors under a transaction are classified by `is_gone` instead.
+_CONNECT_FAILED = (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError)
 
 
 class _Stale(Exception):
@@ -117,6 +118,7 @@ class TenantTx:
         self._pools = pools
         self._metrics = metrics
         self._leased: dict[str, Leases] = {}
+        self._closed = False
 
     async def __aenter__(self) -> "TenantTx":
         return self
@@ -145,9 +147,6 @@ class TenantTx:
             leases = await self._leases(rec.shard_id)
             try:
                 return await self._attempt(leases, rec, fn)
-            except _SHARD_DOWN as exc:
-                raise ShardUnreachable(f"shard {rec.shard_id} is unreachable: {exc.__class__.__name__}",
-                                       shardId=rec.shard_id) from exc
             except _Stale:
                 fence_tries += 1
                 self._metrics.fence_retries.inc()
@@ -169,7 +168,11 @@ class TenantTx:
         leases = self._leased.get(shard_id)
         if leases is not None and not leases.pool.is_closing():
             return leases
+        if self._closed:
+            raise LeasesClosed("the host's shard connections are closed")
         pool = await self._pools.get(shard_id)  # SHARD_NOT_FOUND, SHARD_UNREACHABLE
+        if self._closed:  # closed while the pool opened: nothing would ever give leases back
+            raise LeasesClosed("the host's shard connections are closed")
         leases = self._leased.get(shard_id)
         if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
             stale, leases = leases, Leases(pool)
@@ -184,11 +187,7 @@ class TenantTx:
         ``/readyz``'s ``SELECT 1``); given back afterwards. SHARD_NOT_FOUND if unregistered,
         SHARD_UNREACHABLE if a connection can't be opened."""
         leases = await self._leases(shard_id)
-        try:
-            conn = await leases.take()
-        except _SHARD_DOWN as exc:  # as `run` reports it
-            raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
-                                   shardId=shard_id) from exc
+        conn = await _take(leases, shard_id)
         try:
             yield conn
         finally:
@@ -205,11 +204,12 @@ class TenantTx:
 
     async def close(self) -> None:
         """Give every connection back to its pool (before the pools close)."""
+        self._closed = True  # later transactions raise LeasesClosed instead of leasing anew
         leased, self._leased = list(self._leased.values()), {}
         await asyncio.gather(*(leases.close() for leases in leased))
 
     async def _attempt(self, leases: Leases, rec: TenantRecord, fn: TxFn[T]) -> T:
-        conn = await leases.take()
+        conn = await _take(leases, rec.shard_id)
         db = TenantDb(conn)
         fencing = True
         try:
@@ -238,13 +238,21 @@ class TenantTx:
             leases.give(conn)
 
 
+async def _take(leases: Leases, shard_id: str) -> PoolConnectionProxy:
+    try:
+        return await leases.take()
+    except _CONNECT_FAILED as exc:
+        raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
+                               shardId=shard_id) from exc
+
+
 class TenantDb:
-    """What ``fn`` gets: the transaction's connection, usable until the transaction ends.
+    """What ``fn`` gets: the transaction's connection, for the `plugins.api.Db` methods only.
 
     The connection itself goes on serving other tenants' transactions (`host.leases`), so
-    a reference kept past the end of ``fn``'s transaction must not reach it: every use
-    after that raises ``asyncpg.InterfaceError``. The `plugins.api.Db` methods are direct;
-    any other attribute of the asyncpg connection is passed through.
+    nothing handed out may outlive ``fn``'s transaction: every call after it ended raises
+    ``asyncpg.InterfaceError``, and what could be kept and used later (prepared statements,
+    cursors, transaction objects, listeners, the raw connection) is not offered at all.
     """
     __slots__ = ("_conn",)
 
@@ -271,6 +279,3 @@ class TenantDb:
 
     def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> Coroutine[Any, Any, None]:
         return self._live().executemany(command, args, timeout=timeout)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._live(), name)

@@ -43,12 +43,16 @@ Record = Mapping[str, Any]
 
 
 class Db(Protocol):
-    """The connection ``with_tenant_tx`` hands to ``fn`` (an asyncpg connection)."""
+    """What ``with_tenant_tx`` hands to ``fn``: asyncpg's query methods on the tenant's
+    connection, inside its transaction. Valid until the transaction ends (later calls raise
+    ``asyncpg.InterfaceError``); prepared statements, cursors, savepoint objects and
+    listeners are not offered, since the connection goes on to serve other tenants."""
 
     async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Any]: ...
     async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Any: ...
     async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any: ...
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str: ...
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

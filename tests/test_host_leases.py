@@ -118,12 +118,86 @@ async def test_a_handle_kept_past_its_transaction_refuses_every_use(one: Kit) ->
     async def keep(db: Any) -> None:
         kept.append(db)
         await db.execute("SELECT 1")
+        # nothing that could outlive the transaction is handed out at all: a prepared
+        # statement, cursor, transaction object or listener kept by tenant A would run
+        # inside (or hear) tenant B's transaction on the same connection
+        for name in ("prepare", "cursor", "transaction", "add_log_listener", "add_listener", "copy_to_table"):
+            assert not hasattr(db, name), name
     await one.tx.run(one.tenant.tenant_id, keep)
     for use in (lambda: kept[0].fetchval("SELECT 1"), lambda: kept[0].execute("SELECT 1"),
                 lambda: kept[0].fetch("SELECT 1"), lambda: kept[0].fetchrow("SELECT 1"),
-                lambda: kept[0].transaction()):
+                lambda: kept[0].executemany("SELECT $1", [(1,)])):
         with pytest.raises(asyncpg.InterfaceError, match="transaction has ended"):
             use()
+
+
+async def test_after_close_a_transaction_is_refused_and_leases_nothing(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    rec = await fleet.directory.create_tenant(code(), shard_id="shard1")
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = TenantTx(settings, resolver, pools, HostMetrics())
+        await tx.run(rec.tenant_id, _pid)
+        await tx.close()
+        with pytest.raises(LeasesClosed):
+            await tx.run(rec.tenant_id, _pid)
+        assert tx.pool_figures() == {}
+        pool = await pools.get("shard1")
+        assert pool.get_idle_size() == pool.get_size() == 1  # all back: the pools close at once
+
+
+async def test_a_free_slot_reaching_a_cancelled_waiter_is_passed_on(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        leases = Leases(await pools.get("shard1"))
+        conn = await leases.take()
+        first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
+        await asyncio.sleep(0.02)
+        conn.terminate()
+        leases.give(conn)   # a dead connection: its slot is free, `first` is told to open one...
+        first.cancel()      # ...and is cancelled before it can
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        fresh = await asyncio.wait_for(second, 5)
+        assert not fresh.is_closed()
+        leases.give(fresh)
+        await leases.close()
+
+
+async def test_a_waiter_cancelled_while_leases_close_ends_cancelled(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        leases = Leases(await pools.get("shard1"))
+        conn = await leases.take()
+        waiter = asyncio.create_task(leases.take())
+        await asyncio.sleep(0.02)
+        closing = asyncio.create_task(leases.close())
+        await asyncio.sleep(0)  # close has failed the waiter, which has not run yet
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert waiter.cancelled()  # the cancellation wins, not LeasesClosed
+        leases.give(conn)
+        await closing
+
+
+async def test_connections_pass_through_asyncpgs_release_now_and_then(fleet: Fleet) -> None:
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        pool = await pools.get("shard1")
+        leases = Leases(pool, recycle_every=5)
+        conn = await leases.take()
+        before = conn.get_server_pid()
+        leases.give(conn)
+        await pool.expire_connections()  # acted on by asyncpg at release only
+        pids = []
+        for _ in range(6):
+            conn = await leases.take()
+            pids.append(conn.get_server_pid())
+            leases.give(conn)
+            await asyncio.sleep(0.01)
+        assert pids[:4] == [before] * 4 and pids[-1] != before  # the 5th give went through asyncpg
+        await leases.close()
 
 
 async def test_unneeded_connections_go_back_to_asyncpg_after_the_idle_interval(fleet: Fleet) -> None:
