@@ -65,7 +65,10 @@ def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, ti
         columns = list(first.keys())
     table = Table(title=title)
     for col in columns:
-        table.add_column(col, overflow="fold")  # ids wrap on a narrow terminal, never cut short
+        if col.lower().endswith("id"):  # ids wrap on a narrow terminal rather than being cut short
+            table.add_column(col, overflow="fold", min_width=len(col))
+        else:
+            table.add_column(col)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     state.console.print(table)
