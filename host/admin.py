@@ -164,4 +164,3 @@ async def revoke_principal(request: web.Request) -> web.Response:
     rt.auth.clear()
     await rt.registry.announce("principals", None, revoked["tenantId"])
     return _json(revoked)
-

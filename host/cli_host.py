@@ -180,4 +180,3 @@ def keys_revoke(state: CliState, principal_id: str) -> None:
         await rt.registry.announce("principals", None, revoked["tenantId"])
         return revoked
     emit(state, _with_runtime(state, go))
-
