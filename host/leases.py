@@ -54,6 +54,9 @@ def is_gone(conn: asyncpg.Connection | PoolConnectionProxy) -> bool:
 class LeasesClosed(asyncpg.InterfaceError):
     """`take` after `close` (the host is shutting down)."""
 
+    def __init__(self) -> None:
+        super().__init__("the host's shard connections are closed")
+
 
 class Leases:
     """Up to the pool's ``max_size`` connections, leased from ``pool`` and reused by turns."""
@@ -90,7 +93,7 @@ class Leases:
         free = self._free
         while True:
             if self._closed:
-                raise LeasesClosed("the host's shard connections are closed")
+                raise LeasesClosed()
             while free:
                 conn = free.pop()
                 if len(free) < self._low_free:
@@ -191,6 +194,6 @@ class Leases:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(LeasesClosed("the host's shard connections are closed"))
+                waiter.set_exception(LeasesClosed())
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)

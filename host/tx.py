@@ -169,10 +169,10 @@ class TenantTx:
         if leases is not None and not leases.pool.is_closing():
             return leases
         if self._closed:
-            raise LeasesClosed("the host's shard connections are closed")
+            raise LeasesClosed()
         pool = await self._pools.get(shard_id)  # SHARD_NOT_FOUND, SHARD_UNREACHABLE
         if self._closed:  # closed while the pool opened: nothing would ever give leases back
-            raise LeasesClosed("the host's shard connections are closed")
+            raise LeasesClosed()
         leases = self._leased.get(shard_id)
         if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
             stale, leases = leases, Leases(pool)
@@ -197,7 +197,7 @@ class TenantTx:
         """Per shard: connections open, idle, the bound and takers waiting (for /metrics)."""
         out = {}
         for shard_id, leases in self._leased.items():
-            held, free, waiting = leases.figures()
+            _, free, waiting = leases.figures()
             pool = leases.pool
             out[shard_id] = PoolFigures(pool.get_size(), free + pool.get_idle_size(), pool.get_max_size(), waiting)
         return out

@@ -3,7 +3,7 @@ waiters, broken connections, idle return, close, and handles that outlive their 
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 
 import asyncpg
@@ -37,6 +37,14 @@ async def one(fleet: Fleet) -> AsyncIterator[Kit]:
         resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
         tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
         yield Kit(tx, pools, await fleet.directory.create_tenant(code(), shard_id="shard1"))
+
+
+@asynccontextmanager
+async def shard1_pool(fleet: Fleet, max_size: int = 1) -> AsyncIterator[asyncpg.Pool]:
+    """An owner-role asyncpg pool of at most ``max_size`` connections to shard1, as the host builds them."""
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": max_size})
+    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
+        yield await pools.get("shard1")
 
 
 async def _pid(db: Any) -> int:
@@ -79,9 +87,8 @@ async def test_a_cancelled_waiter_neither_takes_nor_loses_the_connection(one: Ki
 
 
 async def test_a_waiter_cancelled_as_the_connection_reaches_it_passes_it_on(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        leases = Leases(await pools.get("shard1"))
+    async with shard1_pool(fleet) as pool:
+        leases = Leases(pool)
         conn = await leases.take()
         first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
         await asyncio.sleep(0.02)
@@ -148,9 +155,8 @@ async def test_after_close_a_transaction_is_refused_and_leases_nothing(fleet: Fl
 
 
 async def test_a_free_slot_reaching_a_cancelled_waiter_is_passed_on(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        leases = Leases(await pools.get("shard1"))
+    async with shard1_pool(fleet) as pool:
+        leases = Leases(pool)
         conn = await leases.take()
         first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
         await asyncio.sleep(0.02)
@@ -166,9 +172,8 @@ async def test_a_free_slot_reaching_a_cancelled_waiter_is_passed_on(fleet: Fleet
 
 
 async def test_a_waiter_cancelled_while_leases_close_ends_cancelled(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        leases = Leases(await pools.get("shard1"))
+    async with shard1_pool(fleet) as pool:
+        leases = Leases(pool)
         conn = await leases.take()
         waiter = asyncio.create_task(leases.take())
         await asyncio.sleep(0.02)
@@ -182,9 +187,7 @@ async def test_a_waiter_cancelled_while_leases_close_ends_cancelled(fleet: Fleet
 
 
 async def test_connections_pass_through_asyncpgs_release_now_and_then(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        pool = await pools.get("shard1")
+    async with shard1_pool(fleet) as pool:
         leases = Leases(pool, recycle_every=5)
         conn = await leases.take()
         before = conn.get_server_pid()
@@ -201,9 +204,7 @@ async def test_connections_pass_through_asyncpgs_release_now_and_then(fleet: Fle
 
 
 async def test_unneeded_connections_go_back_to_asyncpg_after_the_idle_interval(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 3})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        pool = await pools.get("shard1")
+    async with shard1_pool(fleet, 3) as pool:
         leases = Leases(pool, idle_s=0.2)
         taken = [await leases.take() for _ in range(3)]
         assert pool.get_idle_size() == 0
@@ -220,9 +221,7 @@ async def test_unneeded_connections_go_back_to_asyncpg_after_the_idle_interval(f
 
 
 async def test_close_returns_every_connection_and_fails_waiters(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1})
-    async with ShardPools(settings, fleet.directory.dsn_of, reset=keep_connection) as pools:
-        pool = await pools.get("shard1")
+    async with shard1_pool(fleet) as pool:
         leases = Leases(pool)
         conn = await leases.take()
         waiter = asyncio.create_task(leases.take())
