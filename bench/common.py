@@ -29,7 +29,7 @@ def ensure_importable() -> None:
 
 ensure_importable()
 
-from host.embedded import EmbeddedFleet  # noqa: E402  (needs the path set above)
+from host.fleet.embedded import EmbeddedFleet  # noqa: E402  (needs the path set above)
 from router.settings import Settings  # noqa: E402
 
 

@@ -37,14 +37,14 @@ from typing import Any, AsyncIterator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import ROOT, machine, print_table, write_results  # noqa: E402
-from host.discovery import discover  # noqa: E402
-from host.embedded import EmbeddedFleet, _pg_bin  # noqa: E402
+from host.fleet.embedded import EmbeddedFleet, _pg_bin  # noqa: E402
 from router.keys import SCHEMA_RE  # noqa: E402
 from router.models import TenantRecord  # noqa: E402
 from router.runtime import open_runtime  # noqa: E402
 from router.settings import Settings  # noqa: E402
 from shard_migrations import ledger, runs  # noqa: E402
 from shard_migrations.fleet import FleetMigrator, RunOptions, migration_pools  # noqa: E402
+from shard_migrations.packages import discover  # noqa: E402
 from shard_migrations.verify import verify  # noqa: E402
 
 

@@ -223,7 +223,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install -y wrk)")
 
-    from host.embedded import EmbeddedFleet, free_port
+    from host.fleet.embedded import EmbeddedFleet, free_port
 
     root = Path(tempfile.mkdtemp(prefix="tenantfleet-bench-"))
     root.chmod(0o755)

@@ -21,8 +21,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from host.context import PluginHost
-from host.keys import PLUGIN_HOST, REQ_TENANT
+from host.context import PLUGIN_HOST, PluginHost
+from host.keys import REQ_TENANT
 from host.rbac import check_admin
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code

@@ -21,16 +21,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from host import admin
-from host.context import PluginHost
-from host.discovery import Discovery, discover
-from host.keys import DRAIN_TIMEOUT_S, METRICS, PARSER_MAX_FIELD, PLUGIN_HOST, RUNTIME
+from host.context import PLUGIN_HOST, PluginHost
+from host.keys import DRAIN_TIMEOUT_S, PARSER_MAX_FIELD
 from host.loader import load_plugins, mount
 from host.manifest import manifest
-from host.metrics import HostMetrics
+from host.metrics import METRICS, HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
-from host.runtime import HostRuntime, open_host_runtime
+from host.runtime import RUNTIME, HostRuntime, open_host_runtime
 from router.settings import Settings
+from shard_migrations.packages import Discovery, discover
 
 log = logging.getLogger("tenantfleet.host")
 
@@ -41,7 +41,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
               metrics: HostMetrics | None = None) -> web.Application:
     """The host app with every acceptable plugin mounted; resources open at startup.
 
-    ``discovery`` defaults to `host.discovery.discover()`; tests pass their own.
+    ``discovery`` defaults to `shard_migrations.packages.discover()`; tests pass their own.
     """
     found = discovery if discovery is not None else discover()
     app = web.Application(middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Final, Mapping, Sequence, TypeVar
 
 from aiohttp import web
 
@@ -52,6 +52,9 @@ class PluginHost:
 
     def cron_jobs(self) -> list[Job]:
         return [job for ctx in self.contexts.values() for job in ctx.jobs]
+
+
+PLUGIN_HOST: Final[web.AppKey["PluginHost"]] = web.AppKey("tenantfleet_plugin_host")
 
 
 class _Router:

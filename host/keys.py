@@ -1,31 +1,24 @@
-"""Host constants: app-state keys, Redis keys and channels, request-state keys, limits.
+"""Host constants: request-state keys, Redis keys and channels, request-state keys, limits.
 
 Redis names live under the configured namespace (``TENANTFLEET_REDIS_NAMESPACE``) so
 several fleets can share one Redis.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from host.context import PluginHost
-    from host.metrics import HostMetrics
-    from host.runtime import HostRuntime
-    from plugins.api import Caller
+from plugins.api import Caller
 
-
-# --- app state (web.AppKey, never strings) ---------------------------------------------
-RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
-METRICS: Final[web.AppKey["HostMetrics"]] = web.AppKey("tenantfleet_metrics")
-PLUGIN_HOST: Final[web.AppKey["PluginHost"]] = web.AppKey("tenantfleet_plugin_host")
+# App-state keys are declared next to the classes they hold (host.runtime.RUNTIME,
+# host.metrics.METRICS, host.context.PLUGIN_HOST), so this module imports nothing of host.
 
 # --- request state (web.RequestKey, never strings) -------------------------------------------
 REQ_ID: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_request_id")
 REQ_PLUGIN: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_plugin_id")
 REQ_TENANT: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_tenant_id")
-REQ_CALLER: Final[web.RequestKey["Caller"]] = web.RequestKey("tenantfleet_caller")
+REQ_CALLER: Final[web.RequestKey[Caller]] = web.RequestKey("tenantfleet_caller")
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 TENANT_HEADER: Final = "X-Tenant"

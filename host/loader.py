@@ -15,11 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from host.context import HostPluginContext, PluginHost
-from host.discovery import Discovery, PluginPackage
 from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
 from host.tenancy import REQUEST_TENANT, resolve_request_tenant
 from plugins.api import API_MAJOR, Caller, Handler, Tenant
 from router.errors import NotFound, PluginNotFound
+from shard_migrations.packages import Discovery, PluginPackage
 
 log = logging.getLogger("tenantfleet.host.loader")
 

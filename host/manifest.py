@@ -11,8 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from host.context import PluginHost
-from host.keys import PLUGIN_HOST, REQ_TENANT
+from host.context import PLUGIN_HOST, PluginHost
+from host.keys import REQ_TENANT
 from host.tenancy import resolve_request_tenant
 from router.errors import PluginDisabled
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Final, Iterable, Mapping
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from host.leases import PoolFigures
@@ -120,3 +121,5 @@ class HostMetrics:
         f.total += seconds
         f.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= seconds
 
+
+METRICS: Final[web.AppKey["HostMetrics"]] = web.AppKey("tenantfleet_metrics")

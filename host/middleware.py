@@ -19,8 +19,9 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from host.keys import MAX_HEADER_BYTES, METRICS, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
+from host.keys import MAX_HEADER_BYTES, REQ_ID, REQ_PLUGIN, REQ_TENANT, REQUEST_ID_HEADER
 from host.logs import access_json, direct_handler
+from host.metrics import METRICS
 from router.errors import Internal, TenantFleetError, ValidationFailed
 from router.http import error_response, from_http
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from host.discovery import discover
 from host.metrics import HostMetrics
 from host.runtime import HostRuntime, open_host_runtime
 from router.models import TenantRecord
 from router.settings import Settings
+from shard_migrations.packages import discover
 
 DEFAULT_PLUGINS = ("inventory", "restock")
 

@@ -23,13 +23,13 @@ from typing import Any, Awaitable, Callable, Mapping
 import asyncpg
 import orjson
 
-from host.discovery import Discovery, PluginPackage
 from host.keys import REGISTRY_CACHE_TTL_S
 from router.errors import PluginDisabled, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations.engine import apply_tenant
+from shard_migrations.packages import Discovery, PluginPackage
 
 log = logging.getLogger("tenantfleet.host.registry")
 

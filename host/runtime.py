@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Final, Mapping
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from host.cron import Cron, Job
-from host.discovery import Discovery
 from host.events import EventBus, Subscriber, TaskOwner
 from host.keys import registry_channel
 from host.metrics import HostMetrics
@@ -31,6 +31,7 @@ from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
+from shard_migrations.packages import Discovery
 
 SUBSCRIBE_WAIT_S = 5.0
 
@@ -53,6 +54,9 @@ class HostRuntime:
     tasks: TaskOwner
     metrics: HostMetrics
     discovery: Discovery
+
+
+RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
 
 
 @asynccontextmanager

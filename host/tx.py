@@ -42,8 +42,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from host.leases import Leases, LeasesClosed, PoolFigures, is_gone
 from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD
+from host.leases import Leases, LeasesClosed, PoolFigures, is_gone
 from host.metrics import HostMetrics
 from host.tenancy import REQUEST_TENANT, Resolver, check_servable
 from plugins.api import Db

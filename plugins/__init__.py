@@ -1,1 +1,1 @@
-"""The plugins that ship with tenantfleet. Each subpackage is one plugin (see host/discovery.py)."""
+"""The plugins that ship with tenantfleet. Each subpackage is one plugin (see shard_migrations/packages.py)."""

@@ -25,17 +25,22 @@ import asyncpg
 import semver
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from host.discovery import MigrationFile, PluginPackage
 from router.errors import MigrationFailed, ShardUnreachable
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations import ledger
-from shard_migrations.ledger import Conn
 from shard_migrations.keys import (
-    APPLY_TENANT_BUDGET_S, LOCK_SQLSTATES, SHARD_SQLSTATE_PREFIXES, STATEMENT_TIMEOUT_SQLSTATE,
-    UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S, advisory_key,
+    APPLY_TENANT_BUDGET_S,
+    LOCK_SQLSTATES,
+    SHARD_SQLSTATE_PREFIXES,
+    STATEMENT_TIMEOUT_SQLSTATE,
+    UNIT_BACKOFF_INITIAL_S,
+    UNIT_BACKOFF_MAX_S,
+    advisory_key,
 )
+from shard_migrations.ledger import Conn
+from shard_migrations.packages import MigrationFile, PluginPackage
 
 
 class LockBusy(Exception):

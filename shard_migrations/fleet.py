@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 import asyncpg
 from tenacity import wait_random_exponential
 
-from host.discovery import PluginPackage
 from router.errors import MigrationFailed, ShardUnreachable, TenantFleetError, ValidationFailed
 from router.pools import ShardPools
 from router.settings import Settings
@@ -33,6 +32,7 @@ from shard_migrations.engine import Unit, apply_unit, classify, public_key, tena
 from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
 from shard_migrations.limiter import ShardLimiters, backoff_delay
 from shard_migrations.metrics import MigrateMetrics
+from shard_migrations.packages import PluginPackage
 from shard_migrations.plan import Plan, ShardPlan, Target, build_plan, check_not_downgrade, resolve_target
 
 log = logging.getLogger("tenantfleet.migrate")

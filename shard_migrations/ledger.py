@@ -12,8 +12,8 @@ from typing import Sequence
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from host.discovery import MigrationFile
 from router.errors import MigrationDrift
+from shard_migrations.packages import MigrationFile
 
 # a plain connection or one borrowed from a pool
 Conn = asyncpg.Connection | PoolConnectionProxy

@@ -12,13 +12,13 @@ from typing import Any, Iterable, Sequence
 import asyncpg
 import semver
 
-from host.discovery import MigrationFile, PluginPackage, parse_version
 from router.errors import TenantNotFound, ValidationFailed
 from router.models import TenantRecord, parse_tenant_id
 from router.pools import ShardPools, redact
 from shard_migrations import ledger
 from shard_migrations.engine import classify, public_key, tenant_key
 from shard_migrations.keys import TENANT_STATES_TARGETED
+from shard_migrations.packages import MigrationFile, PluginPackage, parse_version
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from host.discovery import PluginPackage
 from router.errors import RunNotFound
 from shard_migrations.keys import FLUSH_S, HEARTBEAT_S, RUN_KIND
 from shard_migrations.ledger import Conn
+from shard_migrations.packages import PluginPackage
 
 log = logging.getLogger("tenantfleet.migrate")
 

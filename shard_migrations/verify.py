@@ -10,10 +10,10 @@ from typing import Any
 
 import asyncpg
 
-from host.discovery import PluginPackage
 from router.errors import MigrationIncomplete, ShardUnreachable
 from router.pools import ShardPools
 from shard_migrations.ledger import Drift, drift_error
+from shard_migrations.packages import PluginPackage
 from shard_migrations.plan import build_plan, resolve_target
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis.asyncio as aioredis
 
-from host.embedded import EmbeddedFleet
+from host.fleet.embedded import EmbeddedFleet
 from router.client import redis_address
 from router.directory import Directory
 from router.pools import ShardPools

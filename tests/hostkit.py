@@ -14,9 +14,9 @@ import aiohttp
 from aiohttp import web
 
 from host.app import serving
-from host.discovery import Discovery, discover, load_package
 from router.models import TenantRecord
 from router.settings import Settings
+from shard_migrations.packages import Discovery, discover, load_package
 from tests.fleetkit import Fleet
 
 ADMIN_KEY = "test-admin-key-" + "x" * 16

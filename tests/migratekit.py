@@ -13,11 +13,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from host.discovery import PluginPackage, discover, load_package
 from router.models import TenantRecord
 from router.settings import Settings
 from shard_migrations.fleet import FleetMigrator, migration_pools
 from shard_migrations.metrics import MigrateMetrics
+from shard_migrations.packages import PluginPackage, discover, load_package
 from tests.fleetkit import Fleet
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -102,7 +102,7 @@ async def test_unknown_and_malformed_lookups(fleet: Fleet) -> None:
 
 
 async def test_unreachable_shard_is_refused_and_nothing_is_registered(fleet: Fleet) -> None:
-    from host.embedded import free_port
+    from host.fleet.embedded import free_port
     with pytest.raises(ShardUnreachable):
         await fleet.directory.add_shard("ghost", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     assert await fleet.control.fetchval("SELECT count(*) FROM shards WHERE shard_id = 'ghost'") == 0

@@ -11,7 +11,7 @@ from typing import Iterator
 import orjson
 import pytest
 
-from host.embedded import EmbeddedFleet
+from host.fleet.embedded import EmbeddedFleet
 from router.runtime import open_runtime
 from router.settings import Settings
 

@@ -9,11 +9,11 @@ from typing import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from host.discovery import discover
-from host.keys import RUNTIME
+from host.fleet.embedded import free_port
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
-from host.embedded import free_port
+from host.runtime import RUNTIME
+from shard_migrations.packages import discover
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
@@ -184,8 +184,8 @@ async def test_health_readiness_and_plugin_health(host: Host) -> None:
 async def test_one_route_serves_both_sides_of_a_rollout_through_one_pooled_connection(fleet: Fleet) -> None:
     import semver
 
-    from host.discovery import discover
     from shard_migrations.engine import apply_tenant
+    from shard_migrations.packages import discover
 
     async with running_host(host_settings(fleet, shard_pool_min=1, shard_pool_max=1)) as one:
         new, key_new = await tenant_with_key(fleet, one, shard_id="shard2")

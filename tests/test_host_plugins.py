@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 
-from host.keys import PLUGIN_HOST
+from host.context import PLUGIN_HOST
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import (
-    ADMIN_KEY, auth, discovery_with, host_settings, plugin_package, running_host, tenant_with_key,
+    ADMIN_KEY,
+    auth,
+    discovery_with,
+    host_settings,
+    plugin_package,
+    running_host,
+    tenant_with_key,
 )
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"

@@ -10,7 +10,6 @@ import pytest
 import pytest_asyncio
 import semver
 
-from host.discovery import discover
 from host.metrics import HostMetrics
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient
@@ -18,6 +17,7 @@ from router.errors import TenantMoving
 from router.models import TenantRecord
 from router.pools import ShardPools
 from shard_migrations.engine import apply_tenant
+from shard_migrations.packages import discover
 from tests.fleetkit import Fleet
 from tests.hostkit import code
 

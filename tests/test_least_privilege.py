@@ -13,10 +13,8 @@ import pytest
 import pytest_asyncio
 import semver
 
-from host.discovery import discover
-from host.keys import RUNTIME
 from host.metrics import HostMetrics
-from host.runtime import HostRuntime
+from host.runtime import RUNTIME, HostRuntime
 from host.tx import TenantTx, keep_connection
 from router import schema
 from router.client import ResolveClient
@@ -26,6 +24,7 @@ from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations.engine import apply_tenant
+from shard_migrations.packages import discover
 from tests.fleetkit import Fleet, Servers, create_database, drop_database
 from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from host.embedded import free_port
+from host.fleet.embedded import free_port
 from router.errors import MigrationFailed
 from shard_migrations.fleet import RunOptions
 from tests.conftest import FleetFactory

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from host.embedded import PgServer, _RunAs, free_port
+from host.fleet.embedded import PgServer, _RunAs, free_port
 from router.errors import MigrationDrift, ShardUnreachable
 from shard_migrations.engine import apply_tenant
 from shard_migrations.fleet import RunOptions

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from host.embedded import ValkeyProc, free_port
+from host.fleet.embedded import ValkeyProc, free_port
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
 from router.errors import ConfigInvalid, TenantNotFound, ValidationFailed

@@ -128,7 +128,7 @@ async def test_shards_list_counts_tenants_and_hides_passwords(router_url: str, h
 
 async def test_unreachable_shard_registration_is_502_and_not_registered(router_url: str,
                                                                         http: aiohttp.ClientSession) -> None:
-    from host.embedded import free_port
+    from host.fleet.embedded import free_port
     dsn = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres"
     async with http.post(f"{router_url}/v1/shards", json={"shard_id": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
         assert r.status == 502

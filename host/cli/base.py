@@ -1,12 +1,11 @@
-"""The `tenantfleet` command line: thin adapters over the service functions.
+"""The root `tenantfleet` group and what every command module shares: `CliState`, `emit`, `run`.
 
-Human output (tables) by default, ``--json`` for scripts. Every `TenantFleetError` is
-caught once, in `main`, and becomes a one-line reason on stderr and its exit code.
+Command modules (`host.cli.fleet`, `host.cli.directory`, `host.cli.plugins`,
+`host.cli.migrate`) add their commands to `cli`; `host.cli` imports them and runs `main`.
 """
 from __future__ import annotations
 
 import asyncio
-import importlib
 import signal
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from router.errors import TenantFleetError
 from router.settings import Settings
 
 T = TypeVar("T")
@@ -94,37 +92,3 @@ def cli(ctx: click.Context, as_json: bool) -> None:
 
 
 pass_state = click.make_pass_decorator(CliState)
-
-# Modules that add their commands to `cli` when imported (one line each).
-COMMAND_MODULES = (
-    "host.cli_fleet",
-    "host.cli_router",
-    "shard_migrations.cli",
-    "host.cli_host",
-)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: runs the CLI, mapping TenantFleetError to a one-line reason and exit code."""
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
-
-    try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
-    except TenantFleetError as exc:
-        click.echo(f"error: {exc.code}: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    # Run as `python -m host.cli`: this file is then `__main__`, a second copy whose `cli`
-    # group the command modules don't register on; delegate to the imported module.
-    from host.cli import main as _main
-
-    _main()

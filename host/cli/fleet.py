@@ -6,16 +6,21 @@ import asyncio
 import click
 from rich.table import Table
 
-from host.cli import CliState, cli, pass_state, stop_on_signals
-from host.demo import (
-    DemoInfo, admin_key_for, ensure_demo_tenants, ensure_shards, load_demo_keys, save_demo_keys,
+from host.cli.base import CliState, cli, pass_state, stop_on_signals
+from host.fleet.demo import (
+    DemoInfo,
+    admin_key_for,
+    ensure_demo_tenants,
+    ensure_shards,
+    load_demo_keys,
+    save_demo_keys,
 )
 from router.runtime import open_runtime
 from router.settings import Settings
 
 
 def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Settings:
-    from host.embedded import EmbeddedFleet
+    from host.fleet.embedded import EmbeddedFleet
 
     s = state.settings
     if reset:
@@ -134,7 +139,7 @@ def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
 @pass_state
 def down(state: CliState) -> None:
     """Stop every server `tenantfleet up` started (data is kept; `up --reset` wipes it)."""
-    from host.embedded import EmbeddedFleet
+    from host.fleet.embedded import EmbeddedFleet
 
     fleet_dir = state.settings.fleet_dir
     if not (fleet_dir / "fleet.json").exists():

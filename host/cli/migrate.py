@@ -11,13 +11,13 @@ from typing import Any, AsyncIterator, Callable
 import click
 from prometheus_client import CollectorRegistry
 
-from host.cli import CliState, cli, emit, pass_state, run
-from host.discovery import PluginPackage, discover
+from host.cli.base import CliState, cli, emit, pass_state, run
 from router.errors import MigrationFailed, ShardUnreachable
 from router.runtime import open_runtime
 from shard_migrations import runs
 from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport, migration_pools
 from shard_migrations.metrics import MigrateMetrics
+from shard_migrations.packages import PluginPackage, discover
 from shard_migrations.progress import ProgressView
 from shard_migrations.verify import verify as verify_fleet
 

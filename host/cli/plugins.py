@@ -7,12 +7,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 import click
 import orjson
 
-from host.cli import CliState, cli, emit, pass_state, run, stop_on_signals
-from host.discovery import discover
+from host.cli.base import CliState, cli, emit, pass_state, run, stop_on_signals
 from host.metrics import HostMetrics
 from host.runtime import HostRuntime, open_host_runtime
 from host.tenancy import resolve_id_or_code
 from router.errors import ValidationFailed
+from shard_migrations.packages import discover
 
 T = TypeVar("T")
 
@@ -35,7 +35,8 @@ def _with_runtime(state: CliState, fn: Callable[[HostRuntime], Awaitable[T]]) ->
 @pass_state
 def serve(state: CliState, port: int | None) -> None:
     """Run the plugin host until SIGINT/SIGTERM (stops accepting, drains, then closes)."""
-    from host.app import run as run_host, serve as serve_host
+    from host.app import run as run_host
+    from host.app import serve as serve_host
     from host.logs import json_logging
 
     async def go() -> None:

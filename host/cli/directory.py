@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from host.cli import CliState, cli, emit, pass_state, run, stop_on_signals
+from host.cli.base import CliState, cli, emit, pass_state, run, stop_on_signals
 from router.keys import SHARD_STATES
 from router.runtime import open_runtime
 
