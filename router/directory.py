@@ -159,6 +159,17 @@ class Directory:
             raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
         return await self.get_shard(shard_id)
 
+    async def replace_shard_password(self, shard_id: str, dsn: str) -> None:
+        """Store ``dsn`` for a shard whose DSN differs from it only in the password (the same
+        server, user and database: anything else would be a move, not a credential change).
+        The new DSN must connect. Raises VALIDATION_FAILED, SHARD_NOT_FOUND, SHARD_UNREACHABLE."""
+        current = await self.get_shard(shard_id)
+        if redact(current.dsn) != redact(dsn):
+            raise ValidationFailed("only the password of a shard's DSN may change", field="dsn", shardId=shard_id)
+        conn = await connect(dsn, self.settings)
+        await conn.close()
+        await self.control.execute("UPDATE shards SET dsn = $2 WHERE shard_id = $1", shard_id, dsn)
+
     # --- tenants ------------------------------------------------------------------------
     async def lookup(self, kind: str, value: str) -> TenantRecord | None:
         """The control-plane read behind every cache miss; None if there is no such tenant."""

@@ -6,13 +6,15 @@ TENANTFLEET_TEST_EXTERNAL_PG / _REDIS for `make test-external`) and dropped afte
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import tempfile
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -119,3 +121,15 @@ async def open_fleet(servers: Servers, stack: AsyncExitStack, *, shards: int = 3
     for shard_id, dsn in shard_dsns.items():
         await rt.directory.add_shard(shard_id, dsn)
     return Fleet(servers, settings, control_dsn, shard_dsns, rt.control, rt.shard_pools, rt.directory, stack)
+
+
+async def until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = "the condition") -> None:
+    """Wait until ``predicate()`` holds, polling; fail the test if it doesn't within ``timeout`` s.
+
+    Tests wait for a state, never for a fixed time: a fixed sleep is too short on a loaded
+    machine and too long everywhere else."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
+        await asyncio.sleep(0.005)
+

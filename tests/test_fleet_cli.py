@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import asyncpg
 import orjson
 import pytest
 
@@ -42,6 +43,10 @@ def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Pat
     assert listed.returncode == 0, listed.stderr
     codes = {t["code"] for t in orjson.loads(listed.stdout)}
     assert codes == {"acme", "globex"}
+    after = tf(fleet_dir, "tenants", "list", "--json")  # --json where people type it, after the command
+    assert after.returncode == 0 and orjson.loads(after.stdout) == orjson.loads(listed.stdout), after.stderr
+    table = tf(fleet_dir, "shards", "list")
+    assert table.returncode == 0 and "Shard" in table.stdout and "shard_id" not in table.stdout
     shards = orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)
     assert [s["shard_id"] for s in shards] == ["shard1", "shard2"]
     keys = orjson.loads((fleet_dir / "demo-keys.json").read_bytes())
@@ -95,3 +100,55 @@ async def test_fleet_restart_keeps_every_tenant(fleet_dir: Path) -> None:
         for t in before:
             pool = await rt.shard_pools.get(t.shard_id)
             assert await pool.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", t.schema) == 1
+
+
+async def test_embedded_servers_refuse_a_connection_without_the_password(fleet_dir: Path) -> None:
+    fleet = EmbeddedFleet(fleet_dir, shards=1, tuned_for_tests=True)
+    info = fleet.start()
+    for path in (fleet_dir / "pg.password", fleet_dir / "fleet.json"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    password = (fleet_dir / "pg.password").read_text().strip()
+    assert len(password) >= 24 and f":{password}@" in info.control_dsn
+    for dsn in (info.control_dsn, *info.shard_dsns.values()):
+        conn = await asyncpg.connect(dsn)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):  # what another local user would try
+            await asyncpg.connect(dsn.replace(f":{password}@", "@"))
+        socket_dir = fleet.control.sockdir if dsn == info.control_dsn else fleet.shard_servers[0].sockdir
+        port = int(dsn.rsplit(":", 1)[1].split("/")[0])
+        with pytest.raises(asyncpg.InvalidPasswordError):  # the Unix socket doesn't trust either
+            await asyncpg.connect(host=str(socket_dir), port=port, user="postgres", database="postgres")
+
+
+async def test_a_fleet_made_before_passwords_gets_one_on_its_next_start(fleet_dir: Path) -> None:
+    fleet = EmbeddedFleet(fleet_dir, shards=1, tuned_for_tests=True)
+    info = fleet.start()
+    for server in fleet.pg_servers:  # turn it into what older versions made: trust, no password
+        conn = await asyncpg.connect(server.dsn())
+        await conn.execute("ALTER ROLE postgres PASSWORD NULL")
+        await conn.close()
+        server.hba.write_text(server.hba.read_text().replace("scram-sha-256", "trust"))
+    fleet.stop()
+    (fleet_dir / "pg.password").unlink()
+    old_dsn = info.control_dsn.replace(f":{fleet.password}@", "@")
+    again = EmbeddedFleet(fleet_dir)
+    info2 = again.start()
+    assert again.password != fleet.password and f":{again.password}@" in info2.control_dsn
+    conn = await asyncpg.connect(info2.control_dsn)
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(old_dsn)
+
+
+def test_up_refuses_to_shrink_a_fleet_and_changes_nothing(fleet_dir: Path) -> None:
+    """`up --shards 2` on a 3-shard fleet used to forget shard3's port (its tenants unreachable)."""
+    fleet_dir.mkdir(parents=True)
+    state = {"ports": {"control": 1, "shard1": 2, "shard2": 3, "shard3": 4, "valkey": 5}, "info": {}}
+    (fleet_dir / "fleet.json").write_bytes(orjson.dumps(state))
+    res = tf(fleet_dir, "up", "--no-serve", "--shards", "2")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: FLEET_ERROR: ") and "--shards 3" in lines[0], res.stderr
+    assert orjson.loads((fleet_dir / "fleet.json").read_bytes()) == state
+    (fleet_dir / "fleet.json").unlink()  # nothing was started: nothing for the fixture to stop

@@ -18,7 +18,7 @@ from router.errors import ShardUnreachable
 from router.keys import APP_ROLE
 from router.models import TenantRecord
 from router.pools import ShardPools
-from tests.fleetkit import Fleet
+from tests.fleetkit import Fleet, until
 from tests.hostkit import code
 
 
@@ -51,6 +51,16 @@ async def _pid(db: Any) -> int:
     return int(await db.fetchval("SELECT pg_backend_pid()"))
 
 
+def _waiting(kit: Kit) -> int:
+    figures = kit.tx.pool_figures().get("shard1")
+    return 0 if figures is None else figures.waiting
+
+
+def _in_use(kit: Kit) -> bool:
+    figures = kit.tx.pool_figures().get("shard1")
+    return figures is not None and figures.size == 1 and figures.idle == 0
+
+
 async def test_many_transactions_share_one_connection_by_turns(one: Kit) -> None:
     gate = asyncio.Event()
 
@@ -59,8 +69,7 @@ async def test_many_transactions_share_one_connection_by_turns(one: Kit) -> None
         return await _pid(db)
     first = asyncio.create_task(one.tx.run(one.tenant.tenant_id, held))
     rest = [asyncio.create_task(one.tx.run(one.tenant.tenant_id, _pid)) for _ in range(20)]
-    await asyncio.sleep(0.05)
-    assert one.tx.pool_figures()["shard1"].waiting == 20
+    await until(lambda: _waiting(one) == 20, what="20 waiters")
     gate.set()
     pids = await asyncio.gather(first, *rest)
     assert len(set(pids)) == 1
@@ -75,9 +84,9 @@ async def test_a_cancelled_waiter_neither_takes_nor_loses_the_connection(one: Ki
         await gate.wait()
         return await _pid(db)
     first = asyncio.create_task(one.tx.run(one.tenant.tenant_id, held))
-    await asyncio.sleep(0.02)
+    await until(lambda: _in_use(one), what="the first transaction holding the connection")
     waiting = [asyncio.create_task(one.tx.run(one.tenant.tenant_id, _pid)) for _ in range(2)]
-    await asyncio.sleep(0.02)
+    await until(lambda: _waiting(one) == 2, what="2 waiters")
     waiting[0].cancel()
     gate.set()
     results = await asyncio.gather(first, *waiting, return_exceptions=True)
@@ -91,7 +100,7 @@ async def test_a_waiter_cancelled_as_the_connection_reaches_it_passes_it_on(flee
         leases = Leases(pool)
         conn = await leases.take()
         first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
-        await asyncio.sleep(0.02)
+        await until(lambda: leases.figures()[2] == 2, what="2 waiters")
         leases.give(conn)   # handed to `first`, which has not run yet...
         first.cancel()      # ...and is cancelled before it does
         with pytest.raises(asyncio.CancelledError):
@@ -159,7 +168,7 @@ async def test_a_free_slot_reaching_a_cancelled_waiter_is_passed_on(fleet: Fleet
         leases = Leases(pool)
         conn = await leases.take()
         first, second = asyncio.create_task(leases.take()), asyncio.create_task(leases.take())
-        await asyncio.sleep(0.02)
+        await until(lambda: leases.figures()[2] == 2, what="2 waiters")
         conn.terminate()
         leases.give(conn)   # a dead connection: its slot is free, `first` is told to open one...
         first.cancel()      # ...and is cancelled before it can
@@ -176,7 +185,7 @@ async def test_a_waiter_cancelled_while_leases_close_ends_cancelled(fleet: Fleet
         leases = Leases(pool)
         conn = await leases.take()
         waiter = asyncio.create_task(leases.take())
-        await asyncio.sleep(0.02)
+        await until(lambda: leases.figures()[2] == 1, what="a waiter")
         closing = asyncio.create_task(leases.close())
         await asyncio.sleep(0)  # close has failed the waiter, which has not run yet
         waiter.cancel()
@@ -198,7 +207,6 @@ async def test_connections_pass_through_asyncpgs_release_now_and_then(fleet: Fle
             conn = await leases.take()
             pids.append(conn.get_server_pid())
             leases.give(conn)
-            await asyncio.sleep(0.01)
         assert pids[:4] == [before] * 4 and pids[-1] != before  # the 5th give went through asyncpg
         await leases.close()
 
@@ -213,8 +221,8 @@ async def test_unneeded_connections_go_back_to_asyncpg_after_the_idle_interval(f
         assert leases.figures() == (3, 3, 0)
         # one stays busy: two were never needed for a whole interval and go back
         busy = await leases.take()
-        await asyncio.sleep(0.5)
-        assert leases.figures()[:2] == (1, 0) and pool.get_idle_size() == 2
+        await until(lambda: leases.figures()[:2] == (1, 0) and pool.get_idle_size() == 2,
+                    what="the two unneeded connections back in asyncpg's pool")
         leases.give(busy)
         await leases.close()
         assert pool.get_idle_size() == pool.get_size() == 3
@@ -225,12 +233,11 @@ async def test_close_returns_every_connection_and_fails_waiters(fleet: Fleet) ->
         leases = Leases(pool)
         conn = await leases.take()
         waiter = asyncio.create_task(leases.take())
-        await asyncio.sleep(0.02)
+        await until(lambda: leases.figures()[2] == 1, what="a waiter")
         await leases.close()
         with pytest.raises(LeasesClosed):
             await waiter
         leases.give(conn)  # given back after close: straight to asyncpg
-        await asyncio.sleep(0.05)
-        assert pool.get_idle_size() == 1
+        await until(lambda: pool.get_idle_size() == 1, what="the connection back in asyncpg's pool")
         with pytest.raises(LeasesClosed):
             await leases.take()

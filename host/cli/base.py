@@ -6,6 +6,7 @@ Command modules (`host.cli.fleet`, `host.cli.directory`, `host.cli.plugins`,
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, ti
         single.add_column("field", style="bold")
         single.add_column("value")
         for key in columns or list(data.keys()):
-            single.add_row(key, _cell(data.get(key)))
+            single.add_row(header(key), _cell(data.get(key)))
         state.console.print(single)
         return
     rows: Iterable[dict[str, Any]] = data
@@ -63,13 +64,35 @@ def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, ti
         columns = list(first.keys())
     table = Table(title=title)
     for col in columns:
+        label = header(col)
         if col.lower().endswith("id"):  # ids wrap on a narrow terminal rather than being cut short
-            table.add_column(col, overflow="fold", min_width=len(col))
+            table.add_column(label, overflow="fold", min_width=len(label))
         else:
-            table.add_column(col)
+            table.add_column(label)
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     state.console.print(table)
+
+
+# Headers people read, where the words of the JSON key are not already that.
+HEADERS: dict[str, str] = {
+    "versionInstalled": "Installed", "versionAvailable": "Available", "enabledGlobal": "Enabled globally",
+    "enabledTenants": "Enabled for tenants", "killedBy": "Killed by", "dsn": "DSN", "url": "URL",
+    "schemaName": "Schema", "schema": "Schema", "ms": "ms",
+}
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def header(key: str) -> str:
+    """A table header for a JSON key: ``shardId`` → ``Shard``, ``created_at`` → ``Created at``,
+    ``versionInstalled`` → ``Installed`` (`HEADERS`). The JSON keeps the key itself."""
+    if key in HEADERS:
+        return HEADERS[key]
+    words = [w.lower() for w in _WORD.findall(key)] or [key]
+    if len(words) > 1 and words[-1] == "id":
+        words.pop()  # "Shard" over "Shard id": the column holds the shard's id
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
 
 
 def _cell(v: Any) -> str:
@@ -78,7 +101,30 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _json_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        state = ctx.find_object(CliState)
+        if state is not None:
+            state.json = True
+    return value
+
+
+class _Command(click.Command):
+    """A command that also takes ``--json`` after its name (``tenantfleet tenants list --json``),
+    where people type it; before the command (``tenantfleet --json tenants list``) works too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(["--json"], is_flag=True, expose_value=False, callback=_json_after_command,
+                                        help="Machine-readable JSON output."))
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # sub-groups are _Group too, so their commands take --json as well
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool) -> None:

@@ -15,12 +15,13 @@ from host.fleet.demo import (
     load_demo_keys,
     save_demo_keys,
 )
+from router.pools import redact
 from router.runtime import open_runtime
 from router.settings import Settings
 
 
 def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Settings:
-    from host.fleet.embedded import EmbeddedFleet
+    from host.fleet.embedded import PASSWORD_FILE, EmbeddedFleet
 
     s = state.settings
     if reset:
@@ -30,10 +31,11 @@ def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Setting
     table = Table(title=f"embedded fleet under {info.root}")
     for col in ("server", "address"):
         table.add_column(col)
-    table.add_row("control plane", info.control_dsn)
+    table.add_row("control plane", redact(info.control_dsn))
     for shard_id, dsn in info.shard_dsns.items():
-        table.add_row(shard_id, dsn)
+        table.add_row(shard_id, redact(dsn))
     table.add_row("valkey", info.redis_url)
+    table.add_row("password", f"{info.root}/{PASSWORD_FILE} (user postgres)")
     state.console.print(table)
     return s.model_copy(update={"control_dsn": info.control_dsn, "redis_url": info.redis_url,
                                 "shard_dsns": ",".join(info.shard_dsns.values())})

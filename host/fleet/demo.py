@@ -8,6 +8,7 @@ from pathlib import Path
 
 from router.errors import TenantNotFound
 from router.models import TenantRecord
+from router.pools import redact
 from router.runtime import RouterRuntime
 
 DEMO_TENANTS = (("acme", "acme.example.com"), ("globex", "globex.example.com"))
@@ -52,9 +53,16 @@ def save_demo_keys(fleet_dir: Path, keys: dict[str, str]) -> None:
 
 
 async def ensure_shards(rt: RouterRuntime, shard_dsns: dict[str, str]) -> None:
-    """Register every shard not registered yet (idempotent)."""
+    """Register every shard not registered yet (idempotent).
+
+    A shard registered with the same server, user and database but another password (an
+    embedded fleet made before its servers had passwords) gets the new DSN first."""
+    known = {s.shard_id: s.dsn for s in await rt.directory.list_shards()}
+    for shard_id, dsn in shard_dsns.items():
+        stored = known.get(shard_id)
+        if stored is not None and stored != dsn and redact(stored) == redact(dsn):
+            await rt.directory.replace_shard_password(shard_id, dsn)
     await rt.directory.prepare_shards()
-    known = {s.shard_id for s in await rt.directory.list_shards()}
     for shard_id, dsn in shard_dsns.items():
         if shard_id not in known:
             await rt.directory.add_shard(shard_id, dsn)

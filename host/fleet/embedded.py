@@ -7,6 +7,12 @@ one control-plane server plus N shard servers, all with ``wal_level=logical``. D
 the chosen ports live under one directory (``.fleet/`` by default) so a restart keeps
 both. PostgreSQL refuses to run as root; as root, the servers run as the system user
 ``tenantfleet`` (created on first use).
+
+The servers don't trust local connections: the superuser ``postgres`` has a password
+generated on first start and kept in ``<root>/pg.password`` (0600, like the admin key),
+and every connection, TCP or Unix socket, must give it (scram-sha-256). The DSNs carry
+it, so ``fleet.json`` is 0600 too. A fleet made before passwords existed is given one on
+its next start.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import importlib.util
 import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +34,8 @@ from router.errors import FleetError
 
 PG_USER = "tenantfleet"
 STATE_FILE = "fleet.json"
+PASSWORD_FILE = "pg.password"
+AUTH_METHOD = "scram-sha-256"
 START_TIMEOUT_S = 60
 
 
@@ -106,6 +115,7 @@ class PgServer:
     root: Path
     port: int
     tuned_for_tests: bool = False
+    password: str = ""
 
     @property
     def datadir(self) -> Path:
@@ -120,10 +130,15 @@ class PgServer:
         return self.root / self.name / "server.log"
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        creds = f"postgres:{self.password}" if self.password else "postgres"
+        return f"postgresql://{creds}@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, runas: _RunAs, args: list[str], timeout: float = START_TIMEOUT_S) -> None:
-        proc = subprocess.run([str(_pg_bin() / args[0]), *args[1:]], capture_output=True, text=True,
+    @property
+    def hba(self) -> Path:
+        return self.datadir / "pg_hba.conf"
+
+    def _run(self, runas: _RunAs, args: list[str], timeout: float = START_TIMEOUT_S, stdin: str | None = None) -> None:
+        proc = subprocess.run([str(_pg_bin() / args[0]), *args[1:]], capture_output=True, text=True, input=stdin,
                               timeout=timeout, cwd=str(self.root), **runas.kwargs())
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -136,8 +151,36 @@ class PgServer:
         (self.root / self.name).mkdir(parents=True, exist_ok=True)
         self.sockdir.mkdir(parents=True, exist_ok=True)
         runas.own(self.root / self.name)
-        args = ["initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]
-        self._run(runas, args + (["--no-sync"] if self.tuned_for_tests else []))
+        # initdb reads the superuser's password from a file (never the command line, which
+        # other local users can see); the file lives only as long as initdb runs.
+        pwfile = self.root / self.name / "initdb.pw"
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(self.password + "\n")
+        runas.own(pwfile)
+        try:
+            args = ["initdb", "-D", str(self.datadir), "-U", "postgres", f"--auth={AUTH_METHOD}",
+                    f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C"]
+            self._run(runas, args + (["--no-sync"] if self.tuned_for_tests else []))
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def trusts_local_connections(self) -> bool:
+        """True for a data directory made before passwords (its pg_hba.conf says ``trust``)."""
+        return any(line.split()[-1] == "trust" for line in self.hba.read_text().splitlines()
+                   if line.strip() and not line.lstrip().startswith("#"))
+
+    def require_password(self, runas: _RunAs) -> None:
+        """Give a running pre-password server the password and stop trusting connections."""
+        # psql reads the statement from stdin with the password as a psql variable, so it
+        # is quoted by psql (:'pw') and never appears on a command line.
+        self._run(runas, ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.sockdir), "-p", str(self.port),
+                          "-U", "postgres", "-d", "postgres"],
+                  stdin=f"\\set pw '{self.password}'\nALTER ROLE postgres PASSWORD :'pw';\n")
+        lines = self.hba.read_text().splitlines()
+        fixed = [line if not line.strip() or line.lstrip().startswith("#") or line.split()[-1] != "trust"
+                 else line.rsplit("trust", 1)[0] + AUTH_METHOD for line in lines]
+        self.hba.write_text("\n".join(fixed) + "\n")
+        self._run(runas, ["pg_ctl", "-D", str(self.datadir), "reload"])
 
     def is_running(self) -> bool:
         pidfile = self.datadir / "postmaster.pid"
@@ -238,7 +281,8 @@ class EmbeddedFleet:
     """One control-plane server, ``shards`` shard servers and one Valkey under ``root``.
 
     `start()` is idempotent and keeps data and ports across restarts; `stop()` stops what
-    it started; `reset()` stops and wipes ``root``.
+    it started; `reset()` stops and wipes ``root``. A fleet never shrinks: asking for fewer
+    shards than it has raises FLEET_ERROR (their tenants would become unreachable).
     """
     root: Path
     shards: int | None = None  # None: as many as were started before, else 3
@@ -246,16 +290,27 @@ class EmbeddedFleet:
     control: PgServer = field(init=False)
     shard_servers: list[PgServer] = field(init=False)
     valkey: ValkeyProc = field(init=False)
+    password: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         ports = self._load_ports()
+        existing = max([int(k[5:]) for k in ports if k.startswith("shard") and k[5:].isdigit()], default=0)
         if self.shards is None:
-            self.shards = max([int(k[5:]) for k in ports if k.startswith("shard")], default=3)
-        self.control = PgServer("control", self.root, ports.get("control") or free_port(), self.tuned_for_tests)
+            self.shards = existing or 3
+        elif self.shards < existing:
+            raise FleetError(
+                f"the fleet under {self.root} has {existing} shard servers; {self.shards} would leave the tenants of "
+                f"shard{self.shards + 1}..shard{existing} unreachable. A fleet does not shrink: start it with "
+                f"--shards {existing} (or without --shards), and empty a shard by moving its tenants off first",
+                shards=existing)
+        self.password = self._load_password()
+        self.control = PgServer("control", self.root, ports.get("control") or free_port(), self.tuned_for_tests,
+                                self.password)
         self.shard_servers = [
-            PgServer(f"shard{i}", self.root, ports.get(f"shard{i}") or free_port(), self.tuned_for_tests)
+            PgServer(f"shard{i}", self.root, ports.get(f"shard{i}") or free_port(), self.tuned_for_tests,
+                     self.password)
             for i in range(1, self.shards + 1)
         ]
         self.valkey = ValkeyProc(self.root, ports.get("valkey") or free_port())
@@ -269,9 +324,20 @@ class EmbeddedFleet:
         ports: dict[str, int] = data.get("ports", {})
         return ports
 
+    def _load_password(self) -> str:
+        """The superuser password, generated once and kept 0600 under ``root``."""
+        path = self.root / PASSWORD_FILE
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(24) + "\n")  # URL-safe: it goes into DSNs as is
+        return path.read_text().strip()
+
     def _save(self) -> None:
         ports = {s.name: s.port for s in [self.control, *self.shard_servers]} | {"valkey": self.valkey.port}
-        (self.root / STATE_FILE).write_text(json.dumps({"ports": ports, "info": asdict(self.info())}, indent=2))
+        path = self.root / STATE_FILE
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # the DSNs in it carry the password
+        path.write_text(json.dumps({"ports": ports, "info": asdict(self.info())}, indent=2))
 
     @property
     def pg_servers(self) -> list[PgServer]:
@@ -301,6 +367,8 @@ class EmbeddedFleet:
                 server.port = free_port()  # our old port is taken by someone else
             server.init(self._runas)
             server.start(self._runas)
+            if server.trusts_local_connections():
+                server.require_password(self._runas)
         if self.valkey.pid() is None and _port_open("127.0.0.1", self.valkey.port):
             self.valkey.port = free_port()
         self.valkey.start()
