@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from contextlib import AsyncExitStack
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -242,9 +243,12 @@ async def test_a_shard_owned_by_a_non_superuser_creates_joins_and_switches_to_th
     o, a, d = await admin.fetchrow("SELECT quote_ident($1), quote_ident($2), quote_ident($3)",
                                    owner_role, app_role, db_name)
     try:
-        await admin.execute(f"CREATE ROLE {o} LOGIN CREATEROLE")
+        password = uuid.uuid4().hex  # servers that don't trust local connections (the embedded ones) want one
+        await admin.execute(await admin.fetchval("SELECT format('CREATE ROLE %I LOGIN CREATEROLE PASSWORD %L', $1::text, $2::text)",
+                                                 owner_role, password))
         await admin.execute(f"ALTER DATABASE {d} OWNER TO {o}")
-        owner_dsn = dsn.replace("://postgres@", f"://{owner_role}@", 1)
+        parts = urlsplit(dsn)
+        owner_dsn = urlunsplit(parts._replace(netloc=f"{owner_role}:{password}@{parts.hostname}:{parts.port}"))
         assert owner_dsn != dsn
         owner = await asyncpg.connect(owner_dsn)
         try:

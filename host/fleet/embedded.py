@@ -115,7 +115,8 @@ class PgServer:
     root: Path
     port: int
     tuned_for_tests: bool = False
-    password: str = ""
+    # the superuser's password (EmbeddedFleet passes the fleet's one; a server of its own gets its own)
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
 
     @property
     def datadir(self) -> Path:
@@ -130,8 +131,7 @@ class PgServer:
         return self.root / self.name / "server.log"
 
     def dsn(self, database: str = "postgres") -> str:
-        creds = f"postgres:{self.password}" if self.password else "postgres"
-        return f"postgresql://{creds}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{database}"
 
     @property
     def hba(self) -> Path:
