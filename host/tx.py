@@ -247,6 +247,10 @@ class TenantTx:
                 if exc.sqlstate == SQLSTATE_LOCK_TIMEOUT:
                     raise TenantMoving(f"tenant {rec.code} is being moved; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from exc
+                if isinstance(exc, asyncpg.InvalidParameterValueError):  # 22023: the tenant's role is missing
+                    raise ShardUnreachable(f"shard {rec.shard_id} has no role for tenant {rec.code}: prepare the "
+                                           "shard with this version of tenantfleet (`tenantfleet up`)",
+                                           shardId=rec.shard_id, tenantId=rec.tenant_id) from exc
             raise
         finally:
             db._conn = None
