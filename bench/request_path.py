@@ -15,7 +15,7 @@ tenant per request):
          of fleet.enter_tenant without the role switch, run by a TenantTx subclass of this
          file on that host's own object, the app role given back its old rights on the
          bench's tenant schemas (this throwaway fleet only); the with/without ratio is
-         what the per-tenant role switch costs
+         what the per-tenant role switch costs (the two swap places every other round)
   bare4 / bare3 / bare1   bare_tenant_server.py with 4, 3 and 1 round trips
 
 Every server is its own single process with a pool of 8, on uvloop when it is installed
@@ -346,7 +346,11 @@ def main() -> None:
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
-            for name, (port, script) in targets.items():
+            order = list(targets)
+            if r % 2:  # host_noswitch first every other round: neither side always follows the other
+                order[0], order[1] = order[1], order[0]
+            for name in order:
+                port, script = targets[name]
                 cpu, pg_cpu = _cpu_s(pids[name]), _postgres_cpu_s(postmaster)
                 res = _wrk(f"http://127.0.0.1:{port}", script, args.duration)
                 served = res["rps"] * args.duration

@@ -228,7 +228,6 @@ DECLARE
   v_group name := fleet.tenant_group_role();
   v_name text;
   v_role name;
-  v_oid oid;
   r pg_catalog.pg_roles%ROWTYPE;
   v_list text;
 BEGIN
