@@ -56,6 +56,7 @@ def tenant_role(schema_name: str, app_role: str = APP_ROLE) -> str:
         raise ValueError(f"not a tenant schema name: {schema_name!r}")
     return f"{app_role}_{schema_name}"
 
+
 TENANT_STATES: Final = ("provisioning", "active", "moving", "suspended", "deleting")
 SHARD_STATES: Final = ("active", "draining", "readonly", "offline")
 

@@ -484,3 +484,28 @@ async def test_a_role_of_a_tenants_name_with_other_rights_is_refused_not_used(fl
     finally:
         await owner.execute(f"DROP ROLE IF EXISTS {quoted}")
         await owner.close()
+
+
+async def test_ensure_tenant_role_gives_a_schema_made_elsewhere_its_role_and_its_tables_idempotently(
+        fleet: Fleet) -> None:
+    # as a tenant move will: the schema and its tables arrive on the target shard first
+    schema_name = "t_" + uuid.uuid4().hex
+    owner = await asyncpg.connect(fleet.shard_dsns["shard3"])
+    try:
+        quoted = await owner.fetchval("SELECT quote_ident($1)", schema_name)  # test-only DDL, quoted by the server
+        await owner.execute(f"CREATE SCHEMA {quoted}")
+        await owner.execute(f"CREATE TABLE {quoted}.moved (id bigserial PRIMARY KEY, v text)")
+        for _ in range(2):
+            await schema.ensure_tenant_role(owner, schema_name)
+        rights = ("SELECT has_schema_privilege($1, $2, 'USAGE'), "
+                  "has_table_privilege($1, (quote_ident($2) || '.moved')::regclass, 'INSERT'), "
+                  "has_sequence_privilege($1, (quote_ident($2) || '.moved_id_seq')::regclass, 'USAGE'), "
+                  "has_table_privilege($1, (quote_ident($2) || '.moved')::regclass, 'TRUNCATE')")
+        assert await owner.fetchrow(rights, tenant_role(schema_name), schema_name) == (True, True, True, False)
+        assert await owner.fetchrow(rights, APP_ROLE, schema_name) == (False, False, False, False)
+        with pytest.raises(ValueError):
+            await schema.ensure_tenant_role(owner, "public")
+    finally:
+        await owner.execute("SELECT fleet.drop_tenant_schema($1)", schema_name)
+        assert not await owner.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = $1", tenant_role(schema_name))
+        await owner.close()
