@@ -9,7 +9,13 @@ server, then runs, in alternating rounds under the same wrk load (-t1 -c32, rand
 tenant per request):
 
   host   GET /api/plugins/inventory/items?limit=10 with X-Tenant + bearer key: resolve,
-         gate, RBAC, fence, metrics, one JSON log line (to a file), 10 rows
+         gate, RBAC, fence (switching to the tenant's role), metrics, one JSON log line
+         (to a file), 10 rows
+  host_noswitch   the same host with the fence of before tenant roles: a bench-only copy
+         of fleet.enter_tenant without the role switch, run by a TenantTx subclass of this
+         file on that host's own object, the app role given back its old rights on the
+         bench's tenant schemas (this throwaway fleet only); the with/without ratio is
+         what the per-tenant role switch costs (the two swap places every other round)
   bare4 / bare3 / bare1   bare_tenant_server.py with 4, 3 and 1 round trips
 
 Every server is its own single process with a pool of 8, on uvloop when it is installed
@@ -17,7 +23,8 @@ Every server is its own single process with a pool of 8, on uvloop when it is in
 (the server's, PostgreSQL's and wrk's: they share the cores) go to stdout and
 bench/results/request_path.json (with ratios). ``--profile`` runs one
 extra host round under pyinstrument and writes bench/results/request_path_profile.txt.
-It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off.
+It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off, and
+as the app role with the per-tenant role switch and without.
 """
 from __future__ import annotations
 
@@ -130,20 +137,74 @@ async def _prepare(control_dsn: str, shard_dsn: str, redis_url: str) -> list[tup
             async with conn.transaction():
                 await conn.execute("SELECT set_config('search_path', quote_ident($1), true)", t.schema)
                 await conn.execute("INSERT INTO items (sku, qty) SELECT 'sku-' || g, g FROM generate_series(1, 100) g")
+        await _prepare_unswitched(conn, [t.schema for t in tenants])
     finally:
         await conn.close()
     return [(t.code, keys[t.code]) for t in tenants]
 
 
+# The role switch in fleet.enter_tenant, and what the bench-only copy has instead.
+_SWITCH = "pg_catalog.set_config('role', fleet.tenant_role(f.schema_name)::text, true)"
+_UNSWITCHED_FENCE = "fleet.bench_enter_tenant_unswitched"
+
+
+async def _prepare_unswitched(conn: Any, schemas: list[str]) -> None:
+    """Bench-only, on this run's throwaway shard: the fence as it was before tenant roles
+    (fleet.enter_tenant's own text minus the switch), and the app role's rights of then on
+    the bench tenants' schemas and public, for the host_noswitch rounds."""
+    from router.keys import APP_ROLE
+
+    body: str = await conn.fetchval("SELECT pg_get_functiondef('fleet.enter_tenant(uuid, bigint, int)'::regprocedure)")
+    assert body.count(_SWITCH) == 1 and body.count("fleet.enter_tenant(") == 1, "the fence changed: update the bench"
+    await conn.execute(body.replace(_SWITCH, "NULL::text").replace("fleet.enter_tenant(", _UNSWITCHED_FENCE + "("))
+    # bench-only DDL, names passed as values and quoted by the server (format %I)
+    await conn.execute("SELECT set_config('tf.bench_app', $1, false), set_config('tf.bench_schemas', $2, false)",
+                       APP_ROLE, ",".join(schemas))
+    await conn.execute("""
+        DO $$
+        DECLARE
+          app text := current_setting('tf.bench_app');
+          s text;
+        BEGIN
+          EXECUTE format('GRANT EXECUTE ON FUNCTION fleet.bench_enter_tenant_unswitched(uuid, bigint, int) TO %I', app);
+          EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', app);
+          FOREACH s IN ARRAY string_to_array(current_setting('tf.bench_schemas'), ',') LOOP
+            EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, app);
+            EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I TO %I', s, app);
+            EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO %I', s, app);
+          END LOOP;
+        END $$""")
+
+
+def _unswitched_tx_class() -> Any:
+    """A TenantTx subclass whose fence doesn't switch roles (bench-only, see above)."""
+    import functools
+
+    from host.tx import TenantTx, enter_sql
+    from router.models import TenantRecord
+
+    @functools.lru_cache(maxsize=65536)  # as the product's: one text per (tenant, epoch)
+    def statement(rec: TenantRecord, wait_ms: int) -> str:
+        return enter_sql(rec, wait_ms).replace("fleet.enter_tenant(", _UNSWITCHED_FENCE + "(")
+
+    class UnswitchedTenantTx(TenantTx):
+        def _enter_statement(self, rec: TenantRecord) -> str:
+            return statement(rec, self._settings.fence_wait_ms)
+
+    return UnswitchedTenantTx
+
+
 async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches: int = 8) -> dict[str, float]:
-    """with_tenant_tx sequentially (one 10-row read), statement cache on vs off, batches alternated:
-    median microseconds per call."""
+    """with_tenant_tx sequentially (one 10-row read), batches alternated, median microseconds
+    per call: as the owner with asyncpg's statement cache on and off; as the app role (the
+    host's way) with the per-tenant role switch and without (the bench-only fence)."""
     from contextlib import AsyncExitStack
 
     from host.metrics import HostMetrics
     from host.tx import TenantTx, keep_connection
     from router.client import ResolveClient
     from router.directory import Directory
+    from router.keys import APP_ROLE
     from router.pools import ShardPools, create_pool
     from router.settings import Settings
 
@@ -160,6 +221,10 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
             pools = await stack.enter_async_context(
                 ShardPools(settings, directory.dsn_of, reset=keep_connection, **extra))
             txs[label] = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+        for label, cls in (("role_switch_on", TenantTx), ("role_switch_off", _unswitched_tx_class())):
+            pools = await stack.enter_async_context(
+                ShardPools(settings, directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+            txs[label] = await stack.enter_async_context(cls(settings, resolver, pools, HostMetrics()))
 
         async def read(conn: Any) -> Any:
             return await conn.fetch("SELECT id, sku, qty FROM items ORDER BY id LIMIT 10")
@@ -176,9 +241,11 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
 
 
 def _serve_host(args: argparse.Namespace) -> None:
-    """Child process: run the host (optionally under pyinstrument) until SIGTERM."""
-    from host.app import run, serve
+    """Child process: run the host (optionally under pyinstrument) until SIGTERM; with
+    ``--unswitched``, with the fence of before tenant roles (bench-only, on its own object)."""
+    from host.app import run, serving
     from host.logs import json_logging
+    from host.runtime import RUNTIME
     from router.settings import Settings
 
     settings = Settings.load(environ={}, control_dsn=args.control_dsn, redis_url=args.redis_url, admin_key="bench",
@@ -191,12 +258,20 @@ def _serve_host(args: argparse.Namespace) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-
-        async def ready(url: str) -> None:
-            if profiler is not None:
-                profiler.start()
-        await serve(settings, ready=ready, stop=stop)
-    with open(RESULTS / "host.log", "w") as log_file, json_logging(args.host_log_level, log_file):
+        async with serving(settings) as (app, _):
+            rt = app[RUNTIME]
+            if args.unswitched:
+                plain, rt.tx = rt.tx, _unswitched_tx_class()(rt.settings, rt.resolver, rt.shard_pools, rt.metrics)
+                await plain.close()
+            try:
+                if profiler is not None:
+                    profiler.start()
+                await stop.wait()
+            finally:
+                if args.unswitched:
+                    await rt.tx.close()  # before the pools close
+    with open(RESULTS / f"host{'_noswitch' if args.unswitched else ''}.log", "w") as log_file, \
+            json_logging(args.host_log_level, log_file):
         run(main())  # on uvloop when installed, as `tenantfleet serve` (the yardstick does the same)
     if profiler is not None:
         profiler.stop()
@@ -215,6 +290,7 @@ def main() -> None:
     p.add_argument("--redis-url", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    p.add_argument("--unswitched", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.serve_host:
@@ -240,32 +316,41 @@ def main() -> None:
             "request = function()\n  local t = tenants[math.random(1, #tenants)]\n"
             '  return wrk.format("GET", "/api/plugins/inventory/items?limit=10", '
             '{["X-Tenant"] = t[1], ["Authorization"] = "Bearer " .. t[2]})\nend\n')
-        ports = {name: free_port() for name in ("host", "bare4", "bare3", "bare1")}
+        ports = {name: free_port() for name in ("host", "host_noswitch", "bare4", "bare3", "bare1")}
 
-        def start_host(profile_out: str | None = None) -> subprocess.Popen[bytes]:
+        def start_host(profile_out: str | None = None, unswitched: bool = False) -> subprocess.Popen[bytes]:
+            name = "host_noswitch" if unswitched else "host"
             cmd = [PY, __file__, "--serve-host", "--control-dsn", info.control_dsn, "--redis-url", info.redis_url,
-                   "--port", str(ports["host"]), "--host-log-level", args.host_log_level]
+                   "--port", str(ports[name]), "--host-log-level", args.host_log_level]
             if profile_out:
                 cmd += ["--profile-out", profile_out]
+            if unswitched:
+                cmd += ["--unswitched"]
             proc = subprocess.Popen(cmd, cwd=ROOT)
-            _wait_port(ports["host"])
+            _wait_port(ports[name])
             return proc
 
         procs.append(start_host())
+        procs.append(start_host(unswitched=True))
         for rt in (4, 3, 1):
             procs.append(subprocess.Popen([PY, str(SHARED / "bare_tenant_server.py"), "--dsn", shard_dsn,
                                            "--roundtrips", str(rt), "--port", str(ports[f"bare{rt}"]),
                                            "--pool-size", "8"], stdout=subprocess.DEVNULL))
             _wait_port(ports[f"bare{rt}"])
-        targets = {"host": (ports["host"], host_lua), **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua")
-                                                          for n in (4, 3, 1)}}
-        pids = {"host": procs[0].pid, "bare4": procs[1].pid, "bare3": procs[2].pid, "bare1": procs[3].pid}
+        targets = {"host": (ports["host"], host_lua), "host_noswitch": (ports["host_noswitch"], host_lua),
+                   **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua") for n in (4, 3, 1)}}
+        pids = {"host": procs[0].pid, "host_noswitch": procs[1].pid, "bare4": procs[2].pid, "bare3": procs[3].pid,
+                "bare1": procs[4].pid}
         postmaster = asyncio.run(_postmaster_pid(shard_dsn))
         for name, (port, script) in targets.items():  # warm-up: pools, caches, prepared statements
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
-            for name, (port, script) in targets.items():
+            order = list(targets)
+            if r % 2:  # host_noswitch first every other round: neither side always follows the other
+                order[0], order[1] = order[1], order[0]
+            for name in order:
+                port, script = targets[name]
                 cpu, pg_cpu = _cpu_s(pids[name]), _postgres_cpu_s(postmaster)
                 res = _wrk(f"http://127.0.0.1:{port}", script, args.duration)
                 served = res["rps"] * args.duration
@@ -276,24 +361,31 @@ def main() -> None:
                 res["pg_cpu_us_per_req"] = (_postgres_cpu_s(postmaster) - pg_cpu) / served * 1e6
                 res["wrk_cpu_us_per_req"] = res.pop("wrk_cpu_s") / served * 1e6
                 runs[name].append(res)
-                print(f"round {r + 1} {name:6s} {res['rps']:9.0f} req/s  p99 {res['p99_ms']:7.2f} ms"
+                print(f"round {r + 1} {name:13s} {res['rps']:9.0f} req/s  p99 {res['p99_ms']:7.2f} ms"
                       f"  CPU us/req: server {res['cpu_us_per_req']:4.0f} postgres {res['pg_cpu_us_per_req']:4.0f}"
                       f" wrk {res['wrk_cpu_us_per_req']:3.0f}  non-2xx {res['non2xx']:.0f}", flush=True)
         med = {n: {k: statistics.median(x[k] for x in v)
                    for k in ("rps", "p99_ms", "cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")}
                for n, v in runs.items()}
         ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
-                  for b in ("bare4", "bare3", "bare1")}
+                  for b in ("host_noswitch", "bare4", "bare3", "bare1")}
+        ratios["host/host_noswitch"]["cpu"] = (
+            sum(med["host"][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req"))
+            / sum(med["host_noswitch"][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")))
         micro = asyncio.run(_tx_micro(info.control_dsn, info.redis_url))
         result: dict[str, Any] = {"medians": med, "ratios": ratios, "rounds": runs, "tx_micro_us": micro,
                                   "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
         print("\nmedians:")
         for n, m in med.items():
-            print(f"  {n:6s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms  CPU us/req: server"
+            print(f"  {n:13s} {m['rps']:9.0f} req/s  p99 {m['p99_ms']:7.2f} ms  CPU us/req: server"
                   f" {m['cpu_us_per_req']:4.0f} postgres {m['pg_cpu_us_per_req']:4.0f} wrk {m['wrk_cpu_us_per_req']:3.0f}")
         print("ratios (host / yardstick): " + ", ".join(
             f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
-        print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items()))
+        switch = ratios["host/host_noswitch"]
+        print(f"per-tenant role switch, with/without: {switch['rps']:.3f}x throughput, {switch['p99']:.2f}x p99, "
+              f"{switch['cpu']:.3f}x CPU per request (server + PostgreSQL + wrk)")
+        print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items())
+              + f"; role switch on/off {micro['role_switch_on'] / micro['role_switch_off']:.3f}x")
         if args.profile:
             procs[0].send_signal(signal.SIGTERM)
             procs[0].wait(30)

@@ -40,7 +40,7 @@ SUBSCRIBE_WAIT_S = 5.0
 class HostRuntime:
     settings: Settings
     control: asyncpg.Pool
-    shard_pools: ShardPools   # the request path's: every connection runs as APP_ROLE
+    shard_pools: ShardPools   # the request path's: APP_ROLE, a tenant's role in its transactions
     owner_pools: ShardPools   # the shard DSN's owner role: tenant schemas, plugin migrations
     directory: Directory
     resolver: ResolveClient
@@ -80,10 +80,11 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def dsn_lookup(shard_id: str) -> str | None:
             return await holder[0].dsn_of(shard_id)
 
-        # Two pool sets per shard, both from the shard's DSN. The request path (fence and
-        # plugin SQL) runs as APP_ROLE, which can read and write tenant rows but create,
-        # alter or drop nothing, so the public schema grants CREATE to no role the host's
-        # requests run as (CVE-2018-1058) even though the DSN is the owner's. Creating
+        # Two pool sets per shard, both from the shard's DSN. The request path runs as
+        # APP_ROLE (the fence only), and each tenant transaction as that tenant's role
+        # (its schema's rows, read on public); none of them can create, alter or drop
+        # anything, so the public schema grants CREATE to no role the host's requests
+        # run as (CVE-2018-1058) even though the DSN is the owner's. Creating
         # tenant schemas and applying plugin migrations (admin API) need the owner: those
         # get pools of their own, opened on first use and holding no idle connections.
         pools = await stack.enter_async_context(

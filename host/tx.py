@@ -1,13 +1,22 @@
 """`with_tenant_tx`: one tenant's transaction on its shard, fenced, in a clean connection.
 
 Round trips per call: (1) ``BEGIN; SELECT fleet.enter_tenant(...)`` as one simple query:
-shared advisory lock on the tenant, epoch check against the shard's fence, and
-``search_path`` set *locally* to the quoted schema, then ``public``; (2..n) whatever
-``fn`` runs; (n+1) ``COMMIT``. Everything the fence sets is transaction-local, so the
-connection goes back to the pool with no search_path, lock or open transaction: after an
-error or a cancellation the transaction is rolled back, and a connection whose state
-can't be proven clean (rollback failed, cancelled mid-query) is terminated instead of
-being returned.
+shared advisory lock on the tenant, epoch check against the shard's fence, and, set
+*locally*, ``search_path`` to the quoted schema, then ``public``, and ``role`` to the
+tenant's own role (see below); (2..n) whatever ``fn`` runs; (n+1) ``COMMIT``.
+Everything the fence sets is transaction-local, so the connection goes back to the pool
+as the app role with no search_path, lock or open transaction: after an error or a
+cancellation the transaction is rolled back, and a connection whose state can't be
+proven clean (rollback failed, cancelled mid-query) is terminated instead of being
+returned.
+
+Isolation is the database's: each connection runs as the app role (`router.keys.APP_ROLE`,
+switched once when opened), which holds no right on any tenant schema; the fence
+switches the transaction to ``fleet.tenant_role(schema)``, which holds that tenant's
+schema (and read on ``public``) only, so a fully-qualified name of another tenant's
+table fails with SQLSTATE 42501 whatever ``fn`` spells. The switch happens inside
+``fleet.enter_tenant`` (a plain function: PostgreSQL refuses to set ``role`` inside a
+SECURITY DEFINER one), so it costs no round trip and no statement of its own.
 
 Connections come from `host.leases` (kept checked out of asyncpg's pool between
 transactions: a list pop and append instead of asyncpg's acquire/release cycle), and
@@ -208,12 +217,18 @@ class TenantTx:
         leased, self._leased = list(self._leased.values()), {}
         await asyncio.gather(*(leases.close() for leases in leased))
 
+    def _enter_statement(self, rec: TenantRecord) -> str:
+        """The simple query that opens ``rec``'s transaction: BEGIN and the fence, which also
+        switches to the tenant's role. (bench/request_path.py replaces it in a subclass of
+        its own to measure what the switch costs; nothing else does.)"""
+        return enter_sql(rec, self._settings.fence_wait_ms)
+
     async def _attempt(self, leases: Leases, rec: TenantRecord, fn: TxFn[T]) -> T:
         conn = await _take(leases, rec.shard_id)
         db = TenantDb(conn)
         fencing = True
         try:
-            await conn.execute(enter_sql(rec, self._settings.fence_wait_ms))
+            await conn.execute(self._enter_statement(rec))
             fencing = False
             result = await fn(db)
             await conn.execute("COMMIT")
@@ -232,6 +247,10 @@ class TenantTx:
                 if exc.sqlstate == SQLSTATE_LOCK_TIMEOUT:
                     raise TenantMoving(f"tenant {rec.code} is being moved; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from exc
+                if isinstance(exc, asyncpg.InvalidParameterValueError):  # 22023: the tenant's role is missing
+                    raise ShardUnreachable(f"shard {rec.shard_id} has no role for tenant {rec.code}: prepare the "
+                                           "shard with this version of tenantfleet (`tenantfleet up`)",
+                                           shardId=rec.shard_id, tenantId=rec.tenant_id) from exc
             raise
         finally:
             db._conn = None

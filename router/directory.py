@@ -122,8 +122,8 @@ class Directory:
 
     async def prepare_shards(self) -> list[str]:
         """Re-run the idempotent ``fleet`` schema set-up on every registered shard (an upgrade
-        of tenantfleet may add shard functions, or the app role and the grants of tenant
-        schemas made before it). ``shard_pools`` must connect as the shards' owner role.
+        of tenantfleet may add shard functions, roles, or the tenant roles of schemas made
+        before them). ``shard_pools`` must connect as the shards' owner role.
         Returns the shards that could not be reached."""
         unreachable: list[str] = []
         for shard in await self.list_shards():
@@ -136,7 +136,7 @@ class Directory:
                 unreachable.append(shard.shard_id)
                 continue
             if caught_up:
-                log.info("shard %s: %d tenant schemas granted to the app role", shard.shard_id, caught_up,
+                log.info("shard %s: %d tenant schemas given their roles", shard.shard_id, caught_up,
                          extra={"shardId": shard.shard_id})
         return unreachable
 
@@ -193,7 +193,8 @@ class Directory:
         return [record_from_row(r) for r in rows]
 
     async def create_tenant(self, code: str, domains: Sequence[str] = (), *, shard_id: str | None = None) -> TenantRecord:
-        """Place a new tenant, create its schema and fence on the shard, and mark it active.
+        """Place a new tenant, create its schema (with the schema's own role, see README
+        "Database roles") and fence on the shard, and mark it active.
 
         Placement picks the active shard with the fewest tenants relative to capacity.
         Raises VALIDATION_FAILED, TENANT_EXISTS, NO_SHARD_AVAILABLE, SHARD_UNREACHABLE;

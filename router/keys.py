@@ -28,12 +28,34 @@ DOMAIN_RE: Final = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0
 SHARD_ID_RE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 SCHEMA_RE: Final = re.compile(r"^t_[0-9a-f]{32}$")
 
-# The NOLOGIN role the host's request path runs as on every shard (least privilege,
-# CVE-2018-1058): USAGE on its tenant schemas and DML on their tables, read on public,
-# the fence; no CREATE anywhere. Roles are cluster-wide, so fleets sharing a server
-# share it; that grants nothing across databases (privileges are per object, and a
-# NOLOGIN role can't open a connection). Created by `router.schema.ensure_shard`.
+# Serialises the set-up of one shard database's fleet schema and roles (two processes
+# preparing a shard at once, a tenant schema made while a shard catches up).
+BOOTSTRAP_LOCK: Final = 0x7466_626F_6F74_0001  # "tfboot\x00\x01"
+
+# The NOLOGIN role the host's request path switches to once per connection on every
+# shard (least privilege, CVE-2018-1058): it runs the fence and holds no right on any
+# tenant schema or on public; inside each tenant transaction the fence switches on to
+# that tenant's own role (`tenant_role`), a member of the group `tenant_group_role`
+# (read on public). No CREATE anywhere. Roles are cluster-wide, so fleets sharing a
+# server share these names; that grants nothing across databases (privileges are per
+# object, and a NOLOGIN role can't open a connection). Created by
+# `router.schema.ensure_shard`; at most 28 characters (a tenant role adds 35).
 APP_ROLE: Final = "tenantfleet_app"
+
+
+def tenant_group_role(app_role: str = APP_ROLE) -> str:
+    """The NOLOGIN group role every tenant role of ``app_role``'s family is a member of
+    (mirrors ``fleet.tenant_group_role()``)."""
+    return f"{app_role}_tenants"
+
+
+def tenant_role(schema_name: str, app_role: str = APP_ROLE) -> str:
+    """The role a tenant's transactions run as: ``<app_role>_t_<32 hex>`` from the
+    system-made schema name, never from user text (mirrors ``fleet.tenant_role(schema)``)."""
+    if not SCHEMA_RE.match(schema_name):
+        raise ValueError(f"not a tenant schema name: {schema_name!r}")
+    return f"{app_role}_{schema_name}"
+
 
 TENANT_STATES: Final = ("provisioning", "active", "moving", "suspended", "deleting")
 SHARD_STATES: Final = ("active", "draining", "readonly", "offline")

@@ -4,21 +4,29 @@ from __future__ import annotations
 from typing import Sequence
 
 from router import tables
-from router.keys import APP_ROLE
+from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE
 from router.pools import AnyConnection
 
-# Serialises concurrent bootstraps of the same database (two processes starting at once).
-_BOOTSTRAP_LOCK = 0x7466_626F_6F74_0001
-
-# Tenant schemas granted to the app role per statement when catching up: each batch is
-# its own transaction, so a shard with 100k schemas from before the app role never holds
+# Tenant schemas given their roles per statement when catching up: each batch is its
+# own transaction, so a shard with 100k schemas from before tenant roles never holds
 # 100k schemas' catalog locks at once; once caught up, one cheap query finds nothing.
+# A schema needs it when its role is missing or lacks USAGE (CASE, not OR:
+# has_schema_privilege raises on a role that doesn't exist, and only CASE fixes the
+# order of evaluation). Then, batched the same way, the app role loses what shards
+# prepared by an earlier version gave it on tenant schemas.
 GRANT_BATCH = 1000
-_GRANT_MISSING = """
-SELECT fleet.grant_app_role(coalesce(array_agg(n.nspname::text), '{}'), true)
+_ROLES_MISSING = """
+SELECT fleet.ensure_tenant_roles(coalesce(array_agg(n.nspname::text), '{}'), true)
 FROM (SELECT nspname FROM pg_catalog.pg_namespace n
       WHERE nspname ~ '^t_[0-9a-f]{32}$'
-        AND NOT pg_catalog.has_schema_privilege(fleet.app_role(), n.oid, 'USAGE')
+        AND CASE WHEN pg_catalog.to_regrole(fleet.tenant_role(n.nspname)) IS NULL THEN true
+                 ELSE NOT pg_catalog.has_schema_privilege(fleet.tenant_role(n.nspname), n.oid, 'USAGE') END
+      LIMIT $1) n
+"""
+_LEGACY_HELD = """
+SELECT fleet.revoke_app_role_legacy(coalesce(array_agg(n.nspname::text), '{}'))
+FROM (SELECT nspname FROM pg_catalog.pg_namespace n
+      WHERE nspname ~ '^t_[0-9a-f]{32}$' AND pg_catalog.has_schema_privilege(fleet.app_role(), n.oid, 'USAGE')
       LIMIT $1) n
 """
 
@@ -26,9 +34,11 @@ _SHARD_HARDENING = [
     # CVE-2018-1058: only the owner may create objects in public (PostgreSQL < 15 lets PUBLIC).
     "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
     # These run as their caller and fail without the owner's privileges anyway; nobody
-    # else has a reason to call them.
+    # else has a reason to call them. (The fence is the app role's alone: `tables.fence_ddl`.)
     "REVOKE EXECUTE ON FUNCTION fleet.create_tenant_schema(text), fleet.drop_tenant_schema(text), "
-    "fleet.grant_app_role(text[], boolean), fleet.ensure_app_role(name) FROM PUBLIC",
+    "fleet.ensure_tenant_roles(text[], boolean), fleet.ensure_tenant_role(text), fleet.ensure_app_role(name), "
+    "fleet.ensure_nologin_role(name), fleet.grant_role_to_owner(name), fleet.revoke_app_role_legacy(text[]) "
+    "FROM PUBLIC",
 ]
 
 
@@ -43,28 +53,46 @@ async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE) -> int:
 
     ``conn`` must connect as the shard's owner role (the shard DSN). Also revokes CREATE
     on ``public`` from PUBLIC (CVE-2018-1058), creates the NOLOGIN ``app_role`` the
-    host's request path switches to (USAGE and DML on tenant schemas, read on public, the
-    fence; no CREATE, not even TEMPORARY), and grants it the tenant schemas created
-    before it existed. Returns how many tenant schemas were caught up.
+    host's request path switches to (the fence only), its group of tenant roles (read on
+    public) and one role per tenant schema (`ensure_tenant_role`), and takes back what
+    ``app_role`` held on tenant schemas and public before tenant roles existed. No role
+    gets CREATE, not even TEMPORARY. Returns how many tenant schemas were caught up.
     """
     await _apply(conn, "shard", [*tables.shard_ddl(), *_SHARD_HARDENING],
                  calls=[("SELECT fleet.ensure_app_role($1)", (app_role,))])
-    caught_up = 0
+    # Order matters on a live shard from an earlier version: every tenant gets its role
+    # first, then the fence that switches to it, then the app role loses its old rights
+    # (until the new fence is in, the old one still runs tenants as the app role).
+    caught_up = await _batches(conn, _ROLES_MISSING)
+    await _apply(conn, "fence", tables.fence_ddl())
+    await _batches(conn, _LEGACY_HELD)
+    return caught_up
+
+
+async def _batches(conn: AnyConnection, sql: str) -> int:
+    done = 0
     while True:
-        # under the bootstrap lock: two processes GRANTing on one schema at once would
-        # fail with "tuple concurrently updated"
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK)
-            n: int = await conn.fetchval(_GRANT_MISSING, GRANT_BATCH)
-        caught_up += n
+        async with conn.transaction():  # the SQL function takes the bootstrap lock itself
+            n: int = await conn.fetchval(sql, GRANT_BATCH)
+        done += n
         if n < GRANT_BATCH:
-            return caught_up
+            return done
+
+
+async def ensure_tenant_role(conn: AnyConnection, schema_name: str) -> None:
+    """Give one tenant schema its role and grants, tables already in it included
+    (idempotent, safe to race): what a tenant move runs on the target shard after
+    copying the tables. ``conn`` connects as the shard's owner; the shard must have been
+    prepared (`ensure_shard`). ValueError for a name that is not ``t_<32 hex>``."""
+    if not SCHEMA_RE.match(schema_name):
+        raise ValueError(f"not a tenant schema name: {schema_name!r}")
+    await conn.execute("SELECT fleet.ensure_tenant_role($1)", schema_name)
 
 
 async def _apply(conn: AnyConnection, component: str, statements: list[str],
                  calls: Sequence[tuple[str, tuple[object, ...]]] = ()) -> None:
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK)
         for stmt in statements:
             await conn.execute(stmt)
         for sql, args in calls:

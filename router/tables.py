@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
-from router.keys import SHARD_STATES, TENANT_STATES
+from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 
 SCHEMA_VERSION = 1  # bump with every change below; `schema_meta` records what a database has
 
@@ -201,83 +201,112 @@ BEGIN
   v_existed := pg_catalog.to_regnamespace(name) IS NOT NULL;
   EXECUTE format('CREATE SCHEMA IF NOT EXISTS %I', name);
   -- a new schema holds nothing yet: skip looking for tables to grant (a pg_class scan)
-  PERFORM fleet.grant_app_role(ARRAY[name], v_existed);
+  PERFORM fleet.ensure_tenant_roles(ARRAY[name], v_existed);
 END $fn$;
 
--- What the host's request-path role (fleet.app_role(), see ensure_app_role) may do in
--- tenant schemas: USAGE, and DML on their tables and sequences: those already there
+-- Replaced by ensure_tenant_roles (the app role no longer holds tenant schemas).
+DROP FUNCTION IF EXISTS fleet.grant_app_role(text[], boolean);
+
+-- Each tenant schema's own role, fleet.tenant_role(schema) (see ensure_app_role for the
+-- names): NOLOGIN, a member of the tenants' group role (public) and of nothing else,
+-- USAGE on its schema and DML on its tables and sequences: those already there
 -- (with_existing) and whatever the migrator creates later. ALTER DEFAULT PRIVILEGES
 -- applies to objects created by the role running it, i.e. the shard DSN's owner role:
--- the same role the migrator connects as. Per schema, not database-wide: a database-wide
--- default would also hand the app role DML on fleet.* (the ledger, the fence) and on
--- public. A schema's default-ACL entries are dropped with the schema. Existing tables
--- are found in one pg_class scan for all the schemas given: pg_class has no index on
--- relnamespace alone, and GRANT ... ON ALL TABLES IN SCHEMA scans it once per schema,
--- which made catching up a shard quadratic in its tenants. Returns how many schemas.
-CREATE OR REPLACE FUNCTION fleet.grant_app_role(names text[], with_existing boolean) RETURNS int
+-- the same role the migrator connects as. A schema's default-ACL entries are dropped
+-- with the schema. Existing tables are found in one pg_class scan for all
+-- the schemas given: pg_class has no index on relnamespace alone, and GRANT ... ON ALL
+-- TABLES IN SCHEMA scans it once per schema, which made catching up a shard quadratic
+-- in its tenants. Idempotent; serialised per database by the bootstrap lock (two GRANTs
+-- on one object at once fail with "tuple concurrently updated"). Roles are cluster-wide:
+-- another database on this server (a tenant moved between databases of one server, or
+-- a copy) may create the same role at once; the loser's 42710 / 23505 is absorbed, and
+-- the role's rights in each database are that database's schema of the same name only.
+-- Returns how many schemas.
+CREATE OR REPLACE FUNCTION fleet.ensure_tenant_roles(names text[], with_existing boolean) RETURNS int
 LANGUAGE plpgsql AS $fn$
 DECLARE
-  v_role name := fleet.app_role();
+  v_group name := fleet.tenant_group_role();
   v_name text;
+  v_role name;
+  r pg_catalog.pg_roles%ROWTYPE;
   v_list text;
 BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock({bootstrap_lock});  -- router.keys.BOOTSTRAP_LOCK
   FOREACH v_name IN ARRAY names LOOP
     IF v_name !~ '^t_[0-9a-f]{32}$' THEN
       RAISE EXCEPTION 'not a tenant schema name: %', v_name USING ERRCODE = '22023';
     END IF;
+    v_role := fleet.tenant_role(v_name);
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role) THEN
+      BEGIN
+        EXECUTE format('CREATE ROLE %I NOLOGIN INHERIT', v_role);
+      EXCEPTION WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- another database on this server created it first
+      END;
+    END IF;
+    -- A role of that name made by someone else with more power or other memberships
+    -- would hand a tenant's transactions those rights: refuse it rather than use it.
+    SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = v_role;
+    IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls OR r.rolcanlogin
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                  WHERE m.member = r.oid AND g.rolname <> v_group) THEN
+      RAISE EXCEPTION 'role % exists with attributes or memberships a tenant role must not have', v_role
+        USING ERRCODE = '42501', HINT = format('drop it, or make it NOLOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB '
+                                               'NOREPLICATION NOBYPASSRLS and a member of %s only', v_group);
+    END IF;
+    IF NOT pg_catalog.pg_has_role(v_role, v_group, 'MEMBER') THEN
+      BEGIN
+        EXECUTE format('GRANT %I TO %I', v_group, v_role);
+      EXCEPTION
+        WHEN unique_violation THEN
+          NULL;  -- granted concurrently from another database
+        WHEN insufficient_privilege THEN  -- PostgreSQL 16+: needs ADMIN on the group
+          RAISE EXCEPTION 'role % may not add members to role %', current_user, v_group
+            USING ERRCODE = '42501', HINT = format('as a superuser: GRANT %I TO %I WITH ADMIN OPTION', v_group, current_user);
+      END;
+    END IF;
+    -- SET ROLE is checked against the session user (the owner: the host's connections
+    -- log in with the shard DSN), never the app role, which is a member of no tenant role.
+    PERFORM fleet.grant_role_to_owner(v_role);
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_name, v_role);
     EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO %I',
                    v_name, v_role);
     EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE, SELECT ON SEQUENCES TO %I', v_name, v_role);
   END LOOP;
   IF with_existing THEN
-    SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ') INTO v_list
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = ANY (names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
-    IF v_list IS NOT NULL THEN
+    FOR v_role, v_list IN
+      SELECT fleet.tenant_role(n.nspname), string_agg(format('%I.%I', n.nspname, c.relname), ', ')
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = ANY (names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f') GROUP BY n.nspname
+    LOOP
       EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE %s TO %I', v_list, v_role);
-    END IF;
-    SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ') INTO v_list
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = ANY (names) AND c.relkind = 'S';
-    IF v_list IS NOT NULL THEN
+    END LOOP;
+    FOR v_role, v_list IN
+      SELECT fleet.tenant_role(n.nspname), string_agg(format('%I.%I', n.nspname, c.relname), ', ')
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = ANY (names) AND c.relkind = 'S' GROUP BY n.nspname
+    LOOP
       EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO %I', v_list, v_role);
-    END IF;
+    END LOOP;
   END IF;
   RETURN pg_catalog.cardinality(names);
 END $fn$;
 
--- The request path's role on this shard: created NOLOGIN if missing, given exactly what
--- enter_tenant and plugin DML need, and remembered as fleet.app_role() (generated here,
--- so the name is passed as a value and quoted server-side). Never given CREATE.
--- Roles are cluster-wide while the bootstrap advisory lock is per database: shard
--- databases on one server may race to CREATE ROLE; the loser gets 42710 or 23505 (the
--- unique index on pg_authid) and uses the winner's role.
-CREATE OR REPLACE FUNCTION fleet.ensure_app_role(role name) RETURNS void
+-- One tenant schema's role and grants, existing tables included: what a tenant move
+-- calls on the target shard once the schema's tables are there. Idempotent.
+CREATE OR REPLACE FUNCTION fleet.ensure_tenant_role(name text) RETURNS void
 LANGUAGE plpgsql AS $fn$
-DECLARE
-  r pg_catalog.pg_roles%ROWTYPE;
 BEGIN
-  IF role !~ '^[a-z_][a-z0-9_]{0,62}$' THEN
-    RAISE EXCEPTION 'not an app role name: %', role USING ERRCODE = '22023';
-  END IF;
-  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role) THEN
-    BEGIN
-      EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', role);
-    EXCEPTION WHEN duplicate_object OR unique_violation THEN
-      NULL;  -- another database on this server created it first
-    END;
-  END IF;
-  -- A role of that name made by someone else with more power would turn "least
-  -- privilege" into a privilege grant: refuse it rather than switch into it.
-  SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = role;
-  IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls THEN
-    RAISE EXCEPTION 'role % exists with attributes the app role must not have', role
-      USING ERRCODE = '42501', HINT = 'make it NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS';
-  END IF;
-  -- SET ROLE needs membership (PostgreSQL 16+: a membership with the SET option; the
-  -- ADMIN-only membership a CREATEROLE owner gets by creating the role is not enough).
-  -- A superuser owner passes either check already.
+  PERFORM fleet.ensure_tenant_roles(ARRAY[name], true);
+END $fn$;
+
+-- Lets the owner (current_user: the shard DSN's role) SET ROLE to a role it made or
+-- shares. SET ROLE needs membership (PostgreSQL 16+: a membership with the SET option;
+-- the ADMIN-only membership a CREATEROLE owner gets by creating the role is not
+-- enough). A superuser owner passes either check already.
+CREATE OR REPLACE FUNCTION fleet.grant_role_to_owner(role name) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
   IF NOT pg_catalog.pg_has_role(current_user, role,
        CASE WHEN pg_catalog.current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END) THEN
     BEGIN
@@ -290,22 +319,116 @@ BEGIN
           USING ERRCODE = '42501', HINT = format('as a superuser: GRANT %I TO %I', role, current_user);
     END;
   END IF;
+END $fn$;
+
+-- A NOLOGIN role of the given name, created if missing and refused if it exists with
+-- attributes that would turn "least privilege" into a privilege grant. Roles are
+-- cluster-wide while the bootstrap advisory lock is per database: shard databases on
+-- one server may race to CREATE ROLE; the loser gets 42710 or 23505 (the unique index
+-- on pg_authid) and uses the winner's role.
+CREATE OR REPLACE FUNCTION fleet.ensure_nologin_role(role name) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  r pg_catalog.pg_roles%ROWTYPE;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role) THEN
+    BEGIN
+      EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', role);
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN
+      NULL;  -- another database on this server created it first
+    END;
+  END IF;
+  SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = role;
+  IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls THEN
+    RAISE EXCEPTION 'role % exists with attributes tenantfleet''s roles must not have', role
+      USING ERRCODE = '42501', HINT = 'make it NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS';
+  END IF;
+  PERFORM fleet.grant_role_to_owner(role);
+END $fn$;
+
+-- The request path's roles on this shard, named from ``role`` (generated here, so the
+-- names are passed as values and quoted server-side):
+--   role               fleet.app_role(): what the host's connections switch to once
+--                      each; NOINHERIT, a member of nothing; runs the fence and holds
+--                      no right on any tenant schema or on public.
+--   role_tenants       fleet.tenant_group_role(): NOLOGIN group every tenant role is a
+--                      member of: read on public, USAGE on fleet (for the functions
+--                      PUBLIC may execute there).
+--   role_t_<32 hex>    fleet.tenant_role(schema): one per tenant schema (see
+--                      ensure_tenant_roles); the fence switches to it, transaction-local.
+-- At most 28 characters, so a tenant role's name (role + 35) stays within PostgreSQL's
+-- 63. Never given CREATE. (EXECUTE on the fence: fence_ddl.)
+CREATE OR REPLACE FUNCTION fleet.ensure_app_role(role name) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_group name := role || '_tenants';
+BEGIN
+  IF role !~ '^[a-z_][a-z0-9_]{0,27}$' THEN
+    RAISE EXCEPTION 'not an app role name (at most 28 of a-z, 0-9, _): %', role USING ERRCODE = '22023';
+  END IF;
+  PERFORM fleet.ensure_nologin_role(role);
+  PERFORM fleet.ensure_nologin_role(v_group);
   EXECUTE format('CREATE OR REPLACE FUNCTION fleet.app_role() RETURNS name LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
                  format('SELECT %L::pg_catalog.name', role));
+  EXECUTE format('CREATE OR REPLACE FUNCTION fleet.tenant_group_role() RETURNS name LANGUAGE sql IMMUTABLE '
+                 'PARALLEL SAFE AS %L', format('SELECT %L::pg_catalog.name', v_group));
+  -- inlined into its callers (a SQL function of one expression): no call per request
+  EXECUTE format('CREATE OR REPLACE FUNCTION fleet.tenant_role(schema_name text) RETURNS name LANGUAGE sql '
+                 'IMMUTABLE PARALLEL SAFE AS %L', format('SELECT (%L || schema_name)::pg_catalog.name', role || '_'));
   EXECUTE format('GRANT USAGE ON SCHEMA fleet TO %I', role);
-  EXECUTE format('GRANT EXECUTE ON FUNCTION fleet.enter_tenant(uuid, bigint, int), fleet.tenant_lock_key(uuid) TO %I',
-                 role);
+  EXECUTE format('GRANT EXECUTE ON FUNCTION fleet.tenant_lock_key(uuid) TO %I', role);
   EXECUTE format('GRANT SELECT ON TABLE fleet.tenant_fence TO %I', role);
-  -- public: read the plugins' shared (public-scope) tables; the migrator writes them.
-  EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', role);
-  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', role);
-  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO %I', role);
+  -- public: tenant roles read the plugins' shared (public-scope) tables through the
+  -- group; the migrator writes them. (The app role no longer does: revoke_app_role_legacy.)
+  EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', v_group);
+  EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', v_group);
+  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO %I', v_group);
+  EXECUTE format('GRANT USAGE ON SCHEMA fleet TO %I', v_group);
   -- Temporary tables are CREATE too: pg_temp is searched before the tenant's schema, so
   -- a temp table made on a pooled connection would shadow the next tenant's tables.
   -- Only PUBLIC holds TEMPORARY by default; the database owner keeps it by ownership.
   EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', pg_catalog.current_database());
 END $fn$;
 
+-- Takes back what the app role held on these tenant schemas (and on public) when it
+-- served every tenant itself (shards prepared by tenantfleet before tenant roles). Run
+-- by ensure_shard only after the switching fence is in place: until then the fence
+-- in use still runs tenant transactions as the app role. Returns how many schemas.
+CREATE OR REPLACE FUNCTION fleet.revoke_app_role_legacy(names text[]) RETURNS int
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_app name := fleet.app_role();
+  v_name text;
+  v_list text;
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock({bootstrap_lock});  -- router.keys.BOOTSTRAP_LOCK
+  FOREACH v_name IN ARRAY names LOOP
+    IF v_name !~ '^t_[0-9a-f]{32}$' THEN
+      RAISE EXCEPTION 'not a tenant schema name: %', v_name USING ERRCODE = '22023';
+    END IF;
+    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM %I', v_name, v_app);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I REVOKE ALL ON TABLES FROM %I', v_name, v_app);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I REVOKE ALL ON SEQUENCES FROM %I', v_name, v_app);
+  END LOOP;
+  SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ') INTO v_list
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = ANY (names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f');
+  IF v_list IS NOT NULL THEN
+    EXECUTE format('REVOKE ALL ON TABLE %s FROM %I', v_list, v_app);
+  END IF;
+  SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ') INTO v_list
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = ANY (names) AND c.relkind = 'S';
+  IF v_list IS NOT NULL THEN
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM %I', v_list, v_app);
+  END IF;
+  EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA public FROM %I', v_app);
+  EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public REVOKE ALL ON TABLES FROM %I', v_app);
+  RETURN pg_catalog.cardinality(names);
+END $fn$;
+
+-- Drops a tenant schema and, unless another database on this server still grants it
+-- rights (the same tenant there), its role.
 CREATE OR REPLACE FUNCTION fleet.drop_tenant_schema(name text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -313,6 +436,11 @@ BEGIN
     RAISE EXCEPTION 'not a tenant schema name: %', name USING ERRCODE = '22023';
   END IF;
   EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', name);
+  BEGIN
+    EXECUTE format('DROP ROLE IF EXISTS %I', fleet.tenant_role(name));
+  EXCEPTION WHEN dependent_objects_still_exist THEN
+    NULL;  -- still holds rights in another database of this server: that one drops it
+  END;
 END $fn$;
 
 -- The tenant's advisory-lock key: the host takes it shared in every tenant transaction,
@@ -320,8 +448,14 @@ END $fn$;
 CREATE OR REPLACE FUNCTION fleet.tenant_lock_key(tenant uuid) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT pg_catalog.hashtextextended(tenant::text, 7466) $fn$;
 
+"""
+
+# Installed by ensure_shard after every tenant schema has its role (the fence switches
+# to it): replacing it first would fail the requests of tenants not yet caught up.
+FENCE_FUNCTION = r"""
 -- The request path's fence, called right after BEGIN in the same round trip: shared
--- tenant lock (waiting at most wait_ms for a mover), epoch check, search_path set locally.
+-- tenant lock (waiting at most wait_ms for a mover), epoch check, search_path and role
+-- set locally.
 -- SQLSTATE TF404: the tenant is not on this shard; TF409: the shard's epoch is newer.
 -- No SET clause on purpose: it would undo the set_config calls when the function returns.
 CREATE OR REPLACE FUNCTION fleet.enter_tenant(tenant uuid, resolved_epoch bigint, wait_ms int) RETURNS bigint
@@ -332,6 +466,7 @@ DECLARE
   v_key bigint := pg_catalog.hashtextextended(tenant::text, 7466);
   v_epoch bigint;
   v_path text;
+  v_role text;
   v_timeout text;
 BEGIN
   -- Fast path: no mover holds the tenant, the shared lock is granted at once and
@@ -345,8 +480,13 @@ BEGIN
   END IF;
   -- One statement reads the fence and sets the path; on a stale epoch the RAISE below
   -- aborts the transaction, which discards the transaction-local path with it.
-  SELECT f.epoch, pg_catalog.set_config('search_path', pg_catalog.quote_ident(f.schema_name) || ', public', true)
-    INTO v_epoch, v_path FROM fleet.tenant_fence f WHERE f.tenant_id = tenant;
+  -- The transaction then runs as the tenant's role: PostgreSQL itself refuses another
+  -- tenant's schema (SQLSTATE 42501) whatever name a query spells. Setting role is
+  -- refused inside a SECURITY DEFINER function, so this one runs as its caller; SET
+  -- ROLE is checked against the session user (the shard's owner), not the app role.
+  SELECT f.epoch, pg_catalog.set_config('search_path', pg_catalog.quote_ident(f.schema_name) || ', public', true),
+         pg_catalog.set_config('role', fleet.tenant_role(f.schema_name)::text, true)
+    INTO v_epoch, v_path, v_role FROM fleet.tenant_fence f WHERE f.tenant_id = tenant;
   IF v_epoch IS NULL THEN
     RAISE EXCEPTION 'tenant % is not on this shard', tenant USING ERRCODE = 'TF404';
   END IF;
@@ -376,4 +516,14 @@ def control_ddl() -> list[str]:
 
 def shard_ddl() -> list[str]:
     """Statements that create a shard's ``fleet`` schema, tables and functions (idempotent)."""
-    return [str(CreateSchema("fleet", if_not_exists=True).compile(dialect=_dialect)), *_ddl(shard), SHARD_FUNCTIONS]
+    functions = SHARD_FUNCTIONS.replace("{bootstrap_lock}", str(int(BOOTSTRAP_LOCK)))  # a constant, not user text
+    return [str(CreateSchema("fleet", if_not_exists=True).compile(dialect=_dialect)), *_ddl(shard), functions]
+
+
+def fence_ddl() -> list[str]:
+    """Statements that install the request path's fence, ``fleet.enter_tenant`` (idempotent;
+    after `shard_ddl`, ``fleet.ensure_app_role`` and every tenant schema's role)."""
+    return [FENCE_FUNCTION,
+            "REVOKE EXECUTE ON FUNCTION fleet.enter_tenant(uuid, bigint, int) FROM PUBLIC",
+            "DO $do$ BEGIN EXECUTE format('GRANT EXECUTE ON FUNCTION fleet.enter_tenant(uuid, bigint, int) TO %I', "
+            "fleet.app_role()); END $do$"]

@@ -78,13 +78,30 @@ async def create_database(admin_dsn: str, name: str) -> str:
 
 
 async def drop_database(admin_dsn: str, name: str) -> None:
+    """Drop a test database and the tenant roles its schemas had (roles are cluster-wide
+    and outlive databases); a role another database still grants rights to is kept."""
     assert _DBNAME.match(name), name
     conn = await asyncpg.connect(admin_dsn)
     try:
         quoted = await conn.fetchval("SELECT quote_ident($1)", name)
+        roles = await conn.fetch(_TENANT_ROLES_OF_DB, name)
         await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        for row in roles:
+            try:
+                await conn.execute(f"DROP ROLE IF EXISTS {row['quoted']}")
+            except asyncpg.DependentObjectsStillExistError:
+                pass  # another database (a fleet of its own) still uses it
     finally:
         await conn.close()
+
+
+# tenant roles (<app role>_t_<32 hex>) holding rights in database $1 (pg_shdepend
+# records every ACL entry naming a role, per database)
+_TENANT_ROLES_OF_DB = """
+SELECT DISTINCT quote_ident(a.rolname) AS quoted
+FROM pg_shdepend d JOIN pg_database db ON db.oid = d.dbid JOIN pg_roles a ON a.oid = d.refobjid
+WHERE db.datname = $1 AND d.refclassid = 'pg_authid'::regclass AND a.rolname ~ '_t_[0-9a-f]{32}$'
+"""
 
 
 @dataclass
