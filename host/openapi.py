@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from router.http import json_response
+
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 
 _ERROR = {
@@ -71,4 +73,4 @@ def document(app: web.Application) -> dict[str, Any]:
 
 async def openapi_view(request: web.Request) -> web.Response:
     """The host's OpenAPI document."""
-    return web.json_response(document(request.app))
+    return json_response(document(request.app))

@@ -64,6 +64,20 @@ def check_code(value: object) -> str:
     return value
 
 
+# A tenant's domains: enough for every real set-up (custom domains, aliases), few enough
+# that one tenant can't bloat the directory, its cache entries and every resolve reply.
+MAX_DOMAINS = 100
+
+
+def check_domains(value: object) -> list[str]:
+    """A list of at most `MAX_DOMAINS` DNS names, lower-cased, de-duplicated and sorted."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValidationFailed("domains must be a list of DNS names", field="domains")
+    if len(value) > MAX_DOMAINS:
+        raise ValidationFailed(f"a tenant may have at most {MAX_DOMAINS} domains; got {len(value)}", field="domains")
+    return sorted({check_domain(d) for d in value})
+
+
 def check_domain(value: object) -> str:
     if not isinstance(value, str) or not DOMAIN_RE.match(value.lower()):
         raise ValidationFailed("domain must be a lower-case DNS name like acme.example.com", field="domain")
