@@ -92,6 +92,7 @@ async def test_a_missing_malformed_wrong_or_non_ascii_key_is_401_with_www_authen
     rec, key = await tenant_with_key(fleet, host)
     extra = () if header is None else (header,)
     for url, path in ((router, "/v1/tenants"), (router, "/v1/shards"), (router, "/v1/tenants/resolve?code=x"),
+                      (router, f"/v1/tenants/{rec.tenant_id}"),
                       (host.url, "/admin/plugins"), (host.url, "/api/plugins/inventory/items")):
         status, headers, body = await raw(url, get(path, b"X-Tenant: " + rec.code.encode(), *extra))
         assert (status, body["error"]["code"]) == (401, "UNAUTHORIZED"), (path, body)  # type: ignore[index]
