@@ -21,10 +21,12 @@ import logging
 import re
 import secrets
 import time
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
 from router.errors import (
     Forbidden, Internal, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, TenantFleetError,
@@ -271,6 +273,31 @@ def _nul_at(value: Any, path: str) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], data: Mapping[str, Any]) -> M:
+    """``data`` (a JSON object) as ``model``, or VALIDATION_FAILED naming the first bad field;
+    an old snake_case name is told its camelCase one (``shard_id`` → ``shardId``)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        fields = {f.alias or n for n, f in model.model_fields.items()}
+        # an old snake_case name first: its "missing camelCase field" error says less
+        first = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"]
+                      and to_camel(str(e["loc"][0])) in fields), errors[0])
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        name = str(first["loc"][0]) if first["loc"] else "body"
+        if first["type"] == "extra_forbidden":
+            if to_camel(name) in fields:
+                raise ValidationFailed(f"{name} is not a field: it is spelled {to_camel(name)}",
+                                       field=name, use=to_camel(name)) from None
+            raise ValidationFailed(f"unknown field {name}; the fields are {', '.join(sorted(fields))}",
+                                   field=name) from None
+        raise ValidationFailed(f"{where}: {first['msg']}", field=where) from None
 
 
 def parse_uint(raw: str, name: str, lo: int, hi: int) -> int:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from router.errors import ValidationFailed
-from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE
+from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE, SHARD_STATES, TENANT_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +24,15 @@ class TenantRecord:
     domains: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The cache format (Redis entries): field names as they are, read back by `from_dict`."""
         d = asdict(self)
         d["domains"] = list(self.domains)
         return d
+
+    def to_api(self) -> dict[str, Any]:
+        """What the APIs and ``--json`` show (camelCase, as `TenantOut` documents)."""
+        return {"tenantId": self.tenant_id, "code": self.code, "schemaName": self.schema, "shardId": self.shard_id,
+                "state": self.state, "epoch": self.epoch, "domains": list(self.domains)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TenantRecord":
@@ -40,12 +49,13 @@ class ShardRecord:
     weight: int
     tenants: int = 0
 
-    def to_dict(self, *, with_dsn: bool = False) -> dict[str, Any]:
+    def to_api(self, *, with_dsn: bool = False) -> dict[str, Any]:
+        """What the APIs and ``--json`` show (camelCase, as `ShardOut` documents); the DSN's
+        password is redacted unless ``with_dsn``."""
         from router.pools import redact
 
-        d = asdict(self)
-        d["dsn"] = self.dsn if with_dsn else redact(self.dsn)
-        return d
+        return {"shardId": self.shard_id, "dsn": self.dsn if with_dsn else redact(self.dsn), "state": self.state,
+                "capacity": self.capacity, "weight": self.weight, "tenants": self.tenants}
 
 
 def parse_tenant_id(value: str) -> str:
@@ -57,7 +67,7 @@ def parse_tenant_id(value: str) -> str:
 
 
 def check_code(value: object) -> str:
-    if not isinstance(value, str) or not CODE_RE.match(value):
+    if not isinstance(value, str) or not CODE_RE.fullmatch(value):
         raise ValidationFailed(
             "tenant code must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
             field="code")
@@ -79,13 +89,66 @@ def check_domains(value: object) -> list[str]:
 
 
 def check_domain(value: object) -> str:
-    if not isinstance(value, str) or not DOMAIN_RE.match(value.lower()):
+    if not isinstance(value, str) or not DOMAIN_RE.fullmatch(value.lower()):
         raise ValidationFailed("domain must be a lower-case DNS name like acme.example.com", field="domain")
     return value.lower()
 
 
 def check_shard_id(value: object) -> str:
-    if not isinstance(value, str) or not SHARD_ID_RE.match(value):
+    if not isinstance(value, str) or not SHARD_ID_RE.fullmatch(value):
         raise ValidationFailed("shard id must be 1-40 characters of a-z, 0-9, '_' and '-', starting with a letter",
-                               field="shard_id")
+                               field="shardId")
     return value
+
+
+# --- the router API's bodies: these models validate requests and generate the OpenAPI document
+
+class ApiModel(BaseModel):
+    """JSON field names are camelCase; unknown fields (the old snake_case names too) are
+    refused; values are taken as they are (no "5" for 5, no true for 1)."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True,
+                              frozen=True, regex_engine="python-re")
+
+
+Code = Annotated[str, Field(pattern=CODE_RE.pattern, min_length=1, max_length=63,
+                            description="1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit")]
+Domain = Annotated[str, Field(pattern=DOMAIN_RE.pattern.replace("[a-z", "[A-Za-z"), max_length=253,
+                              description="a DNS name (stored lower-case)")]
+ShardId = Annotated[str, Field(pattern=SHARD_ID_RE.pattern, min_length=1, max_length=40,
+                               description="1-40 of a-z, 0-9, '_' and '-', starting with a letter")]
+
+
+class NewTenant(ApiModel):
+    """POST /v1/tenants."""
+    code: Code
+    domains: list[Domain] = Field(default_factory=list, max_length=MAX_DOMAINS)
+    shard_id: ShardId | None = Field(None, description="place on this shard (default: the least-loaded active one)")
+
+
+class NewShard(ApiModel):
+    """POST /v1/shards."""
+    shard_id: ShardId
+    dsn: str = Field(pattern=r"^postgres(?:ql)?://", max_length=2000, description="postgresql:// URL of the shard")
+    capacity: int = Field(1000, ge=1, le=1_000_000_000)
+    weight: int = Field(100, ge=0, le=1_000_000_000)
+
+
+class TenantOut(ApiModel):
+    """A tenant as the router answers it."""
+    tenant_id: uuid.UUID
+    code: Code
+    schema_name: str = Field(pattern=r"^t_[0-9a-f]{32}$")
+    shard_id: ShardId
+    state: Annotated[str, Field(json_schema_extra={"enum": list(TENANT_STATES)})]
+    epoch: int = Field(ge=0)
+    domains: list[str]
+
+
+class ShardOut(ApiModel):
+    """A shard as the router answers it (the DSN's password redacted)."""
+    shard_id: ShardId
+    dsn: str
+    state: Annotated[str, Field(json_schema_extra={"enum": list(SHARD_STATES)})]
+    capacity: int
+    weight: int
+    tenants: int = Field(ge=0)

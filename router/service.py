@@ -20,10 +20,10 @@ from router.client import ResolveClient
 from router.directory import normalise_query
 from router.errors import ValidationFailed
 from router.http import (
-    BODY_TIMEOUT, Handler, envelope_middleware, http_settings, int_param, json_response, read_json_object,
-    require_service_key,
+    BODY_TIMEOUT, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
+    read_json_object, require_service_key,
 )
-from router.models import TenantRecord, parse_tenant_id
+from router.models import NewShard, NewTenant, TenantRecord, parse_tenant_id
 from router.openapi import DOCUMENT
 from router.runtime import RouterRuntime, open_runtime
 from router.settings import Settings
@@ -69,7 +69,7 @@ async def resolve(request: web.Request) -> web.Response:
     _known_params(request, {"id", "code", "domain"})
     kind, value = normalise_query(id=q.get("id"), code=q.get("code"), domain=q.get("domain"))
     rec = await request.app[RESOLVER].resolve(**{kind: value})
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def list_tenants(request: web.Request) -> web.Response:
@@ -79,50 +79,45 @@ async def list_tenants(request: web.Request) -> web.Response:
     recs = await d.list_tenants(shard_id=request.query.get("shard"), state=request.query.get("state"),
                                 limit=int_param(request, "limit", 100, 1, 10_000),
                                 offset=int_param(request, "offset", 0, 0, MAX_OFFSET))
-    return json_response([r.to_dict() for r in recs])
+    return json_response([r.to_api() for r in recs])
 
 
 async def create_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
-    body = await read_json_object(request)
-    domains = body.get("domains", [])
-    shard = body.get("shard_id")
-    if shard is not None and not isinstance(shard, str):
-        raise ValidationFailed("shard_id must be a string", field="shard_id")
-    rec = await request.app[RUNTIME].directory.create_tenant(body.get("code"), domains, shard_id=shard)  # type: ignore[arg-type]
-    return json_response(rec.to_dict(), status=201)
+    body = parse_body(NewTenant, await read_json_object(request))
+    rec = await request.app[RUNTIME].directory.create_tenant(body.code, body.domains, shard_id=body.shard_id)
+    return json_response(rec.to_api(), status=201)
 
 
 async def get_tenant(request: web.Request) -> web.Response:
     _require_reader(request)
     tid = parse_tenant_id(request.match_info["id"])
-    return json_response((await request.app[RESOLVER].resolve(id=tid)).to_dict())
+    return json_response((await request.app[RESOLVER].resolve(id=tid)).to_api())
 
 
 async def suspend_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
     rec = await request.app[RUNTIME].directory.suspend(request.match_info["id"])
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def resume_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
     rec = await request.app[RUNTIME].directory.resume(request.match_info["id"])
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def list_shards(request: web.Request) -> web.Response:
     _require_reader(request)
-    return json_response([s.to_dict() for s in await request.app[RUNTIME].directory.list_shards()])
+    return json_response([s.to_api() for s in await request.app[RUNTIME].directory.list_shards()])
 
 
 async def add_shard(request: web.Request) -> web.Response:
     _require_admin(request)
-    body = await read_json_object(request)
-    rec = await request.app[RUNTIME].directory.add_shard(
-        body.get("shard_id"), body.get("dsn"),  # type: ignore[arg-type]
-        capacity=body.get("capacity", 1000), weight=body.get("weight", 100))
-    return json_response(rec.to_dict(), status=201)
+    body = parse_body(NewShard, await read_json_object(request))
+    rec = await request.app[RUNTIME].directory.add_shard(body.shard_id, body.dsn, capacity=body.capacity,
+                                                         weight=body.weight)
+    return json_response(rec.to_api(), status=201)
 
 
 async def healthz(request: web.Request) -> web.Response:

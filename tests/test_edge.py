@@ -170,7 +170,7 @@ async def test_creating_a_tenant_on_a_shard_that_is_down_is_503_with_retry_after
     await fleet.control.execute("INSERT INTO shards (shard_id, dsn, state) VALUES ('ghost', $1, 'active')", dead)
     async with router_service(fleet.settings) as url:
         c = code()
-        async with http.post(f"{url}/v1/tenants", json={"code": c, "shard_id": "ghost"}, headers=RADMIN) as r:
+        async with http.post(f"{url}/v1/tenants", json={"code": c, "shardId": "ghost"}, headers=RADMIN) as r:
             body = await r.json()
             assert (r.status, body["error"]["code"]) == (503, "SHARD_UNREACHABLE")
             assert int(r.headers["Retry-After"]) > 0

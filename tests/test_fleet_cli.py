@@ -47,7 +47,7 @@ def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Pat
     codes = {t["code"] for t in orjson.loads(listed.stdout)}
     assert codes == {"acme", "globex"}
     shards = orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)
-    assert [s["shard_id"] for s in shards] == ["shard1", "shard2"]
+    assert [s["shardId"] for s in shards] == ["shard1", "shard2"]
     keys = orjson.loads((fleet_dir / "demo-keys.json").read_bytes())
     assert set(keys) == {"acme", "globex"} and keys["acme"] in up.stdout
     again = tf(fleet_dir, "up", "--no-serve")  # idempotent: same fleet, same tenants, same keys
