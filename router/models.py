@@ -1,6 +1,7 @@
 """Directory records passed between the directory, the caches and the services."""
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Mapping
@@ -58,12 +59,16 @@ class ShardRecord:
                 "capacity": self.capacity, "weight": self.weight, "tenants": self.tenants}
 
 
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_RE = re.compile(UUID_PATTERN)
+
+
 def parse_tenant_id(value: str) -> str:
-    """A canonical UUID string, or VALIDATION_FAILED."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValidationFailed("tenant id must be a UUID", field="id") from exc
+    """The canonical (lower-case) form of a UUID written 8-4-4-4-12, or VALIDATION_FAILED
+    (no braces, ``urn:uuid:`` or bare hex: what the OpenAPI document's format says)."""
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+        raise ValidationFailed("tenant id must be a UUID like 0f8fad5b-d9cb-469f-a165-70867728950e", field="id")
+    return str(uuid.UUID(value))
 
 
 def check_code(value: object) -> str:

@@ -23,8 +23,9 @@ from router.http import (
     BODY_TIMEOUT, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
     read_json_object, require_service_key,
 )
-from router.models import NewShard, NewTenant, TenantRecord, parse_tenant_id
-from router.openapi import DOCUMENT
+from router.keys import TENANT_STATES
+from router.models import NewShard, NewTenant, TenantRecord, check_shard_id, parse_tenant_id
+from router.openapi import DOCUMENT, MAX_LIST_LIMIT, MAX_OFFSET
 from router.runtime import RouterRuntime, open_runtime
 from router.settings import Settings
 
@@ -40,9 +41,6 @@ RESOLVER = web.AppKey("resolver", Resolver)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 HTTP_REQUESTS = web.AppKey("http_requests", Counter)
 HTTP_LATENCY = web.AppKey("http_latency", Histogram)
-
-
-MAX_OFFSET = 1_000_000_000
 
 
 def _require_admin(request: web.Request) -> None:
@@ -75,9 +73,13 @@ async def resolve(request: web.Request) -> web.Response:
 async def list_tenants(request: web.Request) -> web.Response:
     _require_reader(request)
     _known_params(request, {"shard", "state", "limit", "offset"})
+    shard, state = request.query.get("shard"), request.query.get("state")
+    if shard is not None:
+        check_shard_id(shard)
+    if state is not None and state not in TENANT_STATES:
+        raise ValidationFailed(f"state must be one of {', '.join(TENANT_STATES)}", field="state")
     d = request.app[RUNTIME].directory
-    recs = await d.list_tenants(shard_id=request.query.get("shard"), state=request.query.get("state"),
-                                limit=int_param(request, "limit", 100, 1, 10_000),
+    recs = await d.list_tenants(shard_id=shard, state=state, limit=int_param(request, "limit", 100, 1, MAX_LIST_LIMIT),
                                 offset=int_param(request, "offset", 0, 0, MAX_OFFSET))
     return json_response([r.to_api() for r in recs])
 
