@@ -17,20 +17,49 @@ and RBAC services.
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
 from aiohttp import web
+from pydantic import Field
 
 from host.context import PLUGIN_HOST, PluginHost
 from host.keys import REQ_TENANT
 from host.runtime import HostRuntime
+from host.rbac import PERMISSION_RE, ROLE_KEY_RE
 from host.tenancy import resolve_id_or_code
-from router.errors import ValidationFailed
-from router.http import json_response, read_json_object
-from router.models import TenantRecord
+from router.http import json_response, parse_body, read_json_object
+from router.models import ApiModel, TenantRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 routes = web.RouteTableDef()
+
+TENANT_REF_PATTERN = (r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+                      r"|[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)$")
+Text = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")]
+RoleKey = Annotated[str, Field(pattern=ROLE_KEY_RE.pattern)]
+Permission = Annotated[str, Field(max_length=200, pattern=PERMISSION_RE.pattern)]
+
+
+class NewPrincipal(ApiModel):
+    """POST /admin/principals: a principal and its API key (shown once)."""
+    tenant: Annotated[str, Field(pattern=TENANT_REF_PATTERN)] | None = Field(
+        None, description="tenant id or code; none: a fleet-level principal")
+    name: Text
+    roles: list[RoleKey] = Field(default_factory=list, max_length=100, description="the tenant's role keys")
+
+
+class RoleBody(ApiModel):
+    """PUT /admin/tenants/{tenant}/roles/{role}: the role's permissions, replaced."""
+    display_name: Text | None = None
+    permissions: list[Permission] = Field(default_factory=list, max_length=1000,
+                                          description="each in a plugin's namespace, like inventory.view")
+
+
+BODIES: dict[tuple[str, str], type[ApiModel] | None] = {
+    ("POST", "/admin/principals"): NewPrincipal,
+    ("PUT", "/admin/tenants/{tenant}/roles/{role}"): RoleBody,
+    ("PUT", "/admin/tenants/{tenant}/plugins/{plugin}/config"): None,  # any JSON object
+}
 
 
 async def _rt(request: web.Request) -> HostRuntime:
@@ -118,10 +147,10 @@ async def apply_template(request: web.Request) -> web.Response:
 async def put_role(request: web.Request) -> web.Response:
     rt = await _rt(request)
     rec = await _tenant(rt, request)
-    body = await read_json_object(request)
+    body = parse_body(RoleBody, await read_json_object(request))
     role = await rt.rbac.upsert_role(rec.tenant_id, request.match_info["role"],
-                                     body.get("displayName") or request.match_info["role"],
-                                     body.get("permissions", []), namespaces=rt.registry.discovery.plugins.keys())
+                                     body.display_name or request.match_info["role"],
+                                     body.permissions, namespaces=rt.registry.discovery.plugins.keys())
     await rt.registry.announce("roles", None, rec.tenant_id)
     return _json(role)
 
@@ -129,20 +158,9 @@ async def put_role(request: web.Request) -> web.Response:
 @routes.post("/admin/principals")
 async def create_principal(request: web.Request) -> web.Response:
     rt = await _rt(request)
-    body = await read_json_object(request)
-    tenant = body.get("tenant")
-    tenant_id: str | None = None
-    if tenant is not None:
-        if not isinstance(tenant, str):
-            raise ValidationFailed("tenant must be a tenant id or code", field="tenant")
-        tenant_id = (await _tenant(rt, request, tenant)).tenant_id
-    roles = body.get("roles", [])
-    if not isinstance(roles, list):
-        raise ValidationFailed("roles must be a list of role keys", field="roles")
-    name = body.get("name")
-    if not isinstance(name, str):
-        raise ValidationFailed("name must be a string", field="name")
-    created = await rt.rbac.create_principal(tenant_id=tenant_id, name=name, roles=roles)
+    body = parse_body(NewPrincipal, await read_json_object(request))
+    tenant_id = None if body.tenant is None else (await _tenant(rt, request, body.tenant)).tenant_id
+    created = await rt.rbac.create_principal(tenant_id=tenant_id, name=body.name, roles=body.roles)
     return _json(created, status=201)
 
 

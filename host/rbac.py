@@ -169,7 +169,8 @@ class RbacService:
                                is_admin: bool = False) -> dict[str, Any]:
         """A new principal and its API key (returned once, never stored).
 
-        Raises VALIDATION_FAILED for a bad name/role, TENANT_NOT_FOUND.
+        Raises VALIDATION_FAILED for a bad name or role key, NOT_FOUND for a role the tenant
+        doesn't have (``role`` names it), TENANT_NOT_FOUND.
         """
         if not isinstance(name, str) or not 1 <= len(name) <= 200 or "\x00" in name:
             raise ValidationFailed("name must be a string of 1-200 characters (no NUL)", field="name")
@@ -188,8 +189,8 @@ class RbacService:
                 "SELECT coalesce(array_agg(role_key), '{}') FROM roles WHERE tenant_id = $1::uuid "
                 "AND role_key = ANY ($2::text[])", tenant_id, list(roles)))
             unknown = sorted(set(roles) - known)
-            if unknown:
-                raise ValidationFailed(
+            if unknown:  # a reference to something that doesn't exist, as SHARD_NOT_FOUND for a shardId
+                raise NotFound(
                     f"unknown role {unknown[0]}: roles are a tenant's (apply a plugin's role template first, "
                     "`tenantfleet plugins roles --apply`)", field="roles", role=unknown[0])
         key = new_key()

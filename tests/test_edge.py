@@ -218,7 +218,7 @@ async def test_an_unknown_role_and_a_permission_outside_every_plugin_are_refused
     async with host.http.post("/admin/principals", json={"tenant": rec.code, "name": "x", "roles": ["NO_SUCH"]},
                               headers=admin) as r:
         err = (await r.json())["error"]
-        assert r.status == 400 and err["role"] == "NO_SUCH" and "NO_SUCH" in err["message"]
+        assert r.status == 404 and err["role"] == "NO_SUCH" and "NO_SUCH" in err["message"]
     async with host.http.put(f"/admin/tenants/{rec.code}/roles/CLERK",
                              json={"permissions": ["inventory.view", "nosuchplugin.view"]}, headers=admin) as r:
         err = (await r.json())["error"]
