@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -137,7 +138,7 @@ def check_request(request: web.Request) -> None:
 
 
 def envelope_middleware_with(observe: Observer | None = None,
-                             log_context: LogContext | None = None) -> Any:
+                             log_context: LogContext | None = None) -> Middleware:
     """The one envelope middleware: request id, `check_request`, error mapping; ``observe``
     is called once per request with the final status (499 if the client went away)."""
 
@@ -220,6 +221,9 @@ def require_service_key(request: web.Request, *, admin_key: str, read_key: str, 
         if write:
             raise Forbidden("the read key can't change anything: this needs the admin key", permission="admin")
         return
+    if not admin_key and not read_key:
+        raise Unauthorized("this service has no key configured (TENANTFLEET_ADMIN_KEY, TENANTFLEET_READ_KEY): "
+                           "nothing but health, metrics and OpenAPI is open")
     raise Unauthorized("unknown key")
 
 
