@@ -3,9 +3,11 @@ Allow, one request-id rule, inputs that used to answer 500, and request deadline
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -17,6 +19,7 @@ from aiohttp import web
 
 from host.fleet.embedded import free_port
 from router.models import MAX_DOMAINS
+from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, effective_settings, fleet_key
 from router.service import open_service
 from router.settings import Settings
 from tests.conftest import FleetFactory
@@ -261,3 +264,18 @@ async def test_a_request_finished_in_time_is_served(router: str) -> None:
     status, _, body = await raw(router, get("/v1/tenants/resolve?id=" + str(uuid.uuid4()),
                                             f"Authorization: Bearer {ROUTER_READ}".encode()))
     assert status == 404 and body["error"]["code"] == "TENANT_NOT_FOUND"  # type: ignore[index]
+
+
+def test_the_embedded_fleets_keys_are_generated_once_0600_and_picked_up_by_every_command(tmp_path: Path) -> None:
+    fleet_dir = tmp_path / "fleet"
+    admin = fleet_key(fleet_dir, ADMIN_KEY_FILE, "", create=True)
+    read = fleet_key(fleet_dir, READ_KEY_FILE, "", create=True)
+    assert admin != read and len(read) >= 40
+    assert fleet_key(fleet_dir, READ_KEY_FILE, "", create=True) == read  # kept, not replaced
+    assert {(fleet_dir / n).stat().st_mode & 0o777 for n in (ADMIN_KEY_FILE, READ_KEY_FILE)} == {0o600}
+    (fleet_dir / "fleet.json").write_text(json.dumps({"info": {"control_dsn": "postgresql://x@127.0.0.1:1/x",
+                                                               "redis_url": "redis://127.0.0.1:1"}}))
+    s = effective_settings(Settings.load(environ={}, fleet_dir=fleet_dir))
+    assert (s.admin_key, s.read_key) == (admin, read)
+    s = effective_settings(Settings.load(environ={}, fleet_dir=fleet_dir, read_key="configured"))
+    assert s.read_key == "configured"  # a configured key wins
