@@ -29,6 +29,7 @@ from host.metrics import METRICS, HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
 from host.runtime import RUNTIME, HostRuntime, open_host_runtime
+from router.http import BODY_TIMEOUT, http_settings, json_response
 from router.settings import Settings
 from shard_migrations.packages import Discovery, discover
 
@@ -45,7 +46,9 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     """
     found = discovery if discovery is not None else discover()
     app = web.Application(middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes,
-                          handler_args={"max_field_size": PARSER_MAX_FIELD, "max_line_size": PARSER_MAX_FIELD})
+                          handler_args={"max_field_size": PARSER_MAX_FIELD, "max_line_size": PARSER_MAX_FIELD,
+                                        **http_settings(settings.http_timeout_s)})
+    app[BODY_TIMEOUT] = settings.http_timeout_s
     host = PluginHost()
     load_plugins(found, host)
     app[PLUGIN_HOST] = host
@@ -73,7 +76,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
 
 async def healthz(request: web.Request) -> web.Response:
     """The process is up (no dependencies checked)."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:

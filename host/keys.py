@@ -15,19 +15,16 @@ from plugins.api import Caller
 # host.metrics.METRICS, host.context.PLUGIN_HOST), so this module imports nothing of host.
 
 # --- request state (web.RequestKey, never strings) -------------------------------------------
-REQ_ID: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_request_id")
 REQ_PLUGIN: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_plugin_id")
 REQ_TENANT: Final[web.RequestKey[str]] = web.RequestKey("tenantfleet_tenant_id")
 REQ_CALLER: Final[web.RequestKey[Caller]] = web.RequestKey("tenantfleet_caller")
 
-REQUEST_ID_HEADER: Final = "X-Request-Id"
 TENANT_HEADER: Final = "X-Tenant"
 
 # Headers: aiohttp's parser accepts up to PARSER_MAX_FIELD bytes per line/field (beyond
-# that it answers a plain-text 400 itself); the middleware refuses anything over
-# MAX_HEADER_BYTES with the envelope, so every oversized header a client is likely to
-# send gets a proper error body.
-MAX_HEADER_BYTES: Final = 8192
+# that it answers a plain-text 400 itself); the shared edge refuses anything over
+# router.http.MAX_HEADER_BYTES with the envelope, so every oversized header a client is
+# likely to send gets a proper error body. (The request id and its header: router.http.)
 PARSER_MAX_FIELD: Final = 65536
 
 # How long a cached principal or tenant-plugin row may be used before it is re-read even

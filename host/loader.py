@@ -17,7 +17,7 @@ from aiohttp import web
 from host.context import HostPluginContext, PluginHost
 from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
 from host.tenancy import REQUEST_TENANT, resolve_request_tenant
-from plugins.api import API_MAJOR, Caller, Handler, Tenant
+from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
 from router.errors import NotFound, PluginNotFound
 from shard_migrations.packages import Discovery, PluginPackage
 
@@ -97,8 +97,8 @@ async def _health(host: PluginHost, pkg: PluginPackage, request: web.Request) ->
             log.warning("health check of %s failed", pkg.id, exc_info=True, extra={"pluginId": pkg.id})
     killed = rt.registry.is_killed(pkg.id)
     status = "killed" if killed else "ok" if ok else "failing"
-    return web.json_response({"pluginId": pkg.id, "version": str(pkg.version), "status": status, "checks": checks},
-                             status=200 if status == "ok" else 503)
+    return json_response({"pluginId": pkg.id, "version": str(pkg.version), "status": status, "checks": checks},
+                         status=200 if status == "ok" else 503)
 
 
 async def _unknown(host: PluginHost, request: web.Request) -> web.StreamResponse:

@@ -15,6 +15,7 @@ from host.context import PLUGIN_HOST, PluginHost
 from host.keys import REQ_TENANT
 from host.tenancy import resolve_request_tenant
 from router.errors import PluginDisabled
+from router.http import json_response
 
 SECTIONS = ("routes", "menu", "widgets")
 
@@ -37,4 +38,4 @@ async def manifest(request: web.Request) -> web.Response:
             entry[section] = [item for item in pkg.manifest.get(section, ())
                               if item.get("permission") is None or item["permission"] in principal.permissions]
         out.append(entry)
-    return web.json_response({"tenantId": rec.tenant_id, "code": rec.code, "plugins": out})
+    return json_response({"tenantId": rec.tenant_id, "code": rec.code, "plugins": out})

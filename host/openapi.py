@@ -1,35 +1,83 @@
-"""``/openapi.json``: the host's OpenAPI 3.1 document, built from the routes the app really has
-(plugin routes included, tagged by plugin), so it can't drift from what is served."""
+"""``/openapi.json``: the host's OpenAPI 3.1 document, built from the routes the app really
+has (plugin routes included, tagged by plugin), so it can't drift from what is served.
+
+Admin request bodies come from the pydantic models that validate them (`host.admin`);
+path parameters from the patterns the handlers check; every operation lists the statuses
+the host can answer. Plugin routes are described generically: any JSON object in, any
+JSON out, with the statuses the host's gate and the shared edge add.
+"""
 from __future__ import annotations
 
 import re
 from typing import Any
 
 from aiohttp import web
+from pydantic.json_schema import models_json_schema
 
-_PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+from host.admin import BODIES, TENANT_REF_PATTERN, NewPrincipal, RoleBody
+from host.context import PLUGIN_HOST
+from host.rbac import ROLE_KEY_RE
+from router.http import json_response
+from router.models import UUID_PATTERN
 
-_ERROR = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["code", "message"],
-        "properties": {"code": {"type": "string", "examples": ["PLUGIN_DISABLED", "FORBIDDEN", "TENANT_NOT_FOUND"]},
-                       "message": {"type": "string"}, "requestId": {"type": "string"}},
-        "additionalProperties": True,
-    }},
+_PARAM = re.compile(r"\{([^}:]+)(?::([^}]*))?\}")
+_REF = "#/components/schemas/{model}"
+
+_WHY = {
+    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field)",
+    401: "UNAUTHORIZED: no key, a malformed one, or an unknown one",
+    403: "FORBIDDEN (a key without the right), PLUGIN_DISABLED, TENANT_SUSPENDED",
+    404: "not found: TENANT_NOT_FOUND, PLUGIN_NOT_FOUND, NOT_FOUND",
+    408: "REQUEST_TIMEOUT: the body did not arrive in time",
+    409: "PLUGIN_REFUSED, MIGRATION_DRIFT, MIGRATION_INCOMPLETE",
+    413: "PAYLOAD_TOO_LARGE",
+    500: "INTERNAL or MIGRATION_FAILED: a fault, logged with the request id",
+    503: "SHARD_UNREACHABLE, TENANT_MOVING, TENANT_NOT_READY, FENCE_STALE, or not ready; see Retry-After",
 }
+_RID = {"X-Request-Id": {"description": "the request's id (the client's own if tame)", "required": True,
+                         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}}}
 
 
-def _tag(path: str) -> str:
+def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[str, Any]:
+    if regex is not None and re.fullmatch(r"[A-Za-z0-9_|-]+", regex):
+        return {"type": "string", "enum": regex.split("|")}  # {action:enable|disable}
+    if name == "tenant":
+        return {"type": "string", "pattern": TENANT_REF_PATTERN, "description": "tenant id or code"}
+    if name == "plugin":
+        return {"type": "string", "pattern": r"^[a-z][a-z0-9_]{1,30}$",
+                "examples": plugin_ids or ["inventory"], "description": "plugin id"}
+    if name == "role":
+        return {"type": "string", "pattern": ROLE_KEY_RE.pattern}
+    if name == "principal":
+        return {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}
+    return {"type": "string"}
+
+
+def _error(status: int) -> dict[str, Any]:
+    headers: dict[str, Any] = dict(_RID)
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
+    return {"description": _WHY[status], "headers": headers,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _kind(path: str) -> str:
     parts = path.strip("/").split("/")
     if parts[:2] == ["api", "plugins"] and len(parts) > 2 and not parts[2].startswith("{"):
-        return f"plugin:{parts[2]}"
-    return "admin" if parts[0] == "admin" else "host"
+        return "health" if path.endswith("/health") and len(parts) == 4 else "plugin"
+    if path == "/api/manifest":
+        return "plugin"
+    return "admin" if parts[0] == "admin" else "open"
+
+
+def _tag(path: str, kind: str) -> str:
+    if kind in ("plugin", "health") and path != "/api/manifest":
+        return f"plugin:{path.strip('/').split('/')[2]}"
+    return "admin" if kind == "admin" else "host"
 
 
 def document(app: web.Application) -> dict[str, Any]:
+    plugin_ids = sorted(app[PLUGIN_HOST].contexts) if PLUGIN_HOST in app else []
     paths: dict[str, dict[str, Any]] = {}
     for route in app.router.routes():
         resource = route.resource
@@ -37,38 +85,62 @@ def document(app: web.Application) -> dict[str, Any]:
             continue
         template = resource.canonical
         path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", template)
+        kind = _kind(path)
         doc = (getattr(route.handler, "__doc__", None) or "").strip().splitlines()
-        op: dict[str, Any] = {
-            "tags": [_tag(path)],
-            "summary": doc[0] if doc else "",
-            "parameters": [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                           for n in _PARAM.findall(template)],
-            "responses": {"200": {"description": "OK"},
-                          "default": {"description": "Error envelope",
-                                      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
-        }
+        params: list[dict[str, Any]] = [
+            {"name": n, "in": "path", "required": True, "schema": _param_schema(n, rx or None, plugin_ids)}
+            for n, rx in _PARAM.findall(template)]
+        statuses = {400, 500}
+        op: dict[str, Any] = {"tags": [_tag(path, kind)], "summary": doc[0] if doc else "", "parameters": params}
+        if kind == "plugin":
+            params.append({"name": "X-Tenant", "in": "header", "required": True,
+                           "schema": {"type": "string", "pattern": TENANT_REF_PATTERN},
+                           "description": "tenant code or id (without it, the Host header's tenant domain)"})
+            op["security"] = [{"apiKey": []}]
+            statuses |= {401, 403, 404, 409, 503}
+        elif kind == "admin":
+            op["security"] = [{"adminKey": []}]
+            statuses |= {401, 403, 404, 409, 503}
+        else:
+            op["security"] = []
+            statuses |= {503}
         permission = getattr(route.handler, "required_permission", None)
         if permission is not None:
             op["x-permission"] = permission
-        if path.startswith("/api/plugins/") and not path.endswith("/health") or path == "/api/manifest":
-            op["parameters"].append({"name": "X-Tenant", "in": "header", "required": False,
-                                     "schema": {"type": "string"}, "description": "tenant code or id (else Host)"})
-            op["security"] = [{"apiKey": []}]
-        elif path.startswith("/admin"):
-            op["security"] = [{"adminKey": []}]
+        if route.method in ("POST", "PUT", "PATCH"):
+            model = BODIES.get((route.method, path), None)
+            if model is not None:
+                schema: dict[str, Any] = {"$ref": f"#/components/schemas/{model.__name__}"}
+            else:  # plugin routes and admin config: any object; what the handler reads is its own
+                schema = {"type": "object"}
+            known = (route.method, path) in BODIES
+            op["requestBody"] = {"required": known or kind == "plugin",
+                                 "content": {"application/json": {"schema": schema}}}
+            statuses |= {408, 413}
+        ok = "201" if route.method == "POST" and path == "/admin/principals" else "200"
+        content = ({"text/plain": {"schema": {"type": "string"}}} if path == "/metrics"
+                   else {"application/json": {"schema": {}}})
+        op["responses"] = {ok: {"description": "OK", "headers": dict(_RID), "content": content},
+                           **{str(s): _error(s) for s in sorted(statuses)}}
         paths.setdefault(path, {})[route.method.lower()] = op
+    _, defs = models_json_schema([(NewPrincipal, "validation"), (RoleBody, "validation")], ref_template=_REF)
+    schemas: dict[str, Any] = dict(defs["$defs"])
+    schemas["Error"] = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
+        "error": {"type": "object", "required": ["code", "message", "requestId"], "additionalProperties": True,
+                  "properties": {"code": {"type": "string", "pattern": "^[A-Z_]+$"}, "message": {"type": "string"},
+                                 "requestId": {"type": "string"}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "tenantfleet plugin host", "version": "1"},
         "paths": dict(sorted(paths.items())),
         "components": {
-            "schemas": {"Error": _ERROR},
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"},
-                                "adminKey": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "a tenant's API key"},
+                                "adminKey": {"type": "http", "scheme": "bearer", "description": "TENANTFLEET_ADMIN_KEY"}},
         },
     }
 
 
 async def openapi_view(request: web.Request) -> web.Response:
     """The host's OpenAPI document."""
-    return web.json_response(document(request.app))
+    return json_response(document(request.app))

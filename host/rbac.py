@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import re
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Collection, Sequence
 
 import asyncpg
 from aiohttp import web
 
 from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER
 from router.errors import Forbidden, NotFound, TenantNotFound, Unauthorized, ValidationFailed
+from router.http import bearer, key_matches
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,15 +57,6 @@ def hash_key(key: str) -> str:
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def bearer(request: web.Request) -> str:
-    """The bearer token; UNAUTHORIZED if the header is missing or malformed."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("an API key is required: Authorization: Bearer <key>")
-    return token.strip()
 
 
 class Authenticator:
@@ -137,12 +128,15 @@ class Authenticator:
             raise Forbidden("this API key does not belong to the requested tenant", tenantId=tenant_id)
         return p
 
-
-def check_admin(settings_admin_key: str, request: web.Request) -> None:
-    """The admin key is required: UNAUTHORIZED if missing, FORBIDDEN if wrong."""
-    token = bearer(request)
-    if not settings_admin_key or not hmac.compare_digest(token.encode(), settings_admin_key.encode()):
-        raise Forbidden("the admin key is required for /admin", permission="admin")
+    async def check_admin(self, admin_key: str, request: web.Request) -> None:
+        """The admin key is required (the same rule as the router's writes): UNAUTHORIZED
+        for a missing, malformed or unknown key, FORBIDDEN for a tenant's API key."""
+        token = bearer(request)
+        if key_matches(token, admin_key):
+            return
+        if (await self._entry(token))[0] is not None:
+            raise Forbidden("this API key is not the admin key, which /admin needs", permission="admin")
+        raise Unauthorized("unknown key: /admin needs the admin key")
 
 
 def require(permission: str) -> Callable[[Handler], Handler]:
@@ -175,11 +169,12 @@ class RbacService:
                                is_admin: bool = False) -> dict[str, Any]:
         """A new principal and its API key (returned once, never stored).
 
-        Raises VALIDATION_FAILED for a bad name/role, TENANT_NOT_FOUND.
+        Raises VALIDATION_FAILED for a bad name or role key, NOT_FOUND for a role the tenant
+        doesn't have (``role`` names it), TENANT_NOT_FOUND.
         """
-        if not isinstance(name, str) or not 1 <= len(name) <= 200:
-            raise ValidationFailed("name must be a string of 1-200 characters", field="name")
-        if isinstance(roles, str) or not all(isinstance(r, str) and ROLE_KEY_RE.match(r) for r in roles):
+        if not isinstance(name, str) or not 1 <= len(name) <= 200 or "\x00" in name:
+            raise ValidationFailed("name must be a string of 1-200 characters (no NUL)", field="name")
+        if isinstance(roles, str) or not all(isinstance(r, str) and ROLE_KEY_RE.fullmatch(r) for r in roles):
             raise ValidationFailed("roles must be a list of role keys like INVENTORY_MANAGER", field="roles")
         if tenant_id is not None:
             try:
@@ -188,6 +183,16 @@ class RbacService:
                 raise ValidationFailed("tenantId must be a UUID", field="tenantId") from None
             if not await self._control.fetchval("SELECT 1 FROM tenants WHERE tenant_id = $1::uuid", tenant_id):
                 raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
+        if roles:
+            # a role the tenant doesn't have would grant nothing, silently: refuse it by name
+            known = set() if tenant_id is None else set(await self._control.fetchval(
+                "SELECT coalesce(array_agg(role_key), '{}') FROM roles WHERE tenant_id = $1::uuid "
+                "AND role_key = ANY ($2::text[])", tenant_id, list(roles)))
+            unknown = sorted(set(roles) - known)
+            if unknown:  # a reference to something that doesn't exist, as SHARD_NOT_FOUND for a shardId
+                raise NotFound(
+                    f"unknown role {unknown[0]}: roles are a tenant's (apply a plugin's role template first, "
+                    "`tenantfleet plugins roles --apply`)", field="roles", role=unknown[0])
         key = new_key()
         principal_id = str(uuid.uuid4())
         await self._control.execute(
@@ -223,13 +228,22 @@ class RbacService:
         return {"principalId": pid, "tenantId": row["tenant_id"], "name": row["name"], "revoked": True}
 
     async def upsert_role(self, tenant_id: str, role_key: str, display_name: str,
-                          permissions: Sequence[str]) -> dict[str, Any]:
-        """Create or replace one of a tenant's roles. VALIDATION_FAILED for bad keys/permissions."""
-        if not ROLE_KEY_RE.match(role_key):
+                          permissions: Sequence[str], *, namespaces: Collection[str]) -> dict[str, Any]:
+        """Create or replace one of a tenant's roles. VALIDATION_FAILED for bad keys or
+        permissions, and for a permission outside ``namespaces`` (the plugin ids there are)."""
+        if not ROLE_KEY_RE.fullmatch(role_key):
             raise ValidationFailed("role key must look like INVENTORY_MANAGER", field="roleKey")
-        if isinstance(permissions, str) or not all(isinstance(p, str) and PERMISSION_RE.match(p)
-                                                   for p in permissions):
-            raise ValidationFailed("permissions must be namespaced like inventory.view", field="permissions")
+        if not isinstance(display_name, str) or not 1 <= len(display_name) <= 200 or "\x00" in display_name:
+            raise ValidationFailed("displayName must be a string of 1-200 characters (no NUL)", field="displayName")
+        if isinstance(permissions, str) or not isinstance(permissions, (list, tuple)) or len(permissions) > 1000 \
+                or not all(isinstance(p, str) and len(p) <= 200 and PERMISSION_RE.fullmatch(p) for p in permissions):
+            raise ValidationFailed("permissions must be a list of namespaced names like inventory.view",
+                                   field="permissions")
+        outside = sorted(p for p in permissions if p.split(".", 1)[0] not in namespaces)
+        if outside:
+            raise ValidationFailed(f"permission {outside[0]} is outside every plugin's namespace "
+                                   f"(known: {', '.join(sorted(namespaces)) or 'none'})", field="permissions",
+                                   permission=outside[0])
         await self._control.execute(
             "INSERT INTO roles (tenant_id, role_key, display_name, permissions) VALUES ($1::uuid, $2, $3, $4) "
             "ON CONFLICT (tenant_id, role_key) DO UPDATE SET display_name = EXCLUDED.display_name, "

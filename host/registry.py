@@ -24,7 +24,7 @@ import asyncpg
 import orjson
 
 from host.keys import REGISTRY_CACHE_TTL_S
-from router.errors import PluginDisabled, ValidationFailed
+from router.errors import NotFound, PluginDisabled, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
@@ -297,11 +297,11 @@ class Registry:
     async def apply_role_template(self, plugin_id: str, tenant_id: str, role_key: str) -> dict[str, Any]:
         """Add the template's permissions to the tenant's role (created if missing).
 
-        The tenant's own extra permissions stay. Raises PLUGIN_NOT_FOUND, VALIDATION_FAILED.
+        The tenant's own extra permissions stay. Raises PLUGIN_NOT_FOUND, NOT_FOUND (no such template).
         """
         tpl = next((t for t in self.role_templates(plugin_id) if t["roleKey"] == role_key), None)
         if tpl is None:
-            raise ValidationFailed(f"plugin {plugin_id} has no role template {role_key}", field="roleKey")
+            raise NotFound(f"plugin {plugin_id} has no role template {role_key}", field="roleKey")
         perms = await self.control.fetchval(
             "INSERT INTO roles (tenant_id, role_key, display_name, permissions) VALUES ($1::uuid, $2, $3, $4) "
             "ON CONFLICT (tenant_id, role_key) DO UPDATE SET permissions = ARRAY(SELECT DISTINCT p FROM "

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Awaitable, Callable, Mapping, Protocol, Sequence, TypeVar
 
-import orjson
 from aiohttp import web
 
 from router.errors import (
     Forbidden, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed,
 )
-from router.http import read_json_object
+from router.http import json_response as _json_response, read_json_object
 
 API_VERSION = "1.0"
 API_MAJOR = 1
@@ -182,10 +181,11 @@ class PluginContext(Protocol):
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body; VALIDATION_FAILED if it isn't one, PAYLOAD_TOO_LARGE."""
+    """The request's JSON object body; VALIDATION_FAILED if it isn't one or a string in it
+    holds a NUL character, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT if it doesn't arrive in time."""
     return await read_json_object(request)
 
 
 def json_response(data: Any, *, status: int = 200) -> web.Response:
     """``data`` as a JSON response (orjson: datetimes, UUIDs and dataclasses are handled)."""
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+    return _json_response(data, status=status)

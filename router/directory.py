@@ -6,6 +6,7 @@ resolve cache publishes it as an invalidation). Schema names are generated here
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ from router.errors import (
     NoShardAvailable, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
 )
 from router.keys import PLACEMENT_LOCK, SHARD_STATES
-from router.models import ShardRecord, TenantRecord, check_code, check_domain, check_shard_id, parse_tenant_id
+from router.models import ShardRecord, TenantRecord, check_code, check_domain, check_domains, check_shard_id, parse_tenant_id
 from router.pools import ShardPools, connect, redact
 from router.settings import Settings
 
@@ -26,6 +27,11 @@ log = logging.getLogger("tenantfleet.directory")
 OnChange = Callable[[TenantRecord], Awaitable[None]]
 
 # One query text per lookup kind: the resolve client's miss path.
+# What a pool's acquire or first statement raises when the shard's server is down or
+# restarting (not what a statement's own failure raises).
+_SERVER_GONE = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                asyncpg.CannotConnectNowError)
+
 _SELECT = """
 SELECT t.tenant_id::text AS tenant_id, t.code, t.schema_name, t.shard_id, t.state, t.epoch,
        coalesce((SELECT array_agg(d.domain ORDER BY d.domain) FROM tenant_domains d WHERE d.tenant_id = t.tenant_id),
@@ -201,9 +207,7 @@ class Directory:
         on failure nothing is left behind.
         """
         check_code(code)
-        if isinstance(domains, str) or not isinstance(domains, (list, tuple)):
-            raise ValidationFailed("domains must be a list of DNS names", field="domains")
-        doms = sorted({check_domain(d) for d in domains})
+        doms = check_domains(domains)
         if shard_id is not None:
             check_shard_id(shard_id)
         tenant_id = uuid.uuid4()
@@ -234,12 +238,16 @@ class Directory:
                 raise TenantExists(f"a tenant with this {what} already exists", field=what) from exc
         try:
             pool = await self.shard_pools.get(target)
-            async with pool.acquire() as sconn, sconn.transaction():
-                await sconn.execute("SELECT fleet.create_tenant_schema($1)", schema_name)
-                await sconn.execute(
-                    "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1, $2, 1) "
-                    "ON CONFLICT (tenant_id) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now()",
-                    tenant_id, schema_name)
+            try:
+                async with pool.acquire() as sconn, sconn.transaction():
+                    await sconn.execute("SELECT fleet.create_tenant_schema($1)", schema_name)
+                    await sconn.execute(
+                        "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1, $2, 1) "
+                        "ON CONFLICT (tenant_id) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now()",
+                        tenant_id, schema_name)
+            except _SERVER_GONE as exc:  # an open pool whose server went away since
+                raise ShardUnreachable(f"shard {target} is unreachable: {exc.__class__.__name__}",
+                                       shardId=target) from exc
         except BaseException:
             await self.control.execute("DELETE FROM tenants WHERE tenant_id = $1", tenant_id)
             raise

@@ -14,6 +14,8 @@ class TenantFleetError(Exception):
     code: ClassVar[str] = "INTERNAL"
     status: ClassVar[int] = 500
     exit_code: ClassVar[int] = 1
+    # seconds a client should wait before retrying (the ``Retry-After`` header); None: don't say
+    retry_after: ClassVar[int | None] = None
     registry: ClassVar[dict[str, type["TenantFleetError"]]] = {}
 
     def __init__(self, message: str, **details: Any) -> None:
@@ -74,6 +76,12 @@ class MethodNotAllowed(TenantFleetError):
     status = 405
 
 
+class RequestTimeout(TenantFleetError):
+    """The request (its body) did not arrive within ``TENANTFLEET_HTTP_TIMEOUT_S``."""
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
 class PayloadTooLarge(TenantFleetError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413
@@ -115,8 +123,10 @@ class ShardExists(TenantFleetError):
 
 
 class ShardUnreachable(TenantFleetError):
+    """A shard (or the control plane) doesn't answer: a real fault, worth a retry later."""
     code = "SHARD_UNREACHABLE"
-    status = 502
+    status = 503
+    retry_after = 5
 
 
 class NoShardAvailable(TenantFleetError):

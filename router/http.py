@@ -1,96 +1,249 @@
-"""HTTP plumbing shared by tenantfleet's aiohttp services: request ids, the error
-envelope middleware, JSON bodies via orjson.
+"""The HTTP edge shared by tenantfleet's aiohttp services (router and host): request ids,
+the error envelope, request checks every route gets, bearer-key checks, JSON bodies via
+orjson, integer query parameters.
 
 Every error leaves as ``{"error": {"code", "message", "requestId", ...}}``. A
-`TenantFleetError` renders as itself; aiohttp's HTTP errors keep their status with a
-matching code; anything else is ``500 INTERNAL`` with the traceback in the log only.
+`TenantFleetError` renders as itself; aiohttp's HTTP errors keep their 4xx status with a
+matching code (405 with ``Allow``); anything else is ``500 INTERNAL`` with the traceback
+in the log only. 401 answers carry ``WWW-Authenticate: Bearer``; errors that say when to
+come back (TENANT_MOVING, SHARD_UNREACHABLE) carry ``Retry-After``.
+
+Checks made before any handler runs (each a 400 VALIDATION_FAILED, nothing changed):
+a request header over `MAX_HEADER_BYTES`; a NUL (``%00``) anywhere in the path or query
+(PostgreSQL text can't hold one); a query parameter given more than once.
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
+import itertools
 import logging
-import uuid
-from typing import Any, Awaitable, Callable
+import re
+import secrets
+import time
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
-from router.errors import Internal, MethodNotAllowed, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed
+from router.errors import (
+    Forbidden, Internal, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, TenantFleetError,
+    Unauthorized, ValidationFailed,
+)
 
 log = logging.getLogger("tenantfleet.http")
 
-REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID = web.RequestKey("tenantfleet_request_id", str)
 REQUEST_ID_HEADER = "X-Request-Id"
+# A client's X-Request-Id is kept only if it is this tame (it goes into log lines);
+# otherwise the server makes one.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Generated ids: a random per-process prefix and a counter, unique across processes without
+# a getrandom() call per request (measured in bench/request_path.py's profile).
+_ID_PREFIX = secrets.token_hex(6)
+_ID_COUNTER = itertools.count(1)
+
+# aiohttp's parser accepts longer header lines (the host raises its limit so that the
+# envelope, not a plain-text 400, answers); every header over this is refused here.
+MAX_HEADER_BYTES = 8192
+# How long a body read may take, per app (settings.http_timeout_s); the same value is the
+# connection's keep-alive timeout, which in aiohttp also cuts a request whose header never
+# completes (web_protocol.RequestHandler arms it at connection_made).
+BODY_TIMEOUT = web.AppKey("tenantfleet_body_timeout_s", float)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# (request, request id, status, seconds): what a service records per request (metrics, log line)
+Observer = Callable[[web.Request, str, int, float], None]
+# extra log fields for a request that failed with a 5xx (the host adds plugin and tenant)
+LogContext = Callable[[web.Request], Mapping[str, Any]]
+
+_BEARER_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,512}")
+# Canonical non-negative decimal integers only: ASCII digits, no sign, no padding, no
+# leading zero, no '_' (Python's int() would take ' 5', '05', '1_0' and '١').
+_UINT_RE = re.compile(r"0|[1-9][0-9]{0,17}")
+
+
+def http_settings(timeout_s: float) -> dict[str, Any]:
+    """``handler_args`` for `web.Application`: idle connections and unfinished request
+    headers are closed after ``timeout_s`` (aiohttp's keep-alive timer runs from the
+    connection's start until a whole request has arrived), and the unread rest of a body
+    (after an early answer, or a body read that timed out) is drained for at most
+    ``timeout_s`` before the connection is closed (aiohttp's lingering time, 10 s by default)."""
+    return {"keepalive_timeout": timeout_s, "lingering_time": timeout_s}
+
+
+def new_request_id(request: web.Request) -> str:
+    """The request's id: the client's ``X-Request-Id`` if it matches `REQUEST_ID_RE` whole, else a new one."""
+    rid = request.headers.get(REQUEST_ID_HEADER)
+    if rid is None or not REQUEST_ID_RE.fullmatch(rid):
+        rid = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+    request[REQUEST_ID] = rid
+    return rid
 
 
 def request_id(request: web.Request) -> str:
     rid = request.get(REQUEST_ID)
-    if rid is None:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
-        request[REQUEST_ID] = rid
-    return rid
+    return rid if rid is not None else new_request_id(request)
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """``data`` as JSON via orjson (datetimes, UUIDs and dataclasses are handled)."""
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
 def error_response(exc: TenantFleetError, rid: str) -> web.Response:
-    """The envelope response for ``exc``: its status, ``X-Request-Id``, and ``Retry-After``
-    when the error says when to come back (TENANT_MOVING)."""
+    """The envelope response for ``exc``: its status, ``X-Request-Id``, ``Retry-After`` when
+    the error says when to come back, ``WWW-Authenticate`` on 401, ``Allow`` on 405."""
     headers = {REQUEST_ID_HEADER: rid}
-    retry = exc.details.get("retryAfter")
+    retry = exc.details.get("retryAfter", exc.retry_after)
     if retry is not None:
         headers["Retry-After"] = str(retry)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tenantfleet"'
+    allowed = exc.details.get("allowed")
+    if exc.status == 405 and allowed is not None:
+        headers["Allow"] = ", ".join(allowed)
     return json_response(exc.envelope(rid), status=exc.status, headers=headers)
 
 
 def from_http(exc: web.HTTPException) -> TenantFleetError:
-    """The envelope error for one of aiohttp's HTTP errors (the status is kept by the caller)."""
+    """The envelope error for one of aiohttp's HTTP errors (the caller keeps its 4xx status)."""
     if exc.status == 404:
         return NotFound("no such route")
     if exc.status == 413:
         return PayloadTooLarge("request body too large")
     if exc.status == 405:
-        return MethodNotAllowed(f"method not allowed; allowed: {', '.join(sorted(getattr(exc, 'allowed_methods', ())))}")
+        allowed = sorted(getattr(exc, "allowed_methods", ()))
+        return MethodNotAllowed(f"method not allowed; allowed: {', '.join(allowed)}", allowed=allowed)
     return ValidationFailed(exc.reason or "bad request")
 
 
-@web.middleware
-async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request_id(request)
-    try:
-        resp = await handler(request)
-    except TenantFleetError as exc:
-        if exc.status >= 500:
-            log.error("%s %s failed: %s", request.method, request.path, exc.message, extra={"requestId": rid},
-                      exc_info=isinstance(exc, Internal))
-        return error_response(exc, rid)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        resp_err = error_response(from_http(exc), rid)
-        resp_err.set_status(exc.status)
-        return resp_err
-    except Exception:
-        log.exception("%s %s raised", request.method, request.path, extra={"requestId": rid})
-        return error_response(Internal("internal error"), rid)
-    resp.headers.setdefault(REQUEST_ID_HEADER, rid)
-    return resp
+def check_request(request: web.Request) -> None:
+    """The checks every route gets before its handler (see the module docstring)."""
+    for name, value in request.raw_headers:
+        if len(name) + len(value) > MAX_HEADER_BYTES:
+            raise ValidationFailed(f"a request header is larger than {MAX_HEADER_BYTES} bytes",
+                                   field=name.decode("latin-1")[:64])
+    if "%00" in request.raw_path:
+        raise ValidationFailed("the path and query may not contain a NUL character (%00)", field="path")
+    if request.query_string:
+        query = request.query
+        names = query.keys()  # distinct names (multidict)
+        if len(query) != len(names):
+            repeated = next(n for n in names if len(query.getall(n)) > 1)
+            raise ValidationFailed(f"query parameter {repeated} is given more than once", field=repeated)
 
+
+def envelope_middleware_with(observe: Observer | None = None,
+                             log_context: LogContext | None = None) -> Middleware:
+    """The one envelope middleware: request id, `check_request`, error mapping; ``observe``
+    is called once per request with the final status (499 if the client went away)."""
+
+    @web.middleware
+    async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        rid = new_request_id(request)
+        status = 500
+        try:
+            check_request(request)
+            resp = await handler(request)
+            status = resp.status
+        except TenantFleetError as exc:
+            if exc.status >= 500:  # the operator needs these; the client gets the envelope only
+                log.error("%s %s failed: %s: %s", request.method, request.path, exc.code, exc.message,
+                          exc_info=isinstance(exc, Internal) or exc.__cause__ is not None,
+                          extra={"requestId": rid, **(log_context(request) if log_context else {})})
+            resp = error_response(exc, rid)
+            status = exc.status
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            resp = error_response(from_http(exc), rid)
+            if exc.status < 500:
+                resp.set_status(exc.status)  # the envelope says why; the status stays aiohttp's
+            status = resp.status
+        except asyncio.CancelledError:
+            status = 499  # the client went away; nothing to send
+            raise
+        except Exception:
+            log.exception("%s %s raised", request.method, request.path,
+                          extra={"requestId": rid, **(log_context(request) if log_context else {})})
+            resp = error_response(Internal("internal error"), rid)
+            status = 500
+        finally:
+            if observe is not None:
+                observe(request, rid, status, time.perf_counter() - started)
+        resp.headers[REQUEST_ID_HEADER] = rid
+        return resp
+
+    return envelope
+
+
+envelope_middleware = envelope_middleware_with()
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+def bearer(request: web.Request) -> str:
+    """The bearer token of ``Authorization: Bearer <token>``.
+
+    UNAUTHORIZED (401, ``WWW-Authenticate: Bearer``) if the header is missing, not a
+    Bearer one, or the token is not 1-512 visible ASCII characters (every key we issue is).
+    """
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("an API key is required: Authorization: Bearer <key>")
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not _BEARER_TOKEN_RE.fullmatch(token):
+        raise Unauthorized("malformed Authorization header: expected Bearer <key>")
+    return token
+
+
+def key_matches(token: str, key: str) -> bool:
+    """Constant-time comparison of a `bearer` token with a configured key ('' never matches)."""
+    return bool(key) and hmac.compare_digest(token.encode(), key.encode())
+
+
+def require_service_key(request: web.Request, *, admin_key: str, read_key: str, write: bool) -> None:
+    """The router's keys: the admin key may do anything, the read key may only read.
+
+    UNAUTHORIZED for a missing, malformed or unknown key (also when no key is configured:
+    nothing is open); FORBIDDEN for the read key on a write.
+    """
+    token = bearer(request)
+    if key_matches(token, admin_key):
+        return
+    if key_matches(token, read_key):
+        if write:
+            raise Forbidden("the read key can't change anything: this needs the admin key", permission="admin")
+        return
+    if not admin_key and not read_key:
+        raise Unauthorized("this service has no key configured (TENANTFLEET_ADMIN_KEY, TENANTFLEET_READ_KEY): "
+                           "nothing but health, metrics and OpenAPI is open")
+    raise Unauthorized("unknown key")
+
+
+# --- bodies and parameters --------------------------------------------------------------------
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object (router service, host admin API and plugin routes alike).
 
     The app's ``client_max_size`` bounds it: PAYLOAD_TOO_LARGE beyond that;
-    VALIDATION_FAILED (``field: body``) for no body, malformed JSON or anything but an object.
+    REQUEST_TIMEOUT (408) if it doesn't arrive within the app's `BODY_TIMEOUT`;
+    VALIDATION_FAILED (``field: body``) for no body, malformed JSON, anything but an
+    object, or a string holding a NUL character (which PostgreSQL can't store).
     """
     try:
-        raw = await request.read()
+        async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0)):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge("request body too large") from None
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
     if not raw:
         raise ValidationFailed("a JSON object body is required", field="body")
     try:
@@ -99,4 +252,73 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise ValidationFailed("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):
         raise ValidationFailed("body must be a JSON object", field="body")
+    if b"\\u0000" in raw:  # the only way JSON text spells NUL; walk only then
+        where = _nul_at(data, "")
+        if where is not None:
+            raise ValidationFailed(f"{where or 'body'} contains a NUL character (\\u0000)", field=where or "body")
     return data
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) holding a NUL, else None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if "\x00" in k:
+                return sub
+            found = _nul_at(v, sub)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_at(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M], data: Mapping[str, Any]) -> M:
+    """``data`` (a JSON object) as ``model``, or VALIDATION_FAILED naming the first bad field;
+    an old snake_case name is told its camelCase one (``shard_id`` → ``shardId``)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        fields = {f.alias or n for n, f in model.model_fields.items()}
+        # an old snake_case name first: its "missing camelCase field" error says less
+        first = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"]
+                      and to_camel(str(e["loc"][0])) in fields), errors[0])
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        name = str(first["loc"][0]) if first["loc"] else "body"
+        if first["type"] == "extra_forbidden":
+            if to_camel(name) in fields:
+                raise ValidationFailed(f"{name} is not a field: it is spelled {to_camel(name)}",
+                                       field=name, use=to_camel(name)) from None
+            raise ValidationFailed(f"unknown field {name}; the fields are {', '.join(sorted(fields))}",
+                                   field=name) from None
+        raise ValidationFailed(f"{where}: {first['msg']}", field=where) from None
+
+
+def parse_uint(raw: str, name: str, lo: int, hi: int) -> int:
+    """A canonical decimal integer within ``lo..hi``, else VALIDATION_FAILED naming ``name``.
+
+    Only ASCII digits with no sign, padding, leading zero or '_' are numbers here:
+    ``' 5'``, ``'05'``, ``'+5'``, ``'1_0'`` and ``'١'`` are refused, not parsed.
+    """
+    if not _UINT_RE.fullmatch(raw):
+        raise ValidationFailed(f"{name} must be a whole number written in plain digits (like 10)", field=name)
+    value = int(raw)
+    if not lo <= value <= hi:
+        raise ValidationFailed(f"{name} must be between {lo} and {hi}", field=name)
+    return value
+
+
+def int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    """Query parameter ``name`` as `parse_uint`, or ``default`` when absent."""
+    raw = request.query.get(name)
+    return default if raw is None else parse_uint(raw, name, lo, hi)

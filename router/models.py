@@ -1,12 +1,16 @@
 """Directory records passed between the directory, the caches and the services."""
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from router.errors import ValidationFailed
-from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE
+from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE, SHARD_STATES, TENANT_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +25,15 @@ class TenantRecord:
     domains: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """The cache format (Redis entries): field names as they are, read back by `from_dict`."""
         d = asdict(self)
         d["domains"] = list(self.domains)
         return d
+
+    def to_api(self) -> dict[str, Any]:
+        """What the APIs and ``--json`` show (camelCase, as `TenantOut` documents)."""
+        return {"tenantId": self.tenant_id, "code": self.code, "schemaName": self.schema, "shardId": self.shard_id,
+                "state": self.state, "epoch": self.epoch, "domains": list(self.domains)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TenantRecord":
@@ -40,38 +50,110 @@ class ShardRecord:
     weight: int
     tenants: int = 0
 
-    def to_dict(self, *, with_dsn: bool = False) -> dict[str, Any]:
+    def to_api(self, *, with_dsn: bool = False) -> dict[str, Any]:
+        """What the APIs and ``--json`` show (camelCase, as `ShardOut` documents); the DSN's
+        password is redacted unless ``with_dsn``."""
         from router.pools import redact
 
-        d = asdict(self)
-        d["dsn"] = self.dsn if with_dsn else redact(self.dsn)
-        return d
+        return {"shardId": self.shard_id, "dsn": self.dsn if with_dsn else redact(self.dsn), "state": self.state,
+                "capacity": self.capacity, "weight": self.weight, "tenants": self.tenants}
+
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_RE = re.compile(UUID_PATTERN)
 
 
 def parse_tenant_id(value: str) -> str:
-    """A canonical UUID string, or VALIDATION_FAILED."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValidationFailed("tenant id must be a UUID", field="id") from exc
+    """The canonical (lower-case) form of a UUID written 8-4-4-4-12, or VALIDATION_FAILED
+    (no braces, ``urn:uuid:`` or bare hex: what the OpenAPI document's format says)."""
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+        raise ValidationFailed("tenant id must be a UUID like 0f8fad5b-d9cb-469f-a165-70867728950e", field="id")
+    return str(uuid.UUID(value))
 
 
 def check_code(value: object) -> str:
-    if not isinstance(value, str) or not CODE_RE.match(value):
+    if not isinstance(value, str) or not CODE_RE.fullmatch(value):
         raise ValidationFailed(
             "tenant code must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
             field="code")
     return value
 
 
+# A tenant's domains: enough for every real set-up (custom domains, aliases), few enough
+# that one tenant can't bloat the directory, its cache entries and every resolve reply.
+MAX_DOMAINS = 100
+
+
+def check_domains(value: object) -> list[str]:
+    """A list of at most `MAX_DOMAINS` DNS names, lower-cased, de-duplicated and sorted."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValidationFailed("domains must be a list of DNS names", field="domains")
+    if len(value) > MAX_DOMAINS:
+        raise ValidationFailed(f"a tenant may have at most {MAX_DOMAINS} domains; got {len(value)}", field="domains")
+    return sorted({check_domain(d) for d in value})
+
+
 def check_domain(value: object) -> str:
-    if not isinstance(value, str) or not DOMAIN_RE.match(value.lower()):
+    if not isinstance(value, str) or not DOMAIN_RE.fullmatch(value.lower()):
         raise ValidationFailed("domain must be a lower-case DNS name like acme.example.com", field="domain")
     return value.lower()
 
 
 def check_shard_id(value: object) -> str:
-    if not isinstance(value, str) or not SHARD_ID_RE.match(value):
+    if not isinstance(value, str) or not SHARD_ID_RE.fullmatch(value):
         raise ValidationFailed("shard id must be 1-40 characters of a-z, 0-9, '_' and '-', starting with a letter",
-                               field="shard_id")
+                               field="shardId")
     return value
+
+
+# --- the router API's bodies: these models validate requests and generate the OpenAPI document
+
+class ApiModel(BaseModel):
+    """JSON field names are camelCase; unknown fields (the old snake_case names too) are
+    refused; values are taken as they are (no "5" for 5, no true for 1)."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=False, extra="forbid", strict=True,
+                              frozen=True, regex_engine="python-re")
+
+
+Code = Annotated[str, Field(pattern=CODE_RE.pattern, min_length=1, max_length=63,
+                            description="1-63 of a-z, 0-9 and '-', starting and ending with a letter or digit")]
+Domain = Annotated[str, Field(pattern=DOMAIN_RE.pattern.replace("[a-z", "[A-Za-z"), max_length=253,
+                              description="a DNS name (stored lower-case)")]
+ShardId = Annotated[str, Field(pattern=SHARD_ID_RE.pattern, min_length=1, max_length=40,
+                               description="1-40 of a-z, 0-9, '_' and '-', starting with a letter")]
+
+
+class NewTenant(ApiModel):
+    """POST /v1/tenants."""
+    code: Code
+    domains: list[Domain] = Field(default_factory=list, max_length=MAX_DOMAINS)
+    shard_id: ShardId | None = Field(None, description="place on this shard (default: the least-loaded active one)")
+
+
+class NewShard(ApiModel):
+    """POST /v1/shards."""
+    shard_id: ShardId
+    dsn: str = Field(pattern=r"^postgres(?:ql)?://", max_length=2000, description="postgresql:// URL of the shard")
+    capacity: int = Field(1000, ge=1, le=1_000_000_000)
+    weight: int = Field(100, ge=0, le=1_000_000_000)
+
+
+class TenantOut(ApiModel):
+    """A tenant as the router answers it."""
+    tenant_id: uuid.UUID
+    code: Code
+    schema_name: str = Field(pattern=r"^t_[0-9a-f]{32}$")
+    shard_id: ShardId
+    state: Annotated[str, Field(json_schema_extra={"enum": list(TENANT_STATES)})]
+    epoch: int = Field(ge=0)
+    domains: list[str]
+
+
+class ShardOut(ApiModel):
+    """A shard as the router answers it (the DSN's password redacted)."""
+    shard_id: ShardId
+    dsn: str
+    state: Annotated[str, Field(json_schema_extra={"enum": list(SHARD_STATES)})]
+    capacity: int
+    weight: int
+    tenants: int = Field(ge=0)

@@ -1,91 +1,147 @@
-"""The router service's OpenAPI document (served at /v1/openapi.json)."""
+"""The router service's OpenAPI 3.1 document (served at /v1/openapi.json), generated from
+the pydantic models and field types that validate the requests (router/models.py), so it
+says what the service does: formats, patterns, bounds, enums, the two bearer keys, and
+every status each route can answer."""
 from __future__ import annotations
 
 from typing import Any
 
-from router.keys import CODE_RE, TENANT_STATES
+from pydantic import ConfigDict, TypeAdapter
+from pydantic.json_schema import models_json_schema
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
+from router.keys import TENANT_STATES
+from router.models import (
+    MAX_DOMAINS, UUID_PATTERN, Code, Domain, NewShard, NewTenant, ShardId, ShardOut, TenantOut,
+)
 
+MAX_LIST_LIMIT = 10_000
+MAX_OFFSET = 1_000_000_000
+_REF = "#/components/schemas/{model}"
 
-def _resp(desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    body = {"application/json": {"schema": schema or _ERROR}}
-    return {"description": desc, "content": body}
-
-
-_ERRORS = {"400": _resp("VALIDATION_FAILED"), "500": _resp("INTERNAL")}
+_WHY = {
+    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field)",
+    401: "UNAUTHORIZED: no key, a malformed one, or an unknown one",
+    403: "FORBIDDEN: the read key on a write",
+    404: "not found (TENANT_NOT_FOUND, SHARD_NOT_FOUND)",
+    408: "REQUEST_TIMEOUT: the body did not arrive in time",
+    409: "already exists (TENANT_EXISTS, SHARD_EXISTS)",
+    413: "PAYLOAD_TOO_LARGE",
+    500: "INTERNAL: a fault of ours, logged with the request id",
+    503: "SHARD_UNREACHABLE, NO_SHARD_AVAILABLE or the control plane down; see Retry-After",
+}
+_RID = {"X-Request-Id": {"description": "the request's id (the client's own if tame)", "required": True,
+                         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}}}
+_READ: list[dict[str, list[str]]] = [{"readKey": []}, {"adminKey": []}]
 _ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
-DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": "tenantfleet router", "version": "1"},
-    "components": {
-        "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                               "requestId": {"type": "string"}}}}},
-            "Tenant": {"type": "object", "properties": {
-                "tenant_id": {"type": "string", "format": "uuid"}, "code": {"type": "string"},
-                "schema": {"type": "string"}, "shard_id": {"type": "string"},
-                "state": {"type": "string", "enum": list(TENANT_STATES)},
-                "epoch": {"type": "integer"}, "domains": {"type": "array", "items": {"type": "string"}}}},
-            "Shard": {"type": "object", "properties": {
-                "shard_id": {"type": "string"}, "dsn": {"type": "string"}, "state": {"type": "string"},
-                "capacity": {"type": "integer"}, "weight": {"type": "integer"}, "tenants": {"type": "integer"}}},
-            "NewTenant": {"type": "object", "required": ["code"], "properties": {
-                "code": {"type": "string", "pattern": CODE_RE.pattern},
-                "domains": {"type": "array", "items": {"type": "string"}}, "shard_id": {"type": "string"}}},
-            "NewShard": {"type": "object", "required": ["shard_id", "dsn"], "properties": {
-                "shard_id": {"type": "string"}, "dsn": {"type": "string"},
-                "capacity": {"type": "integer", "minimum": 1}, "weight": {"type": "integer", "minimum": 0}}},
+
+def _schema(t: Any) -> dict[str, Any]:
+    out: dict[str, Any] = TypeAdapter(t, config=ConfigDict(regex_engine="python-re")).json_schema(ref_template=_REF)
+    return out
+
+
+def _error(status: int) -> dict[str, Any]:
+    headers: dict[str, Any] = dict(_RID)
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
+    if status == 503:
+        headers["Retry-After"] = {"required": False, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+    return {"description": _WHY[status], "headers": headers,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(desc: str, schema: dict[str, Any], status: int = 200) -> dict[str, Any]:
+    return {str(status): {"description": desc, "headers": dict(_RID), "content": {"application/json": {"schema": schema}}}}
+
+
+def _op(summary: str, ok: dict[str, Any], errors: tuple[int, ...], *, security: list[dict[str, list[str]]] | None,
+        parameters: list[dict[str, Any]] | None = None, body: type | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**ok, **{str(s): _error(s) for s in (*errors, 500)}}}
+    if security is not None:
+        op["security"] = security
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+    return op
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def build() -> dict[str, Any]:
+    _, defs = models_json_schema([(NewTenant, "validation"), (NewShard, "validation"),
+                                  (TenantOut, "serialization"), (ShardOut, "serialization")], ref_template=_REF)
+    schemas: dict[str, Any] = dict(defs["$defs"])
+    schemas["Error"] = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
+        "error": {"type": "object", "required": ["code", "message", "requestId"], "additionalProperties": True,
+                  "properties": {"code": {"type": "string", "pattern": "^[A-Z_]+$"}, "message": {"type": "string"},
+                                 "requestId": {"type": "string"}, "field": {"type": "string"}}}}}
+    tenant = {"$ref": "#/components/schemas/TenantOut"}
+    shard = {"$ref": "#/components/schemas/ShardOut"}
+    tenant_id = {"name": "id", "in": "path", "required": True,
+                 "schema": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}}
+    # exactly one of id, code, domain: one form-exploded object parameter says so
+    resolve_query = {"name": "lookup", "in": "query", "required": True, "style": "form", "explode": True,
+                     "schema": {"type": "object", "minProperties": 1, "maxProperties": 1,
+                                "additionalProperties": False, "properties": {
+                                    "id": {"type": "string", "format": "uuid", "pattern": UUID_PATTERN},
+                                    "code": _schema(Code), "domain": _schema(Domain)}},
+                     "description": "exactly one of id, code or domain"}
+    list_params = [
+        _query("shard", _schema(ShardId), "only tenants on this shard"),
+        _query("state", {"type": "string", "enum": list(TENANT_STATES)}, "only tenants in this state"),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100},
+               "at most this many (plain digits)"),
+        _query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+               "skip this many (plain digits)"),
+    ]
+    plain = {"200": {"description": "ok", "headers": dict(_RID),
+                     "content": {"application/json": {"schema": {"type": "object"}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "tenantfleet router", "version": "1",
+                 "description": f"Reads need the read key or the admin key, writes the admin key. "
+                                f"A tenant has at most {MAX_DOMAINS} domains."},
+        "components": {
+            "securitySchemes": {"adminKey": {"type": "http", "scheme": "bearer", "description": "TENANTFLEET_ADMIN_KEY"},
+                                "readKey": {"type": "http", "scheme": "bearer", "description": "TENANTFLEET_READ_KEY"}},
+            "schemas": schemas,
         },
-    },
-    "paths": {
-        "/v1/tenants/resolve": {"get": {
-            "summary": "Where a tenant lives (exactly one of id, code, domain)",
-            "parameters": [{"name": n, "in": "query", "schema": {"type": "string"}} for n in ("id", "code", "domain")],
-            "responses": {"200": _resp("the tenant", {"$ref": "#/components/schemas/Tenant"}),
-                          "404": _resp("TENANT_NOT_FOUND"), **_ERRORS}}},
-        "/v1/tenants": {
-            "get": {"summary": "List tenants",
-                    "parameters": [{"name": n, "in": "query", "schema": {"type": t}}
-                                   for n, t in (("shard", "string"), ("state", "string"),
-                                                ("limit", "integer"), ("offset", "integer"))],
-                    "responses": {"200": _resp("tenants", {"type": "array",
-                                                           "items": {"$ref": "#/components/schemas/Tenant"}}),
-                                  **_ERRORS}},
-            "post": {"summary": "Create a tenant on the least-loaded active shard", "security": _ADMIN,
-                     "requestBody": {"content": {"application/json": {
-                         "schema": {"$ref": "#/components/schemas/NewTenant"}}}},
-                     "responses": {"201": _resp("created", {"$ref": "#/components/schemas/Tenant"}),
-                                   "401": _resp("UNAUTHORIZED"), "409": _resp("TENANT_EXISTS"), **_ERRORS}}},
-        "/v1/tenants/{id}": {"get": {
-            "summary": "One tenant by id",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": _resp("the tenant", {"$ref": "#/components/schemas/Tenant"}),
-                          "404": _resp("TENANT_NOT_FOUND"), **_ERRORS}}},
-        "/v1/tenants/{id}/suspend": {"post": {
-            "summary": "Suspend a tenant (bumps its epoch)", "security": _ADMIN,
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": _resp("the tenant", {"$ref": "#/components/schemas/Tenant"}), **_ERRORS}}},
-        "/v1/tenants/{id}/resume": {"post": {
-            "summary": "Resume a suspended tenant (bumps its epoch)", "security": _ADMIN,
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": _resp("the tenant", {"$ref": "#/components/schemas/Tenant"}), **_ERRORS}}},
-        "/v1/shards": {
-            "get": {"summary": "List shards with tenant counts",
-                    "responses": {"200": _resp("shards", {"type": "array",
-                                                          "items": {"$ref": "#/components/schemas/Shard"}})}},
-            "post": {"summary": "Register a shard (its DSN is checked first)", "security": _ADMIN,
-                     "requestBody": {"content": {"application/json": {
-                         "schema": {"$ref": "#/components/schemas/NewShard"}}}},
-                     "responses": {"201": _resp("registered", {"$ref": "#/components/schemas/Shard"}),
-                                   "409": _resp("SHARD_EXISTS"), "502": _resp("SHARD_UNREACHABLE"), **_ERRORS}}},
-        "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {"description": "ok"}}}},
-        "/readyz": {"get": {"summary": "Control plane reachable (and Redis, reported)",
-                            "responses": {"200": {"description": "ready"}, "503": _resp("not ready")}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-    },
-}
+        "paths": {
+            "/v1/tenants/resolve": {"get": _op(
+                "Where a tenant lives (exactly one of id, code, domain)", _ok("the tenant", tenant),
+                (400, 401, 404, 503), security=_READ, parameters=[resolve_query])},
+            "/v1/tenants": {
+                "get": _op("List tenants by code", _ok("tenants", {"type": "array", "items": tenant}),
+                           (400, 401, 503), security=_READ, parameters=list_params),
+                "post": _op("Create a tenant (on the least-loaded active shard unless shardId is given)",
+                            _ok("created", tenant, 201), (400, 401, 403, 404, 408, 409, 413, 503),
+                            security=_ADMIN, body=NewTenant)},
+            "/v1/tenants/{id}": {"get": _op("One tenant by id", _ok("the tenant", tenant), (400, 401, 404, 503),
+                                            security=_READ, parameters=[tenant_id])},
+            "/v1/tenants/{id}/suspend": {"post": _op(
+                "Suspend an active tenant (bumps its epoch)", _ok("the tenant", tenant), (400, 401, 403, 404, 503),
+                security=_ADMIN, parameters=[tenant_id])},
+            "/v1/tenants/{id}/resume": {"post": _op(
+                "Resume a suspended tenant (bumps its epoch)", _ok("the tenant", tenant), (400, 401, 403, 404, 503),
+                security=_ADMIN, parameters=[tenant_id])},
+            "/v1/shards": {
+                "get": _op("List shards with tenant counts (DSN passwords redacted)",
+                           _ok("shards", {"type": "array", "items": shard}), (400, 401, 503), security=_READ),
+                "post": _op("Register a shard (its DSN is connected to and prepared first)",
+                            _ok("registered", shard, 201), (400, 401, 403, 408, 409, 413, 503),
+                            security=_ADMIN, body=NewShard)},
+            "/v1/openapi.json": {"get": _op("This document", plain, (400,), security=[])},
+            "/healthz": {"get": _op("The process is up", plain, (400,), security=[])},
+            "/readyz": {"get": _op("Control plane reachable (and Redis, reported)", plain, (400, 503), security=[])},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {
+                "200": {"description": "text", "headers": dict(_RID), "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "400": _error(400), "500": _error(500)}}},
+        },
+    }
+
+
+DOCUMENT: dict[str, Any] = build()

@@ -1,13 +1,14 @@
 """The router service (aiohttp): resolve, tenants and shards over HTTP.
 
-Handlers are adapters: parse, call one directory/resolver function, render. Writes
-need the admin key (``Authorization: Bearer $TENANTFLEET_ADMIN_KEY``); with no admin
-key configured, writes are refused rather than open.
+Handlers are adapters: parse, call one directory/resolver function, render. Every
+``/v1`` route but the OpenAPI document needs a key (``Authorization: Bearer <key>``):
+reads the read key (``TENANTFLEET_READ_KEY``) or the admin key, writes the admin key
+(``TENANTFLEET_ADMIN_KEY``). With no key configured nothing is open: 401. /healthz,
+/readyz, /metrics and /v1/openapi.json are open.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from contextlib import AsyncExitStack
 from typing import Any, Awaitable, Callable, Protocol
@@ -17,10 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from router.client import ResolveClient
 from router.directory import normalise_query
-from router.errors import Unauthorized, ValidationFailed
-from router.http import Handler, envelope_middleware, json_response, read_json_object
-from router.models import TenantRecord, parse_tenant_id
-from router.openapi import DOCUMENT
+from router.errors import ValidationFailed
+from router.http import (
+    BODY_TIMEOUT, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
+    read_json_object, require_service_key,
+)
+from router.keys import TENANT_STATES
+from router.models import NewShard, NewTenant, TenantRecord, check_shard_id, parse_tenant_id
+from router.openapi import DOCUMENT, MAX_LIST_LIMIT, MAX_OFFSET
 from router.runtime import RouterRuntime, open_runtime
 from router.settings import Settings
 
@@ -39,83 +44,82 @@ HTTP_LATENCY = web.AppKey("http_latency", Histogram)
 
 
 def _require_admin(request: web.Request) -> None:
-    key = request.app[RUNTIME].settings.admin_key
-    if not key:
-        raise Unauthorized("writes need an admin key: set TENANTFLEET_ADMIN_KEY on the router")
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:] if auth.startswith("Bearer ") else ""
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise Unauthorized("missing or wrong admin key")
+    """The admin key: 401 UNAUTHORIZED without a known key, 403 FORBIDDEN for the read key."""
+    s = request.app[RUNTIME].settings
+    require_service_key(request, admin_key=s.admin_key, read_key=s.read_key, write=True)
 
 
-def _int_param(request: web.Request, name: str, default: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValidationFailed(f"{name} must be an integer", field=name) from exc
+def _require_reader(request: web.Request) -> None:
+    """The read key or the admin key: 401 UNAUTHORIZED otherwise."""
+    s = request.app[RUNTIME].settings
+    require_service_key(request, admin_key=s.admin_key, read_key=s.read_key, write=False)
+
+
+def _known_params(request: web.Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise ValidationFailed(f"unknown query parameter {unknown[0]}", field=unknown[0])
 
 
 async def resolve(request: web.Request) -> web.Response:
+    _require_reader(request)
     q = request.query
-    unknown = set(q) - {"id", "code", "domain"}
-    if unknown:
-        raise ValidationFailed(f"unknown query parameter {sorted(unknown)[0]}", field=sorted(unknown)[0])
-    if any(len(q.getall(k)) > 1 for k in q):
-        raise ValidationFailed("each query parameter may be given once")
+    _known_params(request, {"id", "code", "domain"})
     kind, value = normalise_query(id=q.get("id"), code=q.get("code"), domain=q.get("domain"))
     rec = await request.app[RESOLVER].resolve(**{kind: value})
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def list_tenants(request: web.Request) -> web.Response:
+    _require_reader(request)
+    _known_params(request, {"shard", "state", "limit", "offset"})
+    shard, state = request.query.get("shard"), request.query.get("state")
+    if shard is not None:
+        check_shard_id(shard)
+    if state is not None and state not in TENANT_STATES:
+        raise ValidationFailed(f"state must be one of {', '.join(TENANT_STATES)}", field="state")
     d = request.app[RUNTIME].directory
-    recs = await d.list_tenants(shard_id=request.query.get("shard"), state=request.query.get("state"),
-                                limit=_int_param(request, "limit", 100), offset=_int_param(request, "offset", 0))
-    return json_response([r.to_dict() for r in recs])
+    recs = await d.list_tenants(shard_id=shard, state=state, limit=int_param(request, "limit", 100, 1, MAX_LIST_LIMIT),
+                                offset=int_param(request, "offset", 0, 0, MAX_OFFSET))
+    return json_response([r.to_api() for r in recs])
 
 
 async def create_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
-    body = await read_json_object(request)
-    domains = body.get("domains", [])
-    shard = body.get("shard_id")
-    if shard is not None and not isinstance(shard, str):
-        raise ValidationFailed("shard_id must be a string", field="shard_id")
-    rec = await request.app[RUNTIME].directory.create_tenant(body.get("code"), domains, shard_id=shard)  # type: ignore[arg-type]
-    return json_response(rec.to_dict(), status=201)
+    body = parse_body(NewTenant, await read_json_object(request))
+    rec = await request.app[RUNTIME].directory.create_tenant(body.code, body.domains, shard_id=body.shard_id)
+    return json_response(rec.to_api(), status=201)
 
 
 async def get_tenant(request: web.Request) -> web.Response:
+    _require_reader(request)
     tid = parse_tenant_id(request.match_info["id"])
-    return json_response((await request.app[RESOLVER].resolve(id=tid)).to_dict())
+    return json_response((await request.app[RESOLVER].resolve(id=tid)).to_api())
 
 
 async def suspend_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
     rec = await request.app[RUNTIME].directory.suspend(request.match_info["id"])
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def resume_tenant(request: web.Request) -> web.Response:
     _require_admin(request)
     rec = await request.app[RUNTIME].directory.resume(request.match_info["id"])
-    return json_response(rec.to_dict())
+    return json_response(rec.to_api())
 
 
 async def list_shards(request: web.Request) -> web.Response:
-    return json_response([s.to_dict() for s in await request.app[RUNTIME].directory.list_shards()])
+    _require_reader(request)
+    return json_response([s.to_api() for s in await request.app[RUNTIME].directory.list_shards()])
 
 
 async def add_shard(request: web.Request) -> web.Response:
     _require_admin(request)
-    body = await read_json_object(request)
-    rec = await request.app[RUNTIME].directory.add_shard(
-        body.get("shard_id"), body.get("dsn"),  # type: ignore[arg-type]
-        capacity=body.get("capacity", 1000), weight=body.get("weight", 100))
-    return json_response(rec.to_dict(), status=201)
+    body = parse_body(NewShard, await read_json_object(request))
+    rec = await request.app[RUNTIME].directory.add_shard(body.shard_id, body.dsn, capacity=body.capacity,
+                                                         weight=body.weight)
+    return json_response(rec.to_api(), status=201)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -159,7 +163,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 def build_app(runtime: RouterRuntime, resolver: Resolver, registry: CollectorRegistry) -> web.Application:
     """The router service over an already-open runtime and resolver (the caller owns both)."""
     app = web.Application(middlewares=[metrics_middleware, envelope_middleware],
-                          client_max_size=runtime.settings.max_body_bytes)
+                          client_max_size=runtime.settings.max_body_bytes,
+                          handler_args=http_settings(runtime.settings.http_timeout_s))
+    app[BODY_TIMEOUT] = runtime.settings.http_timeout_s
     app[RUNTIME] = runtime
     app[RESOLVER] = resolver
     app[REGISTRY] = registry

@@ -33,7 +33,15 @@ class Settings(BaseModel):
     bind_host: str = "127.0.0.1"
     router_port: int = Field(8300, ge=0, le=65535)
     host_port: int = Field(8400, ge=0, le=65535)
+    # Bearer keys of the router service: the admin key may do anything (and the host's
+    # /admin API); the read key may only read (resolve, list and get tenants and shards),
+    # for the services that resolve tenants. Unset, the embedded fleet generates each into
+    # <fleet_dir> (0600); with neither set nothing but health, metrics and OpenAPI is open.
     admin_key: str = ""
+    read_key: str = ""
+    # An idle connection, a request header that never completes, or a body that doesn't
+    # arrive is cut after this many seconds (408 REQUEST_TIMEOUT for a body).
+    http_timeout_s: float = Field(15.0, gt=0, le=3600)
 
     # pools
     control_pool_min: int = Field(1, ge=0)

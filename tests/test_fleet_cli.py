@@ -38,7 +38,11 @@ def tf(fleet_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Path) -> None:
     up = tf(fleet_dir, "up", "--no-serve", "--shards", "2")
     assert up.returncode == 0, up.stderr
-    assert "curl -s 'http://127.0.0.1:8300/v1/tenants/resolve?code=acme'" in up.stdout
+    admin_key, read_key = ((fleet_dir / name).read_text().strip() for name in ("admin.key", "read.key"))
+    assert admin_key and read_key and admin_key != read_key
+    assert all((fleet_dir / name).stat().st_mode & 0o777 == 0o600 for name in ("admin.key", "read.key"))
+    assert (f"curl -s 'http://127.0.0.1:8300/v1/tenants/resolve?code=acme' -H 'Authorization: Bearer {read_key}'"
+            in up.stdout)
     listed = tf(fleet_dir, "--json", "tenants", "list")
     assert listed.returncode == 0, listed.stderr
     codes = {t["code"] for t in orjson.loads(listed.stdout)}
@@ -48,7 +52,7 @@ def test_up_prepares_demo_tenants_and_cli_commands_use_that_fleet(fleet_dir: Pat
     table = tf(fleet_dir, "shards", "list")
     assert table.returncode == 0 and "Shard" in table.stdout and "shard_id" not in table.stdout
     shards = orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)
-    assert [s["shard_id"] for s in shards] == ["shard1", "shard2"]
+    assert [s["shardId"] for s in shards] == ["shard1", "shard2"]
     keys = orjson.loads((fleet_dir / "demo-keys.json").read_bytes())
     assert set(keys) == {"acme", "globex"} and keys["acme"] in up.stdout
     again = tf(fleet_dir, "up", "--no-serve")  # idempotent: same fleet, same tenants, same keys

@@ -105,9 +105,9 @@ async def test_manifest_lists_enabled_plugins_filtered_by_the_callers_permission
     inv = body["plugins"][0]
     assert [m["id"] for m in inv["menu"]] == ["inventory"]
     assert [w["id"] for w in inv["widgets"]] == ["inventory-low-stock"]
+    await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
     created = await host.admin("POST", "/admin/principals",
                                {"tenant": rec.code, "name": "mgr", "roles": ["INVENTORY_MANAGER"]})
-    await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
     async with host.http.get("/api/manifest", headers=auth(created["apiKey"], rec.code)) as r:
         inv = (await r.json())["plugins"][0]
     assert [m["id"] for m in inv["menu"]] == ["inventory", "inventory-reconcile"]
@@ -147,7 +147,8 @@ async def test_bad_input_gets_the_envelope_never_a_500(fleet: Fleet, host: Host)
          "PAYLOAD_TOO_LARGE"),
         ("GET", "/api/plugins/inventory/items", {**h, "X-Big": "x" * 20000}, None, 400, "VALIDATION_FAILED"),
         ("GET", "/admin/plugins", {}, None, 401, "UNAUTHORIZED"),
-        ("GET", "/admin/plugins", {"Authorization": "Bearer nope"}, None, 403, "FORBIDDEN"),
+        ("GET", "/admin/plugins", {"Authorization": "Bearer nope"}, None, 401, "UNAUTHORIZED"),
+        ("GET", "/admin/plugins", {"Authorization": f"Bearer {key}"}, None, 403, "FORBIDDEN"),
     ]
     for method, path, headers, data, status, code in cases:
         async with host.http.request(method, path, headers=headers, data=data) as r:
@@ -261,14 +262,14 @@ async def test_a_principal_read_in_flight_when_the_cache_is_cleared_is_not_cache
     c = code()
     rec = await fleet.directory.create_tenant(c, [f"{c}.example.com"])
     rbac = RbacService(fleet.control)
-    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.view"])
+    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.view"], namespaces={"inventory"})
     key = (await rbac.create_principal(tenant_id=rec.tenant_id, name="clerk", roles=["CLERK"]))["apiKey"]
     authn = Authenticator(fleet.control)
     reading = asyncio.create_task(authn.principal(key))
     await asyncio.sleep(0)  # the read is now waiting on PostgreSQL
     authn.clear()  # a change was announced meanwhile: what the read saw may be stale
     assert (await reading).permissions == {"inventory.view"}
-    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.manage"])
+    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.manage"], namespaces={"inventory"})
     assert (await authn.principal(key)).permissions == {"inventory.manage"}
 
 

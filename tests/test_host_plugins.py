@@ -225,17 +225,18 @@ async def test_role_templates_are_diffed_and_applied_only_when_asked(fleet: Flee
     async with running_host(host_settings(fleet)) as host:
         rec, key = await tenant_with_key(fleet, host, roles=())
         await host.admin("PUT", f"/admin/tenants/{rec.code}/roles/INVENTORY_MANAGER",
-                         {"displayName": "Mgr", "permissions": ["inventory.view", "custom.thing"]})
+                         {"displayName": "Mgr", "permissions": ["inventory.view", "restock.custom_thing"]})
         await host.admin("POST", f"/admin/tenants/{rec.code}/plugins/inventory/enable")  # an upgrade/enable
         roles = await fleet.control.fetchval(
             "SELECT permissions FROM roles WHERE tenant_id = $1::uuid AND role_key = 'INVENTORY_MANAGER'", rec.tenant_id)
-        assert sorted(roles) == ["custom.thing", "inventory.view"]  # untouched
+        assert sorted(roles) == ["inventory.view", "restock.custom_thing"]  # untouched
         diff = await host.admin("GET", f"/admin/tenants/{rec.code}/plugins/inventory/role-diff")
         mgr = next(d for d in diff if d["roleKey"] == "INVENTORY_MANAGER")
-        assert mgr["add"] == ["inventory.manage", "inventory.reconcile"] and mgr["tenantOnly"] == ["custom.thing"]
+        assert mgr["add"] == ["inventory.manage", "inventory.reconcile"] and mgr["tenantOnly"] == ["restock.custom_thing"]
         applied = await host.admin(
             "POST", f"/admin/tenants/{rec.code}/plugins/inventory/role-templates/INVENTORY_MANAGER/apply")
-        assert applied["permissions"] == ["custom.thing", "inventory.manage", "inventory.reconcile", "inventory.view"]
+        assert applied["permissions"] == ["inventory.manage", "inventory.reconcile", "inventory.view",
+                                          "restock.custom_thing"]
         config = await host.admin("PUT", f"/admin/tenants/{rec.code}/plugins/inventory/config", {"threshold": 3})
         assert config == {"threshold": 3}
         assert await host.admin("GET", f"/admin/tenants/{rec.code}/plugins/inventory/config") == {"threshold": 3}
@@ -331,7 +332,7 @@ async def test_a_role_change_on_one_host_reaches_another_hosts_cached_principal_
         rec, key = await tenant_with_key(fleet, h1)
         assert await _ok(h2, key, rec.code)  # h2 now holds the principal in its header-keyed cache
         await h1.admin("PUT", f"/admin/tenants/{rec.code}/roles/INVENTORY_MANAGER",
-                       {"displayName": "Mgr", "permissions": ["custom.thing"]})
+                       {"displayName": "Mgr", "permissions": ["restock.custom_thing"]})
         started = time.monotonic()
 
         async def h2_forbids() -> bool:

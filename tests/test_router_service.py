@@ -15,11 +15,13 @@ from router.service import open_service
 from tests.fleetkit import Fleet
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
+READ = {"Authorization": "Bearer test-read-key"}
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def router_url(fleet: Fleet) -> AsyncIterator[str]:
-    settings = fleet.settings.model_copy(update={"admin_key": "test-admin-key"})
+    settings = fleet.settings.model_copy(update={"admin_key": "test-admin-key", "read_key": "test-read-key",
+                                                  "http_timeout_s": 1.0})
     async with AsyncExitStack() as stack:
         app = await open_service(settings, stack)
         runner = web.AppRunner(app, access_log=None)
@@ -46,16 +48,16 @@ async def test_created_tenant_resolves_by_code_domain_and_id(router_url: str, ht
                          headers=ADMIN) as r:
         assert r.status == 201
         created = await r.json()
-    for q in (f"code={c}", f"domain={c}.example.com", f"id={created['tenant_id']}"):
-        async with http.get(f"{router_url}/v1/tenants/resolve?{q}") as r:
+    for q in (f"code={c}", f"domain={c}.example.com", f"id={created['tenantId']}"):
+        async with http.get(f"{router_url}/v1/tenants/resolve?{q}", headers=READ) as r:
             assert r.status == 200
             assert await r.json() == created
-    async with http.get(f"{router_url}/v1/tenants/{created['tenant_id']}") as r:
-        assert (await r.json())["schema"] == created["schema"]
+    async with http.get(f"{router_url}/v1/tenants/{created['tenantId']}", headers=READ) as r:
+        assert (await r.json())["schemaName"] == created["schemaName"]
 
 
 async def test_unknown_tenant_is_404_in_the_envelope(router_url: str, http: aiohttp.ClientSession) -> None:
-    async with http.get(f"{router_url}/v1/tenants/resolve?code=nobody-here") as r:
+    async with http.get(f"{router_url}/v1/tenants/resolve?code=nobody-here", headers=READ) as r:
         assert r.status == 404
         body = await r.json()
     assert body["error"]["code"] == "TENANT_NOT_FOUND"
@@ -67,7 +69,7 @@ async def test_unknown_tenant_is_404_in_the_envelope(router_url: str, http: aioh
                                    "code=x&code=y", "nope=1", "domain=" + "a" * 300])
 async def test_malformed_resolve_queries_are_400_never_500(router_url: str, http: aiohttp.ClientSession,
                                                            query: str) -> None:
-    async with http.get(f"{router_url}/v1/tenants/resolve?{query}") as r:
+    async with http.get(f"{router_url}/v1/tenants/resolve?{query}", headers=READ) as r:
         assert r.status == 400
         assert (await r.json())["error"]["code"] == "VALIDATION_FAILED"
 
@@ -88,7 +90,8 @@ async def test_injection_code_is_refused_and_changes_nothing(router_url: str, ht
     (b"[1, 2]", 400, "VALIDATION_FAILED"),
     (b'{"code": 7}', 400, "VALIDATION_FAILED"),
     (b'{"code": "ok-code", "domains": "one.example.com"}', 400, "VALIDATION_FAILED"),
-    (b'{"code": "ok-code", "shard_id": 3}', 400, "VALIDATION_FAILED"),
+    (b'{"code": "ok-code", "shardId": 3}', 400, "VALIDATION_FAILED"),
+    (b'{"code": "ok-code", "domains": ["a.example.com"], "extra": 1}', 400, "VALIDATION_FAILED"),
 ])
 async def test_bad_create_bodies_are_400(router_url: str, http: aiohttp.ClientSession,
                                          body: bytes, status: int, err: str) -> None:
@@ -120,23 +123,23 @@ async def test_duplicate_code_is_409(router_url: str, http: aiohttp.ClientSessio
 
 
 async def test_shards_list_counts_tenants_and_hides_passwords(router_url: str, http: aiohttp.ClientSession) -> None:
-    async with http.get(f"{router_url}/v1/shards") as r:
+    async with http.get(f"{router_url}/v1/shards", headers=READ) as r:
         shards = await r.json()
-    assert [s["shard_id"] for s in shards] == ["shard1", "shard2", "shard3"]
+    assert [s["shardId"] for s in shards] == ["shard1", "shard2", "shard3"]
     assert all(s["state"] == "active" and isinstance(s["tenants"], int) for s in shards)
 
 
-async def test_unreachable_shard_registration_is_502_and_not_registered(router_url: str,
+async def test_unreachable_shard_registration_is_503_and_not_registered(router_url: str,
                                                                         http: aiohttp.ClientSession) -> None:
     from host.fleet.embedded import free_port
     dsn = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres"
-    async with http.post(f"{router_url}/v1/shards", json={"shard_id": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
-        assert r.status == 502
+    async with http.post(f"{router_url}/v1/shards", json={"shardId": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "5"
         body = await r.json()
     assert body["error"]["code"] == "SHARD_UNREACHABLE"
     assert "secret" not in str(body)
-    async with http.get(f"{router_url}/v1/shards") as r:
-        assert "ghost2" not in {s["shard_id"] for s in await r.json()}
+    async with http.get(f"{router_url}/v1/shards", headers=READ) as r:
+        assert "ghost2" not in {s["shardId"] for s in await r.json()}
 
 
 async def test_health_ready_metrics_and_openapi(router_url: str, http: aiohttp.ClientSession) -> None:
@@ -144,7 +147,7 @@ async def test_health_ready_metrics_and_openapi(router_url: str, http: aiohttp.C
         assert r.status == 200
     async with http.get(f"{router_url}/readyz") as r:
         assert r.status == 200 and (await r.json())["checks"]["control"] == "ok"
-    async with http.get(f"{router_url}/v1/tenants/{uuid.uuid4()}") as r:
+    async with http.get(f"{router_url}/v1/tenants/{uuid.uuid4()}", headers=READ) as r:
         assert r.status == 404
     async with http.get(f"{router_url}/metrics") as r:
         text = await r.text()
@@ -166,3 +169,21 @@ async def test_wrong_method_is_an_enveloped_405_naming_the_allowed_ones(router_u
         assert r.status == 405
         body = await r.json()
     assert body["error"]["code"] == "METHOD_NOT_ALLOWED" and "GET" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body,old,new", [
+    ("/v1/tenants", {"code": "snake-case", "shard_id": "shard1"}, "shard_id", "shardId"),
+    ("/v1/shards", {"shard_id": "s9", "dsn": "postgresql://x@127.0.0.1:1/x"}, "shard_id", "shardId"),
+])
+async def test_json_fields_are_camel_case_and_the_old_snake_case_name_is_refused_naming_the_new_one(
+        router_url: str, http: aiohttp.ClientSession, path: str, body: dict[str, str], old: str, new: str) -> None:
+    async with http.post(f"{router_url}{path}", json=body, headers=ADMIN) as r:
+        err = (await r.json())["error"]
+    assert r.status == 400 and err["code"] == "VALIDATION_FAILED" and err["field"] == old and new in err["message"]
+    c = code()
+    async with http.post(f"{router_url}/v1/tenants", json={"code": c, "shardId": "shard2"}, headers=ADMIN) as r:
+        created = await r.json()
+    assert r.status == 201 and set(created) == {"tenantId", "code", "schemaName", "shardId", "state", "epoch", "domains"}
+    assert created["shardId"] == "shard2"
+    async with http.get(f"{router_url}/v1/shards", headers=READ) as r:
+        assert set((await r.json())[0]) == {"shardId", "dsn", "state", "capacity", "weight", "tenants"}

@@ -10,6 +10,7 @@ from host.cli.base import CliState, cli, pass_state, stop_on_signals
 from host.fleet.demo import (
     DemoInfo,
     admin_key_for,
+    read_key_for,
     ensure_demo_tenants,
     ensure_shards,
     load_demo_keys,
@@ -47,7 +48,8 @@ async def _prepare(settings: Settings) -> DemoInfo:
     shard_dsns = {f"shard{i}": dsn for i, dsn in enumerate(settings.shard_dsn_list, start=1)}
     async with open_runtime(settings) as rt:
         await ensure_shards(rt, shard_dsns)
-        demo = DemoInfo(admin_key=settings.admin_key, tenants=await ensure_demo_tenants(rt))
+        demo = DemoInfo(admin_key=settings.admin_key, read_key=settings.read_key,
+                        tenants=await ensure_demo_tenants(rt))
     keys = load_demo_keys(settings.fleet_dir)
     missing = [t for t in demo.tenants if t.code not in keys]
     if missing:  # enable the plugins (applying their migrations), roles, one API key each
@@ -66,6 +68,7 @@ def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port
         f"\nrouter  {base}   (OpenAPI: {base}/v1/openapi.json, metrics: {base}/metrics)",
         f"host    {host}   (metrics: {host}/metrics)",
         f"admin key: {demo.admin_key}  (kept in {settings.fleet_dir}/admin.key)",
+        f"read key:  {demo.read_key}  (the router's reads; kept in {settings.fleet_dir}/read.key)",
         f"API keys: acme {acme}, globex {globex}  (kept in {settings.fleet_dir}/demo-keys.json)",
         "",
         "try:",
@@ -74,11 +77,11 @@ def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port
         f" -H 'Authorization: Bearer {globex}' -d '{{\"sku\": \"bolt-1\", \"name\": \"Bolt\", \"qty\": 5}}'",
         f"  curl -s {host}/api/plugins/inventory/items -H 'X-Tenant: globex' -H 'Authorization: Bearer {globex}'",
         f"  curl -s {host}/api/manifest -H 'X-Tenant: acme' -H 'Authorization: Bearer {acme}'",
-        f"  curl -s '{base}/v1/tenants/resolve?code=acme'",
-        f"  curl -s '{base}/v1/tenants/resolve?domain=globex.example.com'",
+        f"  curl -s '{base}/v1/tenants/resolve?code=acme' -H 'Authorization: Bearer {demo.read_key}'",
+        f"  curl -s '{base}/v1/tenants/resolve?domain=globex.example.com' -H 'Authorization: Bearer {demo.read_key}'",
         f"  curl -s -X POST {base}/v1/tenants -H 'Authorization: Bearer {demo.admin_key}'"
         " -d '{\"code\": \"initech\", \"domains\": [\"initech.example.com\"]}'",
-        f"  curl -s {base}/v1/shards",
+        f"  curl -s {base}/v1/shards -H 'Authorization: Bearer {demo.read_key}'",
         "  .venv/bin/tenantfleet tenants list",
     ]
     click.echo("\n".join(lines))
@@ -100,7 +103,8 @@ def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
     shard1..N. Then ensures demo tenants, prints what runs where, and serves.
     """
     settings = state.settings if state.settings.is_external else _start_embedded(state, shards, reset)
-    settings = settings.model_copy(update={"admin_key": admin_key_for(settings.fleet_dir, settings.admin_key)})
+    settings = settings.model_copy(update={"admin_key": admin_key_for(settings.fleet_dir, settings.admin_key),
+                                           "read_key": read_key_for(settings.fleet_dir, settings.read_key)})
     demo = asyncio.run(_prepare(settings))
     if not serve:
         _print_tour(state, settings, demo, settings.router_port, settings.host_port)

@@ -1,15 +1,14 @@
-"""The demo data `tenantfleet up` ensures: shards registered, two tenants, an admin key."""
+"""The demo data `tenantfleet up` ensures: shards registered, two tenants, the admin and read keys."""
 from __future__ import annotations
 
 import json
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.errors import TenantNotFound
 from router.models import TenantRecord
 from router.pools import redact
-from router.runtime import RouterRuntime
+from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, RouterRuntime, fleet_key
 
 DEMO_TENANTS = (("acme", "acme.example.com"), ("globex", "globex.example.com"))
 
@@ -17,22 +16,20 @@ DEMO_TENANTS = (("acme", "acme.example.com"), ("globex", "globex.example.com"))
 @dataclass
 class DemoInfo:
     admin_key: str
+    read_key: str
     tenants: list[TenantRecord] = field(default_factory=list)
     api_keys: dict[str, str] = field(default_factory=dict)   # tenant code -> bearer key
 
 
 def admin_key_for(fleet_dir: Path, configured: str) -> str:
     """The configured admin key, else one generated once and kept in <fleet_dir>/admin.key (0600)."""
-    if configured:
-        return configured
-    path = fleet_dir / "admin.key"
-    if path.exists():
-        return path.read_text().strip()
-    fleet_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(key + "\n")
-    return key
+    return fleet_key(fleet_dir, ADMIN_KEY_FILE, configured, create=True)
+
+
+def read_key_for(fleet_dir: Path, configured: str) -> str:
+    """The configured read key (the router's reads), else one generated once and kept in
+    <fleet_dir>/read.key (0600)."""
+    return fleet_key(fleet_dir, READ_KEY_FILE, configured, create=True)
 
 
 def load_demo_keys(fleet_dir: Path) -> dict[str, str]:

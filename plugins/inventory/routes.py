@@ -5,6 +5,7 @@ for tenants whose installed version has it (``ctx.caller(request).plugin_version
 """
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -14,6 +15,9 @@ from plugins.api import Db, PluginContext, ValidationFailed, NotFound, json_body
 
 LOCATION_SINCE = (1, 1, 0)
 MAX_LIMIT = 500
+# Numbers in the query and path: canonical ASCII decimal only (int() would also take
+# ' 5', '05', '1_0' and '١', and a 40-digit offset that PostgreSQL's bigint refuses).
+_UINT = re.compile(r"0|[1-9][0-9]{0,17}")
 
 
 @lru_cache(maxsize=64)
@@ -26,20 +30,19 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationFailed(f"{name} must be an integer", field=name) from None
+    if not _UINT.fullmatch(raw):
+        raise ValidationFailed(f"{name} must be a whole number written in plain digits (like 10)", field=name)
+    value = int(raw)
     if not lo <= value <= hi:
         raise ValidationFailed(f"{name} must be between {lo} and {hi}", field=name)
     return value
 
 
 def _item_id(request: web.Request) -> int:
-    try:
-        value = int(request.match_info["id"])
-    except ValueError:
-        raise ValidationFailed("item id must be an integer", field="id") from None
+    raw = request.match_info["id"]
+    if not _UINT.fullmatch(raw):
+        raise ValidationFailed("item id must be a whole number written in plain digits", field="id")
+    value = int(raw)
     if not 1 <= value < 2**63:
         raise ValidationFailed("item id out of range", field="id")
     return value
