@@ -170,8 +170,9 @@ class EventBus:
         most `EVENTS_IN_FLIGHT` at once; reconnects with backoff while Redis is away."""
         delay = RETRY_S
         while True:
-            await self._slots.acquire()
+            await self._slots.acquire()  # a free slot first: what we pop, we run at once
             handed_off = False
+            lost: BaseException | None = None
             try:
                 popped = await self._queue_redis.brpop([self._queue], timeout=EVENTS_POP_S)
                 self.ready.set()
@@ -182,15 +183,18 @@ class EventBus:
                     self.tasks.spawn(self._handle_then_release(ev), name=f"event:{ev.name}")
                     handed_off = True
             except (ValueError, KeyError, TypeError) as exc:
+                # not an event of ours; a real one lost this way is still in its outbox
                 log.warning("malformed event on %s dropped (%r)", self._queue, exc)
             except REDIS_ERRORS as exc:
-                self.ready.clear()
-                log.warning("event queue unavailable (%s); retrying in %.1fs", exc.__class__.__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                lost = exc
             finally:
                 if not handed_off:
                     self._slots.release()
+            if lost is not None:
+                self.ready.clear()
+                log.warning("event queue unavailable (%s); retrying in %.1fs", lost.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     async def _handle_then_release(self, ev: OutboxEvent) -> None:
         try:
