@@ -31,6 +31,7 @@ EventHandler = Callable[[Event], Awaitable[None]]
 ShardOf = Callable[[str], Awaitable[str]]
 RETRY_S = 0.2
 RETRY_MAX_S = 5.0
+TASKS_STOP_S = 5.0     # how long `TaskOwner.close` waits for cancelled tasks to end
 REDIS_BREAKER_S = 1.0  # after Redis refused a batch, deliver here without asking it again for this long
 # What a failing Redis call raises: the client's own errors, a socket error, or a timeout.
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -59,12 +60,20 @@ class TaskOwner:
             # an owned loop died of a bug: say so now rather than at garbage collection
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
-    async def close(self) -> None:
+    async def close(self, wait_s: float = TASKS_STOP_S) -> None:
+        """Cancel every task and wait for them, at most ``wait_s``: a task stuck in its
+        cancellation (redis-py's pub/sub read can be, after a reconnect) is logged and left
+        behind rather than holding up the shutdown of Redis and the pools."""
         self._closed = True
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=wait_s)
+        for t in stuck:
+            log.error("background task %s did not stop within %.0f s of its cancellation; shutting down without it",
+                      t.get_name(), wait_s)
 
 
 class EventBus:
