@@ -6,9 +6,10 @@
 
 Lifespan (``cleanup_ctx``): `open_host_runtime` opens control pool, shard pools,
 directory, resolve client, Redis, registry and the owned background tasks (pub/sub,
-cron). Shutdown order: the runner stops the listener, drains in-flight requests for up
-to `DRAIN_TIMEOUT_S`, then the lifespan cancels the owned tasks and closes Redis, the
-resolve client and the pools, in that order.
+cron, event queue consumer, outbox relay). Shutdown order: the runner stops the
+listener, drains in-flight requests for up to `DRAIN_TIMEOUT_S`, then the lifespan
+cancels the owned tasks (events being handled stay in the outbox for the next relay)
+and closes Redis, the resolve client and the pools, in that order.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from host import admin
 from host.context import PLUGIN_HOST, PluginHost
-from host.keys import DRAIN_TIMEOUT_S, PARSER_MAX_FIELD
+from host.keys import DRAIN_TIMEOUT_S, PARSER_MAX_FIELD, READYZ_REDIS_TIMEOUT_S
 from host.loader import load_plugins, mount
 from host.manifest import manifest
 from host.metrics import METRICS, HostMetrics
@@ -30,6 +31,7 @@ from host.middleware import envelope_middleware
 from host.openapi import openapi_view
 from host.runtime import RUNTIME, HostRuntime, open_host_runtime
 from router.http import BODY_TIMEOUT, http_settings, json_response
+from router.models import ShardRecord
 from router.settings import Settings
 from shard_migrations.packages import Discovery, discover
 
@@ -55,12 +57,15 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app[METRICS] = metrics if metrics is not None else HostMetrics()
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        async with open_host_runtime(settings, found, app[METRICS], cron_jobs=host.cron_jobs()) as rt:
+        async with open_host_runtime(settings, found, app[METRICS], cron_jobs=host.cron_jobs(),
+                                     event_handlers=host.event_handlers()) as rt:
             app[RUNTIME] = rt
             host.attach(rt)
+            rt.start_delivery()  # after attach: handlers reach the runtime through their contexts
             try:
                 yield
             finally:
+                await rt.tasks.close()  # no handler may run on a detached context
                 host.attach(None)
 
     app.cleanup_ctx.append(lifespan)
@@ -80,25 +85,43 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Control plane and every registered shard answer ``SELECT 1``; 503 naming what doesn't."""
+    """Control plane and every registered shard answer ``SELECT 1``, Redis answers ``PING``
+    (each asked now, with a short timeout).
+
+    503 ``unready`` naming what doesn't answer, if the control plane or a shard doesn't.
+    Redis down is ``200 degraded``: this host still serves every request correctly
+    without it (events go from the outbox to the handlers here; changes reach other hosts
+    by the cache TTLs), so taking every host out of rotation for it would turn a Redis
+    outage into a full one; cron ticks are skipped meanwhile. ``checks.redis`` says why.
+    """
     rt = request.app[RUNTIME]
     checks: dict[str, str] = {}
 
-    try:
-        await asyncio.wait_for(rt.control.fetchval("SELECT 1"), 2.0)
+    async def control() -> list[ShardRecord]:
+        await rt.control.fetchval("SELECT 1")
+        return await rt.directory.list_shards()
+
+    async def redis_ping() -> None:
+        await rt.redis.ping()
+
+    # control plane and Redis at once; then every shard at once: one unreachable server
+    # costs its timeout once, not once per check
+    found, pong = await asyncio.gather(asyncio.wait_for(control(), 2.0),
+                                       asyncio.wait_for(redis_ping(), READYZ_REDIS_TIMEOUT_S), return_exceptions=True)
+    shards: list[ShardRecord] = []
+    if isinstance(found, BaseException):  # any failure is the answer here, reported by class
+        checks["control"] = found.__class__.__name__
+    else:
         checks["control"] = "ok"
-        shards = await rt.directory.list_shards()
-    except Exception as exc:  # any failure is the answer here, reported by class
-        checks["control"] = exc.__class__.__name__
-        shards = []
-    # every shard at once: one unreachable shard costs its 2 s once, not once per shard
+        shards = found
     results = await asyncio.gather(*(asyncio.wait_for(_select_one(rt, s.shard_id), 2.0) for s in shards),
                                    return_exceptions=True)
     for shard, result in zip(shards, results):  # reported per shard, not raised
         checks[f"shard:{shard.shard_id}"] = "ok" if result is None else result.__class__.__name__
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ready" if ready else "unready", "checks": checks},
-                             status=200 if ready else 503)
+    checks["redis"] = "ok" if pong is None else pong.__class__.__name__
+    status = "unready" if not ready else "ready" if checks["redis"] == "ok" else "degraded"
+    return json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
 
 async def _select_one(rt: HostRuntime, shard_id: str) -> None:

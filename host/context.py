@@ -6,13 +6,16 @@ calling runtime-backed methods before startup raises RuntimeError.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Mapping, Sequence, TypeVar
 
 from aiohttp import web
 
 from host import rbac
+from host import outbox
 from host.cron import Job, parse_spec
 from host.keys import REQ_CALLER
 from host.runtime import HostRuntime
@@ -45,10 +48,10 @@ class PluginHost:
 
     def attach(self, runtime: HostRuntime | None) -> None:
         self._runtime = runtime
-        if runtime is not None:
-            for ctx in self.contexts.values():
-                for name, handler in ctx.event_handlers:
-                    runtime.events.on(ctx.plugin_id, name, handler)
+
+    def event_handlers(self) -> list[tuple[str, str, Callable[[Event], Awaitable[None]]]]:
+        """(plugin id, event name, handler) of every loaded plugin, for `open_host_runtime`."""
+        return [(ctx.plugin_id, name, handler) for ctx in self.contexts.values() for name, handler in ctx.event_handlers]
 
     def cron_jobs(self) -> list[Job]:
         return [job for ctx in self.contexts.values() for job in ctx.jobs]
@@ -103,6 +106,18 @@ class _Config:
         return default if tp is None else tp.config.get(key, default)
 
 
+@dataclass
+class _TxScope:
+    """The `with_tenant_tx` transaction a plugin's code runs in: its handle, its tenant,
+    and the events written in it so far (handed to delivery once it commits)."""
+    db: Db
+    tenant_id: str
+    events: list[tuple[str, str, str, Mapping[str, Any]]] = field(default_factory=list)
+
+
+_TX_SCOPE: contextvars.ContextVar[_TxScope | None] = contextvars.ContextVar("tenantfleet_tx_scope", default=None)
+
+
 class _Events:
     def __init__(self, ctx: "HostPluginContext") -> None:
         self._ctx = ctx
@@ -110,8 +125,14 @@ class _Events:
     def on(self, name: str, handler: Callable[[Event], Awaitable[None]]) -> None:
         self._ctx.event_handlers.append((name, handler))
 
-    async def emit(self, name: str, payload: Mapping[str, Any], *, tenant_id: str | None = None) -> None:
-        await self._ctx.host.runtime.events.emit(self._ctx.plugin_id, name, payload, tenant_id)
+    async def emit(self, name: str, payload: Mapping[str, Any], *, db: Db) -> str:
+        scope = _TX_SCOPE.get()
+        if scope is None or scope.db is not db:
+            raise RuntimeError("events.emit(..., db=db) takes the db of the with_tenant_tx it is called in")
+        body = outbox.encode_event(name, payload)  # VALIDATION_FAILED before anything is written
+        event_id = await outbox.write(db, scope.tenant_id, self._ctx.plugin_id, name, body)
+        scope.events.append((event_id, self._ctx.plugin_id, name, payload))
+        return event_id
 
 
 class _Cron:
@@ -150,7 +171,24 @@ class HostPluginContext:
         self.log = _Log(self.plugin_id)
 
     async def with_tenant_tx(self, tenant_id: str, fn: Callable[[Db], Awaitable[T]]) -> T:
-        return await self.host.runtime.tx.run(tenant_id, fn)
+        rt = self.host.runtime
+        scope: _TxScope | None = None
+
+        async def scoped(db: Db) -> T:
+            nonlocal scope
+            # The tenant the fence entered (tx.run resolves this id): what emit records,
+            # whatever text the plugin passed. A retried attempt starts with no events.
+            scope = _TxScope(db, str(uuid.UUID(tenant_id)))
+            token = _TX_SCOPE.set(scope)
+            try:
+                return await fn(db)
+            finally:
+                _TX_SCOPE.reset(token)
+
+        result = await rt.tx.run(tenant_id, scoped)
+        if scope is not None and scope.events:
+            rt.events.committed(scope.tenant_id, scope.events)  # never raises, never waits
+        return result
 
     async def resolve_tenant(self, *, domain: str | None = None, code: str | None = None) -> Tenant | None:
         try:

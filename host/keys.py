@@ -32,6 +32,29 @@ PARSER_MAX_FIELD: Final = 65536
 AUTH_CACHE_TTL_S: Final = 10.0
 REGISTRY_CACHE_TTL_S: Final = 30.0
 
+# Redis on the host: every command is bounded, and a failure is answered at once (one
+# immediate retry for a pooled socket the server closed), never by redis-py's default
+# retries with backoff (seconds). Announcements (registry/principal changes) are
+# best-effort within ANNOUNCE_TIMEOUT_S; the cache TTLs above are the backstop.
+REDIS_TIMEOUT_S: Final = 0.5
+ANNOUNCE_TIMEOUT_S: Final = 1.0
+READYZ_REDIS_TIMEOUT_S: Final = 1.0
+SUBSCRIBE_WAIT_S: Final = 2.0      # at start-up; past it the host starts without Redis and keeps retrying
+
+# Events (host/events.py, host/outbox.py). Delivery is at least once; see host/outbox.py.
+OUTBOX_LEASE_S: Final = 30.0           # the writer's (or a relay's claim's) hold on a row before it is retried
+OUTBOX_SWEEP_S: Final = 1.0            # how often each host's relay looks for due rows on every shard
+OUTBOX_BATCH: Final = 100              # rows claimed per statement
+OUTBOX_RETRY_INITIAL_S: Final = 1.0    # after a failed delivery: exponential with full jitter ...
+OUTBOX_RETRY_MAX_S: Final = 300.0      # ... capped here; never given up (retried until delivered)
+OUTBOX_SHARD_BACKOFF_MAX_S: Final = 30.0  # an unreachable shard's sweeps back off up to this
+OUTBOX_RETENTION_S: Final = 3600.0     # delivered rows are deleted after this
+OUTBOX_CLEANUP_EVERY_S: Final = 60.0
+OUTBOX_SHARDS_EVERY_S: Final = 10.0    # the relay re-reads the shard list this often
+EVENTS_IN_FLIGHT: Final = 32           # events whose handlers run at once on one host
+EVENTS_POP_S: Final = 1                # BRPOP timeout (whole seconds)
+MAX_EVENT_BYTES: Final = 65536         # an event's payload as JSON
+
 # Shutdown: how long in-flight requests get to finish after the listener closes.
 DRAIN_TIMEOUT_S: Final = 10.0
 
@@ -46,9 +69,9 @@ def registry_channel(ns: str) -> str:
     return f"{ns}:host:registry"
 
 
-def events_channel(ns: str) -> str:
-    """Pub/sub: plugin events (``events.emit``), delivered to handlers on every host."""
-    return f"{ns}:host:events"
+def events_queue_key(ns: str) -> str:
+    """List: outbox events handed to the fleet's hosts (LPUSH by the deliverer, BRPOP by one host)."""
+    return f"{ns}:host:events:queue"
 
 
 def cron_lock_key(ns: str, job: str, tick: int) -> str:

@@ -5,9 +5,10 @@ are 256 random bits, so a plain hash is as good as a slow one and costs microsec
 A principal belongs to one tenant (or none, for operators) and holds that tenant's
 roles by key; roles hold namespaced permissions (``inventory.view``). Authentication
 results are cached per host for `AUTH_CACHE_TTL_S` and dropped on every registry change
-heard over pub/sub, so a role change made through the admin API or the registry takes
-effect on every host within a pub/sub hop. A change that announces nothing (there is no
-key-revocation command yet: a principal row deleted in SQL) is seen within the TTL.
+heard over pub/sub, so a role change or a key revocation made through the admin API or
+the CLI takes effect on every host within a pub/sub hop. A change that announces nothing
+(Redis down, or a principal row deleted in SQL) is seen within the TTL; the host that
+revoked a key refuses it at once.
 """
 from __future__ import annotations
 
@@ -213,7 +214,8 @@ class RbacService:
 
     async def revoke_principal(self, principal_id: str) -> dict[str, Any]:
         """Delete a principal, and with it its key. Hosts that cached it refuse it once the
-        change is announced (`Registry.announce`; the admin API and the CLI do).
+        change is announced (`Registry.announce`, best-effort; the admin API and the CLI
+        do), and within `AUTH_CACHE_TTL_S` if the announcement can't go out.
 
         Raises VALIDATION_FAILED for a malformed id, NOT_FOUND for an unknown one.
         """

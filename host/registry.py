@@ -3,9 +3,11 @@
 Source of truth is the control plane (``sys_plugins``, ``sys_tenant_plugins``,
 ``sys_plugin_role_templates``, ``roles``). Each host keeps a copy for the request path:
 the global rows (all of them, small) and the tenant rows it has used (with a TTL).
-Every change made through this module is published on the registry channel; every
-host's listener (see `host.events.Subscriber`) then calls `Registry.invalidate`, so an
-enable, disable or kill-switch flip reaches all hosts within one pub/sub hop.
+Every change made through this module is written to the control plane first, then
+published on the registry channel; every host's listener (see `host.events.Subscriber`)
+then calls `Registry.invalidate`, so an enable, disable or kill-switch flip reaches all
+hosts within one pub/sub hop. With Redis down the change still succeeds and applies on
+the host that made it at once; other hosts see it within the cache TTL.
 
 Gate: a plugin serves a tenant when it is not killed (``TENANTFLEET_KILLED_PLUGINS`` or
 ``sys_plugins.killed``), enabled globally, and enabled for the tenant. Role templates
@@ -22,8 +24,9 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import asyncpg
 import orjson
+from redis.exceptions import RedisError
 
-from host.keys import REGISTRY_CACHE_TTL_S
+from host.keys import ANNOUNCE_TIMEOUT_S, AUTH_CACHE_TTL_S, REGISTRY_CACHE_TTL_S
 from router.errors import NotFound, PluginDisabled, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
@@ -110,10 +113,24 @@ class Registry:
         self._tenant.clear()
         await self.reload()
 
-    async def announce(self, what: str, plugin_id: str | None, tenant_id: str | None = None) -> None:
-        """Drop this host's cached copies, then tell every host (principal caches included)."""
+    async def announce(self, what: str, plugin_id: str | None, tenant_id: str | None = None) -> bool:
+        """Drop this host's cached copies, then tell every host (principal caches included).
+
+        Called after the change is committed, so it never fails the change: the message is
+        best-effort, bounded by `ANNOUNCE_TIMEOUT_S`. If Redis doesn't take it (down, slow),
+        other hosts see the change when their cached copies expire (`REGISTRY_CACHE_TTL_S`,
+        `AUTH_CACHE_TTL_S`). Returns whether the announcement went out.
+        """
         await self.invalidate()
-        await self.publish({"what": what, "pluginId": plugin_id, "tenantId": tenant_id})
+        try:
+            await asyncio.wait_for(self.publish({"what": what, "pluginId": plugin_id, "tenantId": tenant_id}),
+                                   ANNOUNCE_TIMEOUT_S)
+            return True
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("change to %s not announced (%s); other hosts see it within %.0f s (cache TTL)", what,
+                        exc.__class__.__name__, max(REGISTRY_CACHE_TTL_S, AUTH_CACHE_TTL_S),
+                        extra={"pluginId": plugin_id, "tenantId": tenant_id})
+            return False
 
     # --- the gate (request path) -----------------------------------------------------------
     def is_killed(self, plugin_id: str) -> bool:

@@ -1,39 +1,47 @@
 """The host's resources, opened and closed in one place.
 
 `open_host_runtime` is an `AsyncExitStack`: control pool, shard pools, directory,
-resolve client, Redis, registry, background tasks; on exit they close in reverse order
-(tasks are cancelled before Redis and the pools close), and a failing step doesn't stop
-the others from closing.
+resolve client, Redis, registry, background tasks (pub/sub listener, event queue
+consumer, outbox relay, cron); on exit they close in reverse order (tasks are cancelled
+before Redis and the pools close), and a failing step doesn't stop the others from closing.
+
+Redis is not needed to be correct: with it down the host starts (after
+`SUBSCRIBE_WAIT_S`) and serves; events go from the outbox to the handlers on this host,
+registry and principal changes reach other hosts by the cache TTLs, cron ticks are skipped.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Final, Mapping
+from typing import Any, AsyncIterator, Final, Mapping, Sequence
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from host.cron import Cron, Job
-from host.events import EventBus, Subscriber, TaskOwner
-from host.keys import registry_channel
+from host.events import EventBus, EventHandler, Subscriber, TaskOwner
+from host.keys import EVENTS_POP_S, REDIS_TIMEOUT_S, SUBSCRIBE_WAIT_S, registry_channel
 from host.metrics import HostMetrics
+from host.outbox import OutboxStore, Relay
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
-from router.errors import ConfigInvalid, FleetError
+from router.errors import ConfigInvalid
 from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
 from shard_migrations.packages import Discovery
 
-SUBSCRIBE_WAIT_S = 5.0
+log = logging.getLogger("tenantfleet.host.runtime")
 
 
 @dataclass
@@ -50,10 +58,18 @@ class HostRuntime:
     rbac: RbacService
     tx: TenantTx
     events: EventBus
+    relay: Relay
     cron: Cron
     tasks: TaskOwner
     metrics: HostMetrics
     discovery: Discovery
+
+    def start_delivery(self) -> None:
+        """Start taking events: the Redis queue consumer and the outbox relay, owned by
+        `tasks`. Call it once the plugins' handlers can run (the app does, right after
+        attaching the runtime to its plugin contexts); the CLI never does."""
+        self.tasks.spawn(self.events.consume(), name="events:queue")
+        self.tasks.spawn(self.relay.run(), name="events:relay")
 
 
 RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
@@ -61,11 +77,18 @@ RUNTIME: Final[web.AppKey["HostRuntime"]] = web.AppKey("tenantfleet_runtime")
 
 @asynccontextmanager
 async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: HostMetrics, *,
-                            cron_jobs: list[Job] | None = None) -> AsyncIterator[HostRuntime]:
-    """Everything a host needs, subscribed to pub/sub before it is handed out.
+                            cron_jobs: list[Job] | None = None,
+                            event_handlers: Sequence[tuple[str, str, EventHandler]] = (),
+                            background: bool = True) -> AsyncIterator[HostRuntime]:
+    """Everything a host needs; with ``background``, subscribed to pub/sub before it is
+    handed out (waiting at most `SUBSCRIBE_WAIT_S` for Redis, then going on without it);
+    events are taken once `HostRuntime.start_delivery` is called. Without ``background``
+    (the CLI: one change, then exit) no task is started and Redis is not waited for.
+    ``event_handlers`` (plugin id, event name, handler) are registered before any event
+    is taken: a host delivering an event marks it delivered once *its* handlers ran.
 
-    Raises FLEET_ERROR (no control plane configured, or Redis not answering), CONFIG_INVALID
-    (no Redis URL), SHARD_UNREACHABLE (control plane down).
+    Raises FLEET_ERROR (no control plane configured), CONFIG_INVALID (no Redis URL),
+    SHARD_UNREACHABLE (control plane down).
     """
     settings = effective_settings(settings)
     if not settings.redis_url:
@@ -95,8 +118,19 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         resolver = await stack.enter_async_context(
             ResolveClient(settings, directory.lookup, registry=metrics.registry))
         directory.on_change = resolver.publish
-        redis = aioredis.Redis(**redis_address(settings.redis_url), socket_connect_timeout=2.0)
+        # Commands are bounded and fail at once (one immediate retry for a pooled socket the
+        # server closed), never after redis-py's default retries with backoff: seconds a
+        # caller would wait on a Redis that is away. The blocking queue pop and pub/sub get
+        # clients of their own, without retries, so a gap is noticed, not papered over.
+        address = redis_address(settings.redis_url)
+        redis = aioredis.Redis(**address, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                               retry=Retry(NoBackoff(), 1))
         stack.push_async_callback(redis.aclose)
+        queue_redis = aioredis.Redis(**address, socket_timeout=EVENTS_POP_S + REDIS_TIMEOUT_S,
+                                     socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+        stack.push_async_callback(queue_redis.aclose)
+        sub_redis = aioredis.Redis(**address, socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+        stack.push_async_callback(sub_redis.aclose)
         tx = TenantTx(settings, resolver, pools, metrics)
         stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
@@ -108,24 +142,37 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         registry = Registry(control, settings, discovery, owner_pools, publish)
         await registry.sync_packages(discovery.plugins)
         auth = Authenticator(control)
-        events = EventBus(redis, settings.redis_namespace, tasks, metrics)
+        store = OutboxStore(owner_pools)  # the outbox is fleet.*: the shard owner's
+
+        async def shard_of(tenant_id: str) -> str:
+            return (await resolver.resolve(id=tenant_id)).shard_id
+
+        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of)
+        for plugin_id, name, handler in event_handlers:
+            events.on(plugin_id, name, handler)
 
         async def on_registry() -> None:
             auth.clear()
             await registry.invalidate()
 
-        subscriber = Subscriber(redis, settings.redis_namespace, events, on_registry)
-        tasks.spawn(subscriber.run(), name="pubsub")
-        try:
-            await asyncio.wait_for(subscriber.ready.wait(), SUBSCRIBE_WAIT_S)
-        except asyncio.TimeoutError:
-            raise FleetError(f"Redis at {settings.redis_url} did not answer within {SUBSCRIBE_WAIT_S:.0f} s; "
-                             "the host needs it for invalidations, events and cron") from None
+        async def shard_ids() -> list[str]:
+            return [s.shard_id for s in await directory.list_shards()]
+
+        relay = Relay(store, shard_ids, events.deliver)
+        if background:
+            subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
+            tasks.spawn(subscriber.run(), name="pubsub")
+            try:
+                await asyncio.wait_for(subscriber.ready.wait(), SUBSCRIBE_WAIT_S)
+            except asyncio.TimeoutError:
+                log.warning("Redis at %s did not answer within %.0f s; serving without it (events are delivered "
+                            "from the outbox, changes reach other hosts by the cache TTLs, cron ticks are skipped)",
+                            settings.redis_url, SUBSCRIBE_WAIT_S)
         cron = Cron(redis, settings.redis_namespace, tasks, metrics, registry.enabled_tenants)
         metrics.watch_pools(tx.pool_figures)
         rt = HostRuntime(settings=settings, control=control, shard_pools=pools, owner_pools=owner_pools,
                          directory=directory, resolver=resolver, redis=redis, registry=registry, auth=auth, rbac=RbacService(control),
-                         tx=tx, events=events, cron=cron, tasks=tasks,
+                         tx=tx, events=events, relay=relay, cron=cron, tasks=tasks,
                          metrics=metrics, discovery=discovery)
         if cron_jobs:
             cron.start(cron_jobs)

@@ -13,6 +13,15 @@ the tenant's schema, then ``public``; it may run more than once (a stale placeme
 retried) and must only use transaction-scoped statements (no session ``SET``, no
 session advisory locks). Raise the errors re-exported here to answer with the error
 envelope; anything else becomes ``500 INTERNAL`` and is logged with its traceback.
+
+Events leave with the transaction: ``await ctx.events.emit(name, payload, db=db)`` inside
+``fn`` writes the event into the tenant's shard outbox in that same transaction, so it
+exists exactly when the change it reports committed. After commit the host delivers it
+(through Redis, or straight from the outbox when Redis is down); a Redis outage never
+fails the request and never loses the event. Delivery is at least once and each event
+is handled by one host of the fleet: a handler registered with ``ctx.events.on`` may
+see the same event again (same ``Event.id``) and must ignore repeats, e.g. by recording
+the ids it handled in the same transaction as its effect.
 """
 from __future__ import annotations
 
@@ -81,9 +90,11 @@ class Caller:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """An event as a handler receives it; ``id`` is the same on every redelivery."""
+    id: str                     # uuid, given when the event was written
     name: str
     source: str                 # the emitting plugin's id
-    tenant_id: str | None
+    tenant_id: str              # the tenant whose transaction wrote it
     payload: Mapping[str, Any]
 
 
@@ -122,11 +133,26 @@ class Config(Protocol):
 
 class Events(Protocol):
     def on(self, name: str, handler: Callable[[Event], Awaitable[None]]) -> None:
-        """Run ``handler`` for every ``name`` event emitted on any host (fire-and-forget)."""
+        """Run ``handler`` for every ``name`` event, emitted by any plugin on any host.
+
+        At least once, on one host of the fleet per event: the same event (same ``id``) may
+        come again after a host died or a handler failed, so handle it idempotently. A
+        handler that raises is logged and gets the event again after a backoff (exponential,
+        capped at 5 minutes, never given up); other handlers of the event are not affected,
+        but they see it again too.
+        """
         ...
 
-    async def emit(self, name: str, payload: Mapping[str, Any], *, tenant_id: str | None = None) -> None:
-        """Publish an event; returns once it is published, never waits for handlers."""
+    async def emit(self, name: str, payload: Mapping[str, Any], *, db: Db) -> str:
+        """Write an event in ``db``'s transaction (the ``with_tenant_tx`` this runs in); its id.
+
+        The event belongs to that transaction's tenant and is delivered only if the
+        transaction commits, after it commits; never waits for Redis or handlers.
+        ``name``: dotted lower-case words (``inventory.item_created``); ``payload``: a JSON
+        object of at most 64 KiB. Raises VALIDATION_FAILED for a bad name or payload (the
+        transaction then rolls back), RuntimeError if ``db`` is not the current
+        transaction's handle.
+        """
         ...
 
 

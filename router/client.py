@@ -217,6 +217,17 @@ class ResolveClient:
         """False while the breaker is open (Redis failed recently) or there is no Redis."""
         return self._redis is not None and not self._down_until
 
+    async def ping_redis(self, timeout: float = 1.0) -> str:
+        """Ask Redis now, whatever the breaker says (``/readyz``): "ok", the failure's class
+        name, or "off" when this client has no Redis level."""
+        if self._redis is None:
+            return "off"
+        try:
+            await asyncio.wait_for(self._redis.ping(), timeout)
+            return "ok"
+        except REDIS_ERRORS as exc:
+            return exc.__class__.__name__
+
     # --- resolve --------------------------------------------------------------------------
     async def resolve(self, *, id: str | None = None, code: str | None = None,
                       domain: str | None = None) -> TenantRecord:

@@ -167,6 +167,7 @@ async def test_readiness_names_the_shard_that_does_not_answer_and_checks_the_oth
             body = await r.json()
     assert r.status == 503 and body["status"] == "unready"
     assert body["checks"].pop("shard:ghost") == "ShardUnreachable"
+    assert body["checks"].pop("redis") == "ok"
     assert set(body["checks"].values()) == {"ok"} and len(body["checks"]) == 1 + len(fleet.shard_dsns)
 
 

@@ -71,8 +71,8 @@ async def test_plan_dry_run_apply_status_and_verify_from_the_command_line(fresh_
     # the second shipped plugin has tenant files only
     rc, out, err = await run_cli(f, "--json", "migrate", "apply", "restock")
     assert rc == 0, err
-    assert json.loads(out)["applied_files"] == len(tenants)
-    assert {r["name"] for r in await ledger_rows(f, "restock")} == {"001_requests.sql"}
+    assert json.loads(out)["applied_files"] == 2 * len(tenants)
+    assert {r["name"] for r in await ledger_rows(f, "restock")} == {"001_requests.sql", "002_events_seen.sql"}
 
 
 async def test_missing_plugin_unknown_version_downgrade_and_unknown_run_are_one_line_errors(

@@ -19,7 +19,8 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def _runtime(state: CliState) -> AsyncIterator[HostRuntime]:
-    async with open_host_runtime(state.settings, discover(), HostMetrics()) as rt:
+    # one change, then exit: no listener, no event delivery, and Redis is not waited for
+    async with open_host_runtime(state.settings, discover(), HostMetrics(), background=False) as rt:
         yield rt
 
 

@@ -144,15 +144,16 @@ def setup(ctx: PluginContext) -> None:
 
         async def run(db: Db) -> Any:
             if with_location:
-                return await db.fetchrow(INSERT_SQL[True], sku, name, qty, location)
-            return await db.fetchrow(INSERT_SQL[False], sku, name, qty)
+                row = await db.fetchrow(INSERT_SQL[True], sku, name, qty, location)
+            else:
+                row = await db.fetchrow(INSERT_SQL[False], sku, name, qty)
+            if row is not None:  # the event commits with the row, or neither does
+                await ctx.events.emit("inventory.item_created", {"id": row["id"], "sku": sku, "qty": qty}, db=db)
+            return row
         row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
         if row is None:
             raise ValidationFailed(f"an item with sku {sku} exists", field="sku")
-        item = dict(row)
-        await ctx.events.emit("inventory.item_created", {"id": item["id"], "sku": sku, "qty": qty},
-                              tenant_id=caller.tenant.tenant_id)
-        return json_response(item, status=201)
+        return json_response(dict(row), status=201)
 
     @ctx.router.patch("/items/{id}")
     @ctx.rbac.require("inventory.manage")
@@ -169,15 +170,17 @@ def setup(ctx: PluginContext) -> None:
 
         async def run(db: Db) -> Any:
             if with_location:
-                return await db.fetchrow(UPDATE_SQL[True], item_id, name, qty, location)
-            return await db.fetchrow(UPDATE_SQL[False], item_id, name, qty)
+                row = await db.fetchrow(UPDATE_SQL[True], item_id, name, qty, location)
+            else:
+                row = await db.fetchrow(UPDATE_SQL[False], item_id, name, qty)
+            if row is not None:
+                await ctx.events.emit("inventory.item_updated", {"id": item_id, "sku": row["sku"], "qty": row["qty"]},
+                                      db=db)
+            return row
         row = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
         if row is None:
             raise NotFound(f"no item {item_id}", itemId=item_id)
-        item = dict(row)
-        await ctx.events.emit("inventory.item_updated", {"id": item_id, "sku": item["sku"], "qty": item["qty"]},
-                              tenant_id=caller.tenant.tenant_id)
-        return json_response(item)
+        return json_response(dict(row))
 
     @ctx.router.post("/reconcile")
     @ctx.rbac.require("inventory.reconcile")
@@ -198,18 +201,18 @@ def setup(ctx: PluginContext) -> None:
             pairs.append((sku, qty))
 
         async def run(db: Db) -> list[Any]:
-            return await db.fetch(
+            rows = await db.fetch(
                 "WITH counted AS (SELECT * FROM unnest($1::text[], $2::int[]) AS c(sku, qty)), "
                 "old AS (SELECT i.id, i.sku, i.qty FROM items i JOIN counted USING (sku) FOR UPDATE) "
                 "UPDATE items i SET qty = counted.qty, updated_at = now() FROM counted, old "
                 "WHERE i.sku = counted.sku AND old.id = i.id AND i.qty <> counted.qty "
                 "RETURNING i.sku, old.qty AS was, i.qty AS now",
                 [p[0] for p in pairs], [p[1] for p in pairs])
+            for r in rows:
+                await ctx.events.emit("inventory.item_updated", {"sku": r["sku"], "qty": r["now"]}, db=db)
+            return rows
         rows = await ctx.with_tenant_tx(caller.tenant.tenant_id, run)
         changed = [dict(r) for r in rows]
-        for c in changed:
-            await ctx.events.emit("inventory.item_updated", {"sku": c["sku"], "qty": c["now"]},
-                                  tenant_id=caller.tenant.tenant_id)
         return json_response({"changed": changed, "counted": len(pairs)})
 
     async def health() -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """Restock: listens to inventory's events and raises a request when an item runs low;
 a cron job counts each tenant's open requests.
 
-The low-stock threshold is the tenant's config ``threshold`` (default 5).
+The low-stock threshold is the tenant's config ``threshold`` (default 5). Events come at
+least once: each one's id is recorded in ``restock_events_seen`` in the same statement
+that raises the request, so a repeated event raises nothing (ids are kept for
+`SEEN_KEEP_DAYS`, far beyond any redelivery).
 """
 from __future__ import annotations
 
@@ -13,13 +16,22 @@ from plugins.api import CronRun, Db, Event, PluginContext, json_response
 
 DEFAULT_THRESHOLD = 5
 REORDER_QTY = 10
+SEEN_KEEP_DAYS = 30
+
+# One statement: remember the event, and raise a request only if the event is new and no
+# request for the SKU is open.
+RAISE_SQL = """
+WITH seen AS (INSERT INTO restock_events_seen (event_id) VALUES ($3::uuid) ON CONFLICT DO NOTHING RETURNING 1)
+INSERT INTO restock_requests (sku, qty) SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM seen)
+  AND NOT EXISTS (SELECT 1 FROM restock_requests WHERE sku = $1 AND status = 'open')
+"""
 
 
 def setup(ctx: PluginContext) -> None:
     """Register restock's event handlers, cron job and routes."""
 
     async def on_stock_change(event: Event) -> None:
-        if event.tenant_id is None or not isinstance(event.payload.get("qty"), int):
+        if not isinstance(event.payload.get("qty"), int):
             return
         tenant_id = event.tenant_id
         if tenant_id not in await ctx.enabled_tenants():
@@ -29,12 +41,10 @@ def setup(ctx: PluginContext) -> None:
             return
         sku = str(event.payload.get("sku"))
 
-        async def run(db: Db) -> None:
-            await db.execute(
-                "INSERT INTO restock_requests (sku, qty) SELECT $1, $2 WHERE NOT EXISTS "
-                "(SELECT 1 FROM restock_requests WHERE sku = $1 AND status = 'open')", sku, REORDER_QTY)
-        await ctx.with_tenant_tx(tenant_id, run)
-        ctx.log("restock requested", tenantId=tenant_id, sku=sku)
+        async def run(db: Db) -> str:
+            return await db.execute(RAISE_SQL, sku, REORDER_QTY, event.id)
+        if await ctx.with_tenant_tx(tenant_id, run) == "INSERT 0 1":
+            ctx.log("restock requested", tenantId=tenant_id, sku=sku, eventId=event.id)
 
     ctx.events.on("inventory.item_created", on_stock_change)
     ctx.events.on("inventory.item_updated", on_stock_change)
@@ -43,6 +53,8 @@ def setup(ctx: PluginContext) -> None:
         assert run.tenant_id is not None
 
         async def q(db: Db) -> Any:
+            await db.execute("DELETE FROM restock_events_seen WHERE seen_at < now() - make_interval(days => $1)",
+                             SEEN_KEEP_DAYS)
             return await db.fetchval("SELECT count(*) FROM restock_requests WHERE status = 'open'")
         n = await ctx.with_tenant_tx(run.tenant_id, q)
         ctx.log("open restock requests", tenantId=run.tenant_id, open=n)

@@ -1,0 +1,258 @@
+"""The event outbox: events written inside tenant transactions, then claimed, settled and relayed.
+
+Delivery semantics: **each event is handled by one host of the fleet, at least once.**
+
+- `write` adds the event to its shard's ``fleet.event_outbox`` inside the plugin's own
+  transaction (through ``fleet.emit_event``), so it commits or rolls back with the change
+  it reports. The row starts with a lease of `OUTBOX_LEASE_S`: the writing host delivers
+  it right after commit (`host.events.EventBus.committed`), nobody else touches it until then.
+- Delivering hands the event to one host: LPUSH on a Redis list every host BRPOPs from,
+  so handler work spreads over the fleet. With Redis down (or failing) the delivering
+  host runs the handlers itself, straight from the outbox row.
+- The host that ran the handlers marks the row delivered once every handler returned.
+  If one raised, the row is retried after a backoff (exponential with full jitter,
+  capped at `OUTBOX_RETRY_MAX_S`, never given up: a handler that always fails is a bug
+  to fix, and its events wait for the fix).
+- `Relay` (one per host, owned by its `TaskOwner`) sweeps every shard for rows whose
+  lease ran out (the writer died after commit, Redis lost the message, a host died mid-
+  handler), claims them with ``FOR UPDATE SKIP LOCKED`` and a new lease, and delivers
+  them the same way. An unreachable shard backs off alone.
+- Delivered rows are deleted after `OUTBOX_RETENTION_S`: the table is bounded by traffic.
+
+A handler may therefore see an event more than once (a host died between running the
+handlers and marking the row; a lease ran out under a slow handler): `plugins.api.Event.id`
+is the same every time, so handlers ignore repeats by it. Events of one tenant are not
+ordered across retries.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+import asyncpg
+import orjson
+from tenacity import RetryCallState, wait_exponential_jitter, wait_random_exponential
+
+from host.keys import (
+    MAX_EVENT_BYTES, OUTBOX_BATCH, OUTBOX_CLEANUP_EVERY_S, OUTBOX_LEASE_S, OUTBOX_RETENTION_S,
+    OUTBOX_RETRY_INITIAL_S, OUTBOX_RETRY_MAX_S, OUTBOX_SHARD_BACKOFF_MAX_S, OUTBOX_SHARDS_EVERY_S, OUTBOX_SWEEP_S,
+)
+from plugins.api import Db
+from router.errors import TenantFleetError, ValidationFailed
+from router.pools import ShardPools
+from shard_migrations.limiter import backoff_delay
+
+log = logging.getLogger("tenantfleet.host.outbox")
+
+EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z][a-z0-9_]*)*$")
+MAX_EVENT_NAME = 200
+# What a shard that is down, restarting or refusing us raises (sorted by class, never text).
+SHARD_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, TenantFleetError)
+
+# the payload goes as JSON text, cast on the server (encoded once, by encode_event)
+_WRITE_SQL = "SELECT fleet.emit_event($1::uuid, $2, $3, $4::text::jsonb, $5)"
+# One statement claims a batch: rows locked by another relay are skipped, the claimed
+# ones get a new lease and an attempt more, and come back to us.
+_CLAIM_SQL = """
+UPDATE fleet.event_outbox o SET attempts = o.attempts + 1,
+       next_attempt_at = now() + make_interval(secs => $2)
+FROM (SELECT event_id FROM fleet.event_outbox
+      WHERE delivered_at IS NULL AND next_attempt_at <= now()
+      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+WHERE o.event_id = due.event_id
+RETURNING o.event_id::text, o.tenant_id::text, o.source, o.name, o.payload::text, o.attempts
+"""
+_DELIVERED_SQL = ("UPDATE fleet.event_outbox SET delivered_at = now(), last_error = NULL "
+                  "WHERE event_id = ANY ($1::uuid[]) AND delivered_at IS NULL")
+_RETRY_SQL = ("UPDATE fleet.event_outbox SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 "
+              "WHERE event_id = $1::uuid AND delivered_at IS NULL")
+_CLEANUP_SQL = """
+DELETE FROM fleet.event_outbox WHERE event_id IN (
+  SELECT event_id FROM fleet.event_outbox
+  WHERE delivered_at IS NOT NULL AND delivered_at < now() - make_interval(secs => $1) LIMIT $2)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One outbox row on its way to the handlers (also the Redis message, as JSON)."""
+    event_id: str
+    shard_id: str
+    tenant_id: str
+    source: str
+    name: str
+    payload: Mapping[str, Any]
+    attempt: int
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"id": self.event_id, "shard": self.shard_id, "tenant": self.tenant_id,
+                             "source": self.source, "name": self.name, "payload": self.payload,
+                             "attempt": self.attempt})
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "OutboxEvent":
+        """Raises ValueError, KeyError or TypeError for a message that isn't one of ours."""
+        d = orjson.loads(raw)
+        return cls(str(d["id"]), str(d["shard"]), str(d["tenant"]), str(d["source"]), str(d["name"]),
+                   dict(d["payload"]), int(d["attempt"]))
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def encode_event(name: str, payload: Mapping[str, Any]) -> str:
+    """The payload as JSON text for the outbox; VALIDATION_FAILED for a bad name or payload.
+
+    Names are dotted lower-case words (``inventory.item_created``); a payload is a JSON
+    object of at most `MAX_EVENT_BYTES`, with no NUL character (PostgreSQL's jsonb refuses it).
+    """
+    if not isinstance(name, str) or len(name) > MAX_EVENT_NAME or not EVENT_NAME_RE.match(name):
+        raise ValidationFailed("event names are dotted lower-case words like inventory.item_created",
+                               field="name")
+    if not isinstance(payload, Mapping):
+        raise ValidationFailed("an event payload is a JSON object", field="payload")
+    try:
+        body = orjson.dumps(payload)
+    except TypeError as exc:
+        raise ValidationFailed(f"event payload is not JSON: {exc}", field="payload") from exc
+    if len(body) > MAX_EVENT_BYTES:
+        raise ValidationFailed(f"an event payload is at most {MAX_EVENT_BYTES} bytes of JSON", field="payload")
+    if _has_nul(payload):
+        raise ValidationFailed("an event payload may not contain NUL characters", field="payload")
+    return body.decode()
+
+
+async def write(db: Db, tenant_id: str, source: str, name: str, body: str, *,
+                lease_s: float = OUTBOX_LEASE_S) -> str:
+    """Add an event to the outbox inside ``db``'s transaction; its id.
+
+    ``tenant_id`` must be the transaction's own (fenced) tenant, ``body`` from `encode_event`;
+    the writer owns the first delivery for ``lease_s``, then a relay may take it.
+    """
+    return str(await db.fetchval(_WRITE_SQL, tenant_id, source, name, body, lease_s))
+
+
+class OutboxStore:
+    """The relay's and the deliverers' statements on the shards' outboxes (as the shard owner)."""
+
+    def __init__(self, pools: ShardPools) -> None:
+        self._pools = pools
+
+    async def claim(self, shard_id: str, limit: int = OUTBOX_BATCH,
+                    lease_s: float = OUTBOX_LEASE_S) -> list[OutboxEvent]:
+        """Up to ``limit`` due rows of ``shard_id``, now leased to the caller for ``lease_s``."""
+        pool = await self._pools.get(shard_id)
+        rows = await pool.fetch(_CLAIM_SQL, limit, lease_s)
+        return [OutboxEvent(r["event_id"], shard_id, r["tenant_id"], r["source"], r["name"],
+                            orjson.loads(r["payload"]), r["attempts"]) for r in rows]
+
+    async def delivered(self, shard_id: str, event_ids: list[str]) -> None:
+        pool = await self._pools.get(shard_id)
+        await pool.execute(_DELIVERED_SQL, [uuid.UUID(e) for e in event_ids])
+
+    async def retry_later(self, shard_id: str, event_id: str, delay_s: float, error: str) -> None:
+        pool = await self._pools.get(shard_id)
+        await pool.execute(_RETRY_SQL, event_id, delay_s, error[:500])
+
+    async def cleanup(self, shard_id: str, retention_s: float = OUTBOX_RETENTION_S, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` rows delivered more than ``retention_s`` ago; how many."""
+        pool = await self._pools.get(shard_id)
+        status = await pool.execute(_CLEANUP_SQL, retention_s, limit)
+        return int(status.split()[-1])
+
+
+# initial * 2^(attempt-1), capped, plus up to a second of jitter: never sooner than the
+# initial delay, so a failing handler is not hammered by every relay at once.
+RETRY_WAIT = wait_exponential_jitter(initial=OUTBOX_RETRY_INITIAL_S, max=OUTBOX_RETRY_MAX_S, jitter=1.0)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before a failed delivery of attempt number ``attempt`` (1-based) is tried again."""
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempt)
+    return float(RETRY_WAIT(state))
+
+
+Deliver = Callable[[list[OutboxEvent]], Awaitable[None]]
+ShardIds = Callable[[], Awaitable[list[str]]]
+
+
+class Relay:
+    """Sweeps every shard's outbox for due rows and delivers them; one per host.
+
+    ``deliver`` gets each claimed batch (and must settle every event in it, or leave it
+    to its lease). `wake` makes the next sweep start now.
+    """
+
+    def __init__(self, store: OutboxStore, shard_ids: ShardIds, deliver: Deliver, *,
+                 sweep_s: float = OUTBOX_SWEEP_S) -> None:
+        self._store = store
+        self._shard_ids = shard_ids
+        self._deliver = deliver
+        self._sweep_s = sweep_s
+        self._wake = asyncio.Event()
+        self._shards: list[str] = []
+        self._shards_read = -math.inf
+        self._backoff: dict[str, tuple[int, float]] = {}   # shard -> (failures, not before)
+        self._cleaned: dict[str, float] = {}
+        self._shard_wait = wait_random_exponential(multiplier=OUTBOX_SWEEP_S, max=OUTBOX_SHARD_BACKOFF_MAX_S)
+        self.sweeps = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            await self.sweep()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._sweep_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def sweep(self) -> None:
+        """One pass over every shard (concurrently): claim and deliver until nothing is due."""
+        now = time.monotonic()
+        if now - self._shards_read > OUTBOX_SHARDS_EVERY_S:
+            try:
+                self._shards = await self._shard_ids()
+                self._shards_read = now
+            except SHARD_ERRORS as exc:  # the control plane hiccuped: sweep the shards we know
+                log.warning("outbox relay could not list shards (%s)", exc.__class__.__name__)
+        await asyncio.gather(*(self._sweep_shard(s) for s in self._shards))
+        self.sweeps += 1
+
+    async def _sweep_shard(self, shard_id: str) -> None:
+        failures, not_before = self._backoff.get(shard_id, (0, 0.0))
+        if time.monotonic() < not_before:
+            return
+        try:
+            while True:
+                batch = await self._store.claim(shard_id)
+                if batch:
+                    await self._deliver(batch)
+                if len(batch) < OUTBOX_BATCH:
+                    break
+            if time.monotonic() - self._cleaned.get(shard_id, -math.inf) > OUTBOX_CLEANUP_EVERY_S:
+                self._cleaned[shard_id] = time.monotonic()
+                await self._store.cleanup(shard_id)
+            self._backoff.pop(shard_id, None)
+        except SHARD_ERRORS as exc:
+            failures += 1
+            delay = backoff_delay(self._shard_wait, failures)
+            self._backoff[shard_id] = (failures, time.monotonic() + delay)
+            log.warning("outbox relay: shard %s failed (%s); next sweep there in %.1fs", shard_id,
+                        exc.__class__.__name__, delay, extra={"shardId": shard_id})
