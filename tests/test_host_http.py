@@ -16,13 +16,50 @@ from host.runtime import RUNTIME
 from shard_migrations.packages import discover
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
-from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
+from tests.hostkit import ADMIN_KEY, Host, auth, code, host_settings, running_host, tenant_with_key
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def host(fleet: Fleet) -> AsyncIterator[Host]:
     async with running_host(host_settings(fleet)) as h:
         yield h
+
+
+def _snake_keys(doc: object, path: str = "") -> list[str]:
+    """Every JSON object key in ``doc`` (recursively) that is not camelCase."""
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if "_" in key or key[:1].isupper():
+                found.append(f"{path}.{key}")
+            found += _snake_keys(value, f"{path}.{key}")
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += _snake_keys(value, f"{path}[{i}]")
+    return found
+
+
+async def test_every_json_field_the_host_answers_with_is_camel_case(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    h = auth(key, rec.code)
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "C-1", "qty": 1}, headers=h) as r:
+        assert r.status == 201
+        item = await r.json()
+    calls = [("PATCH", f"/api/plugins/inventory/items/{item['id']}", h, {"qty": 2}),
+             ("GET", f"/api/plugins/inventory/items/{item['id']}", h, None),
+             ("GET", "/api/plugins/inventory/items", h, None),
+             ("GET", "/api/manifest", h, None),
+             ("GET", "/readyz", {}, None),
+             ("GET", "/admin/plugins", admin, None),
+             ("GET", f"/admin/principals?tenant={rec.tenant_id}", admin, None),
+             ("GET", f"/admin/tenants/{rec.tenant_id}/plugins/inventory/role-diff", admin, None),
+             ("GET", "/api/plugins/inventory/items?limit=ten", h, None)]  # an error envelope too
+    wrong = _snake_keys(item, "POST items")
+    for method, path, headers, body in calls:
+        async with host.http.request(method, path, headers=headers, json=body) as r:
+            wrong += _snake_keys(await r.json(), f"{method} {path}")
+    assert wrong == []
 
 
 async def test_inventory_items_can_be_created_listed_fetched_and_updated(fleet: Fleet, host: Host) -> None:

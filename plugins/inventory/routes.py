@@ -79,20 +79,20 @@ LIST_SQL = {
     True: "SELECT id, sku, name, qty, location FROM items ORDER BY id LIMIT $1 OFFSET $2",
 }
 GET_SQL = {
-    False: "SELECT id, sku, name, qty, created_at, updated_at FROM items WHERE id = $1",
-    True: "SELECT id, sku, name, qty, created_at, updated_at, location FROM items WHERE id = $1",
+    False: "SELECT id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\" FROM items WHERE id = $1",
+    True: "SELECT id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\", location FROM items WHERE id = $1",
 }
 INSERT_SQL = {
     False: "INSERT INTO items (sku, name, qty) VALUES ($1, $2, $3) ON CONFLICT (sku) DO NOTHING "
-           "RETURNING id, sku, name, qty, created_at, updated_at",
+           "RETURNING id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\"",
     True: "INSERT INTO items (sku, name, qty, location) VALUES ($1, $2, $3, $4) ON CONFLICT (sku) DO NOTHING "
-          "RETURNING id, sku, name, qty, created_at, updated_at, location",
+          "RETURNING id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\", location",
 }
 UPDATE_SQL = {
     False: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), updated_at = now() "
-           "WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at",
+           "WHERE id = $1 RETURNING id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\"",
     True: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), location = coalesce($4, location), "
-          "updated_at = now() WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at, location",
+          "updated_at = now() WHERE id = $1 RETURNING id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\", location",
 }
 
 
