@@ -89,13 +89,14 @@ class RunReport:
     drift_allowed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "plugin": self.plugin, "version": self.version, "state": self.state,
-                "applied_files": self.applied_files, "drift_allowed": self.drift_allowed,
-                "shards": [{"shard_id": s.shard_id, "units": s.total, "done": s.done, "failed": s.failed,
+        """The report as `migrate apply --json` prints it (camelCase keys)."""
+        return {"runId": self.run_id, "plugin": self.plugin, "version": self.version, "state": self.state,
+                "appliedFiles": self.applied_files, "driftAllowed": self.drift_allowed,
+                "shards": [{"shardId": s.shard_id, "units": s.total, "done": s.done, "failed": s.failed,
                             "files": s.files, "rate": round(s.rate(), 1), "error": s.error}
                            for s in self.shards.values()],
-                "unreachable": self.unreachable,
-                "failed_items": [{"item": k, "error": e} for k, e in self.failed_items[:50]]}
+                "unreachable": runs.unreachable_list(self.unreachable),
+                "failedItems": [{"itemKey": k, "error": e} for k, e in self.failed_items[:50]]}
 
     def raise_for_failure(self) -> None:
         """SHARD_UNREACHABLE naming the shards that stayed down, or MIGRATION_FAILED for failed items."""
@@ -161,7 +162,7 @@ class FleetMigrator:
         files) in a transaction that is rolled back. One result per shard: ``ok`` with the
         files tried, or the error. Nothing is recorded."""
         async def one(sp: ShardPlan) -> dict[str, Any]:
-            res: dict[str, Any] = {"shard_id": sp.shard_id, "canary": None, "tried": [], "ok": True, "error": None}
+            res: dict[str, Any] = {"shardId": sp.shard_id, "canary": None, "tried": [], "ok": True, "error": None}
             units: list[Unit] = []
             if sp.public_pending:
                 units.append(Unit(sp.shard_id, "public", None, tuple(sp.public_pending)))
@@ -267,11 +268,12 @@ class FleetMigrator:
 
     def _summary(self, report: RunReport) -> dict[str, Any]:
         """What the heartbeat stores for `status`: totals and each shard's live state."""
-        shards = [{k: row[k] for k in ("shard_id", "state", "backoff_s", "deferred", "done", "failed", "files")}
-                  | {"rate": round(row["rate"], 1), "eta_s": None if row["eta_s"] is None else round(row["eta_s"], 1),
+        shards = [{k: row[k] for k in ("shardId", "state", "backoffS", "deferred", "done", "failed", "files")}
+                  | {"rate": round(row["rate"], 1), "etaS": None if row["etaS"] is None else round(row["etaS"], 1),
                      "error": row["error"]} for row in self.snapshot()]
-        return {"applied_files": report.applied_files, "shards": shards, "unreachable": report.unreachable,
-                "failed": len(report.failed_items)}
+        # stored in fleet_runs.summary; `runs.stored_summary` also reads the snake_case form older code wrote
+        return {"appliedFiles": report.applied_files, "shards": shards,
+                "unreachable": runs.unreachable_list(report.unreachable), "failed": len(report.failed_items)}
 
     async def _run_phases(self, plan: Plan, target: Target, opts: RunOptions, batch: int, limiters: ShardLimiters,
                           rec: runs.RunRecorder, attempts: dict[str, int], report: RunReport) -> None:
@@ -426,9 +428,9 @@ class FleetMigrator:
             lim = lims.get(sid)
             state = "down" if p.error else lim.state if lim else "waiting"
             backoff = lim.backoff_s if lim else 0.0
-            out.append({"shard_id": sid, "total": p.total, "done": p.done, "failed": p.failed, "files": p.files,
-                        "deferred": p.deferred, "state": state, "backoff_s": round(backoff, 2),
-                        "rate": p.rate(), "eta_s": p.eta_s(), "error": p.error})
+            out.append({"shardId": sid, "total": p.total, "done": p.done, "failed": p.failed, "files": p.files,
+                        "deferred": p.deferred, "state": state, "backoffS": round(backoff, 2),
+                        "rate": p.rate(), "etaS": p.eta_s(), "error": p.error})
             if self.metrics:
                 self.metrics.pending.labels(self.package.id, sid).set(p.total - p.done - p.failed)
                 self.metrics.backoff.labels(sid).set(backoff)

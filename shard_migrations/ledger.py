@@ -40,7 +40,7 @@ class Drift:
                 f"recorded sha256 {self.recorded[:12]}…, file has {self.expected[:12]}…")
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"shard_id": self.shard_id, "scope": self.scope, "tenant_id": self.tenant_id, "file": self.name,
+        return {"shardId": self.shard_id, "scope": self.scope, "tenantId": self.tenant_id, "file": self.name,
                 "recorded": self.recorded, "expected": self.expected}
 
 

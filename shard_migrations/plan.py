@@ -129,10 +129,10 @@ class ShardPlan:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shard_id": self.shard_id, "reachable": self.reachable, "error": self.error,
-                "public_pending": [f.name for f in self.public_pending],
-                "tenants_pending": len(self.tenants), "tenants_up_to_date": len(self.up_to_date),
-                "files_pending": len(self.public_pending) + sum(len(t.pending) for t in self.tenants),
+        return {"shardId": self.shard_id, "reachable": self.reachable, "error": self.error,
+                "publicPending": [f.name for f in self.public_pending],
+                "tenantsPending": len(self.tenants), "tenantsUpToDate": len(self.up_to_date),
+                "filesPending": len(self.public_pending) + sum(len(t.pending) for t in self.tenants),
                 "drift": len(self.drift)}
 
 
@@ -173,8 +173,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         t = self.target
         return {"plugin": t.plugin_id, "version": str(t.version), "from": t.from_file,
-                "public_files": [f.name for f in t.public_files], "tenant_files": [f.name for f in t.tenant_files],
-                "shards": [s.to_dict() for s in self.shards.values()], "files_pending": self.files_pending(),
+                "publicFiles": [f.name for f in t.public_files], "tenantFiles": [f.name for f in t.tenant_files],
+                "shards": [s.to_dict() for s in self.shards.values()], "filesPending": self.files_pending(),
                 "drift": [d.to_dict() for d in self.drift]}
 
 

@@ -26,13 +26,13 @@ def _eta(s: float | None) -> str:
 
 def _state(row: dict[str, Any]) -> str:
     if row["state"] == "backing_off":
-        return f"backing off {row['backoff_s']:.1f}s"
+        return f"backing off {row['backoffS']:.1f}s"
     return str(row["state"])
 
 
 def plain_line(row: dict[str, Any]) -> str:
-    return (f"{row['shard_id']}: {row['done']}/{row['total']} done, {row['failed']} failed, "
-            f"{row['deferred']} tenants backing off, shard {_state(row)}, {row['rate']:.1f}/s, eta {_eta(row['eta_s'])}")
+    return (f"{row['shardId']}: {row['done']}/{row['total']} done, {row['failed']} failed, "
+            f"{row['deferred']} tenants backing off, shard {_state(row)}, {row['rate']:.1f}/s, eta {_eta(row['etaS'])}")
 
 
 class ProgressView:
@@ -89,10 +89,10 @@ class ProgressView:
             return
         for row in rows:
             fields = {"failed": row["failed"], "deferred": row["deferred"], "state": _state(row),
-                      "rate": f"{row['rate']:.1f}", "eta": _eta(row["eta_s"])}
-            tid = self._rows.get(row["shard_id"])
+                      "rate": f"{row['rate']:.1f}", "eta": _eta(row["etaS"])}
+            tid = self._rows.get(row["shardId"])
             if tid is None:
-                tid = self._rows[row["shard_id"]] = self._progress.add_task(row["shard_id"], total=row["total"] or 1,
+                tid = self._rows[row["shardId"]] = self._progress.add_task(row["shardId"], total=row["total"] or 1,
                                                                            **fields)
             self._progress.update(tid, completed=row["done"] + row["failed"] if row["total"] else 1, **fields)
         self._progress.refresh()

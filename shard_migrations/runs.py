@@ -51,9 +51,10 @@ class RunInfo:
     finished_at: dt.datetime | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "plugin": self.plugin_id, "version": self.target_version,
+        """The run as `migrate status` prints it (camelCase keys, as every JSON output)."""
+        return {"runId": self.run_id, "plugin": self.plugin_id, "version": self.target_version,
                 "params": self.params, "state": self.state, "owner": self.owner,
-                "heartbeat_at": self.heartbeat_at, "created_at": self.created_at, "finished_at": self.finished_at,
+                "heartbeatAt": self.heartbeat_at, "createdAt": self.created_at, "finishedAt": self.finished_at,
                 "summary": self.summary}
 
 
@@ -61,9 +62,35 @@ _SELECT_RUNS = ("SELECT run_id, plugin_id, target_version, params, state, owner,
                 "finished_at, extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s FROM fleet_runs ")
 
 
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def stored_summary(summary: Any) -> dict[str, Any]:
+    """A run's stored summary in today's form, also one written before the JSON keys became
+    camelCase (``applied_files``, ``shards[].shard_id``/``eta_s``/``backoff_s``, and
+    ``unreachable`` as a ``{shard: why}`` object rather than a list of ``{shardId, error}``):
+    runs recorded by older code still show in `status` and still resume."""
+    if not isinstance(summary, dict):
+        return {}
+    out = {_camel(k): v for k, v in summary.items()}
+    if isinstance(out.get("shards"), list):
+        out["shards"] = [{_camel(k): v for k, v in row.items()} if isinstance(row, dict) else row
+                         for row in out["shards"]]
+    if isinstance(out.get("unreachable"), dict):  # shard ids are data, not keys: they may hold "_"
+        out["unreachable"] = unreachable_list(out["unreachable"])
+    return out
+
+
+def unreachable_list(unreachable: dict[str, str]) -> list[dict[str, str]]:
+    """``{shard: why}`` as JSON: a list of ``{shardId, error}`` (no data in keys)."""
+    return [{"shardId": sid, "error": why} for sid, why in unreachable.items()]
+
+
 def _info(r: asyncpg.Record) -> RunInfo:
     return RunInfo(r["run_id"], r["plugin_id"], r["target_version"], r["params"], r["state"], r["owner"],
-                   r["heartbeat_at"], r["summary"], r["created_at"], r["finished_at"])
+                   r["heartbeat_at"], stored_summary(r["summary"]), r["created_at"], r["finished_at"])
 
 
 async def ensure_registry(control: asyncpg.Pool, package: PluginPackage) -> None:
@@ -174,12 +201,13 @@ async def run_status(control: asyncpg.Pool, run_id: int, *, failed_limit: int = 
         s[r["status"]] = r["n"]
         s["attempts"] += r["attempts"] or 0
     out = info.to_dict()
-    out["heartbeat_age_s"] = None if age is None else round(age, 1)
+    out["heartbeatAgeS"] = None if age is None else round(age, 1)
     out["alive"] = info.state == "running" and age is not None and age < 3 * HEARTBEAT_S
-    live = {s.get("shard_id"): s for s in (info.summary or {}).get("shards", []) if isinstance(s, dict)}
-    out["shards"] = [{"shard_id": sid, **c, "state": live.get(sid, {}).get("state"), "rate": live.get(sid, {}).get("rate"),
-                      "eta_s": live.get(sid, {}).get("eta_s")} for sid, c in sorted(shards.items())]
-    out["failed_items"] = [dict(r) for r in failed]
+    live = {s.get("shardId"): s for s in info.summary.get("shards", []) if isinstance(s, dict)}
+    out["shards"] = [{"shardId": sid, **c, "state": live.get(sid, {}).get("state"), "rate": live.get(sid, {}).get("rate"),
+                      "etaS": live.get(sid, {}).get("etaS")} for sid, c in sorted(shards.items())]
+    out["failedItems"] = [{"itemKey": r["item_key"], "shardId": r["shard_id"], "attempts": r["attempts"],
+                           "lastError": r["last_error"]} for r in failed]
     return out
 
 

@@ -15,6 +15,7 @@ from router.pools import ShardPools
 from shard_migrations.ledger import Drift, drift_error
 from shard_migrations.packages import PluginPackage
 from shard_migrations.plan import build_plan, resolve_target
+from shard_migrations.runs import unreachable_list
 
 
 @dataclass
@@ -24,7 +25,7 @@ class VerifyReport:
     shards: int = 0
     tenants: int = 0
     drift: list[Drift] = field(default_factory=list)
-    missing: list[dict[str, Any]] = field(default_factory=list)   # {shard_id, tenant_id, file}
+    missing: list[dict[str, Any]] = field(default_factory=list)   # {shardId, tenantId, file}
     unreachable: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -34,7 +35,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"plugin": self.plugin, "version": self.version, "ok": self.ok, "shards": self.shards,
                 "tenants": self.tenants, "drift": [d.to_dict() for d in self.drift], "missing": self.missing,
-                "unreachable": self.unreachable}
+                "unreachable": unreachable_list(self.unreachable)}
 
     def raise_for_problems(self) -> None:
         """MIGRATION_DRIFT (first drifted file, shard, tenant), else SHARD_UNREACHABLE, else
@@ -46,10 +47,10 @@ class VerifyReport:
             raise ShardUnreachable(why, shardId=sid)
         if self.missing:
             m = self.missing[0]
-            where = f"tenant {m['tenant_id']}" if m["tenant_id"] else "public scope"
+            where = f"tenant {m['tenantId']}" if m["tenantId"] else "public scope"
             raise MigrationIncomplete(
                 f"{self.plugin} {self.version}: {len(self.missing)} file applications missing, first "
-                f"{m['file']} on shard {m['shard_id']}, {where}", count=len(self.missing))
+                f"{m['file']} on shard {m['shardId']}, {where}", count=len(self.missing))
 
 
 async def verify(control: asyncpg.Pool, pools: ShardPools, package: PluginPackage, to: str | None = None) -> VerifyReport:
@@ -65,9 +66,9 @@ async def verify(control: asyncpg.Pool, pools: ShardPools, package: PluginPackag
             rep.unreachable[sp.shard_id] = sp.error or "unreachable"
             continue
         rep.drift.extend(sp.drift)
-        rep.missing.extend({"shard_id": sp.shard_id, "tenant_id": None, "file": f"public/{f.name}"}
+        rep.missing.extend({"shardId": sp.shard_id, "tenantId": None, "file": f"public/{f.name}"}
                            for f in sp.public_pending)
         for t in sp.tenants:
-            rep.missing.extend({"shard_id": sp.shard_id, "tenant_id": t.tenant.tenant_id, "file": f"tenant/{f.name}"}
+            rep.missing.extend({"shardId": sp.shard_id, "tenantId": t.tenant.tenant_id, "file": f"tenant/{f.name}"}
                                for f in t.pending)
     return rep

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -101,6 +102,28 @@ async def run_cli(fleet: Fleet, *args: str, env: dict[str, str] | None = None,
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def snake_keys(data: Any, path: str = "$") -> list[str]:
+    """Every key in ``data`` (recursively, through objects and lists) that has an underscore:
+    JSON output keys are camelCase, so this list should be empty."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if "_" in str(k):
+                found.append(f"{path}.{k}")
+            found.extend(snake_keys(v, f"{path}.{k}"))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found.extend(snake_keys(v, f"{path}[{i}]"))
+    return found
+
+
+def camel_json(out: str) -> Any:
+    """Parse a command's ``--json`` output and assert that no key in it has an underscore."""
+    data = json.loads(out)
+    assert not snake_keys(data), f"snake_case keys in --json output: {snake_keys(data)}"
+    return data
 
 
 async def wait_for(cond: Callable[[], Awaitable[bool]], timeout: float = 30, what: str = "condition") -> None:

@@ -20,7 +20,7 @@ async def test_two_migrators_started_at_once_apply_every_file_exactly_once(fresh
     args = ("--json", "migrate", "apply", "inventory", "--concurrency", "2", "--batch-size", "10")
     (rc1, out1, err1), (rc2, out2, err2) = await asyncio.gather(run_cli(f, *args, env=env), run_cli(f, *args, env=env))
     assert (rc1, rc2) == (0, 0), err1 + err2
-    applied = json.loads(out1)["applied_files"] + json.loads(out2)["applied_files"]
+    applied = json.loads(out1)["appliedFiles"] + json.loads(out2)["appliedFiles"]
     expected = len(f.shard_dsns) + 2 * len(tenants)
     assert applied == expected
     rows = await ledger_rows(f, "inventory")
@@ -61,7 +61,7 @@ async def test_a_tenant_whose_table_is_locked_backs_off_and_completes_after_rele
             assert rc == 0, err
             status = json.loads(out)
             assert status["state"] == "running" and status["alive"] is True
-            victim_shard = next(s for s in status["shards"] if s["shard_id"] == victim.shard_id)
+            victim_shard = next(s for s in status["shards"] if s["shardId"] == victim.shard_id)
             assert victim_shard["running"] == 1 and victim_shard["attempts"] >= 2
             assert "items.location" not in (await tenant_objects(f.shard_dsns[victim.shard_id]))[victim.schema]["columns"]
             await tx.rollback()

@@ -16,7 +16,8 @@ from shard_migrations.fleet import RunOptions
 from shard_migrations.keys import advisory_key
 from shard_migrations.verify import verify
 from tests.conftest import FleetFactory
-from tests.migratekit import ledger_rows, make_tenants, migrator, reload_plugin, shipped, temp_plugin, wait_for
+from tests.migratekit import (ledger_rows, make_tenants, migrator, reload_plugin, shipped, snake_keys, temp_plugin,
+                              wait_for)
 
 
 async def count_tenant_rows(dsn: str) -> int:
@@ -104,6 +105,10 @@ async def test_a_file_edited_after_it_was_applied_is_reported_as_drift_by_verify
         assert not report.ok and len(report.drift) == len(tenants)
         d = report.drift[0]
         assert d.name == "001_notes.sql" and d.tenant_id in {t.tenant_id for t in tenants} and d.shard_id in f.shard_dsns
+        as_json = report.to_dict()   # what `migrate verify --json` prints (the CLI sees shipped plugins only)
+        assert not snake_keys(as_json) and as_json["drift"][0]["tenantId"] in {t.tenant_id for t in tenants}
+        planned = (await m.plan(RunOptions())).to_dict()
+        assert not snake_keys(planned) and {d["shardId"] for d in planned["drift"]} <= set(f.shard_dsns)
         with pytest.raises(MigrationDrift) as caught:
             report.raise_for_problems()
         assert "tenant/001_notes.sql" in caught.value.message and d.shard_id in caught.value.message
@@ -115,3 +120,4 @@ async def test_a_file_edited_after_it_was_applied_is_reported_as_drift_by_verify
         assert await ledger_rows(f, "drifty") == before
         allowed = await m.apply(RunOptions(allow_drift=True))
         assert allowed.state == "done" and allowed.applied_files == 0 and allowed.drift_allowed == len(tenants)
+        assert allowed.to_dict()["driftAllowed"] == len(tenants) and not snake_keys(allowed.to_dict())

@@ -70,7 +70,7 @@ async def test_sigkill_at_random_points_then_resume_completes_with_every_file_ap
                 # status from another process while the run is alive
                 rc, out, err = await run_cli(f, "--json", "migrate", "status", str(run_id), env=env)
                 assert rc == 0, err
-                assert json.loads(out)["run_id"] == run_id
+                assert json.loads(out)["runId"] == run_id
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
         await proc.wait()

@@ -78,7 +78,7 @@ def emit(state: CliState, data: Any, *, columns: Sequence[str] | None = None, ti
 HEADERS: dict[str, str] = {
     "versionInstalled": "Installed", "versionAvailable": "Available", "enabledGlobal": "Enabled globally",
     "enabledTenants": "Enabled for tenants", "killedBy": "Killed by", "dsn": "DSN", "url": "URL",
-    "schemaName": "Schema", "schema": "Schema", "ms": "ms", "isAdmin": "Admin",
+    "schemaName": "Schema", "schema": "Schema", "ms": "ms", "isAdmin": "Admin", "etaS": "ETA (s)",
 }
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 

@@ -21,9 +21,16 @@ from shard_migrations.packages import PluginPackage, discover
 from shard_migrations.progress import ProgressView
 from shard_migrations.verify import verify as verify_fleet
 
-SHARD_PLAN_COLUMNS = ["shard_id", "reachable", "public_pending", "tenants_pending", "tenants_up_to_date",
-                      "files_pending", "drift", "error"]
-REPORT_COLUMNS = ["shard_id", "units", "done", "failed", "files", "rate", "error"]
+# JSON keys are camelCase like every --json output; `header()` turns them into table headers
+SHARD_PLAN_COLUMNS = ["shardId", "reachable", "publicPending", "tenantsPending", "tenantsUpToDate", "filesPending",
+                      "drift", "error"]
+REPORT_COLUMNS = ["shardId", "units", "done", "failed", "files", "rate", "error"]
+CANARY_COLUMNS = ["shardId", "canary", "ok", "tried", "error"]
+RUN_COLUMNS = ["runId", "plugin", "version", "state", "owner", "createdAt", "finishedAt"]
+RUN_SHARD_COLUMNS = ["shardId", "pending", "running", "done", "failed", "skipped", "attempts", "state", "rate", "etaS"]
+FAILED_ITEM_COLUMNS = ["itemKey", "shardId", "attempts", "lastError"]
+DRIFT_COLUMNS = ["shardId", "tenantId", "file", "recorded", "expected"]
+MISSING_COLUMNS = ["shardId", "tenantId", "file"]
 
 
 @asynccontextmanager
@@ -74,8 +81,8 @@ def plan_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None
     if state.json:
         emit(state, data)
         return
-    state.console.print(f"{data['plugin']} → {data['version']}: {data['files_pending']} file applications pending "
-                        f"(public: {', '.join(data['public_files']) or '-'}; tenant: {', '.join(data['tenant_files']) or '-'})",
+    state.console.print(f"{data['plugin']} → {data['version']}: {data['filesPending']} file applications pending "
+                        f"(public: {', '.join(data['publicFiles']) or '-'}; tenant: {', '.join(data['tenantFiles']) or '-'})",
                         highlight=False)
     emit(state, data["shards"], columns=SHARD_PLAN_COLUMNS)
     _raise_unreachable(data)
@@ -85,7 +92,7 @@ def _raise_unreachable(plan: dict[str, Any]) -> None:
     down = [s for s in plan["shards"] if not s["reachable"]]
     if down:
         more = f" (and {len(down) - 1} more shards)" if len(down) > 1 else ""
-        raise ShardUnreachable(f"{down[0]['error']}{more}", shardId=down[0]["shard_id"])
+        raise ShardUnreachable(f"{down[0]['error']}{more}", shardId=down[0]["shardId"])
 
 
 @migrate.command("apply")
@@ -139,16 +146,15 @@ def _dry_run(state: CliState, plugin: str, opts: RunOptions) -> None:
         emit(state, data)
     else:
         p = data["plan"]
-        state.console.print(f"dry run: {p['plugin']} → {p['version']}, {p['files_pending']} file applications pending",
+        state.console.print(f"dry run: {p['plugin']} → {p['version']}, {p['filesPending']} file applications pending",
                             highlight=False)
         emit(state, p["shards"], columns=SHARD_PLAN_COLUMNS, title="plan")
-        emit(state, data["canaries"], columns=["shard_id", "canary", "ok", "tried", "error"],
-             title="canary (rolled back)")
+        emit(state, data["canaries"], columns=CANARY_COLUMNS, title="canary (rolled back)")
     _raise_unreachable(data["plan"])
     bad = [c for c in data["canaries"] if not c["ok"]]
     if bad:
         raise MigrationFailed(f"dry run: {bad[0]['error']}" + (f" ({len(bad)} shards failed)" if len(bad) > 1 else ""),
-                              shardId=bad[0]["shard_id"])
+                              shardId=bad[0]["shardId"])
 
 
 @migrate.command("status")
@@ -165,16 +171,14 @@ def status_cmd(state: CliState, run_id: int | None, plugin: str | None) -> None:
             return await runs.run_status(rt.control, run_id)
     data = run(go())
     if state.json or run_id is None:
-        emit(state, data, columns=None if state.json else ["run_id", "plugin", "version", "state", "owner",
-                                                           "created_at", "finished_at"])
+        emit(state, data, columns=None if state.json else RUN_COLUMNS)
         return
-    state.console.print(f"run {data['run_id']}: {data['plugin']} → {data['version']} {data['state']}"
+    state.console.print(f"run {data['runId']}: {data['plugin']} → {data['version']} {data['state']}"
                         f"{' (alive)' if data['alive'] else ''}, owner {data['owner']}, "
-                        f"heartbeat {data['heartbeat_age_s']} s ago", highlight=False)
-    emit(state, data["shards"], columns=["shard_id", "pending", "running", "done", "failed", "skipped", "attempts",
-                                         "state", "rate", "eta_s"])
-    if data["failed_items"]:
-        emit(state, data["failed_items"], columns=["item_key", "shard_id", "attempts", "last_error"], title="failed")
+                        f"heartbeat {data['heartbeatAgeS']} s ago", highlight=False)
+    emit(state, data["shards"], columns=RUN_SHARD_COLUMNS)
+    if data["failedItems"]:
+        emit(state, data["failedItems"], columns=FAILED_ITEM_COLUMNS, title="failed")
 
 
 @migrate.command("verify")
@@ -198,7 +202,7 @@ def verify_cmd(state: CliState, plugin: str, to: str | None) -> None:
                             f"{len(report.drift)} drifted, {len(report.missing)} missing, "
                             f"{len(report.unreachable)} unreachable", highlight=False)
         if report.drift:
-            emit(state, data["drift"], columns=["shard_id", "tenant_id", "file", "recorded", "expected"], title="drift")
+            emit(state, data["drift"], columns=DRIFT_COLUMNS, title="drift")
         if report.missing:
-            emit(state, data["missing"][:50], columns=["shard_id", "tenant_id", "file"], title="missing")
+            emit(state, data["missing"][:50], columns=MISSING_COLUMNS, title="missing")
     report.raise_for_problems()
