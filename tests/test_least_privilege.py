@@ -379,6 +379,25 @@ async def test_a_tenant_transaction_cannot_reenter_the_fence_to_hop_to_another_t
         await runtime(host).tx.run(mine.tenant_id, hop)
 
 
+async def test_a_tenant_transaction_writes_events_for_its_own_tenant_only(fleet: Fleet, host: Host) -> None:
+    # fleet.emit_event is SECURITY DEFINER and every tenant role may run it; the ids of the
+    # shard's other tenants can be read off the schema names (t_<id hex>) by any SQL there
+    mine, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    other, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    forged = "SELECT fleet.emit_event($1::uuid, 'inventory', 'inventory.item_created', '{\"sku\": \"x\", \"qty\": 0}', 0)"
+
+    async def forge(db: Any) -> Any:
+        ids = await db.fetch("SELECT substr(nspname, 3)::uuid::text AS id FROM pg_namespace WHERE nspname = $1",
+                             other.schema)
+        return await db.fetchval(forged, ids[0]["id"])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="only in its own transaction"):
+        await runtime(host).tx.run(mine.tenant_id, forge)
+    # the tenant's own events are written as before
+    assert await _as_host(host, mine, forged, mine.tenant_id) is not None
+    assert await _owner_fetchval(
+        fleet, "shard1", f"SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = '{uuid.UUID(other.tenant_id)}'") == 0
+
+
 async def test_the_app_role_outside_a_tenant_transaction_reads_no_tenant_table(fleet: Fleet, host: Host) -> None:
     rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
     async with runtime(host).tx.connection("shard1") as conn:
