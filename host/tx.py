@@ -68,6 +68,7 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 TxFn = Callable[[Db], Awaitable[T]]
 
 CACHED_STATEMENT_RETRIES = 1
+WRONG_ROLE_RETRIES = 1  # a fresh connection runs as the app role: one retry is enough
 # Opening a connection failed: the shard refuses, drops or doesn't answer (sorted by class,
 # never by message text). Errors under a transaction are classified by `is_gone` instead.
 _CONNECT_FAILED = (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError)
@@ -75,6 +76,14 @@ _CONNECT_FAILED = (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, a
 
 class _Stale(Exception):
     """The shard says the resolved placement is out of date."""
+
+
+class _WrongRole(Exception):
+    """The fence was refused (SQLSTATE 42501): the connection no longer runs as the app
+    role. SQL of an earlier transaction on it set ``role`` at session level
+    (``set_config('role', x, false)``, which outlives that transaction's COMMIT): to
+    another tenant's role, which may not run the fence, every later transaction on the
+    connection would fail. The connection has been terminated; the pool opens a new one."""
 
 
 async def keep_connection(conn: asyncpg.Connection) -> None:
@@ -151,6 +160,7 @@ class TenantTx:
             rec = await self._resolver.resolve(id=parse_tenant_id(tenant_id))
         fence_tries = 0
         statement_tries = 0
+        role_tries = 0
         while True:
             check_servable(rec)
             leases = await self._leases(rec.shard_id)
@@ -172,6 +182,13 @@ class TenantTx:
                 self._metrics.cached_statement_retries.inc()
                 if statement_tries > CACHED_STATEMENT_RETRIES:
                     raise
+            except _WrongRole as exc:
+                role_tries += 1
+                log.warning("shard %s: a connection left in another role was replaced", rec.shard_id)
+                if role_tries > WRONG_ROLE_RETRIES:
+                    raise ShardUnreachable(f"shard {rec.shard_id} refuses the fence to the app role: prepare the "
+                                           "shard with this version of tenantfleet (`tenantfleet up`)",
+                                           shardId=rec.shard_id) from exc.__cause__
 
     async def _leases(self, shard_id: str) -> Leases:
         leases = self._leased.get(shard_id)
@@ -247,6 +264,9 @@ class TenantTx:
                 if exc.sqlstate == SQLSTATE_LOCK_TIMEOUT:
                     raise TenantMoving(f"tenant {rec.code} is being moved; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from exc
+                if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+                    conn.terminate()  # its session's role is not the app role any more: see _WrongRole
+                    raise _WrongRole() from exc
                 if isinstance(exc, asyncpg.InvalidParameterValueError):  # 22023: the tenant's role is missing
                     raise ShardUnreachable(f"shard {rec.shard_id} has no role for tenant {rec.code}: prepare the "
                                            "shard with this version of tenantfleet (`tenantfleet up`)",

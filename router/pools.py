@@ -83,14 +83,23 @@ async def create_pool(dsn: str, settings: Settings, *, min_size: int, max_size: 
     return pool
 
 
+# query parameters of a postgresql:// URL that carry secrets (libpq's and asyncpg's names)
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
 def redact(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
-    if "@" not in dsn or "://" not in dsn:
+    """The DSN without its password, for messages and logs: the one in the user info and
+    ``password``/``sslpassword`` query parameters (``postgresql://u@h/db?password=...``
+    connects as well, and must not show either)."""
+    if "://" not in dsn:
         return dsn
     scheme, rest = dsn.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"
+    head, sep, query = rest.partition("?")
+    if "@" in head:
+        creds, host = head.rsplit("@", 1)
+        head = f"{creds.split(':', 1)[0]}@{host}"
+    kept = "&".join(p for p in query.split("&") if p and p.split("=", 1)[0].lower() not in _SECRET_PARAMS)
+    return f"{scheme}://{head}?{kept}" if sep and kept else f"{scheme}://{head}"
 
 
 class ShardPools:

@@ -19,7 +19,7 @@ from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 
-SCHEMA_VERSION = 2  # bump with every change below; `schema_meta` records what a database has
+SCHEMA_VERSION = 3  # bump with every change below; `schema_meta` records what a database has
 
 control = MetaData()
 shard = MetaData(schema="fleet")
@@ -457,17 +457,28 @@ END $fn$;
 -- returns its id. SECURITY DEFINER, owned by the shard owner: the request path runs as
 -- a role with rights on its tenant's schema and public only, and never gets a grant on
 -- fleet.event_outbox itself; it can add rows through here and do nothing else to the
--- table. ``tenant`` is the fenced transaction's own tenant, passed by the host (never
--- plugin text); it must be on this shard. ``lease_s``: how long the writing host owns
--- the first delivery before a relay may take the row.
+-- table. ``tenant`` is the fenced transaction's own tenant, passed by the host; it must
+-- be on this shard, and the transaction must run as its role (SQLSTATE 42501 otherwise):
+-- any SQL inside a tenant transaction can call this function, and tenant ids are no
+-- secret there (schema names are t_<id hex>), so without the check one tenant's SQL could
+-- write events that run other tenants' handlers in those tenants' transactions.
+-- current_setting('role') is the role the fence switched to: SECURITY DEFINER changes
+-- current_user, not that setting. ``lease_s``: how long the writing host owns the first
+-- delivery before a relay may take the row.
 CREATE OR REPLACE FUNCTION fleet.emit_event(tenant uuid, source text, name text, payload jsonb,
                                             lease_s double precision) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
   v_id uuid := pg_catalog.gen_random_uuid();
+  v_schema text;
 BEGIN
-  IF NOT EXISTS (SELECT 1 FROM fleet.tenant_fence f WHERE f.tenant_id = tenant) THEN
+  SELECT f.schema_name INTO v_schema FROM fleet.tenant_fence f WHERE f.tenant_id = tenant;
+  IF v_schema IS NULL THEN
     RAISE EXCEPTION 'tenant % is not on this shard', tenant USING ERRCODE = 'TF404';
+  END IF;
+  IF fleet.tenant_role(v_schema) IS DISTINCT FROM pg_catalog.current_setting('role')::name THEN
+    RAISE EXCEPTION 'events of tenant % may be written only in its own transaction', tenant
+      USING ERRCODE = '42501';
   END IF;
   INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, next_attempt_at)
   VALUES (v_id, tenant, source, name, payload,

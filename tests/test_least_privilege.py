@@ -147,6 +147,33 @@ async def test_the_app_role_is_set_once_per_connection_and_the_tenant_role_by_th
             assert await conn.fetchval("SELECT current_user") == APP_ROLE
 
 
+async def test_a_role_set_at_session_level_inside_a_tenant_transaction_does_not_break_the_connection_for_others(
+        fleet: Fleet) -> None:
+    # set_config(..., false) outlives the transaction's COMMIT: the pooled connection would
+    # run as the other tenant's role, which may not run the fence, for every later request
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
+    mine = await fleet.directory.create_tenant(code(), shard_id="shard1")
+    other = await fleet.directory.create_tenant(code(), shard_id="shard1")
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(
+            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+
+        async def leave_role(db: Any) -> Any:
+            await db.execute("SELECT set_config('role', $1, false)", tenant_role(other.schema))
+            return await db.fetchval("SELECT pg_backend_pid()")
+        poisoned = await tx.run(mine.tenant_id, leave_role)
+
+        async def who(db: Any) -> Any:
+            return await db.fetchrow("SELECT current_user AS cur, pg_backend_pid() AS pid")
+        for rec in (other, mine):  # the pool's one connection: replaced, each runs as its own role
+            row = await tx.run(rec.tenant_id, who)
+            assert row["cur"] == tenant_role(rec.schema) and row["pid"] != poisoned
+        async with tx.connection("shard1") as conn:
+            assert await conn.fetchval("SELECT current_user") == APP_ROLE
+
+
 async def test_the_role_outlives_asyncpgs_default_reset_between_borrowers(fleet: Fleet) -> None:
     # the host skips the reset (keep_connection); a pool that keeps asyncpg's RESET ALL
     # must not hand the next borrower the owner role either
@@ -377,6 +404,25 @@ async def test_a_tenant_transaction_cannot_reenter_the_fence_to_hop_to_another_t
         return await db.fetchval("SELECT count(*) FROM items")
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await runtime(host).tx.run(mine.tenant_id, hop)
+
+
+async def test_a_tenant_transaction_writes_events_for_its_own_tenant_only(fleet: Fleet, host: Host) -> None:
+    # fleet.emit_event is SECURITY DEFINER and every tenant role may run it; the ids of the
+    # shard's other tenants can be read off the schema names (t_<id hex>) by any SQL there
+    mine, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    other, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    forged = "SELECT fleet.emit_event($1::uuid, 'inventory', 'inventory.item_created', '{\"sku\": \"x\", \"qty\": 0}', 0)"
+
+    async def forge(db: Any) -> Any:
+        ids = await db.fetch("SELECT substr(nspname, 3)::uuid::text AS id FROM pg_namespace WHERE nspname = $1",
+                             other.schema)
+        return await db.fetchval(forged, ids[0]["id"])
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="only in its own transaction"):
+        await runtime(host).tx.run(mine.tenant_id, forge)
+    # the tenant's own events are written as before
+    assert await _as_host(host, mine, forged, mine.tenant_id) is not None
+    assert await _owner_fetchval(
+        fleet, "shard1", f"SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = '{uuid.UUID(other.tenant_id)}'") == 0
 
 
 async def test_the_app_role_outside_a_tenant_transaction_reads_no_tenant_table(fleet: Fleet, host: Host) -> None:

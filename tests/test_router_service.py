@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from urllib.parse import urlsplit
 from contextlib import AsyncExitStack
 from typing import AsyncIterator
 
@@ -122,22 +123,29 @@ async def test_duplicate_code_is_409(router_url: str, http: aiohttp.ClientSessio
         assert (await r.json())["error"]["code"] == "TENANT_EXISTS"
 
 
-async def test_shards_list_counts_tenants_and_hides_passwords(router_url: str, http: aiohttp.ClientSession) -> None:
+async def test_shards_list_counts_tenants_and_hides_passwords(fleet: Fleet, router_url: str,
+                                                              http: aiohttp.ClientSession) -> None:
     async with http.get(f"{router_url}/v1/shards", headers=READ) as r:
         shards = await r.json()
     assert [s["shardId"] for s in shards] == ["shard1", "shard2", "shard3"]
     assert all(s["state"] == "active" and isinstance(s["tenants"], int) for s in shards)
+    passwords = {urlsplit(d).password for d in fleet.shard_dsns.values()} - {None}
+    assert passwords, "the test servers' DSNs carry passwords"
+    assert not [p for p in passwords if p in str(shards)]
 
 
 async def test_unreachable_shard_registration_is_503_and_not_registered(router_url: str,
                                                                         http: aiohttp.ClientSession) -> None:
     from host.fleet.embedded import free_port
-    dsn = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/postgres"
-    async with http.post(f"{router_url}/v1/shards", json={"shardId": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
-        assert r.status == 503 and r.headers["Retry-After"] == "5"
-        body = await r.json()
-    assert body["error"]["code"] == "SHARD_UNREACHABLE"
-    assert "secret" not in str(body)
+    port = free_port()
+    # the password in the user info, and as a query parameter (asyncpg takes both)
+    for dsn in (f"postgresql://postgres:secret@127.0.0.1:{port}/postgres",
+                f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable&password=secret"):
+        async with http.post(f"{router_url}/v1/shards", json={"shardId": "ghost2", "dsn": dsn}, headers=ADMIN) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+            body = await r.json()
+        assert body["error"]["code"] == "SHARD_UNREACHABLE"
+        assert "secret" not in str(body) and "127.0.0.1" in body["error"]["message"]
     async with http.get(f"{router_url}/v1/shards", headers=READ) as r:
         assert "ghost2" not in {s["shardId"] for s in await r.json()}
 
