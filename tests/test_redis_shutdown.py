@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from redis.backoff import NoBackoff
 
 from host.events import EventBus, TaskOwner
 from host.fleet.embedded import ValkeyProc, free_port
+from host.keys import events_queue_key
 from host.metrics import HostMetrics
 from host.outbox import OutboxStore
 from router.client import ResolveClient
@@ -95,14 +97,16 @@ async def test_closing_the_host_tasks_while_the_event_queue_pops_never_hangs_nor
     queue_redis = aioredis.Redis(host=fleet.servers.redis_host, port=fleet.servers.redis_port,
                                  db=fleet.servers.redis_db, socket_timeout=1.5, socket_connect_timeout=0.5,
                                  retry=Retry(NoBackoff(), 0))
+    namespace = f"shutdown{uuid.uuid4().hex[:8]}"  # a queue of its own: no host of the fleet pops it
     try:
         for i in range(ROUNDS):
             tasks = TaskOwner()
-            bus = EventBus(queue_redis, queue_redis, fleet.settings.redis_namespace, tasks, HostMetrics(),
+            bus = EventBus(queue_redis, queue_redis, namespace, tasks, HostMetrics(),
                            OutboxStore(fleet.shard_pools), lambda tid: asyncio.sleep(0, "s1"))
+            # something to pop at once (dropped as malformed), so BRPOP is sent again and again
+            await queue_redis.lpush(events_queue_key(namespace), *[b"not an event"] * 3)
             consumer = tasks.spawn(bus.consume(), name="events:queue")
             await until(bus.ready.is_set, 5.0, "the first pop")
-            await queue_redis.lpush(bus._queue, b"not an event")  # BRPOP returns now and is sent again
             # close while the next BRPOP is being sent
             await until(lambda: "send_packed_command" in awaiting(consumer), 5.0, "the consumer sending BRPOP")
             try:
@@ -114,4 +118,5 @@ async def test_closing_the_host_tasks_while_the_event_queue_pops_never_hangs_nor
                 await kill([consumer])
                 raise AssertionError(f"round {i}: the queue consumer outlived the close (in {awaiting(consumer)})")
     finally:
+        await queue_redis.delete(events_queue_key(namespace))
         await queue_redis.aclose()
