@@ -24,6 +24,7 @@ from host.keys import EVENTS_IN_FLIGHT, EVENTS_POP_S, events_queue_key, registry
 from host.metrics import HostMetrics
 from host.outbox import SHARD_ERRORS, OutboxEvent, OutboxStore, retry_delay
 from plugins.api import Event
+from router.client import cancel_and_wait
 
 log = logging.getLogger("tenantfleet.host.events")
 
@@ -61,19 +62,19 @@ class TaskOwner:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
     async def close(self, wait_s: float = TASKS_STOP_S) -> None:
-        """Cancel every task and wait for them, at most ``wait_s``: a task stuck in its
-        cancellation (redis-py's pub/sub read can be, after a reconnect) is logged and left
-        behind rather than holding up the shutdown of Redis and the pools."""
+        """Cancel every task and wait for them, at most ``wait_s``. A task still running
+        then is logged and left behind rather than holding up the shutdown of Redis and
+        the pools."""
         self._closed = True
         tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if not tasks:
-            return
-        _, stuck = await asyncio.wait(tasks, timeout=wait_s)
-        for t in stuck:
-            log.error("background task %s did not stop within %.0f s of its cancellation; shutting down without it",
-                      t.get_name(), wait_s)
+        # Cancelled again until they end, not once: redis-py loses a cancel that lands as
+        # a command is sent (see router.client.cancel_and_wait), and the queue consumer
+        # or the pub/sub reader would then read on, and pop events, after the shutdown.
+        ended = await asyncio.gather(*(cancel_and_wait(t, wait_s) for t in tasks))
+        for t, done in zip(tasks, ended):
+            if not done:
+                log.error("background task %s did not stop within %.0f s of its cancellation; shutting down "
+                          "without it", t.get_name(), wait_s)
 
 
 class EventBus:

@@ -94,6 +94,35 @@ def _matches(rec: TenantRecord, kind: str, value: str) -> bool:
     return value in rec.domains
 
 
+# How long closing waits for a cancelled background task, and how often it cancels again.
+TASK_STOP_S = 5.0
+RECANCEL_S = 0.25
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], wait_s: float = TASK_STOP_S) -> bool:
+    """Cancel ``task`` and wait for it to end, at most ``wait_s``; True if it ended.
+
+    Cancels it again every `RECANCEL_S` while it runs, because with redis-py one
+    cancellation can be lost: on Python 3.11, ``asyncio.wait_for`` returns the inner
+    result instead of raising CancelledError when the cancel lands after the inner call
+    finished but before wait_for resumed (CPython gh-86296, fixed in 3.12), and redis-py
+    sends every command through wait_for (``Connection.send_packed_command``, as soon as
+    ``socket_timeout`` is set). A pub/sub loop cancelled while it (re)connects or
+    subscribes therefore carries on reading in ``get_message`` as if nothing happened,
+    and a single cancel followed by an unbounded await hangs for ever. A later cancel
+    lands in the read, where it propagates. If the caller is cancelled meanwhile, that
+    CancelledError propagates. The task's own outcome is left to its done callbacks.
+    """
+    deadline = time.monotonic() + wait_s
+    while not task.done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait([task], timeout=min(RECANCEL_S, remaining))
+    return True
+
+
 def _listener_ended(task: asyncio.Task[None]) -> None:
     # The listener only ends by cancellation; anything else is a bug that leaves this
     # process deaf to invalidations, so say so now (closing the client re-raises it).
@@ -189,17 +218,18 @@ class ResolveClient:
             await stack.aclose()
 
     async def _stop_listener(self) -> None:
+        # Not a single cancel and ``await task``: redis-py can lose that cancel (see
+        # `cancel_and_wait`) and the listener would read on for ever, hanging the close.
         task, self._listener = self._listener, None
         if task is None:
             return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            # our own cancel; if the caller is being cancelled too, keep it cancelled
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+        if not await cancel_and_wait(task):
+            log.error("invalidation listener did not stop within %.0fs of its cancellation; closing without it",
+                      TASK_STOP_S)
+            return
+        died = None if task.cancelled() else task.exception()
+        if died is not None:
+            raise died  # a listener that died of a bug (already logged by _listener_ended)
 
     async def _cancel_flights(self) -> None:
         tasks = list(self._flights.values())
