@@ -78,21 +78,23 @@ LIST_SQL = {
     False: "SELECT id, sku, name, qty FROM items ORDER BY id LIMIT $1 OFFSET $2",
     True: "SELECT id, sku, name, qty, location FROM items ORDER BY id LIMIT $1 OFFSET $2",
 }
+# JSON field names are camelCase on every API (issue 8): the timestamps are renamed here.
+_STAMPS = 'created_at AS "createdAt", updated_at AS "updatedAt"'
 GET_SQL = {
-    False: "SELECT id, sku, name, qty, created_at, updated_at FROM items WHERE id = $1",
-    True: "SELECT id, sku, name, qty, created_at, updated_at, location FROM items WHERE id = $1",
+    False: f"SELECT id, sku, name, qty, {_STAMPS} FROM items WHERE id = $1",
+    True: f"SELECT id, sku, name, qty, {_STAMPS}, location FROM items WHERE id = $1",
 }
 INSERT_SQL = {
     False: "INSERT INTO items (sku, name, qty) VALUES ($1, $2, $3) ON CONFLICT (sku) DO NOTHING "
-           "RETURNING id, sku, name, qty, created_at, updated_at",
+           f"RETURNING id, sku, name, qty, {_STAMPS}",
     True: "INSERT INTO items (sku, name, qty, location) VALUES ($1, $2, $3, $4) ON CONFLICT (sku) DO NOTHING "
-          "RETURNING id, sku, name, qty, created_at, updated_at, location",
+          f"RETURNING id, sku, name, qty, {_STAMPS}, location",
 }
 UPDATE_SQL = {
     False: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), updated_at = now() "
-           "WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at",
+           f"WHERE id = $1 RETURNING id, sku, name, qty, {_STAMPS}",
     True: "UPDATE items SET name = coalesce($2, name), qty = coalesce($3, qty), location = coalesce($4, location), "
-          "updated_at = now() WHERE id = $1 RETURNING id, sku, name, qty, created_at, updated_at, location",
+          f"updated_at = now() WHERE id = $1 RETURNING id, sku, name, qty, {_STAMPS}, location",
 }
 
 
