@@ -333,3 +333,23 @@ async def test_an_inventory_item_answers_in_camel_case(host: Host, fleet: Fleet)
         fetched = await r.json()
     for got in (item, fetched):
         assert {"createdAt", "updatedAt"} <= got.keys() and not any("_" in k for k in got), got
+
+
+async def test_without_a_key_nothing_is_said_about_the_tenant_a_request_names(
+        router: str, host: Host, fleet: Fleet, http: aiohttp.ClientSession) -> None:
+    rec, _ = await tenant_with_key(fleet, host)
+    suspended, _ = await tenant_with_key(fleet, host)
+    async with http.post(f"{router}/v1/tenants/{suspended.tenant_id}/suspend", headers=RADMIN) as r:
+        assert r.status == 200
+    other, other_key = await tenant_with_key(fleet, host)
+    for path in ("/api/plugins/inventory/items", "/api/manifest"):
+        for name in (rec.code, "no-such-tenant", suspended.code, str(uuid.uuid4())):
+            for key in (None, "Bearer not-a-key"):
+                headers = {"X-Tenant": name} if key is None else {"X-Tenant": name, "Authorization": key}
+                async with host.http.get(path, headers=headers) as r:
+                    assert (r.status, (await r.json())["error"]["code"]) == (401, "UNAUTHORIZED"), (path, name, key)
+        # another tenant's key learns no more than that it isn't its tenant (not that it is suspended)
+        async with host.http.get(path, headers=auth(other_key, suspended.code)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (403, "FORBIDDEN"), path
+        async with host.http.get(path, headers=auth(other_key, other.code)) as r:
+            assert r.status == 200, path
