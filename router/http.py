@@ -46,9 +46,12 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(1)
 
-# aiohttp's parser accepts longer header lines (the host raises its limit so that the
-# envelope, not a plain-text 400, answers); every header over this is refused here.
+# Every header over this is refused by `check_request` with the envelope. aiohttp's own
+# parser limit (`PARSER_MAX_FIELD`, for the request line and each header, on both services
+# through `http_settings`) is set well above it, so that the envelope, not aiohttp's
+# plain-text 400, answers the long headers and paths a client is likely to send.
 MAX_HEADER_BYTES = 8192
+PARSER_MAX_FIELD = 65536
 # How long a body read may take, per app (settings.http_timeout_s); the same value is the
 # connection's keep-alive timeout, which in aiohttp also cuts a request whose header never
 # completes (web_protocol.RequestHandler arms it at connection_made).
@@ -75,8 +78,10 @@ def http_settings(timeout_s: float) -> dict[str, Any]:
     headers are closed after ``timeout_s`` (aiohttp's keep-alive timer runs from the
     connection's start until a whole request has arrived), and the unread rest of a body
     (after an early answer, or a body read that timed out) is drained for at most
-    ``timeout_s`` before the connection is closed (aiohttp's lingering time, 10 s by default)."""
-    return {"keepalive_timeout": timeout_s, "lingering_time": timeout_s}
+    ``timeout_s`` before the connection is closed (aiohttp's lingering time, 10 s by default);
+    the request line and each header may be `PARSER_MAX_FIELD` bytes long."""
+    return {"keepalive_timeout": timeout_s, "lingering_time": timeout_s,
+            "max_line_size": PARSER_MAX_FIELD, "max_field_size": PARSER_MAX_FIELD}
 
 
 def new_request_id(request: web.Request) -> str:

@@ -353,3 +353,12 @@ async def test_without_a_key_nothing_is_said_about_the_tenant_a_request_names(
             assert (r.status, (await r.json())["error"]["code"]) == (403, "FORBIDDEN"), path
         async with host.http.get(path, headers=auth(other_key, other.code)) as r:
             assert r.status == 200, path
+
+
+@pytest.mark.parametrize("which", ["router", "host"])
+async def test_a_long_header_or_path_gets_the_envelope_on_both_services(router: str, host: Host, which: str) -> None:
+    url = router if which == "router" else host.url
+    status, _, body = await raw(url, get("/healthz", b"X-Long: " + b"a" * 20_000))
+    assert (status, body["error"]["code"]) == (400, "VALIDATION_FAILED"), body  # type: ignore[index]
+    status, _, body = await raw(url, get("/healthz/" + "a" * 20_000))
+    assert (status, body["error"]["code"]) == (404, "NOT_FOUND"), body  # type: ignore[index]
