@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from host import admin
 from host.context import PLUGIN_HOST, PluginHost
-from host.keys import DRAIN_TIMEOUT_S, PARSER_MAX_FIELD, READYZ_REDIS_TIMEOUT_S
+from host.keys import DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
 from host.loader import load_plugins, mount
 from host.manifest import manifest
 from host.metrics import METRICS, HostMetrics
@@ -48,8 +48,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     """
     found = discovery if discovery is not None else discover()
     app = web.Application(middlewares=[envelope_middleware], client_max_size=settings.max_body_bytes,
-                          handler_args={"max_field_size": PARSER_MAX_FIELD, "max_line_size": PARSER_MAX_FIELD,
-                                        **http_settings(settings.http_timeout_s)})
+                          handler_args=http_settings(settings.http_timeout_s))
     app[BODY_TIMEOUT] = settings.http_timeout_s
     host = PluginHost()
     load_plugins(found, host)

@@ -21,12 +21,6 @@ REQ_CALLER: Final[web.RequestKey[Caller]] = web.RequestKey("tenantfleet_caller")
 
 TENANT_HEADER: Final = "X-Tenant"
 
-# Headers: aiohttp's parser accepts up to PARSER_MAX_FIELD bytes per line/field (beyond
-# that it answers a plain-text 400 itself); the shared edge refuses anything over
-# router.http.MAX_HEADER_BYTES with the envelope, so every oversized header a client is
-# likely to send gets a proper error body. (The request id and its header: router.http.)
-PARSER_MAX_FIELD: Final = 65536
-
 # How long a cached principal or tenant-plugin row may be used before it is re-read even
 # without an invalidation (a lost pub/sub message can't keep a revoked key alive longer).
 AUTH_CACHE_TTL_S: Final = 10.0

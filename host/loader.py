@@ -16,7 +16,7 @@ from aiohttp import web
 
 from host.context import HostPluginContext, PluginHost
 from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
-from host.tenancy import REQUEST_TENANT, resolve_request_tenant
+from host.tenancy import REQUEST_TENANT, check_servable, request_tenant
 from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
 from router.errors import NotFound, PluginNotFound
 from shard_migrations.packages import Discovery, PluginPackage
@@ -69,10 +69,13 @@ def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
     async def gated(request: web.Request) -> web.StreamResponse:
         rt = host.runtime
         request[REQ_PLUGIN] = plugin_id
-        rec = await resolve_request_tenant(rt.resolver, request)
+        # the key first: without one, nothing is said about the tenant (found or not, suspended)
+        principal = await rt.auth.caller(request)
+        rec = await request_tenant(rt.resolver, request)
         request[REQ_TENANT] = rec.tenant_id
+        rt.auth.check_tenant(principal, rec.tenant_id)  # nor to another tenant's key about its state
+        check_servable(rec)
         REQUEST_TENANT.set(rec)
-        principal = await rt.auth.for_tenant(request, rec.tenant_id)
         tp = await rt.registry.gate(plugin_id, rec.tenant_id)
         request[REQ_CALLER] = Caller(
             tenant=Tenant(rec.tenant_id, rec.code, rec.domains), principal_id=principal.principal_id,

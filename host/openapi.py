@@ -117,7 +117,9 @@ def document(app: web.Application) -> dict[str, Any]:
             op["requestBody"] = {"required": known or kind == "plugin",
                                  "content": {"application/json": {"schema": schema}}}
             statuses |= {408, 413}
-        ok = "201" if route.method == "POST" and path == "/admin/principals" else "200"
+        # a plugin's handler picks its own success status (inventory answers 201 on create)
+        ok = ("201" if route.method == "POST" and path == "/admin/principals"
+              else "2XX" if kind == "plugin" and path != "/api/manifest" else "200")
         content = ({"text/plain": {"schema": {"type": "string"}}} if path == "/metrics"
                    else {"application/json": {"schema": {}}})
         op["responses"] = {ok: {"description": "OK", "headers": dict(_RID), "content": content},

@@ -106,27 +106,33 @@ class Authenticator:
         entry = self._cache[digest] = (p, now + AUTH_CACHE_TTL_S)
         return entry
 
-    async def for_tenant(self, request: web.Request, tenant_id: str) -> Principal:
-        """The caller, who must belong to ``tenant_id``.
-
-        UNAUTHORIZED without a valid key; FORBIDDEN when the key belongs to another tenant,
-        whatever the request's tenant headers say.
-        """
+    async def caller(self, request: web.Request) -> Principal:
+        """The caller's principal, whichever tenant it belongs to; UNAUTHORIZED without a
+        valid key. Asked before the request's tenant is looked up, so that a caller without
+        a key learns nothing about which tenants exist or what state they are in."""
         header = request.headers.get("Authorization")
         hit = None if header is None else self._by_header.get(header)
         if hit is not None and hit[1] > time.monotonic():
-            p = hit[0]
-        else:
-            found, expires = await self._entry(bearer(request))
-            if found is None:
-                raise Unauthorized("unknown API key")
-            p = found
-            if header is not None:
-                if len(self._by_header) > 100_000:
-                    self._by_header.clear()
-                self._by_header[header] = (p, expires)
+            return hit[0]
+        found, expires = await self._entry(bearer(request))
+        if found is None:
+            raise Unauthorized("unknown API key")
+        if header is not None:
+            if len(self._by_header) > 100_000:
+                self._by_header.clear()
+            self._by_header[header] = (found, expires)
+        return found
+
+    @staticmethod
+    def check_tenant(p: Principal, tenant_id: str) -> None:
+        """FORBIDDEN unless ``p`` belongs to ``tenant_id``, whatever the request's tenant headers say."""
         if p.tenant_id != tenant_id:
             raise Forbidden("this API key does not belong to the requested tenant", tenantId=tenant_id)
+
+    async def for_tenant(self, request: web.Request, tenant_id: str) -> Principal:
+        """The caller, who must belong to ``tenant_id``: `caller`, then `check_tenant`."""
+        p = await self.caller(request)
+        self.check_tenant(p, tenant_id)
         return p
 
     async def check_admin(self, admin_key: str, request: web.Request) -> None:

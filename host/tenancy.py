@@ -56,11 +56,8 @@ def tenant_name(request: web.Request) -> tuple[str, str]:
     return "domain", host
 
 
-async def resolve_request_tenant(resolver: Resolver, request: web.Request) -> TenantRecord:
-    """The tenant a request is for, checked to be servable.
-
-    Raises TENANT_NOT_FOUND, VALIDATION_FAILED, TENANT_SUSPENDED, TENANT_NOT_READY.
-    """
+async def request_tenant(resolver: Resolver, request: web.Request) -> TenantRecord:
+    """The tenant a request names, in whatever state; TENANT_NOT_FOUND, VALIDATION_FAILED."""
     kind, value = tenant_name(request)
     if kind == "code":  # spelled out: no kwargs dict per request (bench/request_path.py)
         rec = await resolver.resolve(code=value)
@@ -68,7 +65,6 @@ async def resolve_request_tenant(resolver: Resolver, request: web.Request) -> Te
         rec = await resolver.resolve(id=value)
     else:
         rec = await resolver.resolve(domain=value)
-    check_servable(rec)
     return rec
 
 

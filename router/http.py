@@ -46,13 +46,20 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(1)
 
-# aiohttp's parser accepts longer header lines (the host raises its limit so that the
-# envelope, not a plain-text 400, answers); every header over this is refused here.
+# Every header over this is refused by `check_request` with the envelope. aiohttp's own
+# parser limit (`PARSER_MAX_FIELD`, for the request line and each header, on both services
+# through `http_settings`) is set well above it, so that the envelope, not aiohttp's
+# plain-text 400, answers the long headers and paths a client is likely to send.
 MAX_HEADER_BYTES = 8192
+PARSER_MAX_FIELD = 65536
 # How long a body read may take, per app (settings.http_timeout_s); the same value is the
 # connection's keep-alive timeout, which in aiohttp also cuts a request whose header never
 # completes (web_protocol.RequestHandler arms it at connection_made).
 BODY_TIMEOUT = web.AppKey("tenantfleet_body_timeout_s", float)
+# How deep a JSON body may nest. orjson reads up to 1024 levels but writes only 254, so a
+# body between the two would be accepted and then fail (500) wherever it is written back
+# (a plugin's config, an echo); no request of ours needs more than a few levels.
+MAX_JSON_DEPTH = 64
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (request, request id, status, seconds): what a service records per request (metrics, log line)
@@ -71,8 +78,10 @@ def http_settings(timeout_s: float) -> dict[str, Any]:
     headers are closed after ``timeout_s`` (aiohttp's keep-alive timer runs from the
     connection's start until a whole request has arrived), and the unread rest of a body
     (after an early answer, or a body read that timed out) is drained for at most
-    ``timeout_s`` before the connection is closed (aiohttp's lingering time, 10 s by default)."""
-    return {"keepalive_timeout": timeout_s, "lingering_time": timeout_s}
+    ``timeout_s`` before the connection is closed (aiohttp's lingering time, 10 s by default);
+    the request line and each header may be `PARSER_MAX_FIELD` bytes long."""
+    return {"keepalive_timeout": timeout_s, "lingering_time": timeout_s,
+            "max_line_size": PARSER_MAX_FIELD, "max_field_size": PARSER_MAX_FIELD}
 
 
 def new_request_id(request: web.Request) -> str:
@@ -232,11 +241,15 @@ def require_service_key(request: web.Request, *, admin_key: str, read_key: str, 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object (router service, host admin API and plugin routes alike).
 
-    The app's ``client_max_size`` bounds it: PAYLOAD_TOO_LARGE beyond that;
-    REQUEST_TIMEOUT (408) if it doesn't arrive within the app's `BODY_TIMEOUT`;
-    VALIDATION_FAILED (``field: body``) for no body, malformed JSON, anything but an
-    object, or a string holding a NUL character (which PostgreSQL can't store).
+    The app's ``client_max_size`` bounds it: PAYLOAD_TOO_LARGE beyond that (at once when
+    ``Content-Length`` says so); REQUEST_TIMEOUT (408) if it doesn't arrive within the
+    app's `BODY_TIMEOUT`; VALIDATION_FAILED (``field: body``) for no body, a body that
+    can't be decoded as its ``Content-Encoding`` says, malformed JSON, JSON nested deeper
+    than `MAX_JSON_DEPTH`, anything but an object, or a string holding a NUL character
+    (which PostgreSQL can't store).
     """
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        raise PayloadTooLarge("request body too large")
     try:
         async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0)):
             raw = await request.read()
@@ -244,6 +257,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise PayloadTooLarge("request body too large") from None
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time") from None
+    except web.RequestPayloadError:  # e.g. Content-Encoding: gzip over bytes that aren't
+        raise ValidationFailed("the body could not be read (not what its Content-Encoding says, or cut short)",
+                               field="body") from None
     if not raw:
         raise ValidationFailed("a JSON object body is required", field="body")
     try:
@@ -252,11 +268,26 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise ValidationFailed("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):
         raise ValidationFailed("body must be a JSON object", field="body")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(data, MAX_JSON_DEPTH):
+        raise ValidationFailed(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="body")
     if b"\\u0000" in raw:  # the only way JSON text spells NUL; walk only then
         where = _nul_at(data, "")
         if where is not None:
             raise ValidationFailed(f"{where or 'body'} contains a NUL character (\\u0000)", field=where or "body")
     return data
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` deep (iterative: a
+    body can be deeper than Python's recursion limit)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = v.values() if isinstance(v, dict) else v
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _nul_at(value: Any, path: str) -> str | None:

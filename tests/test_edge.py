@@ -279,3 +279,86 @@ def test_the_embedded_fleets_keys_are_generated_once_0600_and_picked_up_by_every
     assert (s.admin_key, s.read_key) == (admin, read)
     s = effective_settings(Settings.load(environ={}, fleet_dir=fleet_dir, read_key="configured"))
     assert s.read_key == "configured"  # a configured key wins
+
+
+# --- bodies the edge reads (found in review: each answered 500 or waited for nothing) -----------
+
+def post(path: str, auth_header: str, body: bytes, *headers: bytes, length: int | None = None) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {auth_header}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body) if length is None else length}\r\n"
+            ).encode() + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate"])
+async def test_a_body_that_is_not_what_its_content_encoding_says_is_400_on_both_services(
+        router: str, host: Host, fleet: Fleet, encoding: bytes) -> None:
+    c = code()
+    for url, path, key in ((router, "/v1/tenants", f"Bearer {ROUTER_ADMIN}"),
+                           (host.url, "/admin/principals", f"Bearer {ADMIN_KEY}")):
+        status, _, body = await raw(url, post(path, key, b'{"code": "' + c.encode() + b'"}',
+                                              b"Content-Encoding: " + encoding))
+        assert (status, body["error"]["field"]) == (400, "body"), body  # type: ignore[index]
+    assert await fleet.control.fetchval("SELECT count(*) FROM tenants WHERE code = $1", c) == 0
+
+
+async def test_json_nested_deeper_than_the_limit_is_400_and_changes_nothing(host: Host, fleet: Fleet) -> None:
+    rec, _ = await tenant_with_key(fleet, host)
+    path = f"/admin/tenants/{rec.code}/plugins/inventory/config"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    # 300 levels: orjson reads it, but can't write it back (its limit is 254)
+    deep = b'{"x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    async with host.http.put(path, data=deep, headers={**admin, "Content-Type": "application/json"}) as r:
+        body = await r.json()
+        assert r.status == 400 and body["error"]["field"] == "body", body
+    shallow = {"x": [[["ok"]]]}
+    async with host.http.put(path, json=shallow, headers=admin) as r:
+        assert r.status == 200
+    assert await host.admin("GET", path) == shallow
+
+
+async def test_a_content_length_over_the_limit_is_413_without_waiting_for_the_body(router: str, fleet: Fleet) -> None:
+    # nothing of the body is sent: without the up-front check this would wait and answer 408
+    status, _, body = await raw(router, post("/v1/tenants", f"Bearer {ROUTER_ADMIN}", b"",
+                                             length=fleet.settings.max_body_bytes + 1))
+    assert (status, body["error"]["code"]) == (413, "PAYLOAD_TOO_LARGE"), body  # type: ignore[index]
+
+
+async def test_an_inventory_item_answers_in_camel_case(host: Host, fleet: Fleet) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "cc-1", "qty": 1},
+                              headers=auth(key, rec.code)) as r:
+        item = await r.json()
+        assert r.status == 201
+    async with host.http.get(f"/api/plugins/inventory/items/{item['id']}", headers=auth(key, rec.code)) as r:
+        fetched = await r.json()
+    for got in (item, fetched):
+        assert {"createdAt", "updatedAt"} <= got.keys() and not any("_" in k for k in got), got
+
+
+async def test_without_a_key_nothing_is_said_about_the_tenant_a_request_names(
+        router: str, host: Host, fleet: Fleet, http: aiohttp.ClientSession) -> None:
+    rec, _ = await tenant_with_key(fleet, host)
+    suspended, _ = await tenant_with_key(fleet, host)
+    async with http.post(f"{router}/v1/tenants/{suspended.tenant_id}/suspend", headers=RADMIN) as r:
+        assert r.status == 200
+    other, other_key = await tenant_with_key(fleet, host)
+    for path in ("/api/plugins/inventory/items", "/api/manifest"):
+        for name in (rec.code, "no-such-tenant", suspended.code, str(uuid.uuid4())):
+            for key in (None, "Bearer not-a-key"):
+                headers = {"X-Tenant": name} if key is None else {"X-Tenant": name, "Authorization": key}
+                async with host.http.get(path, headers=headers) as r:
+                    assert (r.status, (await r.json())["error"]["code"]) == (401, "UNAUTHORIZED"), (path, name, key)
+        # another tenant's key learns no more than that it isn't its tenant (not that it is suspended)
+        async with host.http.get(path, headers=auth(other_key, suspended.code)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (403, "FORBIDDEN"), path
+        async with host.http.get(path, headers=auth(other_key, other.code)) as r:
+            assert r.status == 200, path
+
+
+@pytest.mark.parametrize("which", ["router", "host"])
+async def test_a_long_header_or_path_gets_the_envelope_on_both_services(router: str, host: Host, which: str) -> None:
+    url = router if which == "router" else host.url
+    status, _, body = await raw(url, get("/healthz", b"X-Long: " + b"a" * 20_000))
+    assert (status, body["error"]["code"]) == (400, "VALIDATION_FAILED"), body  # type: ignore[index]
+    status, _, body = await raw(url, get("/healthz/" + "a" * 20_000))
+    assert (status, body["error"]["code"]) == (404, "NOT_FOUND"), body  # type: ignore[index]

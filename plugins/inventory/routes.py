@@ -78,6 +78,7 @@ LIST_SQL = {
     False: "SELECT id, sku, name, qty FROM items ORDER BY id LIMIT $1 OFFSET $2",
     True: "SELECT id, sku, name, qty, location FROM items ORDER BY id LIMIT $1 OFFSET $2",
 }
+# JSON field names are camelCase on every API: the timestamps are renamed in the SQL.
 GET_SQL = {
     False: "SELECT id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\" FROM items WHERE id = $1",
     True: "SELECT id, sku, name, qty, created_at AS \"createdAt\", updated_at AS \"updatedAt\", location FROM items WHERE id = $1",
