@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from datetime import datetime, timezone
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -276,3 +278,33 @@ async def test_readyz_of_host_and_router_ask_redis_now_and_report_it_down(
         # Not restarted here: closing the resolve client (router/client.py) right after its
         # listener resubscribed to a restarted Valkey sometimes hangs in redis-py's
         # get_message, a shutdown hazard of that client outside this test's subject.
+
+
+async def test_a_handler_sees_the_payload_as_committed_json_also_when_this_host_runs_it_with_redis_down(
+        fleet: Fleet, valkey: ValkeyProc) -> None:
+    """The same event reaches handlers as JSON whichever way it travels: through Redis, from
+    the relay, or run here at once with Redis down; never the emitter's own objects (a
+    UUID, a datetime) nor what the emitter changed in its dict after emitting."""
+    async with running_host(on_valkey(fleet, valkey)) as host:
+        rec, _ = await tenant_with_key(fleet, host, roles=())
+        plugin_host = host.app[PLUGIN_HOST]
+        seen: list[dict[str, Any]] = []
+
+        async def record(event: Any) -> None:
+            seen.append(dict(event.payload))
+        plugin_host.runtime.events.on("test", "review.payload_checked", record)
+        await asyncio.to_thread(valkey.stop)
+
+        ref = uuid.uuid4()
+        at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        payload: dict[str, Any] = {"ref": ref, "at": at, "n": 1}
+
+        async def emit(db: Any) -> None:
+            await plugin_host.contexts["inventory"].events.emit("review.payload_checked", payload, db=db)
+            payload["n"] = 2  # after emit: not part of the event
+        await plugin_host.contexts["inventory"].with_tenant_tx(rec.tenant_id, emit)
+
+        async def handled() -> bool:
+            return bool(seen)
+        await until(handled, what="the handler run on this host with Redis down")
+        assert seen == [{"ref": str(ref), "at": "2026-01-02T03:04:05+00:00", "n": 1}]
