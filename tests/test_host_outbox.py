@@ -308,3 +308,29 @@ async def test_a_handler_sees_the_payload_as_committed_json_also_when_this_host_
             return bool(seen)
         await until(handled, what="the handler run on this host with Redis down")
         assert seen == [{"ref": str(ref), "at": "2026-01-02T03:04:05+00:00", "n": 1}]
+
+
+async def test_a_shard_whose_outbox_hangs_does_not_hold_up_the_relay_on_the_other_shards(fleet: Fleet) -> None:
+    """A claim that waits (here a lock on one shard's outbox; a blackholed server alike)
+    stalls that shard's sweeps only: an orphaned event on another shard is still delivered."""
+    async with running_host(host_settings(fleet)) as host:
+        rec, key = await restock_tenant(fleet, host)
+        stuck_shard = next(s for s in fleet.shard_dsns if s != rec.shard_id)
+        stuck = await asyncpg.connect(fleet.shard_dsns[stuck_shard])
+        try:
+            async with stuck.transaction():
+                await stuck.execute("LOCK TABLE fleet.event_outbox IN ACCESS EXCLUSIVE MODE")
+
+                async def relay_waits() -> bool:  # this host's relay is stuck in its claim there
+                    return bool(await stuck.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                        "AND relation = 'fleet.event_outbox'::regclass"))
+                await until(relay_waits, what="the relay's claim waiting on the locked outbox")
+                event_id = await _write_as_a_host_that_died(fleet, rec, "STUCK-ELSEWHERE", 1)
+
+                async def delivered() -> bool:
+                    return (await outbox_row(fleet, rec, event_id))["delivered_at"] is not None
+                await until(delivered, what="the other shard's orphaned event delivered")
+                assert [q["sku"] for q in await restock_requests(host, key, rec.code)] == ["STUCK-ELSEWHERE"]
+        finally:
+            await stuck.close()
