@@ -23,6 +23,7 @@ from aiohttp import web
 from host import outbox
 from host.context import PLUGIN_HOST
 from host.fleet.embedded import ValkeyProc, free_port
+from host.keys import EVENTS_AFTER_COMMIT_MAX
 from host.metrics import HostMetrics
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient
@@ -334,3 +335,51 @@ async def test_a_shard_whose_outbox_hangs_does_not_hold_up_the_relay_on_the_othe
                 assert [q["sku"] for q in await restock_requests(host, key, rec.code)] == ["STUCK-ELSEWHERE"]
         finally:
             await stuck.close()
+
+
+async def test_with_redis_down_a_host_holds_a_bounded_number_of_committed_events_and_the_rest_wait_in_the_outbox(
+        fleet: Fleet, valkey: ValkeyProc) -> None:
+    """Requests can commit events faster than this host's handlers run them (Redis down, so
+    they run here): past `EVENTS_AFTER_COMMIT_MAX` the events are left in the outbox for
+    the relay rather than piling up in memory, and none is lost."""
+    async with running_host(on_valkey(fleet, valkey)) as host:
+        rec, _ = await tenant_with_key(fleet, host, roles=())
+        plugin_host = host.app[PLUGIN_HOST]
+        gate = asyncio.Event()
+        handled: list[str] = []
+
+        async def slow(event: Any) -> None:
+            await gate.wait()
+            handled.append(event.id)
+        plugin_host.runtime.events.on("test", "review.slow", slow)
+        await asyncio.to_thread(valkey.stop)
+        ctx = plugin_host.contexts["inventory"]
+
+        def after_commit_tasks() -> int:
+            return sum(t.get_name() == "events:after-commit" for t in asyncio.all_tasks())
+
+        async def emit(n: int) -> None:
+            async def run(db: Any) -> None:
+                for i in range(n):
+                    await ctx.events.emit("review.slow", {"i": i}, db=db)
+            await ctx.with_tenant_tx(rec.tenant_id, run)
+        await emit(1)
+        assert after_commit_tasks() == 1  # waiting in its handler
+        await emit(EVENTS_AFTER_COMMIT_MAX)
+        assert after_commit_tasks() == 1  # the second transaction's events wait in the outbox
+
+        gate.set()
+        pool = await fleet.shard_pools.get(rec.shard_id)
+
+        async def first_delivered() -> bool:
+            return len(handled) == 1
+        await until(first_delivered, what="the held event delivered")
+        # the writer's lease over (as if 30 s passed): the relay delivers the rest, here
+        await pool.execute("UPDATE fleet.event_outbox SET next_attempt_at = now() "
+                           "WHERE tenant_id = $1::uuid AND delivered_at IS NULL", rec.tenant_id)
+
+        async def all_delivered() -> bool:
+            return not await pool.fetchval("SELECT count(*) FROM fleet.event_outbox "
+                                           "WHERE tenant_id = $1::uuid AND delivered_at IS NULL", rec.tenant_id)
+        await until(all_delivered, timeout=30, what="every event delivered by the relay")
+        assert len(set(handled)) == EVENTS_AFTER_COMMIT_MAX + 1
