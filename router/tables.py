@@ -451,15 +451,14 @@ BEGIN
   RETURN pg_catalog.cardinality(names);
 END $fn$;
 
--- Drops a tenant schema and, unless another database on this server still grants it
--- rights (the same tenant there), its role.
 -- Writes one event into the outbox inside the caller's (fenced tenant) transaction and
 -- returns its id. SECURITY DEFINER, owned by the shard owner: the request path runs as
 -- a role with rights on its tenant's schema and public only, and never gets a grant on
 -- fleet.event_outbox itself; it can add rows through here and do nothing else to the
 -- table. ``tenant`` is the fenced transaction's own tenant, passed by the host (never
--- plugin text); it must be on this shard. ``lease_s``: how long the writing host owns
--- the first delivery before a relay may take the row.
+-- plugin text); it must be on this shard, and the transaction must run as its role
+-- (set by the fence). ``lease_s``: how long the writing host owns the first delivery
+-- before a relay may take the row.
 CREATE OR REPLACE FUNCTION fleet.emit_event(tenant uuid, source text, name text, payload jsonb,
                                             lease_s double precision) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -468,6 +467,13 @@ DECLARE
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM fleet.tenant_fence f WHERE f.tenant_id = tenant) THEN
     RAISE EXCEPTION 'tenant % is not on this shard', tenant USING ERRCODE = 'TF404';
+  END IF;
+  -- Only that tenant's own transaction: the role its fence switched to (the setting
+  -- keeps the caller's value in here; current_user is the owner). Another tenant's
+  -- transaction on this shard may not put events in this tenant's name.
+  IF NOT EXISTS (SELECT 1 FROM fleet.tenant_fence f WHERE f.tenant_id = tenant
+                 AND fleet.tenant_role(f.schema_name)::text = pg_catalog.current_setting('role')) THEN
+    RAISE EXCEPTION 'events of tenant % are written in its own transaction only', tenant USING ERRCODE = '42501';
   END IF;
   INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, next_attempt_at)
   VALUES (v_id, tenant, source, name, payload,
@@ -486,6 +492,8 @@ REVOKE ALL ON FUNCTION fleet.emit_event(uuid, text, text, jsonb, double precisio
 GRANT EXECUTE ON FUNCTION fleet.emit_event(uuid, text, text, jsonb, double precision) TO PUBLIC;
 GRANT USAGE ON SCHEMA fleet TO PUBLIC;
 
+-- Drops a tenant schema and, unless another database on this server still grants it
+-- rights (the same tenant there), its role.
 CREATE OR REPLACE FUNCTION fleet.drop_tenant_schema(name text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN

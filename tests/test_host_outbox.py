@@ -383,3 +383,27 @@ async def test_with_redis_down_a_host_holds_a_bounded_number_of_committed_events
                                            "WHERE tenant_id = $1::uuid AND delivered_at IS NULL", rec.tenant_id)
         await until(all_delivered, timeout=30, what="every event delivered by the relay")
         assert len(set(handled)) == EVENTS_AFTER_COMMIT_MAX + 1
+
+
+async def test_a_tenant_transaction_cannot_write_events_in_another_tenants_name(fleet: Fleet) -> None:
+    """fleet.emit_event is callable by every request-path role (SECURITY DEFINER): it takes
+    events for the calling transaction's own tenant only, not for another tenant on the
+    shard (whose handlers would then act in that tenant's schema)."""
+    async with running_host(host_settings(fleet)) as host:
+        rec, _ = await tenant_with_key(fleet, host, roles=())
+        other, _ = await tenant_with_key(fleet, host, roles=())
+        while other.shard_id != rec.shard_id:
+            other, _ = await tenant_with_key(fleet, host, roles=())
+        ctx = host.app[PLUGIN_HOST].contexts["inventory"]
+
+        async def forge(db: Any) -> None:
+            await db.fetchval("SELECT fleet.emit_event($1::uuid, 'restock', 'inventory.item_created', "
+                              "'{\"sku\": \"X\", \"qty\": 1}'::jsonb, 0)", other.tenant_id)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await ctx.with_tenant_tx(rec.tenant_id, forge)
+        assert await outbox_rows(fleet, other) == []
+
+        async def own(db: Any) -> str:
+            return str(await db.fetchval("SELECT fleet.emit_event($1::uuid, 'inventory', 'review.own', "
+                                         "'{}'::jsonb, 30)", rec.tenant_id))
+        assert await outbox_row(fleet, rec, await ctx.with_tenant_tx(rec.tenant_id, own)) is not None
