@@ -143,21 +143,26 @@ async def test_a_rolled_back_transaction_leaves_no_event_and_bad_events_are_refu
         assert await outbox_rows(fleet, rec) == []
 
 
-async def _write_as_a_host_that_died(fleet: Fleet, rec: TenantRecord, sku: str, qty: int) -> str:
-    """What a host leaves behind when it dies after commit, before delivering: the item and
-    its event committed together (as the request path's role, through fleet.emit_event),
-    the writer's lease already over, no delivery ever attempted."""
+async def _in_tenant_tx(fleet: Fleet, rec: TenantRecord, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    """``fn`` in a fenced transaction of ``rec`` as the request path runs it (its own
+    TenantTx, no host)."""
     async with AsyncExitStack() as stack:
         pools = await stack.enter_async_context(
             ShardPools(fleet.settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
         resolver = await stack.enter_async_context(ResolveClient(fleet.settings, fleet.directory.lookup))
         tx = await stack.enter_async_context(TenantTx(fleet.settings, resolver, pools, HostMetrics()))
+        return await tx.run(rec.tenant_id, fn)
 
-        async def write(db: Any) -> str:
-            row = await db.fetchrow("INSERT INTO items (sku, qty) VALUES ($1, $2) RETURNING id", sku, qty)
-            body = outbox.encode_event("inventory.item_created", {"id": row["id"], "sku": sku, "qty": qty})
-            return await outbox.write(db, rec.tenant_id, "inventory", "inventory.item_created", body, lease_s=0)
-        return await tx.run(rec.tenant_id, write)
+
+async def _write_as_a_host_that_died(fleet: Fleet, rec: TenantRecord, sku: str, qty: int) -> str:
+    """What a host leaves behind when it dies after commit, before delivering: the item and
+    its event committed together (as the request path's role, through fleet.emit_event),
+    the writer's lease already over, no delivery ever attempted."""
+    async def write(db: Any) -> str:
+        row = await db.fetchrow("INSERT INTO items (sku, qty) VALUES ($1, $2) RETURNING id", sku, qty)
+        body = outbox.encode_event("inventory.item_created", {"id": row["id"], "sku": sku, "qty": qty})
+        return await outbox.write(db, rec.tenant_id, "inventory", "inventory.item_created", body, lease_s=0)
+    return str(await _in_tenant_tx(fleet, rec, write))
 
 
 async def test_an_event_no_host_delivered_is_delivered_later_and_a_redelivery_does_not_double_its_effect(
@@ -210,6 +215,14 @@ async def test_delivered_rows_are_cleaned_up_and_the_request_role_cannot_touch_t
         await conn.execute(f"SET LOCAL ROLE {APP_ROLE}")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetch("SELECT * FROM fleet.event_outbox")
+    # and the role a tenant's transaction actually runs as (the fence switches to it)
+    for sql in ("SELECT * FROM fleet.event_outbox",
+                "UPDATE fleet.event_outbox SET delivered_at = now()",
+                "DELETE FROM fleet.event_outbox"):
+        async def touch(db: Any, sql: str = sql) -> None:
+            await db.execute(sql)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await _in_tenant_tx(fleet, rec, touch)
 
 
 async def test_revoke_and_disable_succeed_with_redis_down_and_this_host_refuses_at_once(
