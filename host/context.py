@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Final, Mapping, Sequence, TypeVar
 
+import orjson
 from aiohttp import web
 
 from host import rbac
@@ -131,7 +132,9 @@ class _Events:
             raise RuntimeError("events.emit(..., db=db) takes the db of the with_tenant_tx it is called in")
         body = outbox.encode_event(name, payload)  # VALIDATION_FAILED before anything is written
         event_id = await outbox.write(db, scope.tenant_id, self._ctx.plugin_id, name, body)
-        scope.events.append((event_id, self._ctx.plugin_id, name, payload))
+        # What was written, decoded: handlers run here after commit (Redis down) see the
+        # same JSON as through Redis or the relay, not the emitter's objects or later edits.
+        scope.events.append((event_id, self._ctx.plugin_id, name, orjson.loads(body)))
         return event_id
 
 

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from host.keys import EVENTS_IN_FLIGHT, EVENTS_POP_S, events_queue_key, registry_channel
+from host.keys import EVENTS_AFTER_COMMIT_MAX, EVENTS_IN_FLIGHT, EVENTS_POP_S, events_queue_key, registry_channel
 from host.metrics import HostMetrics
 from host.outbox import SHARD_ERRORS, OutboxEvent, OutboxStore, retry_delay
 from plugins.api import Event
@@ -96,6 +96,7 @@ class EventBus:
         self.handlers: dict[str, list[tuple[str, EventHandler]]] = {}
         self._slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
         self._redis_down_until = 0.0
+        self._after_commit = 0  # events held by `committed` tasks not yet handed on or handled
         self.ready = asyncio.Event()  # set while the queue is being popped
 
     def on(self, plugin_id: str, name: str, handler: EventHandler) -> None:
@@ -106,20 +107,32 @@ class EventBus:
         """Deliver ``(event_id, source, name, payload)`` events whose transaction has just
         committed, in an owned background task. Never raises and never waits: an event not
         delivered now stays in the outbox, and the relay delivers it once its lease ends."""
+        # Bounded: with Redis down these tasks wait for handler slots, and requests can
+        # commit faster than handlers run. Past the bound the events wait in the outbox
+        # (their rows are durable; the relay delivers them once the writer's lease ends).
+        if self._after_commit + len(events) > EVENTS_AFTER_COMMIT_MAX:
+            log.warning("%d event(s) left to the outbox relay: %d already wait for delivery on this host",
+                        len(events), self._after_commit, extra={"tenantId": tenant_id})
+            return
+        self._after_commit += len(events)
         try:
             self.tasks.spawn(self._deliver_committed(tenant_id, list(events)), name="events:after-commit")
         except RuntimeError:
+            self._after_commit -= len(events)
             log.info("host shutting down: %d event(s) left to the outbox relay", len(events))
 
     async def _deliver_committed(self, tenant_id: str, events: list[tuple[str, str, str, Mapping[str, Any]]]) -> None:
         try:
-            shard_id = await self._shard_of(tenant_id)
-        except SHARD_ERRORS as exc:
-            log.warning("events of tenant %s left to the outbox relay (%s)", tenant_id, exc.__class__.__name__,
-                        extra={"tenantId": tenant_id})
-            return
-        await self.deliver([OutboxEvent(eid, shard_id, tenant_id, source, name, payload, 1)
-                            for eid, source, name, payload in events])
+            try:
+                shard_id = await self._shard_of(tenant_id)
+            except SHARD_ERRORS as exc:
+                log.warning("events of tenant %s left to the outbox relay (%s)", tenant_id, exc.__class__.__name__,
+                            extra={"tenantId": tenant_id})
+                return
+            await self.deliver([OutboxEvent(eid, shard_id, tenant_id, source, name, payload, 1)
+                                for eid, source, name, payload in events])
+        finally:
+            self._after_commit -= len(events)
 
     # --- delivery ----------------------------------------------------------------------------
     async def deliver(self, batch: list[OutboxEvent]) -> None:

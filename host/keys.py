@@ -46,6 +46,7 @@ OUTBOX_RETENTION_S: Final = 3600.0     # delivered rows are deleted after this
 OUTBOX_CLEANUP_EVERY_S: Final = 60.0
 OUTBOX_SHARDS_EVERY_S: Final = 10.0    # the relay re-reads the shard list this often
 EVENTS_IN_FLIGHT: Final = 32           # events whose handlers run at once on one host
+EVENTS_AFTER_COMMIT_MAX: Final = 1024  # committed events a host holds for its own delivery; past it, the relay's
 EVENTS_POP_S: Final = 1                # BRPOP timeout (whole seconds)
 MAX_EVENT_BYTES: Final = 65536         # an event's payload as JSON
 

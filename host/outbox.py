@@ -208,6 +208,7 @@ class Relay:
         self._shards_read = -math.inf
         self._backoff: dict[str, tuple[int, float]] = {}   # shard -> (failures, not before)
         self._cleaned: dict[str, float] = {}
+        self._busy: dict[str, asyncio.Task[None]] = {}  # shard -> its pass in progress (or last)
         self._shard_wait = wait_random_exponential(multiplier=OUTBOX_SWEEP_S, max=OUTBOX_SHARD_BACKOFF_MAX_S)
         self.sweeps = 0
 
@@ -215,16 +216,28 @@ class Relay:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            await self.sweep()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._sweep_s)
-            except asyncio.TimeoutError:
-                pass
+        """Sweep until cancelled; cancelling it cancels the shard sweeps it started."""
+        try:
+            while True:
+                self._wake.clear()
+                await self.sweep()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._sweep_s)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            busy = [t for t in self._busy.values() if not t.done()]
+            for t in busy:
+                t.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
 
     async def sweep(self) -> None:
-        """One pass over every shard (concurrently): claim and deliver until nothing is due."""
+        """One pass over every shard (concurrently): claim and deliver until nothing is due.
+
+        Waits for the shards' passes at most one sweep interval: a shard whose pass hangs
+        (a lock on its outbox, a server that stopped answering) goes on in the background
+        and is skipped until it ends, so it never holds up the others. Re-raises a pass's
+        unexpected error (a bug) here."""
         now = time.monotonic()
         if now - self._shards_read > OUTBOX_SHARDS_EVERY_S:
             try:
@@ -232,7 +245,21 @@ class Relay:
                 self._shards_read = now
             except SHARD_ERRORS as exc:  # the control plane hiccuped: sweep the shards we know
                 log.warning("outbox relay could not list shards (%s)", exc.__class__.__name__)
-        await asyncio.gather(*(self._sweep_shard(s) for s in self._shards))
+        for gone in [s for s, t in self._busy.items() if s not in self._shards and t.done()]:
+            self._busy.pop(gone).result()
+        passes: list[asyncio.Task[None]] = []
+        for shard_id in self._shards:
+            task = self._busy.get(shard_id)
+            if task is not None and task.done():
+                task.result()  # a pass that ended in the background: its bug surfaces here
+            if task is None or task.done():
+                task = asyncio.create_task(self._sweep_shard(shard_id), name=f"outbox:sweep:{shard_id}")
+                self._busy[shard_id] = task
+            passes.append(task)
+        if passes:
+            done, _ = await asyncio.wait(passes, timeout=self._sweep_s)
+            for task in done:
+                task.result()
         self.sweeps += 1
 
     async def _sweep_shard(self, shard_id: str) -> None:

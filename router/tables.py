@@ -451,8 +451,6 @@ BEGIN
   RETURN pg_catalog.cardinality(names);
 END $fn$;
 
--- Drops a tenant schema and, unless another database on this server still grants it
--- rights (the same tenant there), its role.
 -- Writes one event into the outbox inside the caller's (fenced tenant) transaction and
 -- returns its id. SECURITY DEFINER, owned by the shard owner: the request path runs as
 -- a role with rights on its tenant's schema and public only, and never gets a grant on
@@ -480,9 +478,11 @@ BEGIN
     RAISE EXCEPTION 'events of tenant % may be written only in its own transaction', tenant
       USING ERRCODE = '42501';
   END IF;
+  -- the writer's lease runs from the emit, not from the transaction's start (now()): a long
+  -- transaction must not leave the relay free to deliver while the writer still does
   INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, next_attempt_at)
   VALUES (v_id, tenant, source, name, payload,
-          pg_catalog.now() + pg_catalog.make_interval(secs => GREATEST(lease_s, 0)));
+          pg_catalog.clock_timestamp() + pg_catalog.make_interval(secs => GREATEST(lease_s, 0)));
   RETURN v_id;
 END $fn$;
 -- PostgreSQL grants EXECUTE on a new function to PUBLIC; for a SECURITY DEFINER function
@@ -497,6 +497,8 @@ REVOKE ALL ON FUNCTION fleet.emit_event(uuid, text, text, jsonb, double precisio
 GRANT EXECUTE ON FUNCTION fleet.emit_event(uuid, text, text, jsonb, double precision) TO PUBLIC;
 GRANT USAGE ON SCHEMA fleet TO PUBLIC;
 
+-- Drops a tenant schema and, unless another database on this server still grants it
+-- rights (the same tenant there), its role.
 CREATE OR REPLACE FUNCTION fleet.drop_tenant_schema(name text) RETURNS void
 LANGUAGE plpgsql AS $fn$
 BEGIN
