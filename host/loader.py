@@ -18,7 +18,7 @@ from host.context import HostPluginContext, PluginHost
 from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
 from host.tenancy import REQUEST_TENANT, check_servable, request_tenant
 from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
-from router.errors import NotFound, PluginNotFound
+from router.errors import MethodNotAllowed, NotFound, PluginNotFound
 from shard_migrations.packages import Discovery, PluginPackage
 
 log = logging.getLogger("tenantfleet.host.loader")
@@ -109,4 +109,17 @@ async def _unknown(host: PluginHost, request: web.Request) -> web.StreamResponse
     if pid not in host.contexts:
         why = host.refused.get(pid)
         raise PluginNotFound(f"no plugin {pid}" + (f" (refused: {why})" if why else ""), pluginId=pid)
+    # The catch-all takes every method, so aiohttp's own 405 never happens under a plugin:
+    # a path the plugin serves with other methods is answered 405 with them in Allow.
+    allowed: set[str] = set()
+    prefix = f"{PREFIX}/{pid}/"
+    for resource in request.app.router.resources():
+        if resource.canonical.startswith(prefix):
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+    if allowed:
+        names = sorted(allowed)
+        raise MethodNotAllowed(f"{request.method} is not allowed here; allowed: {', '.join(names)}",
+                               allowed=names, pluginId=pid)
     raise NotFound(f"plugin {pid} has no route {request.method} {request.path}", pluginId=pid)

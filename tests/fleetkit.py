@@ -150,3 +150,17 @@ async def until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: st
         assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
         await asyncio.sleep(0.005)
 
+
+async def serve_router(settings: Settings, stack: AsyncExitStack) -> str:
+    """Run the router service on a free loopback port until ``stack`` closes; its base URL."""
+    from aiohttp import web
+
+    from router.service import open_service
+
+    app = await open_service(settings, stack)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+

@@ -12,14 +12,12 @@ from typing import Any, AsyncIterator
 import pytest
 import pytest_asyncio
 import schemathesis
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from router.openapi import DOCUMENT
-from router.service import open_service
-from tests.fleetkit import Servers, open_fleet
+from tests.fleetkit import Servers, open_fleet, serve_router
 
 ADMIN, READ = "contract-admin-key", "contract-read-key"
 EXAMPLES = 25
@@ -32,13 +30,7 @@ SKIP = {("POST", "/v1/shards")}
 async def router(servers: Servers) -> AsyncIterator[str]:
     async with AsyncExitStack() as stack:
         fleet = await open_fleet(servers, stack, shards=2)
-        app = await open_service(fleet.settings.model_copy(update={"admin_key": ADMIN, "read_key": READ}), stack)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield await serve_router(fleet.settings.model_copy(update={"admin_key": ADMIN, "read_key": READ}), stack)
 
 
 def run_contract(document: dict[str, Any], base_url: str, key: str) -> list[str]:

@@ -15,15 +15,13 @@ import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
 from host.fleet.embedded import free_port
 from router.models import MAX_DOMAINS
 from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, effective_settings, fleet_key
-from router.service import open_service
 from router.settings import Settings
 from tests.conftest import FleetFactory
-from tests.fleetkit import Fleet
+from tests.fleetkit import Fleet, serve_router
 from tests.hostkit import ADMIN_KEY, Host, auth, code, host_settings, running_host, tenant_with_key
 
 ROUTER_ADMIN = "edge-admin-key"
@@ -36,14 +34,8 @@ RREAD = {"Authorization": f"Bearer {ROUTER_READ}"}
 @asynccontextmanager
 async def router_service(settings: Settings) -> AsyncIterator[str]:
     async with AsyncExitStack() as stack:
-        app = await open_service(settings.model_copy(update={
+        yield await serve_router(settings.model_copy(update={
             "admin_key": ROUTER_ADMIN, "read_key": ROUTER_READ, "http_timeout_s": TIMEOUT_S}), stack)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

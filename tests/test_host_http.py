@@ -342,3 +342,14 @@ async def test_requests_finding_the_registry_copy_expired_together_share_one_rel
     found = await asyncio.gather(*(registry.tenant_plugin(rec.tenant_id, "inventory") for _ in range(20)))
     assert all(tp is not None and tp.enabled for tp in found)
     assert registry.reloads == 1
+
+
+async def test_a_plugin_path_asked_with_another_method_is_405_with_allow(host: Host) -> None:
+    async with host.http.delete("/api/plugins/inventory/items") as r:
+        assert r.status == 405
+        assert set(r.headers["Allow"].split(", ")) == {"GET", "POST"}
+        assert (await r.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
+    async with host.http.put("/api/plugins/inventory/items/7") as r:  # a path with a parameter
+        assert r.status == 405 and "PATCH" in r.headers["Allow"].split(", ")
+    async with host.http.get("/api/plugins/inventory/no-such-route") as r:  # not a method problem
+        assert r.status == 404 and (await r.json())["error"]["code"] == "NOT_FOUND"
