@@ -39,7 +39,10 @@ def fleet_key(fleet_dir: Path, name: str, configured: str, *, create: bool) -> s
         return ""
     fleet_dir.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    except FileExistsError:  # another process made it first: use its key
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return key

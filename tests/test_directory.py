@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from router.errors import ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed
+from router.errors import ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 
@@ -106,3 +107,20 @@ async def test_unreachable_shard_is_refused_and_nothing_is_registered(fleet: Fle
     with pytest.raises(ShardUnreachable):
         await fleet.directory.add_shard("ghost", f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     assert await fleet.control.fetchval("SELECT count(*) FROM shards WHERE shard_id = 'ghost'") == 0
+
+
+async def test_only_a_shards_password_may_be_replaced_and_only_by_one_that_connects(fleet: Fleet) -> None:
+    """What `up` does for an embedded fleet made before passwords (host/fleet/demo.ensure_shards)."""
+    dsn = fleet.shard_dsns["shard1"]
+    parts = urlsplit(dsn)
+    with pytest.raises(ValidationFailed):  # another database is a move, not a credential change
+        await fleet.directory.replace_shard_password("shard1", urlunsplit(parts._replace(path="/elsewhere")))
+    with pytest.raises(ShardNotFound):
+        await fleet.directory.replace_shard_password("shard9", dsn)
+    if fleet.servers.embedded is not None:  # an external server may trust loopback and take any password
+        wrong = urlunsplit(parts._replace(netloc=f"{parts.username}:wrong@{parts.hostname}:{parts.port}"))
+        with pytest.raises(ShardUnreachable):
+            await fleet.directory.replace_shard_password("shard1", wrong)
+    assert (await fleet.directory.get_shard("shard1")).dsn == dsn  # nothing changed
+    await fleet.directory.replace_shard_password("shard1", dsn)
+    assert (await fleet.directory.get_shard("shard1")).dsn == dsn

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from router.errors import FleetError
+from router.runtime import fleet_key
 
 PG_USER = "tenantfleet"
 STATE_FILE = "fleet.json"
@@ -325,12 +326,9 @@ class EmbeddedFleet:
         return ports
 
     def _load_password(self) -> str:
-        """The superuser password, generated once and kept 0600 under ``root``."""
-        path = self.root / PASSWORD_FILE
-        if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(24) + "\n")  # URL-safe: it goes into DSNs as is
-        return path.read_text().strip()
+        """The superuser password, generated once and kept 0600 under ``root`` (like the
+        admin key: created with O_EXCL, so two first starts at once agree on one)."""
+        return fleet_key(self.root, PASSWORD_FILE, "", create=True)  # URL-safe: it goes into DSNs as is
 
     def _save(self) -> None:
         ports = {s.name: s.port for s in [self.control, *self.shard_servers]} | {"valkey": self.valkey.port}
