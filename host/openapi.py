@@ -19,6 +19,7 @@ from host.context import PLUGIN_HOST
 from host.rbac import ROLE_KEY_RE
 from router.http import json_response
 from router.models import UUID_PATTERN
+from router.openapi import REQUEST_ID_DOC, error_doc
 
 _PARAM = re.compile(r"\{([^}:]+)(?::([^}]*))?\}")
 _REF = "#/components/schemas/{model}"
@@ -34,8 +35,7 @@ _WHY = {
     500: "INTERNAL or MIGRATION_FAILED: a fault, logged with the request id",
     503: "SHARD_UNREACHABLE, TENANT_MOVING, TENANT_NOT_READY, FENCE_STALE, or not ready; see Retry-After",
 }
-_RID = {"X-Request-Id": {"description": "the request's id (the client's own if tame)", "required": True,
-                         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}}}
+_RID = REQUEST_ID_DOC
 
 
 def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[str, Any]:
@@ -54,11 +54,7 @@ def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[s
 
 
 def _error(status: int) -> dict[str, Any]:
-    headers: dict[str, Any] = dict(_RID)
-    if status == 401:
-        headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
-    return {"description": _WHY[status], "headers": headers,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return error_doc(status, _WHY[status])
 
 
 def _kind(path: str) -> str:

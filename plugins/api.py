@@ -34,7 +34,7 @@ from aiohttp import web
 from router.errors import (
     Forbidden, NotFound, PayloadTooLarge, TenantFleetError, ValidationFailed,
 )
-from router.http import json_response as _json_response, read_json_object
+from router.http import int_param, json_response as _json_response, parse_uint, read_json_object
 
 API_VERSION = "1.0"
 API_MAJOR = 1
@@ -42,7 +42,7 @@ API_MAJOR = 1
 __all__ = [
     "API_MAJOR", "API_VERSION", "Caller", "Config", "Cron", "CronRun", "Db", "Event", "Events", "Forbidden",
     "Handler", "Log", "NotFound", "PayloadTooLarge", "PluginContext", "PluginRouter", "Rbac", "Record",
-    "Tenant", "TenantFleetError", "ValidationFailed", "json_body", "json_response",
+    "Tenant", "TenantFleetError", "ValidationFailed", "int_param", "json_body", "json_response", "parse_uint",
 ]
 
 T = TypeVar("T")

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
+from router.http import REQUEST_ID_HEADER, REQUEST_ID_RE
 from router.keys import TENANT_STATES
 from router.models import (
     MAX_DOMAINS, UUID_PATTERN, Code, Domain, NewShard, NewTenant, ShardId, ShardOut, TenantOut,
@@ -29,8 +30,11 @@ _WHY = {
     500: "INTERNAL: a fault of ours, logged with the request id",
     503: "SHARD_UNREACHABLE, NO_SHARD_AVAILABLE or the control plane down; see Retry-After",
 }
-_RID = {"X-Request-Id": {"description": "the request's id (the client's own if tame)", "required": True,
-                         "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,64}$"}}}
+# The X-Request-Id every answer carries, as router.http sets it (the host's document too).
+REQUEST_ID_DOC: dict[str, Any] = {REQUEST_ID_HEADER: {
+    "description": "the request's id (the client's own if tame)", "required": True,
+    "schema": {"type": "string", "pattern": f"^{REQUEST_ID_RE.pattern}$"}}}
+_RID = REQUEST_ID_DOC
 _READ: list[dict[str, list[str]]] = [{"readKey": []}, {"adminKey": []}]
 _ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
@@ -40,14 +44,20 @@ def _schema(t: Any) -> dict[str, Any]:
     return out
 
 
-def _error(status: int) -> dict[str, Any]:
-    headers: dict[str, Any] = dict(_RID)
+def error_doc(status: int, description: str) -> dict[str, Any]:
+    """An error response in the envelope with the headers router.http sets for ``status``
+    (both services' documents)."""
+    headers: dict[str, Any] = dict(REQUEST_ID_DOC)
     if status == 401:
         headers["WWW-Authenticate"] = {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
     if status == 503:
         headers["Retry-After"] = {"required": False, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
-    return {"description": _WHY[status], "headers": headers,
+    return {"description": description, "headers": headers,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _error(status: int) -> dict[str, Any]:
+    return error_doc(status, _WHY[status])
 
 
 def _ok(desc: str, schema: dict[str, Any], status: int = 200) -> dict[str, Any]:

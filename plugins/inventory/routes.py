@@ -5,19 +5,15 @@ for tenants whose installed version has it (``ctx.caller(request).plugin_version
 """
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
 
-from plugins.api import Db, PluginContext, ValidationFailed, NotFound, json_body, json_response
+from plugins.api import Db, NotFound, PluginContext, ValidationFailed, int_param, json_body, json_response, parse_uint
 
 LOCATION_SINCE = (1, 1, 0)
 MAX_LIMIT = 500
-# Numbers in the query and path: canonical ASCII decimal only (int() would also take
-# ' 5', '05', '1_0' and '١', and a 40-digit offset that PostgreSQL's bigint refuses).
-_UINT = re.compile(r"0|[1-9][0-9]{0,17}")
 
 
 @lru_cache(maxsize=64)
@@ -26,26 +22,8 @@ def _version(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in core.split(".")[:3])
 
 
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not _UINT.fullmatch(raw):
-        raise ValidationFailed(f"{name} must be a whole number written in plain digits (like 10)", field=name)
-    value = int(raw)
-    if not lo <= value <= hi:
-        raise ValidationFailed(f"{name} must be between {lo} and {hi}", field=name)
-    return value
-
-
 def _item_id(request: web.Request) -> int:
-    raw = request.match_info["id"]
-    if not _UINT.fullmatch(raw):
-        raise ValidationFailed("item id must be a whole number written in plain digits", field="id")
-    value = int(raw)
-    if not 1 <= value < 2**63:
-        raise ValidationFailed("item id out of range", field="id")
-    return value
+    return parse_uint(request.match_info["id"], "id", 1, 2**63 - 1)
 
 
 def _str(body: dict[str, Any], key: str, *, required: bool, max_len: int) -> str | None:
@@ -107,8 +85,8 @@ def setup(ctx: PluginContext) -> None:
     async def list_items(request: web.Request) -> web.StreamResponse:
         """Items by id: ``{items: [{id, sku, name, qty[, location]}], limit, offset}``."""
         caller = ctx.caller(request)
-        limit = _int_param(request, "limit", 50, 1, MAX_LIMIT)
-        offset = _int_param(request, "offset", 0, 0, 10_000_000)
+        limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
+        offset = int_param(request, "offset", 0, 0, 10_000_000)
         sql = LIST_SQL[_version(caller.plugin_version) >= LOCATION_SINCE]
 
         async def run(db: Db) -> list[Any]:
