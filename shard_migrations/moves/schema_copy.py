@@ -547,6 +547,11 @@ _Q_PROBLEMS = """
 SELECT format('rule %I on %s: rules are not supported by moves', r.rulename, r.ev_class::regclass) AS problem
 FROM pg_rewrite r WHERE r.ev_class = ANY($2::oid[]) AND r.rulename <> '_RETURN'
 UNION ALL
+SELECT format('table %s inherits from %s: table inheritance is not supported by moves', i.inhrelid::regclass,
+              i.inhparent::regclass)
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE (i.inhrelid = ANY($2::oid[]) OR i.inhparent = ANY($2::oid[])) AND NOT c.relispartition
+UNION ALL
 SELECT format('policy %I on %s: row-level security policies are not supported by moves', p.polname, p.polrelid::regclass)
 FROM pg_policy p WHERE p.polrelid = ANY($2::oid[])
 UNION ALL
