@@ -248,6 +248,7 @@ async def test_a_table_without_a_primary_key_or_replica_identity_is_a_problem_na
 
 async def test_unsupported_objects_are_problems_naming_each(fleet: Fleet) -> None:
     rec = await fleet.directory.create_tenant("ms-" + uuid.uuid4().hex[:8])
+    outside = "ms_ref_" + uuid.uuid4().hex[:8]  # a public table pointing into the schema
     conn = await _connect(fleet, rec.shard_id)
     try:
         await _in_schema(conn, rec.schema, """
@@ -262,16 +263,21 @@ async def test_unsupported_objects_are_problems_naming_each(fleet: Fleet) -> Non
             CREATE POLICY mine ON secret USING (id > 0);
             CREATE AGGREGATE total (int) (SFUNC = int4pl, STYPE = int);
             CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY);
+            CREATE COLLATION my_coll FROM "C";
+            CREATE TYPE span AS RANGE (subtype = int);
         """)
+        await conn.execute(f"CREATE TABLE public.{outside} (id int REFERENCES {rec.schema}.base (id))")  # test-made names
         problems = (await read_tenant_schema(conn, rec.schema)).problems
         s = rec.schema
         for expected in (f"{s}.totals is a materialized view", f"{s}.parted is a partitioned table",
                          f"table {s}.parted_1 is a partition", f"table {s}.child inherits from",
                          f"rule no_delete on {s}.base", f"policy mine on {s}.secret",
                          f"table {s}.secret has row-level security", f"{s}.total(integer) is an aggregate",
-                         f"table {s}.scratch is UNLOGGED"):
+                         f"table {s}.scratch is UNLOGGED", f"collation {s}.my_coll is in the schema",
+                         f"type {s}.span is a range type", f"on table public.{outside} depends on table {s}.base"):
             assert any(expected in p for p in problems), (expected, problems)
     finally:
+        await conn.execute(f"DROP TABLE IF EXISTS public.{outside}")
         await conn.close()
 
 

@@ -150,22 +150,38 @@ async def _read(conn: AnyConnection, schema_name: str, *, sizes: bool) -> Tenant
         if nsp is None:
             raise LookupError(f"schema {schema_name} does not exist")
         parts = _Parts()
-        classes = await conn.fetch(_Q_CLASSES, nsp)
+        members = await _members(conn, nsp, parts)
+        classes = await conn.fetch(_Q_CLASSES, members["pg_class"], members["pg_type"])
         rels = [r["oid"] for r in classes]
         parts.problems.extend(_class_problems(classes))
         tables = await _tables(conn, rels, parts, sizes)
         sequences = await _sequences(conn, rels, parts)
         constraint_oids = await _constraints(conn, nsp, rels, parts)
         await _indexes(conn, rels, parts)
-        type_oids = await _types(conn, nsp, parts)
-        proc_oids = await _functions(conn, nsp, parts)
+        type_oids = await _types(conn, members["pg_type"], parts)
+        proc_oids = await _functions(conn, members["pg_proc"], parts)
         await _views(conn, rels, parts)
         trigger_oids = await _triggers(conn, rels, parts)
-        await _outside_problems(conn, nsp, rels, type_oids, proc_oids, parts)
+        await _outside_problems(conn, rels, type_oids, proc_oids, parts)
         parts.comments.extend(r["stmt"] for r in await conn.fetch(
             _Q_COMMENTS, rels, type_oids, proc_oids, constraint_oids, trigger_oids, nsp))
     parts.problems.extend(_key_problems(tables))
     return _assemble(schema_name, parts, tables, sequences)
+
+
+async def _members(conn: AnyConnection, nsp: int, parts: _Parts) -> dict[str, list[int]]:
+    """The schema's relations, types and functions, found through their dependency on the
+    schema (what DROP SCHEMA ... CASCADE follows): pg_depend is indexed by what an entry
+    references, while pg_class, pg_type and pg_proc have no index on the schema alone
+    (a scan of each per read, at thousands of tenants). Any other kind of object in the
+    schema is a problem."""
+    found: dict[str, list[int]] = {"pg_class": [], "pg_type": [], "pg_proc": []}
+    for r in await conn.fetch(_Q_MEMBERS, nsp):
+        if r["catalog"] in found:
+            found[r["catalog"]].append(r["oid"])
+        else:
+            parts.problems.append(f"{r['what']} is in the schema: that kind of object is not supported by moves")
+    return found
 
 
 def _class_problems(classes: Iterable[Any]) -> list[str]:
@@ -245,9 +261,9 @@ async def _indexes(conn: AnyConnection, rels: list[int], parts: _Parts) -> None:
                                   "drop or rebuild it first")
 
 
-async def _types(conn: AnyConnection, nsp: int, parts: _Parts) -> list[int]:
+async def _types(conn: AnyConnection, members: list[int], parts: _Parts) -> list[int]:
     """Enums first, then domains and composite types in dependency order."""
-    rows = await conn.fetch(_Q_TYPES, nsp)
+    rows = await conn.fetch(_Q_TYPES, members)
     oids = [r["oid"] for r in rows]
     enums = [r["stmt"] for r in rows if r["kind"] == "e"]
     ordered = {r["oid"]: r for r in rows if r["kind"] in ("d", "c") and r["stmt"] is not None}
@@ -265,9 +281,9 @@ async def _types(conn: AnyConnection, nsp: int, parts: _Parts) -> list[int]:
     return oids
 
 
-async def _functions(conn: AnyConnection, nsp: int, parts: _Parts) -> list[int]:
+async def _functions(conn: AnyConnection, members: list[int], parts: _Parts) -> list[int]:
     """Functions a column default or a type needs go before the tables, the rest after."""
-    rows = await conn.fetch(_Q_FUNCTIONS, nsp)
+    rows = await conn.fetch(_Q_FUNCTIONS, members)
     for r in rows:
         if r["kind"] not in ("f", "p"):
             parts.problems.append(f"{r['q']} is an {_PROKIND.get(r['kind'], 'unknown kind of')} function: "
@@ -304,11 +320,11 @@ async def _triggers(conn: AnyConnection, rels: list[int], parts: _Parts) -> list
     return [r["oid"] for r in rows]
 
 
-async def _outside_problems(conn: AnyConnection, nsp: int, rels: list[int], type_oids: list[int],
-                            proc_oids: list[int], parts: _Parts) -> None:
-    """Objects a move would lose or break: rules, policies, extension members, kinds of
-    object not generated here, and objects elsewhere that depend on the schema."""
-    for r in await conn.fetch(_Q_PROBLEMS, nsp, rels, type_oids, proc_oids):
+async def _outside_problems(conn: AnyConnection, rels: list[int], type_oids: list[int], proc_oids: list[int],
+                            parts: _Parts) -> None:
+    """Objects a move would lose or break: rules, inheritance, policies, extension
+    members, and objects elsewhere that depend on the schema."""
+    for r in await conn.fetch(_Q_PROBLEMS, rels, type_oids, proc_oids):
         parts.problems.append(r["problem"])
 
 
@@ -341,20 +357,33 @@ def _assemble(schema_name: str, parts: _Parts, tables: list[TableInfo], sequence
 
 _Q_NAMESPACE = "SELECT oid FROM pg_namespace WHERE nspname = $1"
 
+# Objects in a schema: those that depend on it (deptype 'n'; the schema's default
+# privileges depend on it too, as 'a'). Relations, types, functions, and every other
+# kind of schema object; not indexes, TOAST tables, a composite type's pg_class row,
+# nor the array and row types made along with another object (they depend on that).
+_Q_MEMBERS = """
+SELECT d.classid::regclass::text AS catalog, d.objid AS oid, pg_describe_object(d.classid, d.objid, 0) AS what
+FROM pg_depend d
+WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = $1 AND d.deptype = 'n'
+"""
+
 _Q_TARGET_STATE = """
 SELECT n.oid,
-       (SELECT count(*) FROM pg_class c WHERE c.relnamespace = n.oid)
-     + (SELECT count(*) FROM pg_type t WHERE t.typnamespace = n.oid)
-     + (SELECT count(*) FROM pg_proc p WHERE p.pronamespace = n.oid) AS objects
+       (SELECT count(*) FROM pg_depend d WHERE d.refclassid = 'pg_namespace'::regclass AND d.refobjid = n.oid
+          AND d.deptype = 'n') AS objects
 FROM pg_namespace n WHERE n.nspname = $1
 """
 
+# $1: the relations that depend on the schema, $2: its types. Their indexes and the
+# composite types' pg_class rows are in the schema too.
 _Q_CLASSES = """
 SELECT c.oid, c.relkind::text AS relkind, c.oid::regclass::text AS q, c.relpersistence::text AS persistence,
        c.relispartition, c.relrowsecurity OR c.relforcerowsecurity AS rls, c.reloftype <> 0 AS typed,
        coalesce(am.amname::text, '') AS am
 FROM pg_class c LEFT JOIN pg_am am ON am.oid = c.relam
-WHERE c.relnamespace = $1
+WHERE c.oid IN (SELECT unnest($1::oid[])
+                UNION SELECT i.indexrelid FROM pg_index i WHERE i.indrelid = ANY($1::oid[])
+                UNION SELECT t.typrelid FROM pg_type t WHERE t.oid = ANY($2::oid[]) AND t.typrelid <> 0)
 ORDER BY c.relname
 """
 
@@ -469,7 +498,7 @@ ORDER BY ic.relname
 _Q_TYPES = """
 WITH ty AS (
   SELECT t.*, c.relkind AS crelkind FROM pg_type t LEFT JOIN pg_class c ON c.oid = t.typrelid
-  WHERE t.typnamespace = $1
+  WHERE t.oid = ANY($1::oid[])
     AND NOT EXISTS (SELECT 1 FROM pg_type e WHERE e.oid = t.typelem AND e.typarray = t.oid)
     AND NOT EXISTS (SELECT 1 FROM pg_range r WHERE r.rngmultitypid = t.oid)
     AND (t.typrelid = 0 OR c.relkind = 'c')
@@ -517,7 +546,7 @@ SELECT p.oid, p.oid::regprocedure::text AS q, p.prokind::text AS kind, l.lanname
        EXISTS (SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
                AND d.classid IN ('pg_attrdef'::regclass, 'pg_type'::regclass, 'pg_constraint'::regclass)) AS early
 FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-WHERE p.pronamespace = $1
+WHERE p.oid = ANY($1::oid[])
 ORDER BY p.oid::regprocedure::text
 """
 
@@ -542,48 +571,33 @@ FROM pg_trigger t WHERE t.tgrelid = ANY($1::oid[]) AND NOT t.tgisinternal
 ORDER BY t.tgrelid::regclass::text, t.tgname
 """
 
-# $1 namespace, $2 its relations, $3 its types, $4 its functions.
+# $1 the schema's relations, $2 its types, $3 its functions.
 _Q_PROBLEMS = """
 SELECT format('rule %I on %s: rules are not supported by moves', r.rulename, r.ev_class::regclass) AS problem
-FROM pg_rewrite r WHERE r.ev_class = ANY($2::oid[]) AND r.rulename <> '_RETURN'
+FROM pg_rewrite r WHERE r.ev_class = ANY($1::oid[]) AND r.rulename <> '_RETURN'
 UNION ALL
 SELECT format('table %s inherits from %s: table inheritance is not supported by moves', i.inhrelid::regclass,
               i.inhparent::regclass)
 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE (i.inhrelid = ANY($2::oid[]) OR i.inhparent = ANY($2::oid[])) AND NOT c.relispartition
+WHERE (i.inhrelid = ANY($1::oid[]) OR i.inhparent = ANY($1::oid[])) AND NOT c.relispartition
 UNION ALL
 SELECT format('policy %I on %s: row-level security policies are not supported by moves', p.polname, p.polrelid::regclass)
-FROM pg_policy p WHERE p.polrelid = ANY($2::oid[])
+FROM pg_policy p WHERE p.polrelid = ANY($1::oid[])
 UNION ALL
 SELECT format('%s belongs to an extension: not supported by moves', pg_describe_object(d.classid, d.objid, 0))
 FROM pg_depend d WHERE d.deptype = 'e'
-  AND ((d.classid = 'pg_class'::regclass AND d.objid = ANY($2::oid[]))
-    OR (d.classid = 'pg_type'::regclass AND d.objid = ANY($3::oid[]))
-    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY($4::oid[])))
-UNION ALL
-SELECT format('extension %I is installed in the schema: not supported by moves', e.extname)
-FROM pg_extension e WHERE e.extnamespace = $1
+  AND ((d.classid = 'pg_class'::regclass AND d.objid = ANY($1::oid[]))
+    OR (d.classid = 'pg_type'::regclass AND d.objid = ANY($2::oid[]))
+    OR (d.classid = 'pg_proc'::regclass AND d.objid = ANY($3::oid[])))
 UNION ALL
 SELECT DISTINCT format('%s depends on %s, which is in the schema: a move would break it',
               pg_describe_object(d.classid, d.objid, 0), pg_describe_object(d.refclassid, d.refobjid, 0))
 FROM pg_depend d
 LEFT JOIN pg_constraint con ON d.classid = 'pg_constraint'::regclass AND con.oid = d.objid
 LEFT JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
-WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY($2::oid[]) AND d.deptype = 'n'
-  AND ((con.oid IS NOT NULL AND con.contype = 'f' AND NOT con.conrelid = ANY($2::oid[]))
-    OR (r.oid IS NOT NULL AND NOT r.ev_class = ANY($2::oid[])))
-UNION ALL
-SELECT format('%s is in the schema: that kind of object is not supported by moves', pg_describe_object(o.classid, o.objid, 0))
-FROM (SELECT 'pg_collation'::regclass AS classid, oid AS objid FROM pg_collation WHERE collnamespace = $1
-      UNION ALL SELECT 'pg_operator'::regclass, oid FROM pg_operator WHERE oprnamespace = $1
-      UNION ALL SELECT 'pg_opclass'::regclass, oid FROM pg_opclass WHERE opcnamespace = $1
-      UNION ALL SELECT 'pg_opfamily'::regclass, oid FROM pg_opfamily WHERE opfnamespace = $1
-      UNION ALL SELECT 'pg_ts_config'::regclass, oid FROM pg_ts_config WHERE cfgnamespace = $1
-      UNION ALL SELECT 'pg_ts_dict'::regclass, oid FROM pg_ts_dict WHERE dictnamespace = $1
-      UNION ALL SELECT 'pg_ts_parser'::regclass, oid FROM pg_ts_parser WHERE prsnamespace = $1
-      UNION ALL SELECT 'pg_ts_template'::regclass, oid FROM pg_ts_template WHERE tmplnamespace = $1
-      UNION ALL SELECT 'pg_conversion'::regclass, oid FROM pg_conversion WHERE connamespace = $1
-      UNION ALL SELECT 'pg_statistic_ext'::regclass, oid FROM pg_statistic_ext WHERE stxnamespace = $1) o
+WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY($1::oid[]) AND d.deptype = 'n'
+  AND ((con.oid IS NOT NULL AND con.contype = 'f' AND NOT con.conrelid = ANY($1::oid[]))
+    OR (r.oid IS NOT NULL AND NOT r.ev_class = ANY($1::oid[])))
 """
 
 # COMMENT statements for the schema and everything in it. pg_identify_object names the
