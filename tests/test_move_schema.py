@@ -22,6 +22,7 @@ from tests.migratekit import migrator, shipped
 TENANT_DDL = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN code3 AS text COLLATE "C" NOT NULL DEFAULT 'abc' CHECK (length(VALUE) = 3);
 CREATE TYPE pair AS (a posint, b mood[]);
 CREATE FUNCTION make_code() RETURNS text LANGUAGE sql AS $$ SELECT 'c-' || md5(random()::text) $$;
 CREATE TABLE items (
@@ -47,6 +48,9 @@ CREATE INDEX orders_noted_idx ON orders (item_id) WHERE note IS NOT NULL;
 CREATE INDEX items_lower_sku_idx ON items (lower(sku));
 CREATE TABLE audit (at timestamptz NOT NULL DEFAULT now(), what text);
 ALTER TABLE audit REPLICA IDENTITY FULL;
+CREATE TABLE tags (name code3 NOT NULL, note text);
+CREATE UNIQUE INDEX tags_name_idx ON tags (name);
+ALTER TABLE tags REPLICA IDENTITY USING INDEX tags_name_idx;
 CREATE VIEW item_orders AS SELECT i.sku, count(o.n) AS orders FROM items i LEFT JOIN orders o ON o.item_id = i.id GROUP BY i.sku;
 CREATE FUNCTION log_order() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO audit (what) VALUES ('order ' || NEW.n); RETURN NEW; END $$;
@@ -57,6 +61,7 @@ COMMENT ON TYPE mood IS 'how it feels';
 COMMENT ON CONSTRAINT items_sku_key ON items IS 'one row per sku';
 COMMENT ON TRIGGER orders_log ON orders IS 'every order is audited';
 COMMENT ON VIEW item_orders IS 'orders per sku';
+COMMENT ON DOMAIN code3 IS 'three letters';
 """
 
 PUBLIC_DDL = """
@@ -132,7 +137,10 @@ async def test_a_tenant_schema_recreated_on_another_shard_has_the_same_fingerpri
     for conn in (src, dst):
         await conn.execute(PUBLIC_DDL)
     await _in_schema(src, schema, TENANT_DDL)
+    if await src.fetchval("SELECT current_setting('server_version_num')::int") >= 180000:
+        await _in_schema(src, schema, "ALTER TABLE items ADD COLUMN doubled numeric GENERATED ALWAYS AS (price * 2) VIRTUAL;")
     await _in_schema(src, schema, """
+        INSERT INTO tags VALUES ('xyz', 'first');
         INSERT INTO items (sku, price, country) VALUES ('a', 2.50, 'fr'), ('b', 1, NULL);
         INSERT INTO orders (item_id, note, p) VALUES (1, 'first', ROW(3, '{ok,happy}')), (2, NULL, NULL);
     """)
@@ -143,6 +151,7 @@ async def test_a_tenant_schema_recreated_on_another_shard_has_the_same_fingerpri
         ("audit", ("at", "what"), (), "full"),
         ("items", ("id", "sku", "code", "qty", "price", "feel", "country", "created_at"), ("id",), "default"),
         ("orders", ("n", "item_id", "note", "p"), ("n",), "default"),
+        ("tags", ("name", "note"), (), "index"),
     ]
     assert all(t.bytes > 0 for t in ts.tables)
     assert sorted(ts.sequences) == [f"{schema}.items_id_seq", f"{schema}.orders_n_seq"]
@@ -161,6 +170,8 @@ async def test_a_tenant_schema_recreated_on_another_shard_has_the_same_fingerpri
     view = await _as_tenant(dst, schema, "SELECT sku, orders FROM item_orders ORDER BY sku")
     assert [(r["sku"], r["orders"]) for r in view] == [("a", 2), ("b", 1), ("c", 0)]
     assert (await _as_tenant(dst, schema, "SELECT (p).b FROM orders WHERE n = 100"))[0]["b"] == ["ok", "happy"]
+    assert (await _as_tenant(dst, schema, "SELECT name FROM tags"))[0]["name"] == "xyz"
+    await _as_tenant(dst, schema, "INSERT INTO tags (note) VALUES ('domain default')")
     await _as_tenant(dst, schema, "UPDATE audit SET what = 'x' WHERE what = 'order 110'")
     await _as_tenant(dst, schema, "DELETE FROM audit WHERE what = 'x'")
     with pytest.raises(asyncpg.CheckViolationError):

@@ -124,6 +124,7 @@ class _Parts:
     sequences: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    identities: list[str] = field(default_factory=list)  # REPLICA IDENTITY, once its index exists
     functions: list[str] = field(default_factory=list)
     indexes: list[str] = field(default_factory=list)
     constraints: list[str] = field(default_factory=list)
@@ -135,7 +136,7 @@ class _Parts:
     problems: list[str] = field(default_factory=list)
 
     def pre(self) -> list[str]:
-        return [*self.types, *self.early_functions, *self.sequences, *self.tables, *self.keys]
+        return [*self.types, *self.early_functions, *self.sequences, *self.tables, *self.keys, *self.identities]
 
     def post(self) -> list[str]:
         return [*self.functions, *self.indexes, *self.constraints, *self.foreign_keys, *self.owned_by,
@@ -214,7 +215,7 @@ async def _tables(conn: AnyConnection, rels: list[int], parts: _Parts, sizes: bo
     for r in await conn.fetch(_Q_TABLES, rels, sizes):
         parts.tables.append(r["create"])
         if r["replident_stmt"]:
-            parts.keys.append(r["replident_stmt"])
+            parts.identities.append(r["replident_stmt"])
         out.append(TableInfo(name=r["name"], qualified=r["q"], columns=tuple(r["columns"] or ()),
                              primary_key=tuple(r["primary_key"]), replica_identity=_REPLIDENT[r["replident"]], bytes=r["bytes"]))
     return out
