@@ -310,3 +310,37 @@ async def test_bad_names_a_missing_schema_and_a_non_empty_target_are_refused(fle
         assert await fingerprint(conn, rec.schema) == ts.fingerprint  # refusals changed nothing
     finally:
         await conn.close()
+
+
+async def test_quoted_names_disabled_triggers_not_valid_checks_and_procedures_round_trip(
+        two_shards: tuple[Fleet, TenantRecord, asyncpg.Connection, asyncpg.Connection]) -> None:
+    _f, rec, src, dst = two_shards
+    await _in_schema(src, rec.schema, """
+        CREATE TYPE "Odd Kind" AS ENUM ('it''s', 'plain');
+        CREATE DOMAIN small AS int;
+        CREATE TABLE "Odd Table" ("Weird ""col"" name" int PRIMARY KEY, kind "Odd Kind", n small);
+        INSERT INTO "Odd Table" VALUES (1, 'it''s', -5);
+        ALTER DOMAIN small ADD CONSTRAINT small_positive CHECK (VALUE > 0) NOT VALID;
+        ALTER TABLE "Odd Table" ADD CONSTRAINT n_small CHECK (n < 100) NOT VALID;
+        CREATE TABLE refs (id int PRIMARY KEY, odd int REFERENCES "Odd Table" DEFERRABLE INITIALLY DEFERRED);
+        CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.id := NEW.id + 1000; RETURN NEW; END $$;
+        CREATE TRIGGER refs_bump BEFORE INSERT ON refs FOR EACH ROW EXECUTE FUNCTION bump();
+        ALTER TABLE refs DISABLE TRIGGER refs_bump;
+        CREATE VIEW odd_view AS SELECT "Weird ""col"" name" AS w FROM "Odd Table";
+        CREATE FUNCTION odd_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+          BEGIN INSERT INTO "Odd Table" ("Weird ""col"" name") VALUES (NEW.w); RETURN NEW; END $$;
+        CREATE TRIGGER odd_view_insert INSTEAD OF INSERT ON odd_view FOR EACH ROW EXECUTE FUNCTION odd_insert();
+        CREATE FUNCTION odd_count() RETURNS bigint LANGUAGE sql BEGIN ATOMIC SELECT count(*) FROM "Odd Table"; END;
+        CREATE PROCEDURE add_ref(i int) LANGUAGE sql AS $$ INSERT INTO refs (id) VALUES (i) $$;
+        COMMENT ON COLUMN "Odd Table"."Weird ""col"" name" IS 'it''s odd';
+        COMMENT ON CONSTRAINT small_positive ON DOMAIN small IS 'checked later';
+    """)
+    ts = await _recreate(src, dst, rec.schema)
+    assert [t.columns for t in ts.tables] == [('Weird "col" name', "kind", "n"), ("id", "odd")]
+    assert await fingerprint(dst, rec.schema) == ts.fingerprint
+    await _as_tenant(dst, rec.schema, "INSERT INTO odd_view (w) VALUES (2)")  # the INSTEAD OF trigger
+    await _as_tenant(dst, rec.schema, "CALL add_ref(7)")
+    assert [r["id"] for r in await _as_tenant(dst, rec.schema, "SELECT id FROM refs")] == [7]  # trigger disabled
+    assert (await _as_tenant(dst, rec.schema, "SELECT odd_count() AS c"))[0]["c"] == 2
+    with pytest.raises(asyncpg.CheckViolationError):  # NOT VALID: the copied -5 stays, new rows are checked
+        await _as_tenant(dst, rec.schema, "INSERT INTO \"Odd Table\" VALUES (3, 'plain', -1)")
