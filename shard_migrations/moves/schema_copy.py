@@ -230,7 +230,8 @@ async def _tables(conn: AnyConnection, rels: list[int], parts: _Parts, sizes: bo
         if r["replident_stmt"]:
             parts.identities.append(r["replident_stmt"])
         out.append(TableInfo(name=r["name"], qualified=r["q"], columns=tuple(r["columns"] or ()),
-                             primary_key=tuple(r["primary_key"]), replica_identity=_REPLIDENT[r["replident"]], bytes=r["bytes"]))
+                             primary_key=tuple(r["primary_key"]), replica_identity=_REPLIDENT[r["replident"]],
+                             bytes=r["bytes"]))
     return out
 
 
