@@ -242,6 +242,16 @@ async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_go
             await owner.close()
 
 
+async def _checks_passwords(dsn: str) -> bool:
+    parts = urlsplit(dsn)
+    wrong = urlunsplit(parts._replace(netloc=f"{parts.username}:not-the-password@{parts.hostname}:{parts.port}"))
+    try:
+        await (await asyncpg.connect(wrong)).close()
+    except asyncpg.InvalidPasswordError:
+        return True
+    return False
+
+
 async def test_the_login_password_rotates_on_the_shard_and_in_the_directory_and_new_connections_use_it(
         fleet: Fleet) -> None:
     rec = await fleet.directory.create_tenant(code(), shard_id="shard2")
@@ -256,8 +266,11 @@ async def test_the_login_password_rotates_on_the_shard_and_in_the_directory_and_
         await fleet.directory.rotate_login_password("shard2")
         _, after = await _login_of(fleet, "shard2")
         assert after != before and len(after) >= 40
-        with pytest.raises(asyncpg.InvalidPasswordError):
-            await asyncpg.connect(before_dsn)
+        if await _checks_passwords(before_dsn):  # the embedded servers do; a loopback-trusting one doesn't
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await (await asyncpg.connect(before_dsn)).close()
+        else:
+            assert fleet.servers.embedded is None
         async with pool.acquire() as conn:  # the open connection goes on
             assert conn.get_server_pid() == first_pid
         await pool.expire_connections()
