@@ -103,15 +103,19 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def dsn_lookup(shard_id: str) -> str | None:
             return await holder[0].dsn_of(shard_id)
 
-        # Two pool sets per shard, both from the shard's DSN. The request path runs as
-        # APP_ROLE (the fence only), and each tenant transaction as that tenant's role
-        # (its schema's rows, read on public); none of them can create, alter or drop
-        # anything, so the public schema grants CREATE to no role the host's requests
-        # run as (CVE-2018-1058) even though the DSN is the owner's. Creating
-        # tenant schemas and applying plugin migrations (admin API) need the owner: those
-        # get pools of their own, opened on first use and holding no idle connections.
+        async def login_dsn_lookup(shard_id: str) -> str | None:
+            return await holder[0].login_dsn_of(shard_id)
+
+        # Two pool sets per shard. The request path logs in as the shard's login role
+        # (never the owner: README "Database roles"), runs as APP_ROLE (the fence only),
+        # and each tenant transaction as that tenant's role (its schema's rows, read on
+        # public); none of them can create, alter or drop anything (CVE-2018-1058), and
+        # RESET ROLE gets back a role that holds nothing. Creating tenant schemas and
+        # applying plugin migrations (admin API) and the outbox (fleet.*) need the owner:
+        # those get pools of their own from the shard DSN, opened on first use and
+        # holding no idle connections.
         pools = await stack.enter_async_context(
-            ShardPools(settings, dsn_lookup, role=APP_ROLE, reset=keep_connection))
+            ShardPools(settings, login_dsn_lookup, role=APP_ROLE, reset=keep_connection))
         owner_pools = await stack.enter_async_context(ShardPools(settings, dsn_lookup, min_size=0))
         directory = Directory(control, owner_pools, settings)
         holder.append(directory)

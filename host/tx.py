@@ -3,7 +3,8 @@
 Round trips per call: (1) ``BEGIN; SELECT fleet.enter_tenant(...)`` as one simple query:
 shared advisory lock on the tenant, epoch check against the shard's fence, and, set
 *locally*, ``search_path`` to the quoted schema, then ``public``, and ``role`` to the
-tenant's own role (see below); (2..n) whatever ``fn`` runs; (n+1) ``COMMIT``.
+tenant's own role (see below); (2..n) whatever ``fn`` runs; (n+1) ``COMMIT`` and the
+session clean-up (see below).
 Everything the fence sets is transaction-local, so the connection goes back to the pool
 as the app role with no search_path, lock or open transaction: after an error or a
 cancellation the transaction is rolled back, and a connection whose state can't be
@@ -24,12 +25,18 @@ transactions: a list pop and append instead of asyncpg's acquire/release cycle),
 connection lost under a transaction (terminated backend, closed socket) is answered with
 SHARD_UNREACHABLE, whichever asyncpg error surfaced, and replaced for the next one.
 
-Why the pools skip asyncpg's reset query: everything this module sets is
-transaction-local and every path ends the transaction, so the ``RESET ALL;
-pg_advisory_unlock_all(); ...`` round trip asyncpg runs on each release would clean
-nothing; asyncpg still rolls back a transaction left open. (Session-level ``SET`` or
-session advisory locks taken by plugin code are not undone: the plugin API asks plugins
-for transaction-scoped statements only.)
+Session state left by SQL inside a transaction (a session-level ``SET`` or
+``set_config(..., false)``, a session advisory lock such as another tenant's
+``fleet.tenant_lock_key``, which would hold off that tenant's moves for as long as the
+connection lives, a ``WITH HOLD`` cursor, a ``LISTEN``) is undone in the round trip that
+ends the transaction: ``COMMIT`` (or ``ROLLBACK``) is sent as one simple query with
+``RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *`` after it
+(`COMMIT_SQL`). PostgreSQL runs the statements after an explicit COMMIT in an implicit
+transaction of their own, and skips them if the COMMIT fails; that path rolls back with
+the same clean-up. ``RESET ALL`` leaves ``role`` alone (PostgreSQL marks it
+GUC_NO_RESET_ALL): a role left at session level is caught by the next fence (`_WrongRole`).
+So the pools skip asyncpg's own reset query on release, a round trip that would clean
+nothing more; asyncpg still rolls back a transaction left open.
 
 Mixed rollouts and ``InvalidCachedStatementError``: PostgreSQL re-plans a prepared
 statement when search_path changes, and refuses (SQLSTATE 0A000) if the result's row
@@ -67,11 +74,21 @@ T = TypeVar("T")
 Conn = asyncpg.Connection | PoolConnectionProxy
 TxFn = Callable[[Db], Awaitable[T]]
 
+# What ends every tenant transaction, in the same round trip as its COMMIT or ROLLBACK
+# (one simple query; see the module docstring): undo what SQL inside it may have left at
+# session level for the next transaction on the connection (another tenant's).
+_CLEAN_SESSION = "; RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *"
+COMMIT_SQL = "COMMIT" + _CLEAN_SESSION
+ROLLBACK_SQL = "ROLLBACK" + _CLEAN_SESSION
+
 CACHED_STATEMENT_RETRIES = 1
 WRONG_ROLE_RETRIES = 1  # a fresh connection runs as the app role: one retry is enough
 # Opening a connection failed: the shard refuses, drops or doesn't answer (sorted by class,
 # never by message text). Errors under a transaction are classified by `is_gone` instead.
-_CONNECT_FAILED = (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError)
+# (28000/28P01: the login was refused, e.g. a password rotated between the directory's
+# answer and the connection; the next connection reads the new one.)
+_CONNECT_FAILED = (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.CannotConnectNowError,
+                   asyncpg.InvalidAuthorizationSpecificationError)
 
 
 class _Stale(Exception):
@@ -114,7 +131,7 @@ async def abort(conn: Conn) -> None:
     if is_gone(conn):
         return
     try:
-        await conn.execute("ROLLBACK")
+        await conn.execute(ROLLBACK_SQL)
     except asyncio.CancelledError:
         conn.terminate()
         raise
@@ -248,7 +265,7 @@ class TenantTx:
             await conn.execute(self._enter_statement(rec))
             fencing = False
             result = await fn(db)
-            await conn.execute("COMMIT")
+            await conn.execute(COMMIT_SQL)
             return result
         except BaseException as exc:
             lost = is_gone(conn)  # before the rollback, which terminates what it can't roll back

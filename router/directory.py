@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from typing import Awaitable, Callable, Sequence
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -93,6 +95,21 @@ class Directory:
         dsn: str | None = await self.control.fetchval("SELECT dsn FROM shards WHERE shard_id = $1", shard_id)
         return dsn
 
+    async def login_dsn_of(self, shard_id: str) -> str | None:
+        """The DSN the host's request path connects with: the shard's, with the user and
+        password of the shard's login role (README "Database roles") instead of the
+        owner's. None for an unregistered shard; SHARD_UNREACHABLE for one not prepared by
+        this version yet (no login role: the owner's DSN is never handed out instead)."""
+        row = await self.control.fetchrow("SELECT dsn, login_role, login_password FROM shards WHERE shard_id = $1",
+                                          shard_id)
+        if row is None:
+            return None
+        if row["login_role"] is None or row["login_password"] is None:
+            raise ShardUnreachable(f"shard {shard_id} has no login role for the request path yet: prepare it with "
+                                   "this version of tenantfleet (`tenantfleet up`, or Directory.prepare_shards)",
+                                   shardId=shard_id)
+        return with_login(row["dsn"], row["login_role"], row["login_password"])
+
     # --- shards -------------------------------------------------------------------------
     async def add_shard(self, shard_id: str, dsn: str, *, capacity: int = 1000, weight: int = 100) -> ShardRecord:
         """Register a shard after checking its DSN answers and preparing its ``fleet`` schema.
@@ -108,35 +125,42 @@ class Directory:
             raise ValidationFailed("weight must be a non-negative integer", field="weight")
         if await self.control.fetchval("SELECT 1 FROM shards WHERE shard_id = $1", shard_id):
             raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id)
-        conn = await connect(dsn, self.settings)
-        try:
-            await schema.ensure_shard(conn)
-        except asyncpg.PostgresError as exc:
-            raise ShardUnreachable(f"cannot prepare shard {shard_id} at {redact(dsn)}: {exc}", shardId=shard_id) from exc
-        finally:
-            await conn.close()
-        try:
-            row = await self.control.fetchrow(
-                "INSERT INTO shards (shard_id, dsn, capacity, weight) VALUES ($1, $2, $3, $4) "
-                "RETURNING shard_id, dsn, state, capacity, weight, 0 AS tenants",
-                shard_id, dsn, capacity, weight)
-            assert row is not None
-        except asyncpg.UniqueViolationError as exc:
-            raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id) from exc
+        password = new_login_password()
+        # The row (and its login password) is inserted first and committed only once the
+        # shard is prepared: a second add of the same id waits on the row, then fails
+        # with SHARD_EXISTS before touching the shard (so it never resets the password).
+        async with self.control.acquire() as cconn, cconn.transaction():
+            try:
+                row = await cconn.fetchrow(
+                    "INSERT INTO shards (shard_id, dsn, capacity, weight, login_password) VALUES ($1, $2, $3, $4, $5) "
+                    "RETURNING shard_id, dsn, state, capacity, weight, 0 AS tenants",
+                    shard_id, dsn, capacity, weight, password)
+                assert row is not None
+            except asyncpg.UniqueViolationError as exc:
+                raise ShardExists(f"shard {shard_id} is already registered", shardId=shard_id) from exc
+            conn = await connect(dsn, self.settings)
+            try:
+                await schema.ensure_shard(conn, login_verifier=schema.scram_verifier(password))
+                login = await schema.login_role(conn)
+            except asyncpg.PostgresError as exc:
+                raise ShardUnreachable(f"cannot prepare shard {shard_id} at {redact(dsn)}: {exc}",
+                                       shardId=shard_id) from exc
+            finally:
+                await conn.close()
+            await cconn.execute("UPDATE shards SET login_role = $2 WHERE shard_id = $1", shard_id, login)
         log.info("shard registered", extra={"shardId": shard_id, "dsn": redact(dsn)})
         return _shard(row)
 
     async def prepare_shards(self) -> list[str]:
         """Re-run the idempotent ``fleet`` schema set-up on every registered shard (an upgrade
         of tenantfleet may add shard functions, roles, or the tenant roles of schemas made
-        before them). ``shard_pools`` must connect as the shards' owner role.
+        before them, the request path's login role). A shard without a login password
+        yet is given one. ``shard_pools`` must connect as the shards' owner role.
         Returns the shards that could not be reached."""
         unreachable: list[str] = []
         for shard in await self.list_shards():
             try:
-                pool = await self.shard_pools.get(shard.shard_id)
-                async with pool.acquire() as conn:
-                    caught_up = await schema.ensure_shard(conn)
+                caught_up = await self._prepare(shard.shard_id)
             except ShardUnreachable as exc:
                 log.warning("shard %s not prepared: %s", shard.shard_id, exc.message, extra={"shardId": shard.shard_id})
                 unreachable.append(shard.shard_id)
@@ -145,6 +169,35 @@ class Directory:
                 log.info("shard %s: %d tenant schemas given their roles", shard.shard_id, caught_up,
                          extra={"shardId": shard.shard_id})
         return unreachable
+
+    async def _prepare(self, shard_id: str, *, rotate: bool = False) -> int:
+        """Prepare one registered shard and set its login role's password: the stored one,
+        or (none stored yet, or ``rotate``) a new one. The shard's row stays locked until
+        both the shard and the control plane have the same password (two processes
+        preparing or rotating one shard take turns, and agree)."""
+        async with self.control.acquire() as cconn, cconn.transaction():
+            stored = await cconn.fetchval("SELECT login_password FROM shards WHERE shard_id = $1 FOR UPDATE", shard_id)
+            password = new_login_password() if rotate or stored is None else stored
+            pool = await self.shard_pools.get(shard_id)
+            try:
+                async with pool.acquire() as conn:
+                    caught_up = await schema.ensure_shard(conn, login_verifier=schema.scram_verifier(password))
+                    login = await schema.login_role(conn)
+            except _SERVER_GONE as exc:
+                raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
+                                       shardId=shard_id) from exc
+            await cconn.execute("UPDATE shards SET login_role = $2, login_password = $3 WHERE shard_id = $1",
+                                shard_id, login, password)
+        return caught_up
+
+    async def rotate_login_password(self, shard_id: str) -> None:
+        """Give the shard's login role a new generated password, on the shard and in the
+        control plane. Connections already open stay open; new ones use the new password
+        (hosts read it for every connection they open). Raises SHARD_NOT_FOUND,
+        SHARD_UNREACHABLE (nothing changed)."""
+        await self.get_shard(shard_id)  # SHARD_NOT_FOUND, VALIDATION_FAILED
+        await self._prepare(shard_id, rotate=True)
+        log.info("shard %s: login password rotated", shard_id, extra={"shardId": shard_id})
 
     async def list_shards(self) -> list[ShardRecord]:
         return [_shard(r) for r in await self.control.fetch(_SHARDS + " ORDER BY s.shard_id")]
@@ -281,6 +334,22 @@ class Directory:
         except Exception:  # the change is committed; caches fall back to their TTL
             log.warning("invalidation for tenant %s (epoch %s) was not published", rec.tenant_id, rec.epoch,
                         exc_info=True)
+
+
+def new_login_password() -> str:
+    """A generated password for a shard's login role (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def with_login(dsn: str, user: str, password: str) -> str:
+    """``dsn`` connecting as ``user`` with ``password``: the same servers, database and
+    options, and no other user or password (neither in the user info nor as a query
+    parameter)."""
+    parts = urlsplit(dsn)
+    hosts = parts.netloc.rpartition("@")[2]
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() not in ("user", "password")]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{hosts}"
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
 
 
 def normalise_query(*, id: str | None = None, code: str | None = None, domain: str | None = None) -> tuple[str, str]:

@@ -105,7 +105,8 @@ def redact(dsn: str) -> str:
 class ShardPools:
     """One bounded asyncpg pool per shard, opened on first use.
 
-    ``dsn_lookup(shard_id)`` returns the shard's DSN (from the directory) or None.
+    ``dsn_lookup(shard_id)`` returns the shard's DSN (from the directory) or None; it is
+    asked again for every new connection (a changed password applies from the next one).
     Connections run as the DSN's role (the owner: DDL, the directory, the migrator), or,
     with ``role``, switch to it once each (the host's request path: `APP_ROLE`).
     ``min_size`` / ``max_size`` override the settings' shard pool bounds.
@@ -141,13 +142,26 @@ class ShardPools:
         async with lock:
             pool = self._pools.get(shard_id)
             if pool is None:
-                dsn = await self._dsn_lookup(shard_id)
-                if dsn is None:
-                    raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
+                dsn = await self._lookup(shard_id)
                 pool = await create_pool(dsn, self._settings, min_size=self._min_size, max_size=self._max_size,
-                                         role=self._role, **self._pool_kwargs)
+                                         role=self._role, connect=self._connector(shard_id), **self._pool_kwargs)
                 self._pools[shard_id] = pool
         return pool
+
+    async def _lookup(self, shard_id: str) -> str:
+        dsn = await self._dsn_lookup(shard_id)
+        if dsn is None:
+            raise ShardNotFound(f"shard {shard_id} is not registered", shardId=shard_id)
+        return dsn
+
+    def _connector(self, shard_id: str) -> Callable[..., Coroutine[Any, Any, asyncpg.Connection]]:
+        """The pool's ``connect``: every new connection looks the DSN up again, so a password
+        changed in the directory (a rotated login password, a replaced shard password)
+        is used from the next connection on, without reopening the pool."""
+        async def connect_fresh(*_dsn: Any, **kwargs: Any) -> asyncpg.Connection:
+            conn: asyncpg.Connection = await asyncpg.connect(await self._lookup(shard_id), **kwargs)
+            return conn
+        return connect_fresh
 
     async def drop(self, shard_id: str) -> None:
         """Close one shard's pool (e.g. after its DSN changed); the next `get` reopens it."""

@@ -1,7 +1,10 @@
 """Creating and upgrading tenantfleet's own tables on the control plane and on shards."""
 from __future__ import annotations
 
+import base64
 from typing import Sequence
+
+import scramp  # type: ignore[import-untyped]  # no type hints; one call, checked by tests
 
 from router import tables
 from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE
@@ -10,17 +13,20 @@ from router.pools import AnyConnection
 # Tenant schemas given their roles per statement when catching up: each batch is its
 # own transaction, so a shard with 100k schemas from before tenant roles never holds
 # 100k schemas' catalog locks at once; once caught up, one cheap query finds nothing.
-# A schema needs it when its role is missing or lacks USAGE (CASE, not OR:
+# A schema needs it when its role is missing, lacks USAGE, or the request path's login
+# role (version 4) may not switch to it (CASE, not OR:
 # has_schema_privilege raises on a role that doesn't exist, and only CASE fixes the
 # order of evaluation). Then, batched the same way, the app role loses what shards
 # prepared by an earlier version gave it on tenant schemas.
 GRANT_BATCH = 1000
+_SCRAM = scramp.ScramMechanism("SCRAM-SHA-256")
 _ROLES_MISSING = """
 SELECT fleet.ensure_tenant_roles(coalesce(array_agg(n.nspname::text), '{}'), true)
 FROM (SELECT nspname FROM pg_catalog.pg_namespace n
       WHERE nspname ~ '^t_[0-9a-f]{32}$'
         AND CASE WHEN pg_catalog.to_regrole(fleet.tenant_role(n.nspname)) IS NULL THEN true
-                 ELSE NOT pg_catalog.has_schema_privilege(fleet.tenant_role(n.nspname), n.oid, 'USAGE') END
+                 ELSE NOT pg_catalog.has_schema_privilege(fleet.tenant_role(n.nspname), n.oid, 'USAGE')
+                      OR NOT pg_catalog.pg_has_role(fleet.login_role(), fleet.tenant_role(n.nspname), 'MEMBER') END
       LIMIT $1) n
 """
 _LEGACY_HELD = """
@@ -37,7 +43,8 @@ _SHARD_HARDENING = [
     # else has a reason to call them. (The fence is the app role's alone: `tables.fence_ddl`.)
     "REVOKE EXECUTE ON FUNCTION fleet.create_tenant_schema(text), fleet.drop_tenant_schema(text), "
     "fleet.ensure_tenant_roles(text[], boolean), fleet.ensure_tenant_role(text), fleet.ensure_app_role(name), "
-    "fleet.ensure_nologin_role(name), fleet.grant_role_to_owner(name), fleet.revoke_app_role_legacy(text[]) "
+    "fleet.ensure_nologin_role(name), fleet.grant_role_to_owner(name), fleet.revoke_app_role_legacy(text[]), "
+    "fleet.ensure_login_role(text) "
     "FROM PUBLIC",
 ]
 
@@ -47,7 +54,7 @@ async def ensure_control(conn: AnyConnection) -> None:
     await _apply(conn, "control", tables.control_ddl())
 
 
-async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE) -> int:
+async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE, login_verifier: str | None = None) -> int:
     """Create a shard's ``fleet`` schema, ledger, fence and helper functions (idempotent,
     safe to race, also with other databases on the same server).
 
@@ -56,10 +63,14 @@ async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE) -> int:
     host's request path switches to (the fence only), its group of tenant roles (read on
     public) and one role per tenant schema (`ensure_tenant_role`), and takes back what
     ``app_role`` held on tenant schemas and public before tenant roles existed. No role
-    gets CREATE, not even TEMPORARY. Returns how many tenant schemas were caught up.
+    gets CREATE, not even TEMPORARY. Creates the request path's LOGIN role
+    (``fleet.login_role()``, see README "Database roles") and lets it switch to the app
+    role and every tenant role; ``login_verifier`` (`scram_verifier` of its password) sets
+    its password, None leaves it as it is. Returns how many tenant schemas were caught up.
     """
     await _apply(conn, "shard", [*tables.shard_ddl(), *_SHARD_HARDENING],
-                 calls=[("SELECT fleet.ensure_app_role($1)", (app_role,))])
+                 calls=[("SELECT fleet.ensure_app_role($1)", (app_role,)),
+                        ("SELECT fleet.ensure_login_role($1)", (login_verifier,))])
     # Order matters on a live shard from an earlier version: every tenant gets its role
     # first, then the fence that switches to it, then the app role loses its old rights
     # (until the new fence is in, the old one still runs tenants as the app role).
@@ -67,6 +78,23 @@ async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE) -> int:
     await _apply(conn, "fence", tables.fence_ddl())
     await _batches(conn, _LEGACY_HELD)
     return caught_up
+
+
+async def login_role(conn: AnyConnection) -> str:
+    """The request path's login role on a prepared shard (``fleet.login_role()``)."""
+    name: str = await conn.fetchval("SELECT fleet.login_role()::text")
+    return name
+
+
+def scram_verifier(password: str) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (what ``ALTER ROLE ...
+    PASSWORD`` keeps as it is when given one): the server never sees the password."""
+    salt, stored_key, server_key, iterations = _SCRAM.make_auth_info(password, iteration_count=4096)
+    return f"SCRAM-SHA-256${iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
 
 
 async def _batches(conn: AnyConnection, sql: str) -> int:

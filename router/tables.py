@@ -19,7 +19,7 @@ from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 
-SCHEMA_VERSION = 3  # bump with every change below; `schema_meta` records what a database has
+SCHEMA_VERSION = 4  # bump with every change below; `schema_meta` records what a database has
 
 control = MetaData()
 shard = MetaData(schema="fleet")
@@ -49,6 +49,10 @@ shards = Table(
     Column("capacity", Integer, nullable=False, server_default="1000"),
     Column("weight", Integer, nullable=False, server_default="100"),
     _now(),
+    # The request path's own LOGIN role on this shard and its generated password (version
+    # 4; NULL until the shard is prepared by that version). Never selected for output.
+    Column("login_role", Text, nullable=True),
+    Column("login_password", Text, nullable=True),
     _states("state", SHARD_STATES),
     CheckConstraint("capacity > 0", name="capacity_positive"),
 )
@@ -254,6 +258,9 @@ DECLARE
   v_role name;
   r pg_catalog.pg_roles%ROWTYPE;
   v_list text;
+  v_login name := fleet.login_role();
+  v_pg16 boolean := pg_catalog.current_setting('server_version_num')::int >= 160000;
+  v_switch name[] := '{}';
 BEGIN
   PERFORM pg_catalog.pg_advisory_xact_lock({bootstrap_lock});  -- router.keys.BOOTSTRAP_LOCK
   FOREACH v_name IN ARRAY names LOOP
@@ -289,14 +296,30 @@ BEGIN
             USING ERRCODE = '42501', HINT = format('as a superuser: GRANT %I TO %I WITH ADMIN OPTION', v_group, current_user);
       END;
     END IF;
-    -- SET ROLE is checked against the session user (the owner: the host's connections
-    -- log in with the shard DSN), never the app role, which is a member of no tenant role.
+    -- SET ROLE is checked against the session user, never the app role, which is a member
+    -- of no tenant role: the request path's login role (granted below, for the batch) and
+    -- the owner (who may run the old fence, or switch for a test or a repair).
     PERFORM fleet.grant_role_to_owner(v_role);
+    IF NOT pg_catalog.pg_has_role(v_login, v_role, CASE WHEN v_pg16 THEN 'SET' ELSE 'MEMBER' END) THEN
+      v_switch := v_switch || v_role;
+    END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_name, v_role);
     EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO %I',
                    v_name, v_role);
     EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE, SELECT ON SEQUENCES TO %I', v_name, v_role);
   END LOOP;
+  -- The request path's login role may SET ROLE to these (the fence does), and inherits
+  -- none of their rights: WITH INHERIT FALSE on 16+, its own NOINHERIT on 15. One GRANT
+  -- for the whole batch.
+  IF pg_catalog.cardinality(v_switch) > 0 THEN
+    SELECT string_agg(format('%I', x), ', ') INTO v_list FROM pg_catalog.unnest(v_switch) x;
+    BEGIN
+      EXECUTE format('GRANT %s TO %I', v_list, v_login) || CASE WHEN v_pg16 THEN ' WITH INHERIT FALSE, SET TRUE' ELSE '' END;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE EXCEPTION 'role % may not grant tenant roles to the login role %', current_user, v_login
+        USING ERRCODE = '42501', HINT = 'the shard''s owner needs CREATEROLE (and, on PostgreSQL 16+, ADMIN on the tenant roles, which it has for roles it created)';
+    END;
+  END IF;
   IF with_existing THEN
     FOR v_role, v_list IN
       SELECT fleet.tenant_role(n.nspname), string_agg(format('%I.%I', n.nspname, c.relname), ', ')
@@ -358,8 +381,12 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role) THEN
     BEGIN
       EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', role);
-    EXCEPTION WHEN duplicate_object OR unique_violation THEN
-      NULL;  -- another database on this server created it first
+    EXCEPTION
+      WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- another database on this server created it first
+      WHEN insufficient_privilege THEN
+        RAISE EXCEPTION 'role % may not create tenantfleet''s role % (it needs CREATEROLE)', current_user, role
+          USING ERRCODE = '42501', HINT = format('as a superuser: ALTER ROLE %I CREATEROLE', current_user);
     END;
   END IF;
   SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = role;
@@ -412,6 +439,69 @@ BEGIN
   -- a temp table made on a pooled connection would shadow the next tenant's tables.
   -- Only PUBLIC holds TEMPORARY by default; the database owner keeps it by ownership.
   EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', pg_catalog.current_database());
+END $fn$;
+
+-- The request path's LOGIN role on this shard database (README "Database roles"), named
+-- <app role>_login_<first 12 hex of md5(database name)>: one per database, because
+-- shard databases sharing a server each have a password of their own and roles are
+-- cluster-wide. LOGIN NOINHERIT and no other attribute; a member, with SET and never
+-- INHERIT, of the app role (which the host's connections switch to once each) and of
+-- every tenant role of this database (ensure_tenant_roles), and of nothing else; holds no
+-- privilege but CONNECT on this database. So RESET ROLE (or set_config('role', 'none',
+-- ...)) inside a tenant transaction gets a role that holds nothing, never the owner.
+-- ``verifier``: a SCRAM-SHA-256 verifier of its password, made client-side, so the
+-- password itself never reaches the server or its statement log; NULL leaves the
+-- password as it is. Returns the role's name, also fleet.login_role() from then on.
+CREATE OR REPLACE FUNCTION fleet.ensure_login_role(verifier text) RETURNS name
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_app name := fleet.app_role();
+  v_role name := (fleet.app_role() || '_login_' || pg_catalog.left(pg_catalog.md5(pg_catalog.current_database()), 12))::name;
+  v_pg16 boolean := pg_catalog.current_setting('server_version_num')::int >= 160000;
+  r pg_catalog.pg_roles%ROWTYPE;
+BEGIN
+  IF verifier IS NOT NULL
+     AND verifier !~ '^SCRAM-SHA-256\$[0-9]+:[A-Za-z0-9+/]+=*\$[A-Za-z0-9+/]+=*:[A-Za-z0-9+/]+=*$' THEN
+    RAISE EXCEPTION 'not a SCRAM-SHA-256 verifier' USING ERRCODE = '22023';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role) THEN
+    BEGIN
+      EXECUTE format('CREATE ROLE %I LOGIN NOINHERIT', v_role);
+    EXCEPTION
+      WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- made concurrently (another process preparing this database)
+      WHEN insufficient_privilege THEN
+        RAISE EXCEPTION 'role % may not create the request path''s login role % (it needs CREATEROLE)', current_user, v_role
+          USING ERRCODE = '42501', HINT = format('as a superuser: ALTER ROLE %I CREATEROLE', current_user);
+    END;
+  END IF;
+  SELECT * INTO r FROM pg_catalog.pg_roles WHERE rolname = v_role;
+  IF r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+                WHERE m.member = r.oid AND g.rolname <> v_app AND g.rolname !~ ('^' || v_app || '_t_[0-9a-f]{32}$')) THEN
+    RAISE EXCEPTION 'role % exists with attributes or memberships the request path''s login role must not have', v_role
+      USING ERRCODE = '42501', HINT = format('drop it, or make it NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION '
+                                             'NOBYPASSRLS and a member of %s and its tenant roles only', v_app);
+  END IF;
+  BEGIN
+    IF verifier IS NOT NULL THEN
+      EXECUTE format('ALTER ROLE %I LOGIN NOINHERIT PASSWORD %L', v_role, verifier);
+    ELSIF NOT r.rolcanlogin OR r.rolinherit THEN
+      EXECUTE format('ALTER ROLE %I LOGIN NOINHERIT', v_role);
+    END IF;
+    IF NOT pg_catalog.pg_has_role(v_role, v_app, CASE WHEN v_pg16 THEN 'SET' ELSE 'MEMBER' END) THEN
+      EXECUTE format('GRANT %I TO %I', v_app, v_role) || CASE WHEN v_pg16 THEN ' WITH INHERIT FALSE, SET TRUE' ELSE '' END;
+    END IF;
+  EXCEPTION WHEN insufficient_privilege THEN
+    RAISE EXCEPTION 'role % may not alter the request path''s login role % (it needs CREATEROLE and ADMIN on it)', current_user, v_role
+      USING ERRCODE = '42501', HINT = format('as a superuser: ALTER ROLE %I CREATEROLE, or GRANT %I TO %I WITH ADMIN OPTION',
+                                             current_user, v_role, current_user);
+  END;
+  -- PUBLIC usually holds CONNECT; a server that revoked it still lets this role in
+  EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', pg_catalog.current_database(), v_role);
+  EXECUTE format('CREATE OR REPLACE FUNCTION fleet.login_role() RETURNS name LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                 format('SELECT %L::pg_catalog.name', v_role));
+  RETURN v_role;
 END $fn$;
 
 -- Takes back what the app role held on these tenant schemas (and on public) when it
@@ -579,9 +669,25 @@ def _ddl(metadata: MetaData) -> list[str]:
     return out
 
 
+# Columns added to a table after it first shipped: CREATE TABLE IF NOT EXISTS leaves a
+# table made by an earlier version as it was, so these are added to it (nullable, or with
+# a default, so existing rows stay valid).
+ADDED_COLUMNS: list[tuple[Table, str]] = [(shards, "login_role"), (shards, "login_password")]
+
+
+def _added_columns() -> list[str]:
+    out = []
+    for table, name in ADDED_COLUMNS:
+        col = table.c[name]
+        assert col.nullable and col.server_default is None, name  # nothing to backfill
+        out.append(f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {col.name} {col.type.compile(dialect=_dialect)}")
+    return out
+
+
 def control_ddl() -> list[str]:
-    """Statements that create the control-plane tables (idempotent)."""
-    return _ddl(control)
+    """Statements that create the control-plane tables, or bring those of an earlier
+    version up to date (idempotent)."""
+    return [*_ddl(control), *_added_columns()]
 
 
 def shard_ddl() -> list[str]:

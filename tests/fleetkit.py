@@ -78,13 +78,14 @@ async def create_database(admin_dsn: str, name: str) -> str:
 
 
 async def drop_database(admin_dsn: str, name: str) -> None:
-    """Drop a test database and the tenant roles its schemas had (roles are cluster-wide
-    and outlive databases); a role another database still grants rights to is kept."""
+    """Drop a test database, the tenant roles its schemas had and its login role (roles
+    are cluster-wide and outlive databases); a role another database still grants rights
+    to is kept."""
     assert _DBNAME.match(name), name
     conn = await asyncpg.connect(admin_dsn)
     try:
         quoted = await conn.fetchval("SELECT quote_ident($1)", name)
-        roles = await conn.fetch(_TENANT_ROLES_OF_DB, name)
+        roles = [*await conn.fetch(_TENANT_ROLES_OF_DB, name), *await conn.fetch(_LOGIN_ROLES_OF_DB, name)]
         await conn.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
         for row in roles:
             try:
@@ -101,6 +102,12 @@ _TENANT_ROLES_OF_DB = """
 SELECT DISTINCT quote_ident(a.rolname) AS quoted
 FROM pg_shdepend d JOIN pg_database db ON db.oid = d.dbid JOIN pg_roles a ON a.oid = d.refobjid
 WHERE db.datname = $1 AND d.refclassid = 'pg_authid'::regclass AND a.rolname ~ '_t_[0-9a-f]{32}$'
+"""
+
+# the request path's login role of database $1 (<app role>_login_<12 hex of md5(name)>);
+# its memberships go with it
+_LOGIN_ROLES_OF_DB = """
+SELECT quote_ident(rolname) AS quoted FROM pg_roles WHERE rolname ~ ('_login_' || left(md5($1), 12) || '$')
 """
 
 
