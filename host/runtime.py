@@ -15,7 +15,7 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Final, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Final, Mapping, Sequence
 
 import asyncpg
 import orjson
@@ -28,7 +28,7 @@ from host.cron import Cron, Job
 from host.events import EventBus, EventHandler, Subscriber, TaskOwner
 from host.keys import EVENTS_POP_S, REDIS_TIMEOUT_S, SUBSCRIBE_WAIT_S, registry_channel
 from host.metrics import HostMetrics
-from host.outbox import OutboxStore, Relay
+from host.outbox import SHARD_ERRORS, OutboxStore, Relay
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
 from host.tx import TenantTx, keep_connection
@@ -68,6 +68,7 @@ class HostRuntime:
         """Start taking events: the Redis queue consumer and the outbox relay, owned by
         `tasks`. Call it once the plugins' handlers can run (the app does, right after
         attaching the runtime to its plugin contexts); the CLI never does."""
+        self.tasks.spawn(self.events.subscriptions.run(), name="events:subscriptions")
         self.tasks.spawn(self.events.consume(), name="events:queue")
         self.tasks.spawn(self.relay.run(), name="events:relay")
 
@@ -134,6 +135,12 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         tx = TenantTx(settings, resolver, pools, metrics)
         stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
+        subscriptions_end: list[Callable[[], Awaitable[None]]] = []
+
+        async def withdraw_subscriptions() -> None:  # a clean stop ends this host's event subscriptions at once
+            for withdraw in subscriptions_end:
+                await withdraw()
+        stack.push_async_callback(withdraw_subscriptions)  # once the tasks (its heartbeat) stopped
         stack.push_async_callback(tasks.close)  # closes before Redis and the pools
 
         async def publish(change: Mapping[str, Any]) -> None:
@@ -147,9 +154,11 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def shard_of(tenant_id: str) -> str:
             return (await resolver.resolve(id=tenant_id)).shard_id
 
-        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of)
+        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of,
+                          control=control)
         for plugin_id, name, handler in event_handlers:
             events.on(plugin_id, name, handler)
+        subscriptions_end.append(events.subscriptions.withdraw)
 
         async def on_registry() -> None:
             auth.clear()
@@ -158,8 +167,13 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def shard_ids() -> list[str]:
             return [s.shard_id for s in await directory.list_shards()]
 
-        relay = Relay(store, shard_ids, events.deliver)
+        relay = Relay(store, shard_ids, events.redeliver, names=events.subscriptions.names)
         if background:
+            try:  # the fleet's subscriptions known before the first event is delivered
+                await events.subscriptions.refresh()
+            except SHARD_ERRORS as exc:
+                log.warning("event subscriptions not read (%s); events wait for their lease until they are",
+                            exc.__class__.__name__)
             subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
             tasks.spawn(subscriber.run(), name="pubsub")
             try:
