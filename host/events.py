@@ -1,10 +1,11 @@
 """Events after commit, the registry invalidation listener, and the tasks the host owns.
 
 Plugins write events into their shard's outbox inside their own transaction
-(`host.outbox`, which states the delivery semantics: one host of the fleet handles each
-event, at least once). `EventBus` is how they travel after commit: the writing host
-hands them to Redis (a list every host's `EventBus.consume` pops from), or, when Redis
-doesn't take them, runs the handlers itself. Nothing here can fail a request whose
+(`host.outbox`, which states the delivery semantics: each plugin subscribing to an event
+anywhere in the fleet handles it at least once). `EventBus` is how they travel after
+commit: the writing host hands them to Redis (one list per subscription, popped by the
+hosts that have its handler), or, when Redis doesn't take them, runs its own handlers
+itself and leaves the rest to the hosts that have them. Nothing here can fail a request whose
 transaction committed: delivery runs in owned background tasks, and whatever is not
 delivered stays in the outbox for the relay. Each handler runs in its own coroutine: a
 failing handler is logged with its pluginId, stops none of the others, and gets the event

@@ -52,7 +52,7 @@ MAX_EVENT_BYTES: Final = 65536         # an event's payload as JSON
 OUTBOX_HANDOFF_S: Final = 1.0          # Redis down: a row left for a host with a handler this one lacks is due again after this
 EVENTS_QUEUE_TTL_S: Final = 86400      # a subscription's queue nobody pushed to for this long expires (its rows are in the outboxes)
 SUBSCRIPTIONS_EVERY_S: Final = 5.0     # each host refreshes its event subscriptions, and reads the fleet's, this often
-SUBSCRIPTION_TTL_S: Final = 30.0       # a subscription not refreshed for this long is a host that is gone
+SUBSCRIPTION_TTL_S: Final = 120.0      # a subscription not refreshed for this long is gone (longer than a host's restart)
 SUBSCRIPTIONS_FORGET_S: Final = 86400.0  # rows of hosts gone this long are deleted
 
 # Shutdown: how long in-flight requests get to finish after the listener closes.

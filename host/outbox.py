@@ -1,22 +1,32 @@
 """The event outbox: events written inside tenant transactions, then claimed, settled and relayed.
 
-Delivery semantics: **each event is handled by one host of the fleet, at least once.**
+Delivery semantics: **each plugin that subscribes to an event somewhere in the fleet
+handles it at least once, on one host that has that plugin's handler.**
 
 - `write` adds the event to its shard's ``fleet.event_outbox`` inside the plugin's own
   transaction (through ``fleet.emit_event``), so it commits or rolls back with the change
   it reports. The row starts with a lease of `OUTBOX_LEASE_S`: the writing host delivers
   it right after commit (`host.events.EventBus.committed`), nobody else touches it until then.
-- Delivering hands the event to one host: LPUSH on a Redis list every host BRPOPs from,
-  so handler work spreads over the fleet. With Redis down (or failing) the delivering
-  host runs the handlers itself, straight from the outbox row.
-- The host that ran the handlers marks the row delivered once every handler returned.
-  If one raised, the row is retried after a backoff (exponential with full jitter,
-  capped at `OUTBOX_RETRY_MAX_S`, never given up: a handler that always fails is a bug
-  to fix, and its events wait for the fix).
+- Who subscribes is the fleet's map (`host.subscriptions`: plugin id and event name per
+  live host). Delivering pushes one message per subscribing plugin that has not handled
+  the event yet, on that subscription's Redis list; only hosts with the handler pop it,
+  so handler work spreads over them. With Redis down (or failing) the delivering host
+  runs its own share straight from the outbox row, and hands the rest to the relays of
+  the hosts that have those handlers (the row due again in `OUTBOX_HANDOFF_S`).
+- A host that ran a plugin's handlers adds the plugin to the row's ``handled_by``; the
+  row is delivered once ``handled_by`` covers every live subscriber. An event nobody
+  subscribes to (a handler removed fleet-wide) is delivered as it is. If a handler
+  raised, the row is retried after a backoff (exponential with full jitter, capped at
+  `OUTBOX_RETRY_MAX_S`, never given up: a handler that always fails is a bug to fix,
+  and its events wait for the fix); only the plugins not in ``handled_by`` get it again.
 - `Relay` (one per host, owned by its `TaskOwner`) sweeps every shard for rows whose
   lease ran out (the writer died after commit, Redis lost the message, a host died mid-
   handler), claims them with ``FOR UPDATE SKIP LOCKED`` and a new lease, and delivers
-  them the same way. An unreachable shard backs off alone.
+  them the same way; it claims only events this host handles or nobody handles. A
+  subscription whose list holds work older than half a lease is not pushed to again
+  (the earlier message is most likely still queued; the claim renewed the lease), and a
+  host that pops an event which waited that long renews its lease before running it:
+  a backlog longer than the lease doesn't feed itself. An unreachable shard backs off alone.
 - Delivered rows are deleted after `OUTBOX_RETENTION_S`: the table is bounded by traffic.
 
 A handler may therefore see an event more than once (a host died between running the

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Final, Mapping, Sequence
+from typing import Any, AsyncIterator, Final, Mapping, Sequence
 
 import asyncpg
 import orjson
@@ -86,7 +86,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
     events are taken once `HostRuntime.start_delivery` is called. Without ``background``
     (the CLI: one change, then exit) no task is started and Redis is not waited for.
     ``event_handlers`` (plugin id, event name, handler) are registered before any event
-    is taken: a host delivering an event marks it delivered once *its* handlers ran.
+    is taken; they are this host's event subscriptions (`host.subscriptions`), published
+    to the control plane and read back, with the fleet's, before delivery starts.
 
     Raises FLEET_ERROR (no control plane configured), CONFIG_INVALID (no Redis URL),
     SHARD_UNREACHABLE (control plane down).
@@ -135,12 +136,6 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         tx = TenantTx(settings, resolver, pools, metrics)
         stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
-        subscriptions_end: list[Callable[[], Awaitable[None]]] = []
-
-        async def withdraw_subscriptions() -> None:  # a clean stop ends this host's event subscriptions at once
-            for withdraw in subscriptions_end:
-                await withdraw()
-        stack.push_async_callback(withdraw_subscriptions)  # once the tasks (its heartbeat) stopped
         stack.push_async_callback(tasks.close)  # closes before Redis and the pools
 
         async def publish(change: Mapping[str, Any]) -> None:
@@ -158,7 +153,6 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
                           control=control)
         for plugin_id, name, handler in event_handlers:
             events.on(plugin_id, name, handler)
-        subscriptions_end.append(events.subscriptions.withdraw)
 
         async def on_registry() -> None:
             auth.clear()

@@ -5,9 +5,12 @@ handler) that another lacks. An event is delivered to every *subscription* (plug
 and event name) some live host has, and settled once each of them handled it (see
 host/events.py). Each host writes its own subscriptions with a heartbeat every
 `SUBSCRIPTIONS_EVERY_S` and reads everybody's; a subscription not refreshed within
-`SUBSCRIPTION_TTL_S` belongs to a host that is gone, and a host that stops cleanly
-withdraws its rows at once. The map lives in PostgreSQL, not Redis, so it holds through
-a Redis outage; delivery reads it from memory (no round trip on the request path).
+`SUBSCRIPTION_TTL_S` belongs to a host that is gone. A host that stops, even cleanly,
+leaves its rows to lapse: in a rolling deploy the host that replaces it comes back
+within the TTL with the same subscriptions, and the events written meanwhile wait for
+it (in its subscriptions' Redis lists, or in the outbox). The map lives in PostgreSQL,
+not Redis, so it holds through a Redis outage; delivery reads it from memory (no round
+trip on the request path).
 
 Until the map was read once, `live` answers None (unknown): nothing is dropped for want
 of a subscriber then, events wait for their lease instead.
@@ -41,7 +44,6 @@ ON CONFLICT (host_id, plugin_id, event_name) DO UPDATE SET seen_at = now()
 _LIVE_SQL = ("SELECT DISTINCT plugin_id, event_name FROM event_subscriptions "
              "WHERE seen_at > now() - make_interval(secs => $1)")
 _FORGET_SQL = "DELETE FROM event_subscriptions WHERE seen_at < now() - make_interval(secs => $1)"
-_WITHDRAW_SQL = "DELETE FROM event_subscriptions WHERE host_id = $1"
 
 
 class Subscriptions:
@@ -59,7 +61,6 @@ class Subscriptions:
         self.host_id = host_id or uuid.uuid4().hex
         self._fleet: dict[str, frozenset[str]] | None = {} if control is None else None
         self._wake = asyncio.Event()
-        self._withdrawn = False
         self.refreshed = 0  # completed publish-and-read rounds
 
     def mine(self, name: str) -> set[str]:
@@ -86,7 +87,7 @@ class Subscriptions:
 
     async def refresh(self) -> None:
         """Publish this host's rows and read the fleet's (raises what the control plane raises)."""
-        if self._control is None or self._withdrawn:
+        if self._control is None:
             self.refreshed += 1
             return
         own = sorted(set(self._own()))
@@ -114,14 +115,3 @@ class Subscriptions:
                 await asyncio.wait_for(self._wake.wait(), self.every_s)
             except asyncio.TimeoutError:
                 pass
-
-    async def withdraw(self) -> None:
-        """Remove this host's rows (a clean stop): its subscriptions end now, not at their TTL."""
-        self._withdrawn = True
-        if self._control is None:
-            return
-        try:
-            await self._control.execute(_WITHDRAW_SQL, self.host_id)
-        except SHARD_ERRORS as exc:
-            log.warning("event subscriptions not withdrawn (%s); they lapse in %.0f s", exc.__class__.__name__,
-                        self.ttl_s)

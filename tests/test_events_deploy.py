@@ -33,16 +33,26 @@ from tests.fleetkit import Fleet, Servers, create_database, drop_database
 from tests.hostkit import Host, code, discovery_with, host_settings, plugin_package, running_host, tenant_with_key
 from tests.test_host_outbox import on_valkey, until, valkey  # noqa: F401  (valkey: a fixture)
 
-# A plugin only some hosts have (a new plugin, or a new version, rolling out).
+# A plugin only some hosts have (a new plugin, or a new version, rolling out). Hosts
+# that stopped keep their subscriptions until the TTL: each test has event names of its own.
 NEW_PLUGIN = '''
 from plugins.api import PluginContext
 HEARD = []
+NAME = "deploy.{name}"
 
 def setup(ctx: PluginContext) -> None:
     async def on_ping(event):
         HEARD.append(event.id)
-    ctx.events.on("deploy.ping", on_ping)
+    ctx.events.on(NAME, on_ping)
 '''
+
+
+def new_plugin(tmp_path: Path, name: str) -> tuple[str, Any]:
+    return plugin_package(tmp_path, NEW_PLUGIN.replace("{name}", name))
+
+
+def event_name() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
 
 
 def pushed(metrics: HostMetrics) -> float:
@@ -86,14 +96,15 @@ async def knows(host: Host, plugin_id: str, name: str, present: bool = True) -> 
 
 async def test_during_a_rolling_deploy_the_host_with_the_handler_runs_every_event_once_and_the_other_never_settles_it(
         fleet: Fleet, tmp_path: Path) -> None:
-    pid, pkg = plugin_package(tmp_path, NEW_PLUGIN)
+    name = event_name()
+    pid, pkg = new_plugin(tmp_path, name)
     heard: list[str] = pkg.module.HEARD
     async with running_host(host_settings(fleet), discovery_with(pkg)) as new, \
             running_host(host_settings(fleet)) as old:
         assert pid not in old.app[PLUGIN_HOST].contexts
         rec, _ = await tenant_with_key(fleet, old, roles=())
-        await knows(old, pid, "deploy.ping")
-        ids = [*await emit(old, rec, "deploy.ping", 10), *await emit(new, rec, "deploy.ping", 10)]
+        await knows(old, pid, pkg.module.NAME)
+        ids = [*await emit(old, rec, pkg.module.NAME, 10), *await emit(new, rec, pkg.module.NAME, 10)]
 
         async def delivered() -> bool:
             return all(r["delivered_at"] is not None for r in await rows(fleet, rec, ids))
@@ -107,14 +118,14 @@ async def test_during_a_rolling_deploy_the_host_with_the_handler_runs_every_even
 
 async def test_with_redis_down_the_host_without_the_handler_hands_its_events_to_the_one_with_it(
         fleet: Fleet, tmp_path: Path, valkey: ValkeyProc) -> None:  # noqa: F811
-    pid, pkg = plugin_package(tmp_path, NEW_PLUGIN)
+    pid, pkg = new_plugin(tmp_path, event_name())
     heard: list[str] = pkg.module.HEARD
     settings = on_valkey(fleet, valkey)
     async with running_host(settings, discovery_with(pkg)) as new, running_host(settings) as old:
         rec, _ = await tenant_with_key(fleet, old, roles=())
-        await knows(old, pid, "deploy.ping")
+        await knows(old, pid, pkg.module.NAME)
         await asyncio.to_thread(valkey.stop)
-        ids = await emit(old, rec, "deploy.ping", 5)
+        ids = await emit(old, rec, pkg.module.NAME, 5)
 
         async def delivered() -> bool:
             return all(r["delivered_at"] is not None for r in await rows(fleet, rec, ids))
@@ -126,14 +137,16 @@ async def test_with_redis_down_the_host_without_the_handler_hands_its_events_to_
 
 async def test_two_plugins_on_different_hosts_each_handle_an_event_once_and_only_both_settle_it(
         fleet: Fleet, tmp_path: Path) -> None:
-    pid_a, pkg_a = plugin_package(tmp_path, NEW_PLUGIN)
-    pid_b, pkg_b = plugin_package(tmp_path, NEW_PLUGIN)
+    name = event_name()
+    pid_a, pkg_a = new_plugin(tmp_path, name)
+    pid_b, pkg_b = new_plugin(tmp_path, name)
+    full = pkg_a.module.NAME
     async with running_host(host_settings(fleet), discovery_with(pkg_a)) as host_a, \
             running_host(host_settings(fleet), discovery_with(pkg_b)) as host_b:
         rec, _ = await tenant_with_key(fleet, host_a, roles=())
-        await knows(host_a, pid_b, "deploy.ping")
-        await knows(host_b, pid_a, "deploy.ping")
-        ids = [*await emit(host_a, rec, "deploy.ping", 5), *await emit(host_b, rec, "deploy.ping", 5)]
+        await knows(host_a, pid_b, full)
+        await knows(host_b, pid_a, full)
+        ids = [*await emit(host_a, rec, full, 5), *await emit(host_b, rec, full, 5)]
 
         async def delivered() -> bool:
             return all(r["delivered_at"] is not None for r in await rows(fleet, rec, ids))
@@ -169,7 +182,7 @@ async def test_events_of_a_subscription_that_is_gone_fleet_wide_settle_and_are_k
         assert all(r["delivered_at"] is None and r["handled_by"] == [] for r in await rows(fleet, rec, ids))
         assert max(r["attempts"] for r in await rows(fleet, rec, ids)) == 1
 
-        # that host stopped heartbeating long ago (it died; a clean stop deletes its rows)
+        # that host stopped heartbeating longer ago than the TTL (it stopped and nothing replaced it)
         await fleet.control.execute("UPDATE event_subscriptions SET seen_at = now() - interval '1 hour' "
                                     "WHERE host_id = $1", other)
         await knows(host, "elsewhere", "deploy.gone", present=False)
