@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from host.context import PLUGIN_HOST
 from host.events import EventBus, TaskOwner
 from host.fleet.embedded import ValkeyProc
-from host.keys import subscription_queue_key
+from host.keys import events_queue_key, subscription_queue_key
 from host.metrics import HostMetrics
 from host.outbox import OutboxStore, Relay
 from host.runtime import HostRuntime
@@ -295,3 +295,59 @@ async def test_a_shard_made_by_the_previous_version_gets_the_handled_by_column_a
             await conn.close()
     finally:
         await drop_database(admin_dsn, name)
+
+
+FLAKY_PLUGIN = '''
+from plugins.api import PluginContext
+HEARD = []
+NAME = "deploy.{name}"
+
+def setup(ctx: PluginContext) -> None:
+    async def on_ping(event):
+        HEARD.append(event.id)
+        if HEARD.count(event.id) == 1:
+            raise RuntimeError("first time fails")
+    ctx.events.on(NAME, on_ping)
+'''
+
+
+async def test_a_failing_plugin_gets_the_event_again_alone_and_the_one_that_handled_it_does_not(
+        fleet: Fleet, tmp_path: Path) -> None:
+    name = event_name()
+    flaky_id, flaky = plugin_package(tmp_path, FLAKY_PLUGIN.replace("{name}", name))
+    steady_id, steady = new_plugin(tmp_path, name)
+    async with running_host(host_settings(fleet), discovery_with(flaky, steady)) as host:
+        rec, _ = await tenant_with_key(fleet, host, roles=())
+        ids = await emit(host, rec, flaky.module.NAME, 3)
+
+        async def delivered() -> bool:
+            return all(r["delivered_at"] is not None for r in await rows(fleet, rec, ids))
+        await until(delivered, timeout=30, what="every event delivered after the retry")
+        assert sorted(flaky.module.HEARD) == sorted(ids * 2)
+        assert sorted(steady.module.HEARD) == sorted(ids)  # not run again for the other's failure
+        assert all(r["handled_by"] == sorted([flaky_id, steady_id]) for r in await rows(fleet, rec, ids))
+
+
+async def test_a_message_an_earlier_host_pushed_on_the_shared_list_is_handled_by_every_plugin_here(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pid, pkg = new_plugin(tmp_path, event_name())
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as host:
+        rec, _ = await tenant_with_key(fleet, host, roles=())
+        [event_id] = await _write_orphans(fleet, rec, pkg.module.NAME, 1)
+        pool = await fleet.shard_pools.get(rec.shard_id)
+        await pool.execute("UPDATE fleet.event_outbox SET next_attempt_at = now() + interval '1 hour' "
+                           "WHERE event_id = $1::uuid", event_id)  # leased: only the message delivers it
+        # the message as tenantfleet before subscriptions wrote it (no plugin, no queuedAt)
+        legacy = orjson.dumps({"id": event_id, "shard": rec.shard_id, "tenant": rec.tenant_id, "source": "test",
+                               "name": pkg.module.NAME, "payload": {"i": 0}, "attempt": 1})
+        r = fleet.redis()
+        try:
+            await r.lpush(events_queue_key(fleet.settings.redis_namespace), legacy)
+        finally:
+            await r.aclose()
+
+        async def delivered() -> bool:
+            return all(r["delivered_at"] is not None for r in await rows(fleet, rec, [event_id]))
+        await until(delivered, what="the earlier host's message handled")
+        assert pkg.module.HEARD == [event_id]
+        assert [r["handled_by"] for r in await rows(fleet, rec, [event_id])] == [[pid]]
