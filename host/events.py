@@ -40,6 +40,7 @@ ShardOf = Callable[[str], Awaitable[str]]
 RETRY_S = 0.2
 RETRY_MAX_S = 5.0
 TASKS_STOP_S = 5.0     # how long `TaskOwner.close` waits for cancelled tasks to end
+BACKLOG_HOLD_LEASES = 10  # a relay leaves rows still queued in a backlog alone for at most this many leases
 REDIS_BREAKER_S = 1.0  # after Redis refused a batch, deliver here without asking it again for this long
 # What a failing Redis call raises: the client's own errors, a socket error, or a timeout.
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -212,36 +213,54 @@ class EventBus:
         by_key: dict[str, list[OutboxEvent]] = {}
         for m in messages:
             by_key.setdefault(self._key(m), []).append(m)
+        held: dict[str, tuple[list[str], float]] = {}  # shard -> (rows left queued, for how long)
         try:
             if relayed:
-                for key in await self._backlogged(list(by_key)):
+                for key, waited in (await self._backlogged(list(by_key))).items():
                     skipped = by_key.pop(key)
                     self.metrics.events_not_repushed.inc(len(skipped))
-                    log.info("%d event(s) not pushed again: %s holds work older than half a lease", len(skipped), key)
-                if not by_key:
-                    return True
-            now = time.time()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for key, group in by_key.items():
-                    pipe.lpush(key, *[dataclasses.replace(m, queued_at=now).to_json() for m in group])
-                    pipe.expire(key, EVENTS_QUEUE_TTL_S)
-                await pipe.execute()
-            self.metrics.events_pushed.inc(sum(len(g) for g in by_key.values()))
-            return True
+                    log.info("%d event(s) not pushed again: %s holds work that waited %.0f s", len(skipped), key,
+                             waited)
+                    hold = min(waited, self.lease_s * BACKLOG_HOLD_LEASES)
+                    for m in skipped:
+                        ids, longest = held.get(m.shard_id, ([], 0.0))
+                        ids.append(m.event_id)
+                        held[m.shard_id] = (ids, max(longest, hold))
+            if by_key:
+                now = time.time()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, group in by_key.items():
+                        pipe.lpush(key, *[dataclasses.replace(m, queued_at=now).to_json() for m in group])
+                        pipe.expire(key, EVENTS_QUEUE_TTL_S)
+                    await pipe.execute()
+                self.metrics.events_pushed.inc(sum(len(g) for g in by_key.values()))
         except REDIS_ERRORS as exc:
             self._redis_down_until = time.monotonic() + REDIS_BREAKER_S
             log.warning("Redis did not take %d event message(s) (%s); running this host's handlers here",
                         len(messages), exc.__class__.__name__)
             return False
+        # Rows whose messages are most likely still queued: left alone about as long as the
+        # queue's oldest message waited (the claim gave them one lease), so a long backlog
+        # is not claimed again every lease. Capped, so a message lost meanwhile is not
+        # waited for long once the backlog is gone.
+        for shard_id, (ids, hold) in held.items():
+            if hold > self.lease_s:
+                try:
+                    await self.store.extend(shard_id, ids, hold)
+                except SHARD_ERRORS as exc:
+                    log.warning("leases of %d queued event(s) not extended (%s)", len(ids), exc.__class__.__name__,
+                                extra={"shardId": shard_id})
+        return True
 
-    async def _backlogged(self, keys: list[str]) -> list[str]:
-        """The queues whose oldest message (the tail: LPUSH, BRPOP) waits for half a lease or more."""
+    async def _backlogged(self, keys: list[str]) -> dict[str, float]:
+        """The queues whose oldest message (the tail: LPUSH, BRPOP) has waited half a lease
+        or more, with how long it has."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.lindex(key, -1)
             oldest = await pipe.execute()
         now = time.time()
-        busy = []
+        busy: dict[str, float] = {}
         for key, raw in zip(keys, oldest):
             if raw is None:
                 continue
@@ -250,7 +269,7 @@ class EventBus:
             except (ValueError, KeyError, TypeError):
                 continue  # not ours; the consumer drops it
             if queued_at and now - queued_at >= self.lease_s / 2:
-                busy.append(key)
+                busy[key] = now - queued_at
         return busy
 
     async def _handle_in_slot(self, ev: OutboxEvent, plugins: Collection[str], *, handoff: bool) -> None:
@@ -339,7 +358,7 @@ class EventBus:
                 # it waited in a backlog: hold the row for another lease while it runs, so
                 # no relay pushes it again meanwhile
                 try:
-                    await self.store.extend(ev.shard_id, ev.event_id, self.lease_s)
+                    await self.store.extend(ev.shard_id, [ev.event_id], self.lease_s)
                 except SHARD_ERRORS as exc:
                     log.warning("lease of event %s not extended (%s)", ev.event_id, exc.__class__.__name__)
             await self.handle(ev)

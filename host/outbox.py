@@ -98,9 +98,10 @@ WHERE event_id = $1::uuid AND delivered_at IS NULL
 RETURNING delivered_at IS NOT NULL
 """
 # A consumer that pops an event which waited in the queue long: the relays leave it alone
-# for another lease while its handlers run.
+# for another lease while its handlers run. A relay that finds a row's queue backlogged:
+# the row is left alone about as long as the queue's oldest message has waited.
 _EXTEND_SQL = ("UPDATE fleet.event_outbox SET next_attempt_at = greatest(next_attempt_at, "
-               "now() + make_interval(secs => $2)) WHERE event_id = $1::uuid AND delivered_at IS NULL")
+               "now() + make_interval(secs => $2)) WHERE event_id = ANY ($1::uuid[]) AND delivered_at IS NULL")
 _DELIVERED_SQL = ("UPDATE fleet.event_outbox SET delivered_at = now(), last_error = NULL "
                   "WHERE event_id = ANY ($1::uuid[]) AND delivered_at IS NULL")
 _RETRY_SQL = ("UPDATE fleet.event_outbox SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 "
@@ -217,10 +218,10 @@ class OutboxStore:
                                         None if error is None else error[:500])
         return bool(delivered)
 
-    async def extend(self, shard_id: str, event_id: str, lease_s: float = OUTBOX_LEASE_S) -> None:
-        """The event's lease runs at least ``lease_s`` from now (its handlers are starting)."""
+    async def extend(self, shard_id: str, event_ids: list[str], lease_s: float = OUTBOX_LEASE_S) -> None:
+        """The events' leases run at least ``lease_s`` from now."""
         pool = await self._pools.get(shard_id)
-        await pool.execute(_EXTEND_SQL, event_id, lease_s)
+        await pool.execute(_EXTEND_SQL, [uuid.UUID(e) for e in event_ids], lease_s)
 
     async def delivered(self, shard_id: str, event_ids: list[str]) -> None:
         pool = await self._pools.get(shard_id)
