@@ -37,6 +37,10 @@ log = logging.getLogger("tenantfleet.host.events")
 
 EventHandler = Callable[[Event], Awaitable[None]]
 ShardOf = Callable[[str], Awaitable[str]]
+# Whether a plugin's handlers run for a tenant's event: True yes; False no, the plugin has
+# nothing to do there (disabled: the event counts as handled by it); None not now (switched
+# off: it gets the event again later). May raise what the control plane raises (not now).
+EventGate = Callable[[str, str], Awaitable[bool | None]]
 RETRY_S = 0.2
 RETRY_MAX_S = 5.0
 TASKS_STOP_S = 5.0     # how long `TaskOwner.close` waits for cancelled tasks to end
@@ -107,6 +111,7 @@ class EventBus:
         self._shard_of = shard_of
         self.lease_s = lease_s
         self.handlers: dict[str, list[tuple[str, EventHandler]]] = {}
+        self.gate: EventGate | None = None  # without one, every handler runs
         self.subscriptions = Subscriptions(control, self.own)
         self._slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
         self._redis_down_until = 0.0
@@ -278,8 +283,10 @@ class EventBus:
 
     async def handle(self, ev: OutboxEvent, plugins: Collection[str] | None = None, *, handoff: bool = False) -> None:
         """Run the handlers of ``ev.name`` that ``plugins`` have on this host (default: the
-        message's plugin, or every plugin here for a message without one), then settle the
-        outbox row: those plugins are recorded as done when all their handlers returned; the
+        message's plugin, or every plugin here for a message without one) and that `gate`
+        lets handle the tenant's events, then settle the outbox row: those plugins are
+        recorded as done when all their handlers returned (or the gate said the plugin has
+        nothing to do for the tenant: disabled there, or globally); the
         row is delivered once every live subscriber is done, else it waits for the others'
         (their messages, or their relays: at once with ``handoff``). A failing plugin gets
         the event again after a backoff. A row that can't be settled (shard down) is left to
@@ -288,10 +295,14 @@ class EventBus:
             plugins = {ev.plugin} if ev.plugin is not None else self.subscriptions.mine(ev.name) - set(ev.handled_by)
         event = Event(id=ev.event_id, name=ev.name, source=ev.source, tenant_id=ev.tenant_id, payload=ev.payload)
         runs = [(pid, h) for pid, h in self.handlers.get(ev.name, ()) if pid in plugins]
+        verdicts = {pid: await self._may_handle(pid, ev.tenant_id) for pid in sorted({pid for pid, _ in runs})}
+        runs = [(pid, h) for pid, h in runs if verdicts[pid]]
         results = await asyncio.gather(*(self._run(pid, h, event) for pid, h in runs))
         failed = {pid for (pid, _), error in zip(runs, results) if error is not None}
         errors = [error for error in results if error is not None]
-        done = sorted({pid for pid, _ in runs} - failed)
+        errors += [f"{pid}: not now (switched off, or the registry did not answer)"
+                   for pid, verdict in verdicts.items() if verdict is None]
+        done = sorted(({pid for pid, _ in runs} - failed) | {pid for pid, verdict in verdicts.items() if verdict is False})
         live = self.subscriptions.live(ev.name)
         again = retry_delay(ev.attempt) if errors else OUTBOX_HANDOFF_S if handoff else None
         try:
@@ -300,6 +311,17 @@ class EventBus:
         except SHARD_ERRORS as exc:
             log.warning("event %s handled but not settled (%s); it will come again", ev.event_id,
                         exc.__class__.__name__, extra={"tenantId": ev.tenant_id, "shardId": ev.shard_id})
+
+    async def _may_handle(self, plugin_id: str, tenant_id: str) -> bool | None:
+        if self.gate is None:
+            return True
+        try:
+            return await self.gate(plugin_id, tenant_id)
+        except SHARD_ERRORS as exc:
+            log.warning("could not tell whether %s handles events of tenant %s (%s); it gets them again later",
+                        plugin_id, tenant_id, exc.__class__.__name__, extra={"pluginId": plugin_id,
+                                                                              "tenantId": tenant_id})
+            return None
 
     async def _run(self, plugin_id: str, handler: EventHandler, event: Event) -> str | None:
         try:

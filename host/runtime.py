@@ -34,7 +34,7 @@ from host.registry import Registry
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
-from router.errors import ConfigInvalid
+from router.errors import ConfigInvalid, PluginDisabled
 from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
@@ -153,6 +153,21 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
                           control=control)
         for plugin_id, name, handler in event_handlers:
             events.on(plugin_id, name, handler)
+
+        async def event_gate(plugin_id: str, tenant_id: str) -> bool | None:
+            """A plugin's handlers run for the tenants that have it enabled; a disabled plugin
+            has nothing to do (the event is settled for it), a switched-off one gets the
+            event again once revived. Handlers of no plugin package (added in code) always run."""
+            if plugin_id not in discovery.plugins:
+                return True
+            if registry.is_killed(plugin_id):
+                return None
+            try:
+                await registry.gate(plugin_id, tenant_id)
+            except PluginDisabled:
+                return False
+            return True
+        events.gate = event_gate
 
         async def on_registry() -> None:
             auth.clear()

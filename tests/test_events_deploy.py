@@ -83,6 +83,11 @@ async def rows(fleet: Fleet, rec: TenantRecord, ids: list[str]) -> list[Any]:
                                  "WHERE event_id = ANY ($1::uuid[])", [uuid.UUID(i) for i in ids]))
 
 
+async def enable(host: Host, plugin_id: str, rec: TenantRecord) -> None:
+    await host.admin("POST", f"/admin/plugins/{plugin_id}/enable")
+    await host.admin("POST", f"/admin/tenants/{rec.tenant_id}/plugins/{plugin_id}/enable")
+
+
 async def knows(host: Host, plugin_id: str, name: str, present: bool = True) -> None:
     """Wait until ``host`` reads ``plugin_id``'s subscription to ``name`` as live (or gone)."""
     subs = runtime(host).events.subscriptions
@@ -102,7 +107,7 @@ async def test_during_a_rolling_deploy_the_host_with_the_handler_runs_every_even
     async with running_host(host_settings(fleet), discovery_with(pkg)) as new, \
             running_host(host_settings(fleet)) as old:
         assert pid not in old.app[PLUGIN_HOST].contexts
-        rec, _ = await tenant_with_key(fleet, old, roles=())
+        rec, _ = await tenant_with_key(fleet, new, plugins=("inventory", pid), roles=())
         await knows(old, pid, pkg.module.NAME)
         ids = [*await emit(old, rec, pkg.module.NAME, 10), *await emit(new, rec, pkg.module.NAME, 10)]
 
@@ -122,7 +127,7 @@ async def test_with_redis_down_the_host_without_the_handler_hands_its_events_to_
     heard: list[str] = pkg.module.HEARD
     settings = on_valkey(fleet, valkey)
     async with running_host(settings, discovery_with(pkg)) as new, running_host(settings) as old:
-        rec, _ = await tenant_with_key(fleet, old, roles=())
+        rec, _ = await tenant_with_key(fleet, new, plugins=("inventory", pid), roles=())
         await knows(old, pid, pkg.module.NAME)
         await asyncio.to_thread(valkey.stop)
         ids = await emit(old, rec, pkg.module.NAME, 5)
@@ -143,7 +148,8 @@ async def test_two_plugins_on_different_hosts_each_handle_an_event_once_and_only
     full = pkg_a.module.NAME
     async with running_host(host_settings(fleet), discovery_with(pkg_a)) as host_a, \
             running_host(host_settings(fleet), discovery_with(pkg_b)) as host_b:
-        rec, _ = await tenant_with_key(fleet, host_a, roles=())
+        rec, _ = await tenant_with_key(fleet, host_a, plugins=("inventory", pid_a), roles=())
+        await enable(host_b, pid_b, rec)
         await knows(host_a, pid_b, full)
         await knows(host_b, pid_a, full)
         ids = [*await emit(host_a, rec, full, 5), *await emit(host_b, rec, full, 5)]
@@ -324,7 +330,7 @@ async def test_a_failing_plugin_gets_the_event_again_alone_and_the_one_that_hand
     flaky_id, flaky = plugin_package(tmp_path, FLAKY_PLUGIN.replace("{name}", name))
     steady_id, steady = new_plugin(tmp_path, name)
     async with running_host(host_settings(fleet), discovery_with(flaky, steady)) as host:
-        rec, _ = await tenant_with_key(fleet, host, roles=())
+        rec, _ = await tenant_with_key(fleet, host, plugins=("inventory", flaky_id, steady_id), roles=())
         ids = await emit(host, rec, flaky.module.NAME, 3)
 
         async def delivered() -> bool:
@@ -339,7 +345,7 @@ async def test_a_message_an_earlier_host_pushed_on_the_shared_list_is_handled_by
         fleet: Fleet, tmp_path: Path) -> None:
     pid, pkg = new_plugin(tmp_path, event_name())
     async with running_host(host_settings(fleet), discovery_with(pkg)) as host:
-        rec, _ = await tenant_with_key(fleet, host, roles=())
+        rec, _ = await tenant_with_key(fleet, host, plugins=("inventory", pid), roles=())
         [event_id] = await _write_orphans(fleet, rec, pkg.module.NAME, 1)
         pool = await fleet.shard_pools.get(rec.shard_id)
         await pool.execute("UPDATE fleet.event_outbox SET next_attempt_at = now() + interval '1 hour' "
@@ -358,3 +364,39 @@ async def test_a_message_an_earlier_host_pushed_on_the_shared_list_is_handled_by
         await until(delivered, what="the earlier host's message handled")
         assert pkg.module.HEARD == [event_id]
         assert [r["handled_by"] for r in await rows(fleet, rec, [event_id])] == [[pid]]
+
+
+async def test_a_plugin_disabled_for_the_tenant_settles_its_events_unhandled_and_a_switched_off_one_waits(
+        fleet: Fleet, tmp_path: Path) -> None:
+    pid, pkg = new_plugin(tmp_path, event_name())
+    heard: list[str] = pkg.module.HEARD
+    async with running_host(host_settings(fleet), discovery_with(pkg)) as host:
+        rec, _ = await tenant_with_key(fleet, host, plugins=("inventory", pid), roles=())
+        other, _ = await tenant_with_key(fleet, host, roles=())  # the plugin is not enabled there
+        skipped = await emit(host, other, pkg.module.NAME, 2)
+
+        async def settled() -> bool:
+            return all(r["delivered_at"] is not None for r in await rows(fleet, other, skipped))
+        await until(settled, what="the events of a tenant without the plugin settled")
+        assert heard == []  # nothing to do there: not called, not retried
+        assert all(r["handled_by"] == [pid] and r["attempts"] == 1 for r in await rows(fleet, other, skipped))
+
+        await host.admin("POST", f"/admin/plugins/{pid}/kill")
+        waiting = await emit(host, rec, pkg.module.NAME, 2)
+        pool = await fleet.shard_pools.get(rec.shard_id)
+
+        async def refused() -> bool:
+            return all(r["last_error"] and "not now" in r["last_error"] for r in await pool.fetch(
+                "SELECT last_error FROM fleet.event_outbox WHERE event_id = ANY ($1::uuid[])",
+                [uuid.UUID(i) for i in waiting]))
+        await until(refused, what="the switched-off plugin's events kept for later")
+        assert heard == [] and all(r["delivered_at"] is None for r in await rows(fleet, rec, waiting))
+
+        await host.admin("POST", f"/admin/plugins/{pid}/revive")
+        await pool.execute("UPDATE fleet.event_outbox SET next_attempt_at = now() WHERE event_id = ANY ($1::uuid[])",
+                           [uuid.UUID(i) for i in waiting])  # their backoff over
+
+        async def handled() -> bool:
+            return all(r["delivered_at"] is not None for r in await rows(fleet, rec, waiting))
+        await until(handled, what="the revived plugin's events handled")
+        assert sorted(heard) == sorted(waiting)
