@@ -1,10 +1,11 @@
 """Events after commit, the registry invalidation listener, and the tasks the host owns.
 
 Plugins write events into their shard's outbox inside their own transaction
-(`host.outbox`, which states the delivery semantics: one host of the fleet handles each
-event, at least once). `EventBus` is how they travel after commit: the writing host
-hands them to Redis (a list every host's `EventBus.consume` pops from), or, when Redis
-doesn't take them, runs the handlers itself. Nothing here can fail a request whose
+(`host.outbox`, which states the delivery semantics: each plugin subscribing to an event
+anywhere in the fleet handles it at least once). `EventBus` is how they travel after
+commit: the writing host hands them to Redis (one list per subscription, popped by the
+hosts that have its handler), or, when Redis doesn't take them, runs its own handlers
+itself and leaves the rest to the hosts that have them. Nothing here can fail a request whose
 transaction committed: delivery runs in owned background tasks, and whatever is not
 delivered stays in the outbox for the relay. Each handler runs in its own coroutine: a
 failing handler is logged with its pluginId, stops none of the others, and gets the event
@@ -13,16 +14,22 @@ again later.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Coroutine, Mapping, Sequence
 
+import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from host.keys import EVENTS_AFTER_COMMIT_MAX, EVENTS_IN_FLIGHT, EVENTS_POP_S, events_queue_key, registry_channel
+from host.keys import (
+    EVENTS_AFTER_COMMIT_MAX, EVENTS_IN_FLIGHT, EVENTS_POP_S, EVENTS_QUEUE_TTL_S, OUTBOX_HANDOFF_S, OUTBOX_LEASE_S,
+    events_queue_key, registry_channel, subscription_queue_key,
+)
 from host.metrics import HostMetrics
 from host.outbox import SHARD_ERRORS, OutboxEvent, OutboxStore, retry_delay
+from host.subscriptions import Subscriptions
 from plugins.api import Event
 from router.client import cancel_and_wait
 
@@ -30,9 +37,14 @@ log = logging.getLogger("tenantfleet.host.events")
 
 EventHandler = Callable[[Event], Awaitable[None]]
 ShardOf = Callable[[str], Awaitable[str]]
+# Whether a plugin's handlers run for a tenant's event: True yes; False no, the plugin has
+# nothing to do there (disabled: the event counts as handled by it); None not now (switched
+# off: it gets the event again later). May raise what the control plane raises (not now).
+EventGate = Callable[[str, str], Awaitable[bool | None]]
 RETRY_S = 0.2
 RETRY_MAX_S = 5.0
 TASKS_STOP_S = 5.0     # how long `TaskOwner.close` waits for cancelled tasks to end
+BACKLOG_HOLD_LEASES = 10  # a relay leaves rows still queued in a backlog alone for at most this many leases
 REDIS_BREAKER_S = 1.0  # after Redis refused a batch, deliver here without asking it again for this long
 # What a failing Redis call raises: the client's own errors, a socket error, or a timeout.
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -81,26 +93,39 @@ class EventBus:
     """Handlers by event name, and delivery of outbox events to them (see the module docstring).
 
     ``redis`` serves the pushes (short timeouts), ``queue_redis`` the blocking pops;
-    ``shard_of`` names a tenant's shard (the resolve cache).
+    ``shard_of`` names a tenant's shard (the resolve cache); ``control`` holds the fleet's
+    event subscriptions (`host.subscriptions`; without it this host is the whole fleet);
+    ``lease_s`` is the outbox lease the relays claim with (what a backlog is measured against).
     """
 
     def __init__(self, redis: aioredis.Redis, queue_redis: aioredis.Redis, namespace: str, tasks: TaskOwner,
-                 metrics: HostMetrics, store: OutboxStore, shard_of: ShardOf) -> None:
+                 metrics: HostMetrics, store: OutboxStore, shard_of: ShardOf, *,
+                 control: asyncpg.Pool | None = None, lease_s: float = OUTBOX_LEASE_S) -> None:
         self.redis = redis
         self._queue_redis = queue_redis
+        self._ns = namespace
         self._queue = events_queue_key(namespace)
         self.tasks = tasks
         self.metrics = metrics
         self.store = store
         self._shard_of = shard_of
+        self.lease_s = lease_s
         self.handlers: dict[str, list[tuple[str, EventHandler]]] = {}
+        self.gate: EventGate | None = None  # without one, every handler runs
+        self.subscriptions = Subscriptions(control, self.own)
         self._slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
         self._redis_down_until = 0.0
         self._after_commit = 0  # events held by `committed` tasks not yet handed on or handled
+        self._pops = 0
         self.ready = asyncio.Event()  # set while the queue is being popped
 
     def on(self, plugin_id: str, name: str, handler: EventHandler) -> None:
         self.handlers.setdefault(name, []).append((plugin_id, handler))
+        self.subscriptions.changed()
+
+    def own(self) -> list[tuple[str, str]]:
+        """This host's subscriptions: (plugin id, event name) with at least one handler here."""
+        return sorted({(pid, name) for name, hs in self.handlers.items() for pid, _ in hs})
 
     # --- after commit ----------------------------------------------------------------------
     def committed(self, tenant_id: str, events: Sequence[tuple[str, str, str, Mapping[str, Any]]]) -> None:
@@ -136,46 +161,167 @@ class EventBus:
 
     # --- delivery ----------------------------------------------------------------------------
     async def deliver(self, batch: list[OutboxEvent]) -> None:
-        """Hand each event to one host: through Redis if it takes the batch, else run the
-        handlers here (and settle each row). Raises nothing a delivery can cause."""
+        """First delivery (the writer's, right after commit); see `_deliver`."""
+        await self._deliver(batch, relayed=False)
+
+    async def redeliver(self, batch: list[OutboxEvent]) -> None:
+        """A relay's delivery of rows whose lease ran out: as `deliver`, except that a
+        subscription whose queue holds work older than half a lease is not pushed to again
+        (the row's earlier message is likely still queued; the claim gave it a new lease)."""
+        await self._deliver(batch, relayed=True)
+
+    async def _deliver(self, batch: list[OutboxEvent], *, relayed: bool) -> None:
+        """Hand each event to every live subscription that has not handled it yet: one
+        message per subscription on its Redis list, popped by one host that has it. With
+        Redis down run this host's share here (and settle each row); the rest is left to
+        the hosts that have those handlers. An event nobody subscribes to is settled as
+        delivered. Raises nothing a delivery can cause."""
         if not batch:
             return
-        if await self._push(batch):
+        unsubscribed: dict[str, list[str]] = {}
+        messages: list[OutboxEvent] = []
+        for ev in batch:
+            live = self.subscriptions.live(ev.name)
+            remaining = (self.subscriptions.mine(ev.name) if live is None else set(live)) - set(ev.handled_by)
+            if remaining:
+                messages.extend(dataclasses.replace(ev, plugin=p) for p in sorted(remaining))
+            elif live is not None:
+                unsubscribed.setdefault(ev.shard_id, []).append(ev.event_id)
+            # else: the fleet's subscriptions unknown and none here: left to its lease
+        for shard_id, ids in unsubscribed.items():
+            try:
+                await self.store.delivered(shard_id, ids)
+            except SHARD_ERRORS as exc:
+                log.warning("%d event(s) nobody subscribes to not settled (%s); they will come again", len(ids),
+                            exc.__class__.__name__, extra={"shardId": shard_id})
+        if not messages or await self._push(messages, relayed=relayed):
             return
-        await asyncio.gather(*(self._handle_in_slot(ev) for ev in batch))
+        # Redis down: this host's handlers here; a share that only other hosts have is handed
+        # to their relays (the row due again soon; their claims take it, ours skip it).
+        by_event: dict[str, tuple[OutboxEvent, set[str]]] = {}
+        for m in messages:
+            by_event.setdefault(m.event_id, (dataclasses.replace(m, plugin=None), set()))[1].add(str(m.plugin))
+        runs = []
+        for ev, plugins in by_event.values():
+            mine = plugins & self.subscriptions.mine(ev.name)
+            runs.append(self._handle_in_slot(ev, mine, handoff=bool(plugins - mine)))
+        await asyncio.gather(*runs)
 
-    async def _push(self, batch: list[OutboxEvent]) -> bool:
+    def _key(self, ev: OutboxEvent) -> str:
+        return subscription_queue_key(self._ns, str(ev.plugin), ev.name)
+
+    async def _push(self, messages: list[OutboxEvent], *, relayed: bool) -> bool:
+        """LPUSH each message on its subscription's list (one round trip); False if Redis
+        did not take them (then the breaker skips Redis for `REDIS_BREAKER_S`)."""
         if time.monotonic() < self._redis_down_until:
             return False
+        by_key: dict[str, list[OutboxEvent]] = {}
+        for m in messages:
+            by_key.setdefault(self._key(m), []).append(m)
+        held: dict[str, tuple[list[str], float]] = {}  # shard -> (rows left queued, for how long)
         try:
-            await self.redis.lpush(self._queue, *[ev.to_json() for ev in batch])
-            return True
+            if relayed:
+                for key, waited in (await self._backlogged(list(by_key))).items():
+                    skipped = by_key.pop(key)
+                    self.metrics.events_not_repushed.inc(len(skipped))
+                    log.info("%d event(s) not pushed again: %s holds work that waited %.0f s", len(skipped), key,
+                             waited)
+                    hold = min(waited, self.lease_s * BACKLOG_HOLD_LEASES)
+                    for m in skipped:
+                        ids, longest = held.get(m.shard_id, ([], 0.0))
+                        ids.append(m.event_id)
+                        held[m.shard_id] = (ids, max(longest, hold))
+            if by_key:
+                now = time.time()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, group in by_key.items():
+                        pipe.lpush(key, *[dataclasses.replace(m, queued_at=now).to_json() for m in group])
+                        pipe.expire(key, EVENTS_QUEUE_TTL_S)
+                    await pipe.execute()
+                self.metrics.events_pushed.inc(sum(len(g) for g in by_key.values()))
         except REDIS_ERRORS as exc:
             self._redis_down_until = time.monotonic() + REDIS_BREAKER_S
-            log.warning("Redis did not take %d event(s) (%s); running their handlers here", len(batch),
-                        exc.__class__.__name__)
+            log.warning("Redis did not take %d event message(s) (%s); running this host's handlers here",
+                        len(messages), exc.__class__.__name__)
             return False
+        # Rows whose messages are most likely still queued: left alone about as long as the
+        # queue's oldest message waited (the claim gave them one lease), so a long backlog
+        # is not claimed again every lease. Capped, so a message lost meanwhile is not
+        # waited for long once the backlog is gone.
+        for shard_id, (ids, hold) in held.items():
+            if hold > self.lease_s:
+                try:
+                    await self.store.extend(shard_id, ids, hold)
+                except SHARD_ERRORS as exc:
+                    log.warning("leases of %d queued event(s) not extended (%s)", len(ids), exc.__class__.__name__,
+                                extra={"shardId": shard_id})
+        return True
 
-    async def _handle_in_slot(self, ev: OutboxEvent) -> None:
+    async def _backlogged(self, keys: list[str]) -> dict[str, float]:
+        """The queues whose oldest message (the tail: LPUSH, BRPOP) has waited half a lease
+        or more, with how long it has."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.lindex(key, -1)
+            oldest = await pipe.execute()
+        now = time.time()
+        busy: dict[str, float] = {}
+        for key, raw in zip(keys, oldest):
+            if raw is None:
+                continue
+            try:
+                queued_at = OutboxEvent.from_json(raw if isinstance(raw, bytes) else raw.encode()).queued_at
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours; the consumer drops it
+            if queued_at and now - queued_at >= self.lease_s / 2:
+                busy[key] = now - queued_at
+        return busy
+
+    async def _handle_in_slot(self, ev: OutboxEvent, plugins: Collection[str], *, handoff: bool) -> None:
         async with self._slots:
-            await self.handle(ev)
+            await self.handle(ev, plugins, handoff=handoff)
 
-    async def handle(self, ev: OutboxEvent) -> None:
-        """Run every handler of ``ev.name`` on this host, then settle its outbox row:
-        delivered when all returned, else retried after a backoff. A row that can't be
-        settled (shard down) is left to its lease: the event comes again."""
+    async def handle(self, ev: OutboxEvent, plugins: Collection[str] | None = None, *, handoff: bool = False) -> None:
+        """Run the handlers of ``ev.name`` that ``plugins`` have on this host (default: the
+        message's plugin, or every plugin here for a message without one) and that `gate`
+        lets handle the tenant's events, then settle the outbox row: those plugins are
+        recorded as done when all their handlers returned (or the gate said the plugin has
+        nothing to do for the tenant: disabled there, or globally); the
+        row is delivered once every live subscriber is done, else it waits for the others'
+        (their messages, or their relays: at once with ``handoff``). A failing plugin gets
+        the event again after a backoff. A row that can't be settled (shard down) is left to
+        its lease: the event comes again."""
+        if plugins is None:
+            plugins = {ev.plugin} if ev.plugin is not None else self.subscriptions.mine(ev.name) - set(ev.handled_by)
         event = Event(id=ev.event_id, name=ev.name, source=ev.source, tenant_id=ev.tenant_id, payload=ev.payload)
-        errors = [e for e in await asyncio.gather(*(self._run(pid, h, event) for pid, h in self.handlers.get(ev.name, ())))
-                  if e is not None]
+        runs = [(pid, h) for pid, h in self.handlers.get(ev.name, ()) if pid in plugins]
+        verdicts = {pid: await self._may_handle(pid, ev.tenant_id) for pid in sorted({pid for pid, _ in runs})}
+        runs = [(pid, h) for pid, h in runs if verdicts[pid]]
+        results = await asyncio.gather(*(self._run(pid, h, event) for pid, h in runs))
+        failed = {pid for (pid, _), error in zip(runs, results) if error is not None}
+        errors = [error for error in results if error is not None]
+        errors += [f"{pid}: not now (switched off, or the registry did not answer)"
+                   for pid, verdict in verdicts.items() if verdict is None]
+        done = sorted(({pid for pid, _ in runs} - failed) | {pid for pid, verdict in verdicts.items() if verdict is False})
+        live = self.subscriptions.live(ev.name)
+        again = retry_delay(ev.attempt) if errors else OUTBOX_HANDOFF_S if handoff else None
         try:
-            if errors:
-                delay = retry_delay(ev.attempt)
-                await self.store.retry_later(ev.shard_id, ev.event_id, delay, "; ".join(errors))
-            else:
-                await self.store.delivered(ev.shard_id, [ev.event_id])
+            await self.store.settle(ev.shard_id, ev.event_id, done, None if live is None else sorted(live), again,
+                                    "; ".join(errors) if errors else None)
         except SHARD_ERRORS as exc:
             log.warning("event %s handled but not settled (%s); it will come again", ev.event_id,
                         exc.__class__.__name__, extra={"tenantId": ev.tenant_id, "shardId": ev.shard_id})
+
+    async def _may_handle(self, plugin_id: str, tenant_id: str) -> bool | None:
+        if self.gate is None:
+            return True
+        try:
+            return await self.gate(plugin_id, tenant_id)
+        except SHARD_ERRORS as exc:
+            log.warning("could not tell whether %s handles events of tenant %s (%s); it gets them again later",
+                        plugin_id, tenant_id, exc.__class__.__name__, extra={"pluginId": plugin_id,
+                                                                              "tenantId": tenant_id})
+            return None
 
     async def _run(self, plugin_id: str, handler: EventHandler, event: Event) -> str | None:
         try:
@@ -188,16 +334,25 @@ class EventBus:
             return f"{plugin_id}: {exc.__class__.__name__}"
 
     # --- the queue ----------------------------------------------------------------------------
+    def _pop_keys(self) -> list[str]:
+        """The lists this host pops: one per subscription it has, plus the one earlier hosts
+        pushed to; rotated each pop, so no subscription's backlog starves another's."""
+        keys = [self._queue, *(subscription_queue_key(self._ns, pid, name) for pid, name in self.own())]
+        self._pops += 1
+        n = self._pops % len(keys)
+        return keys[n:] + keys[:n]
+
     async def consume(self) -> None:
-        """Pop events from the Redis queue (each event goes to one host) and handle them, at
-        most `EVENTS_IN_FLIGHT` at once; reconnects with backoff while Redis is away."""
+        """Pop events from the Redis queues of this host's subscriptions (each message goes
+        to one host) and handle them, at most `EVENTS_IN_FLIGHT` at once; reconnects with
+        backoff while Redis is away."""
         delay = RETRY_S
         while True:
             await self._slots.acquire()  # a free slot first: what we pop, we run at once
             handed_off = False
             lost: BaseException | None = None
             try:
-                popped = await self._queue_redis.brpop([self._queue], timeout=EVENTS_POP_S)
+                popped = await self._queue_redis.brpop(self._pop_keys(), timeout=EVENTS_POP_S)
                 self.ready.set()
                 delay = RETRY_S
                 if popped is not None:
@@ -221,6 +376,13 @@ class EventBus:
 
     async def _handle_then_release(self, ev: OutboxEvent) -> None:
         try:
+            if ev.queued_at and time.time() - ev.queued_at >= self.lease_s / 2:
+                # it waited in a backlog: hold the row for another lease while it runs, so
+                # no relay pushes it again meanwhile
+                try:
+                    await self.store.extend(ev.shard_id, [ev.event_id], self.lease_s)
+                except SHARD_ERRORS as exc:
+                    log.warning("lease of event %s not extended (%s)", ev.event_id, exc.__class__.__name__)
             await self.handle(ev)
         finally:
             self._slots.release()

@@ -49,6 +49,11 @@ EVENTS_IN_FLIGHT: Final = 32           # events whose handlers run at once on on
 EVENTS_AFTER_COMMIT_MAX: Final = 1024  # committed events a host holds for its own delivery; past it, the relay's
 EVENTS_POP_S: Final = 1                # BRPOP timeout (whole seconds)
 MAX_EVENT_BYTES: Final = 65536         # an event's payload as JSON
+OUTBOX_HANDOFF_S: Final = 1.0          # Redis down: a row left for a host with a handler this one lacks is due again after this
+EVENTS_QUEUE_TTL_S: Final = 86400      # a subscription's queue nobody pushed to for this long expires (its rows are in the outboxes)
+SUBSCRIPTIONS_EVERY_S: Final = 5.0     # each host refreshes its event subscriptions, and reads the fleet's, this often
+SUBSCRIPTION_TTL_S: Final = 120.0      # a subscription not refreshed for this long is gone (longer than a host's restart)
+SUBSCRIPTIONS_FORGET_S: Final = 86400.0  # rows of hosts gone this long are deleted
 
 # Shutdown: how long in-flight requests get to finish after the listener closes.
 DRAIN_TIMEOUT_S: Final = 10.0
@@ -65,8 +70,15 @@ def registry_channel(ns: str) -> str:
 
 
 def events_queue_key(ns: str) -> str:
-    """List: outbox events handed to the fleet's hosts (LPUSH by the deliverer, BRPOP by one host)."""
+    """List: outbox events for whichever host pops them (what hosts before per-subscription
+    queues pushed; still popped, each event run by the handlers of the popping host)."""
     return f"{ns}:host:events:queue"
+
+
+def subscription_queue_key(ns: str, plugin_id: str, event_name: str) -> str:
+    """List: events for one subscription (a plugin's handlers of one event name), popped by
+    the hosts that have them. Plugin ids and event names are validated words and dots."""
+    return f"{ns}:host:events:{plugin_id}:{event_name}"
 
 
 def cron_lock_key(ns: str, job: str, tick: int) -> str:

@@ -105,6 +105,12 @@ class HostMetrics:
             registry=self.registry)
         self.event_handler_errors = Counter("tenantfleet_event_handler_errors", "Event handlers that raised",
                                             ["plugin", "event"], registry=self.registry)
+        self.events_pushed = Counter("tenantfleet_events_pushed", "Event messages this host pushed to Redis queues",
+                                     registry=self.registry)
+        self.events_not_repushed = Counter(
+            "tenantfleet_events_not_repushed",
+            "Relayed event messages not pushed again because their queue holds work older than half a lease",
+            registry=self.registry)
         self.cron_runs = Counter("tenantfleet_cron_runs", "Cron ticks this host ran", ["plugin", "job"],
                                  registry=self.registry)
 

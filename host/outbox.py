@@ -1,22 +1,32 @@
 """The event outbox: events written inside tenant transactions, then claimed, settled and relayed.
 
-Delivery semantics: **each event is handled by one host of the fleet, at least once.**
+Delivery semantics: **each plugin that subscribes to an event somewhere in the fleet
+handles it at least once, on one host that has that plugin's handler.**
 
 - `write` adds the event to its shard's ``fleet.event_outbox`` inside the plugin's own
   transaction (through ``fleet.emit_event``), so it commits or rolls back with the change
   it reports. The row starts with a lease of `OUTBOX_LEASE_S`: the writing host delivers
   it right after commit (`host.events.EventBus.committed`), nobody else touches it until then.
-- Delivering hands the event to one host: LPUSH on a Redis list every host BRPOPs from,
-  so handler work spreads over the fleet. With Redis down (or failing) the delivering
-  host runs the handlers itself, straight from the outbox row.
-- The host that ran the handlers marks the row delivered once every handler returned.
-  If one raised, the row is retried after a backoff (exponential with full jitter,
-  capped at `OUTBOX_RETRY_MAX_S`, never given up: a handler that always fails is a bug
-  to fix, and its events wait for the fix).
+- Who subscribes is the fleet's map (`host.subscriptions`: plugin id and event name per
+  live host). Delivering pushes one message per subscribing plugin that has not handled
+  the event yet, on that subscription's Redis list; only hosts with the handler pop it,
+  so handler work spreads over them. With Redis down (or failing) the delivering host
+  runs its own share straight from the outbox row, and hands the rest to the relays of
+  the hosts that have those handlers (the row due again in `OUTBOX_HANDOFF_S`).
+- A host that ran a plugin's handlers adds the plugin to the row's ``handled_by``; the
+  row is delivered once ``handled_by`` covers every live subscriber. An event nobody
+  subscribes to (a handler removed fleet-wide) is delivered as it is. If a handler
+  raised, the row is retried after a backoff (exponential with full jitter, capped at
+  `OUTBOX_RETRY_MAX_S`, never given up: a handler that always fails is a bug to fix,
+  and its events wait for the fix); only the plugins not in ``handled_by`` get it again.
 - `Relay` (one per host, owned by its `TaskOwner`) sweeps every shard for rows whose
   lease ran out (the writer died after commit, Redis lost the message, a host died mid-
   handler), claims them with ``FOR UPDATE SKIP LOCKED`` and a new lease, and delivers
-  them the same way. An unreachable shard backs off alone.
+  them the same way; it claims only events this host handles or nobody handles. A
+  subscription whose list holds work older than half a lease is not pushed to again
+  (the earlier message is most likely still queued; the claim renewed the lease), and a
+  host that pops an event which waited that long renews its lease before running it:
+  a backlog longer than the lease doesn't feed itself. An unreachable shard backs off alone.
 - Delivered rows are deleted after `OUTBOX_RETENTION_S`: the table is bounded by traffic.
 
 A handler may therefore see an event more than once (a host died between running the
@@ -33,7 +43,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import asyncpg
 import orjson
@@ -58,16 +68,40 @@ SHARD_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.In
 # the payload goes as JSON text, cast on the server (encoded once, by encode_event)
 _WRITE_SQL = "SELECT fleet.emit_event($1::uuid, $2, $3, $4::text::jsonb, $5)"
 # One statement claims a batch: rows locked by another relay are skipped, the claimed
-# ones get a new lease and an attempt more, and come back to us.
+# ones get a new lease and an attempt more, and come back to us. Only rows this host can
+# move on: events it has a handler for ($3), or that no live host subscribes to ($4, to
+# settle them; NULL while the fleet's subscriptions are unknown). Rows for handlers other
+# hosts have are theirs to claim.
 _CLAIM_SQL = """
 UPDATE fleet.event_outbox o SET attempts = o.attempts + 1,
        next_attempt_at = now() + make_interval(secs => $2)
 FROM (SELECT event_id FROM fleet.event_outbox
       WHERE delivered_at IS NULL AND next_attempt_at <= now()
+        AND (name = ANY ($3::text[]) OR NOT (name = ANY ($4::text[])))
       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
 WHERE o.event_id = due.event_id
-RETURNING o.event_id::text, o.tenant_id::text, o.source, o.name, o.payload::text, o.attempts
+RETURNING o.event_id::text, o.tenant_id::text, o.source, o.name, o.payload::text, o.attempts, o.handled_by
 """
+# What a host settles after running some plugins' handlers of one event: those plugins
+# join handled_by ($2, the ones whose handlers all returned); the row is delivered once
+# handled_by covers every live subscriber ($3; NULL: unknown, never delivered here); a
+# failure ($4 seconds, $5 why) or a hand-off to another host ($4 alone) makes it due again.
+# One statement whose SET reads the row it updates (re-read after a concurrent update
+# committed), so two hosts settling different plugins of one event never lose either.
+_SETTLE_SQL = """
+UPDATE fleet.event_outbox SET
+  handled_by = ARRAY(SELECT DISTINCT p FROM unnest(handled_by || $2::text[]) p ORDER BY p),
+  delivered_at = CASE WHEN $3::text[] <@ (handled_by || $2::text[]) THEN now() END,
+  next_attempt_at = CASE WHEN $4::float8 IS NULL THEN next_attempt_at ELSE now() + make_interval(secs => $4) END,
+  last_error = CASE WHEN $3::text[] <@ (handled_by || $2::text[]) THEN NULL ELSE coalesce($5, last_error) END
+WHERE event_id = $1::uuid AND delivered_at IS NULL
+RETURNING delivered_at IS NOT NULL
+"""
+# A consumer that pops an event which waited in the queue long: the relays leave it alone
+# for another lease while its handlers run. A relay that finds a row's queue backlogged:
+# the row is left alone about as long as the queue's oldest message has waited.
+_EXTEND_SQL = ("UPDATE fleet.event_outbox SET next_attempt_at = greatest(next_attempt_at, "
+               "now() + make_interval(secs => $2)) WHERE event_id = ANY ($1::uuid[]) AND delivered_at IS NULL")
 _DELIVERED_SQL = ("UPDATE fleet.event_outbox SET delivered_at = now(), last_error = NULL "
                   "WHERE event_id = ANY ($1::uuid[]) AND delivered_at IS NULL")
 _RETRY_SQL = ("UPDATE fleet.event_outbox SET next_attempt_at = now() + make_interval(secs => $2), last_error = $3 "
@@ -89,18 +123,24 @@ class OutboxEvent:
     name: str
     payload: Mapping[str, Any]
     attempt: int
+    handled_by: tuple[str, ...] = ()  # plugins whose handlers already ran (from the row)
+    plugin: str | None = None         # in a queue message: the plugin whose handlers it is for
+    queued_at: float = 0.0            # in a queue message: when it was pushed (the pusher's clock)
 
     def to_json(self) -> bytes:
         return orjson.dumps({"id": self.event_id, "shard": self.shard_id, "tenant": self.tenant_id,
                              "source": self.source, "name": self.name, "payload": self.payload,
-                             "attempt": self.attempt})
+                             "attempt": self.attempt, "plugin": self.plugin, "queuedAt": self.queued_at})
 
     @classmethod
     def from_json(cls, raw: bytes) -> "OutboxEvent":
-        """Raises ValueError, KeyError or TypeError for a message that isn't one of ours."""
+        """Raises ValueError, KeyError or TypeError for a message that isn't one of ours.
+        (A message of an earlier host has no plugin: it is for whoever pops it.)"""
         d = orjson.loads(raw)
+        plugin = d.get("plugin")
         return cls(str(d["id"]), str(d["shard"]), str(d["tenant"]), str(d["source"]), str(d["name"]),
-                   dict(d["payload"]), int(d["attempt"]))
+                   dict(d["payload"]), int(d["attempt"]), (), None if plugin is None else str(plugin),
+                   float(d.get("queuedAt") or 0.0))
 
 
 def _has_nul(value: Any) -> bool:
@@ -151,13 +191,37 @@ class OutboxStore:
     def __init__(self, pools: ShardPools) -> None:
         self._pools = pools
 
-    async def claim(self, shard_id: str, limit: int = OUTBOX_BATCH,
-                    lease_s: float = OUTBOX_LEASE_S) -> list[OutboxEvent]:
-        """Up to ``limit`` due rows of ``shard_id``, now leased to the caller for ``lease_s``."""
+    async def claim(self, shard_id: str, limit: int = OUTBOX_BATCH, lease_s: float = OUTBOX_LEASE_S, *,
+                    names: Sequence[str] | None = None, subscribed: Sequence[str] | None = None) -> list[OutboxEvent]:
+        """Up to ``limit`` due rows of ``shard_id``, now leased to the caller for ``lease_s``.
+
+        With ``names`` (the event names the caller handles), only those rows and the rows
+        of events no live host subscribes to (``subscribed``: every live subscription's
+        event name; None when unknown, then only ``names``). Without, every due row."""
         pool = await self._pools.get(shard_id)
-        rows = await pool.fetch(_CLAIM_SQL, limit, lease_s)
+        if names is None:
+            rows = await pool.fetch(_CLAIM_SQL, limit, lease_s, None, [])  # NOT (x = ANY('{}')): every row
+        else:
+            rows = await pool.fetch(_CLAIM_SQL, limit, lease_s, list(names),
+                                    None if subscribed is None else list(subscribed))
         return [OutboxEvent(r["event_id"], shard_id, r["tenant_id"], r["source"], r["name"],
-                            orjson.loads(r["payload"]), r["attempts"]) for r in rows]
+                            orjson.loads(r["payload"]), r["attempts"], tuple(r["handled_by"])) for r in rows]
+
+    async def settle(self, shard_id: str, event_id: str, handled: Sequence[str], subscribers: Sequence[str] | None,
+                     again_in_s: float | None = None, error: str | None = None) -> bool:
+        """Record that ``handled`` plugins' handlers ran for the event; delivered (True) once
+        every plugin of ``subscribers`` has (never when that is None); due again in
+        ``again_in_s`` if given, with ``error`` as the reason."""
+        pool = await self._pools.get(shard_id)
+        delivered = await pool.fetchval(_SETTLE_SQL, event_id, list(handled),
+                                        None if subscribers is None else list(subscribers), again_in_s,
+                                        None if error is None else error[:500])
+        return bool(delivered)
+
+    async def extend(self, shard_id: str, event_ids: list[str], lease_s: float = OUTBOX_LEASE_S) -> None:
+        """The events' leases run at least ``lease_s`` from now."""
+        pool = await self._pools.get(shard_id)
+        await pool.execute(_EXTEND_SQL, [uuid.UUID(e) for e in event_ids], lease_s)
 
     async def delivered(self, shard_id: str, event_ids: list[str]) -> None:
         pool = await self._pools.get(shard_id)
@@ -188,21 +252,28 @@ def retry_delay(attempt: int) -> float:
 
 Deliver = Callable[[list[OutboxEvent]], Awaitable[None]]
 ShardIds = Callable[[], Awaitable[list[str]]]
+# (event names this host handles, event names any live host handles or None if unknown)
+Names = Callable[[], tuple[list[str], list[str] | None]]
 
 
 class Relay:
     """Sweeps every shard's outbox for due rows and delivers them; one per host.
 
     ``deliver`` gets each claimed batch (and must settle every event in it, or leave it
-    to its lease). `wake` makes the next sweep start now.
+    to its lease). With ``names`` (host.subscriptions.Subscriptions.names) it claims only
+    the rows this host can move on (see `OutboxStore.claim`). `wake` makes the next sweep
+    start now.
     """
 
     def __init__(self, store: OutboxStore, shard_ids: ShardIds, deliver: Deliver, *,
-                 sweep_s: float = OUTBOX_SWEEP_S) -> None:
+                 sweep_s: float = OUTBOX_SWEEP_S, lease_s: float = OUTBOX_LEASE_S,
+                 names: Names | None = None) -> None:
         self._store = store
         self._shard_ids = shard_ids
         self._deliver = deliver
         self._sweep_s = sweep_s
+        self._lease_s = lease_s
+        self._names = names
         self._wake = asyncio.Event()
         self._shards: list[str] = []
         self._shards_read = -math.inf
@@ -268,7 +339,12 @@ class Relay:
             return
         try:
             while True:
-                batch = await self._store.claim(shard_id)
+                if self._names is None:
+                    batch = await self._store.claim(shard_id, lease_s=self._lease_s)
+                else:
+                    names, subscribed = self._names()
+                    batch = await self._store.claim(shard_id, lease_s=self._lease_s, names=names,
+                                                    subscribed=subscribed)
                 if batch:
                     await self._deliver(batch)
                 if len(batch) < OUTBOX_BATCH:

@@ -28,13 +28,13 @@ from host.cron import Cron, Job
 from host.events import EventBus, EventHandler, Subscriber, TaskOwner
 from host.keys import EVENTS_POP_S, REDIS_TIMEOUT_S, SUBSCRIBE_WAIT_S, registry_channel
 from host.metrics import HostMetrics
-from host.outbox import OutboxStore, Relay
+from host.outbox import SHARD_ERRORS, OutboxStore, Relay
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
 from host.tx import TenantTx, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
-from router.errors import ConfigInvalid
+from router.errors import ConfigInvalid, PluginDisabled
 from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
@@ -68,6 +68,7 @@ class HostRuntime:
         """Start taking events: the Redis queue consumer and the outbox relay, owned by
         `tasks`. Call it once the plugins' handlers can run (the app does, right after
         attaching the runtime to its plugin contexts); the CLI never does."""
+        self.tasks.spawn(self.events.subscriptions.run(), name="events:subscriptions")
         self.tasks.spawn(self.events.consume(), name="events:queue")
         self.tasks.spawn(self.relay.run(), name="events:relay")
 
@@ -85,7 +86,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
     events are taken once `HostRuntime.start_delivery` is called. Without ``background``
     (the CLI: one change, then exit) no task is started and Redis is not waited for.
     ``event_handlers`` (plugin id, event name, handler) are registered before any event
-    is taken: a host delivering an event marks it delivered once *its* handlers ran.
+    is taken; they are this host's event subscriptions (`host.subscriptions`), published
+    to the control plane and read back, with the fleet's, before delivery starts.
 
     Raises FLEET_ERROR (no control plane configured), CONFIG_INVALID (no Redis URL),
     SHARD_UNREACHABLE (control plane down).
@@ -151,9 +153,25 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def shard_of(tenant_id: str) -> str:
             return (await resolver.resolve(id=tenant_id)).shard_id
 
-        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of)
+        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of,
+                          control=control)
         for plugin_id, name, handler in event_handlers:
             events.on(plugin_id, name, handler)
+
+        async def event_gate(plugin_id: str, tenant_id: str) -> bool | None:
+            """A plugin's handlers run for the tenants that have it enabled; a disabled plugin
+            has nothing to do (the event is settled for it), a switched-off one gets the
+            event again once revived. Handlers of no plugin package (added in code) always run."""
+            if plugin_id not in discovery.plugins:
+                return True
+            if registry.is_killed(plugin_id):
+                return None
+            try:
+                await registry.gate(plugin_id, tenant_id)
+            except PluginDisabled:
+                return False
+            return True
+        events.gate = event_gate
 
         async def on_registry() -> None:
             auth.clear()
@@ -162,8 +180,13 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def shard_ids() -> list[str]:
             return [s.shard_id for s in await directory.list_shards()]
 
-        relay = Relay(store, shard_ids, events.deliver)
+        relay = Relay(store, shard_ids, events.redeliver, names=events.subscriptions.names)
         if background:
+            try:  # the fleet's subscriptions known before the first event is delivered
+                await events.subscriptions.refresh()
+            except SHARD_ERRORS as exc:
+                log.warning("event subscriptions not read (%s); events wait for their lease until they are",
+                            exc.__class__.__name__)
             subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
             tasks.spawn(subscriber.run(), name="pubsub")
             try:

@@ -18,10 +18,11 @@ Events leave with the transaction: ``await ctx.events.emit(name, payload, db=db)
 ``fn`` writes the event into the tenant's shard outbox in that same transaction, so it
 exists exactly when the change it reports committed. After commit the host delivers it
 (through Redis, or straight from the outbox when Redis is down); a Redis outage never
-fails the request and never loses the event. Delivery is at least once and each event
-is handled by one host of the fleet: a handler registered with ``ctx.events.on`` may
-see the same event again (same ``Event.id``) and must ignore repeats, e.g. by recording
-the ids it handled in the same transaction as its effect.
+fails the request and never loses the event. Delivery is at least once to every plugin
+that subscribes to the event on some host of the fleet, on one host that has the
+handler (also while hosts run different plugin versions): a handler registered with
+``ctx.events.on`` may see the same event again (same ``Event.id``) and must ignore
+repeats, e.g. by recording the ids it handled in the same transaction as its effect.
 """
 from __future__ import annotations
 
@@ -135,11 +136,11 @@ class Events(Protocol):
     def on(self, name: str, handler: Callable[[Event], Awaitable[None]]) -> None:
         """Run ``handler`` for every ``name`` event, emitted by any plugin on any host.
 
-        At least once, on one host of the fleet per event: the same event (same ``id``) may
-        come again after a host died or a handler failed, so handle it idempotently. A
-        handler that raises is logged and gets the event again after a backoff (exponential,
-        capped at 5 minutes, never given up); other handlers of the event are not affected,
-        but they see it again too.
+        At least once, on one host of the fleet that has this handler: the same event (same
+        ``id``) may come again after a host died or a handler failed, so handle it
+        idempotently. A handler that raises is logged and gets the event again after a
+        backoff (exponential, capped at 5 minutes, never given up); other plugins' handlers
+        of the event are not affected, this plugin's other handlers of it see it again too.
         """
         ...
 

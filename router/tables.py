@@ -166,6 +166,20 @@ fleet_run_items = Table(
     Index("fleet_run_items_status_idx", "run_id", "status"),
 )
 
+# Which plugin handles which event on which host (host/subscriptions.py): each host
+# writes its own rows and refreshes ``seen_at`` every few seconds; a row not refreshed
+# within the TTL is a host that is gone. Events are delivered to every plugin that
+# subscribes somewhere in the fleet, and settled once all of them handled it.
+event_subscriptions = Table(
+    "event_subscriptions", control,
+    Column("host_id", Text, nullable=False),
+    Column("plugin_id", Text, nullable=False),
+    Column("event_name", Text, nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("host_id", "plugin_id", "event_name"),
+    Index("event_subscriptions_seen_idx", "seen_at"),
+)
+
 # --- shard side: the `fleet` schema -----------------------------------------------------
 sys_plugin_migrations = Table(
     "sys_plugin_migrations", shard,
@@ -209,6 +223,8 @@ event_outbox = Table(
     Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delivered_at", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
+    # the plugins whose handlers ran for this event (delivered once every subscriber did)
+    Column("handled_by", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     # what a relay sweeps: undelivered rows by due time
     Index("event_outbox_due_idx", "next_attempt_at", postgresql_where=text("delivered_at IS NULL")),
     # what the clean-up deletes
@@ -657,6 +673,12 @@ BEGIN
 END $fn$;
 """
 
+# Columns added to shard tables after their first version: CREATE TABLE IF NOT EXISTS
+# leaves a table made by an earlier version as it was, so each gets its ALTER (idempotent).
+SHARD_COLUMNS_ADDED = [
+    "ALTER TABLE fleet.event_outbox ADD COLUMN IF NOT EXISTS handled_by text[] NOT NULL DEFAULT '{}'::text[]",  # v4
+]
+
 _dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -693,7 +715,8 @@ def control_ddl() -> list[str]:
 def shard_ddl() -> list[str]:
     """Statements that create a shard's ``fleet`` schema, tables and functions (idempotent)."""
     functions = SHARD_FUNCTIONS.replace("{bootstrap_lock}", str(int(BOOTSTRAP_LOCK)))  # a constant, not user text
-    return [str(CreateSchema("fleet", if_not_exists=True).compile(dialect=_dialect)), *_ddl(shard), functions]
+    return [str(CreateSchema("fleet", if_not_exists=True).compile(dialect=_dialect)), *_ddl(shard),
+            *SHARD_COLUMNS_ADDED, functions]
 
 
 def fence_ddl() -> list[str]:
