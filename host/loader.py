@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from host.context import HostPluginContext, PluginHost
-from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
-from host.tenancy import REQUEST_TENANT, check_servable, request_tenant
+from host.keys import REQ_CALLER, REQ_PLUGIN
+from host.tenancy import REQUEST_TENANT, check_servable
 from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
 from router.errors import MethodNotAllowed, NotFound, PluginNotFound
 from shard_migrations.packages import Discovery, PluginPackage
@@ -69,11 +69,9 @@ def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
     async def gated(request: web.Request) -> web.StreamResponse:
         rt = host.runtime
         request[REQ_PLUGIN] = plugin_id
-        # the key first: without one, nothing is said about the tenant (found or not, suspended)
-        principal = await rt.auth.caller(request)
-        rec = await request_tenant(rt.resolver, request)
-        request[REQ_TENANT] = rec.tenant_id
-        rt.auth.check_tenant(principal, rec.tenant_id)  # nor to another tenant's key about its state
+        # the key first: without one, nothing is said about the tenant (found or not, suspended),
+        # nor to another tenant's key (the same 403 whether the tenant exists or not)
+        principal, rec = await rt.auth.for_named_tenant(rt.resolver, request)
         check_servable(rec)
         REQUEST_TENANT.set(rec)
         tp = await rt.registry.gate(plugin_id, rec.tenant_id)

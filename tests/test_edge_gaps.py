@@ -8,12 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import uuid
+
+import aiohttp
 import orjson
 import pytest
 
 from router.errors import ConfigInvalid
 from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, effective_settings, fleet_key
 from router.settings import Settings
+from tests.fleetkit import Fleet
+from tests.hostkit import Host, auth, tenant_with_key
+from tests.test_edge import host, http, router  # noqa: F401  (module fixtures: one router, one host)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +55,24 @@ def test_a_service_started_with_the_read_key_equal_to_the_admin_key_says_so_in_o
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert err.strip().splitlines() == [err.strip()] and err.startswith("error: CONFIG_INVALID: "), err
     assert "READ_KEY is the admin key" in err
+
+
+# --- a tenant's key learns nothing about other tenants ------------------------------------------
+
+async def test_a_tenant_key_naming_another_tenant_gets_the_same_403_whether_it_exists_or_not(
+        host: Host, fleet: Fleet) -> None:
+    mine, key = await tenant_with_key(fleet, host)
+    other, _ = await tenant_with_key(fleet, host)
+    answers = []
+    for path in ("/api/plugins/inventory/items", "/api/manifest"):
+        for name in (other.code, other.tenant_id, "no-such-tenant", str(uuid.uuid4())):
+            async with host.http.get(path, headers=auth(key, name)) as r:
+                body = await r.json()
+                answers.append((r.status, body["error"]["code"], body["error"]["message"], sorted(body["error"])))
+        async with host.http.get(path, headers={"Authorization": f"Bearer {key}", "Host": "nowhere.example.com"}) as r:
+            assert r.status == 403, path  # an unknown domain too
+        async with host.http.get(path, headers=auth(key, mine.code)) as r:
+            assert r.status == 200, path
+    assert {a[:2] for a in answers} == {(403, "FORBIDDEN")}, answers
+    assert len(set(map(str, answers))) == 1, answers  # word for word: no tenant id, nothing to tell them apart
+

@@ -172,7 +172,8 @@ async def test_bad_input_gets_the_envelope_never_a_500(fleet: Fleet, host: Host)
     h = auth(key, rec.code)
     cases = [
         ("GET", "/api/plugins/nosuch/items", h, None, 404, "PLUGIN_NOT_FOUND"),
-        ("GET", "/api/plugins/inventory/items", auth(key, "no-such-tenant"), None, 404, "TENANT_NOT_FOUND"),
+        # a tenant's key is not told which other tenants exist: 403, as for one that does
+        ("GET", "/api/plugins/inventory/items", auth(key, "no-such-tenant"), None, 403, "FORBIDDEN"),
         ("GET", "/api/plugins/inventory/nosuch", h, None, 404, "NOT_FOUND"),
         ("GET", "/api/plugins/inventory/items?limit=abc", h, None, 400, "VALIDATION_FAILED"),
         ("GET", "/api/plugins/inventory/items/notanumber", h, None, 400, "VALIDATION_FAILED"),
