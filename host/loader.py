@@ -1,7 +1,7 @@
 """Loading plugins into the app: api-major check, ``setup(ctx)``, mounting, the plugin gate.
 
-Every route a plugin registers is mounted at ``/api/plugins/{id}{path}`` behind the
-gate: resolve the tenant, authenticate the caller for that tenant, check kill switch
+Every route a plugin registers is mounted at ``/api/plugins/{id}{path}`` (a GET route
+answers HEAD too, without the body) behind the gate: resolve the tenant, authenticate the caller for that tenant, check kill switch
 and enablement (403 PLUGIN_DISABLED with ``{pluginId, tenantId}``), then the handler.
 A plugin whose ``meta.api`` major differs from the host's is refused with a log line
 and listed by the admin API; so is one whose ``setup`` fails or is missing.
@@ -58,8 +58,12 @@ def mount(app: web.Application, host: PluginHost, discovery: Discovery) -> None:
     for pid, ctx in host.contexts.items():
         pkg = discovery.plugins[pid]
         app.router.add_get(f"{PREFIX}/{pid}/health", functools.partial(_health, host, pkg))
+        served = {(route.method, route.path) for route in ctx.router.routes}
         for route in ctx.router.routes:
-            app.router.add_route(route.method, f"{PREFIX}/{pid}{route.path}", _gated(host, pid, route.handler))
+            path, gated = f"{PREFIX}/{pid}{route.path}", _gated(host, pid, route.handler)
+            app.router.add_route(route.method, path, gated)
+            if route.method == "GET" and ("HEAD", route.path) not in served:
+                app.router.add_route("HEAD", path, gated)  # HEAD is GET without the body (as aiohttp's add_get)
     app.router.add_route("*", PREFIX + "/{plugin}", functools.partial(_unknown, host))
     app.router.add_route("*", PREFIX + "/{plugin}/{tail:.*}", functools.partial(_unknown, host))
 

@@ -3,10 +3,12 @@ other tenants, HEAD on plugin routes, integers JSON can't keep, media types, and
 HTTP that aiohttp's parser refuses before any middleware."""
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uuid
 
@@ -76,3 +78,45 @@ async def test_a_tenant_key_naming_another_tenant_gets_the_same_403_whether_it_e
     assert {a[:2] for a in answers} == {(403, "FORBIDDEN")}, answers
     assert len(set(map(str, answers))) == 1, answers  # word for word: no tenant id, nothing to tell them apart
 
+
+# --- HEAD on plugin routes ----------------------------------------------------------------------
+
+async def _exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``request`` as raw bytes (Connection: close); status, headers, and every byte after the head."""
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest
+
+
+def _request(method: str, path: str, *headers: str) -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(h + "\r\n" for h in headers)
+            + "\r\n").encode()
+
+
+async def test_head_on_a_plugin_get_route_answers_like_get_without_a_body(host: Host, fleet: Fleet) -> None:
+    rec, key = await tenant_with_key(fleet, host)
+    async with host.http.post("/api/plugins/inventory/items", json={"sku": "head-1", "qty": 2},
+                              headers=auth(key, rec.code)) as r:
+        assert r.status == 201
+    who = (f"Authorization: Bearer {key}", f"X-Tenant: {rec.code}")
+    status, headers, body = await _exchange(host.url, _request("GET", "/api/plugins/inventory/items", *who))
+    assert status == 200 and b"head-1" in body
+    h_status, h_headers, h_body = await _exchange(host.url, _request("HEAD", "/api/plugins/inventory/items", *who))
+    assert (h_status, h_body) == (200, b"")
+    assert h_headers["content-type"] == headers["content-type"] and "x-request-id" in h_headers
+    # the gate runs for HEAD as for GET: no key, no answer but 401 (and still no body)
+    status, headers, body = await _exchange(host.url, _request("HEAD", "/api/plugins/inventory/items",
+                                                               f"X-Tenant: {rec.code}"))
+    assert (status, body) == (401, b"") and headers["www-authenticate"].startswith("Bearer")
+    # a method the route doesn't serve: 405 whose Allow names HEAD with GET
+    async with host.http.delete("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+        assert r.status == 405 and {"GET", "HEAD", "POST"} <= set(r.headers["Allow"].split(", "))
