@@ -185,6 +185,14 @@ class MigrationIncomplete(TenantFleetError):
     exit_code = 4
 
 
+class SchemaTooNew(TenantFleetError):
+    """A database's tenantfleet schema was made by a newer tenantfleet than this one: this
+    one would set it up as it knows it (an older fence, say), so it refuses to touch it."""
+    code = "SCHEMA_TOO_NEW"
+    status = 409
+    exit_code = 2
+
+
 class RunNotFound(TenantFleetError):
     code = "RUN_NOT_FOUND"
     status = 404
