@@ -30,7 +30,7 @@ from host.metrics import METRICS, HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
 from host.runtime import RUNTIME, HostRuntime, open_host_runtime
-from router.http import BODY_TIMEOUT, http_settings, json_response
+from router.http import BODY_TIMEOUT, EdgeRunner, http_settings, json_response
 from router.models import ShardRecord
 from router.settings import Settings
 from shard_migrations.packages import Discovery, discover
@@ -138,7 +138,7 @@ async def serving(settings: Settings, *, host: str | None = None, port: int | No
                   discovery: Discovery | None = None) -> AsyncIterator[tuple[web.Application, str]]:
     """Run the host in this event loop; yields (app, base URL). ``port=0`` picks a free port."""
     app = build_app(settings, discovery=discovery)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
+    runner = EdgeRunner(app, access_log=None, shutdown_timeout=DRAIN_TIMEOUT_S)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host or settings.bind_host, settings.host_port if port is None else port)

@@ -1,7 +1,7 @@
 """Loading plugins into the app: api-major check, ``setup(ctx)``, mounting, the plugin gate.
 
-Every route a plugin registers is mounted at ``/api/plugins/{id}{path}`` behind the
-gate: resolve the tenant, authenticate the caller for that tenant, check kill switch
+Every route a plugin registers is mounted at ``/api/plugins/{id}{path}`` (a GET route
+answers HEAD too, without the body) behind the gate: resolve the tenant, authenticate the caller for that tenant, check kill switch
 and enablement (403 PLUGIN_DISABLED with ``{pluginId, tenantId}``), then the handler.
 A plugin whose ``meta.api`` major differs from the host's is refused with a log line
 and listed by the admin API; so is one whose ``setup`` fails or is missing.
@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from host.context import HostPluginContext, PluginHost
-from host.keys import REQ_CALLER, REQ_PLUGIN, REQ_TENANT
-from host.tenancy import REQUEST_TENANT, check_servable, request_tenant
+from host.keys import REQ_CALLER, REQ_PLUGIN
+from host.tenancy import REQUEST_TENANT, check_servable
 from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
 from router.errors import MethodNotAllowed, NotFound, PluginNotFound
 from shard_migrations.packages import Discovery, PluginPackage
@@ -58,8 +58,12 @@ def mount(app: web.Application, host: PluginHost, discovery: Discovery) -> None:
     for pid, ctx in host.contexts.items():
         pkg = discovery.plugins[pid]
         app.router.add_get(f"{PREFIX}/{pid}/health", functools.partial(_health, host, pkg))
+        served = {(route.method, route.path) for route in ctx.router.routes}
         for route in ctx.router.routes:
-            app.router.add_route(route.method, f"{PREFIX}/{pid}{route.path}", _gated(host, pid, route.handler))
+            path, gated = f"{PREFIX}/{pid}{route.path}", _gated(host, pid, route.handler)
+            app.router.add_route(route.method, path, gated)
+            if route.method == "GET" and ("HEAD", route.path) not in served:
+                app.router.add_route("HEAD", path, gated)  # HEAD is GET without the body (as aiohttp's add_get)
     app.router.add_route("*", PREFIX + "/{plugin}", functools.partial(_unknown, host))
     app.router.add_route("*", PREFIX + "/{plugin}/{tail:.*}", functools.partial(_unknown, host))
 
@@ -69,11 +73,9 @@ def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
     async def gated(request: web.Request) -> web.StreamResponse:
         rt = host.runtime
         request[REQ_PLUGIN] = plugin_id
-        # the key first: without one, nothing is said about the tenant (found or not, suspended)
-        principal = await rt.auth.caller(request)
-        rec = await request_tenant(rt.resolver, request)
-        request[REQ_TENANT] = rec.tenant_id
-        rt.auth.check_tenant(principal, rec.tenant_id)  # nor to another tenant's key about its state
+        # the key first: without one, nothing is said about the tenant (found or not, suspended),
+        # nor to another tenant's key (the same 403 whether the tenant exists or not)
+        principal, rec = await rt.auth.for_named_tenant(rt.resolver, request)
         check_servable(rec)
         REQUEST_TENANT.set(rec)
         tp = await rt.registry.gate(plugin_id, rec.tenant_id)

@@ -12,8 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from host.context import PLUGIN_HOST, PluginHost
-from host.keys import REQ_TENANT
-from host.tenancy import check_servable, request_tenant
+from host.tenancy import check_servable
 from router.errors import PluginDisabled
 from router.http import json_response
 
@@ -23,10 +22,7 @@ SECTIONS = ("routes", "menu", "widgets")
 async def manifest(request: web.Request) -> web.Response:
     host: PluginHost = request.app[PLUGIN_HOST]
     rt = host.runtime
-    principal = await rt.auth.caller(request)  # the key first, as on plugin routes (host.loader)
-    rec = await request_tenant(rt.resolver, request)
-    request[REQ_TENANT] = rec.tenant_id
-    rt.auth.check_tenant(principal, rec.tenant_id)
+    principal, rec = await rt.auth.for_named_tenant(rt.resolver, request)  # as on plugin routes (host.loader)
     check_servable(rec)
     out: list[dict[str, Any]] = []
     for pid in sorted(host.contexts):

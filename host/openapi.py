@@ -25,13 +25,15 @@ _PARAM = re.compile(r"\{([^}:]+)(?::([^}]*))?\}")
 _REF = "#/components/schemas/{model}"
 
 _WHY = {
-    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field)",
+    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field); "
+         "BAD_REQUEST: not well-formed HTTP",
     401: "UNAUTHORIZED: no key, a malformed one, or an unknown one",
     403: "FORBIDDEN (a key without the right), PLUGIN_DISABLED, TENANT_SUSPENDED",
     404: "not found: TENANT_NOT_FOUND, PLUGIN_NOT_FOUND, NOT_FOUND",
     408: "REQUEST_TIMEOUT: the body did not arrive in time",
     409: "PLUGIN_REFUSED, MIGRATION_DRIFT, MIGRATION_INCOMPLETE",
     413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE: a body whose Content-Type is not JSON (application/json or +json)",
     500: "INTERNAL or MIGRATION_FAILED: a fault, logged with the request id",
     503: "SHARD_UNREACHABLE, TENANT_MOVING, TENANT_NOT_READY, FENCE_STALE, or not ready; see Retry-After",
 }
@@ -112,7 +114,7 @@ def document(app: web.Application) -> dict[str, Any]:
             known = (route.method, path) in BODIES
             op["requestBody"] = {"required": known or kind == "plugin",
                                  "content": {"application/json": {"schema": schema}}}
-            statuses |= {408, 413}
+            statuses |= {408, 413, 415}
         # a plugin's handler picks its own success status (inventory answers 201 on create)
         ok = ("201" if route.method == "POST" and path == "/admin/principals"
               else "2XX" if kind == "plugin" and path != "/api/manifest" else "200")

@@ -24,9 +24,13 @@ from typing import Any, Awaitable, Callable, Collection, Sequence
 import asyncpg
 from aiohttp import web
 
-from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER
+from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER, REQ_TENANT
+from host.tenancy import Resolver, request_tenant
 from router.errors import Forbidden, NotFound, TenantNotFound, Unauthorized, ValidationFailed
 from router.http import bearer, key_matches
+from router.models import TenantRecord
+
+NOT_YOUR_TENANT = "this API key does not belong to the requested tenant"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -127,13 +131,22 @@ class Authenticator:
     def check_tenant(p: Principal, tenant_id: str) -> None:
         """FORBIDDEN unless ``p`` belongs to ``tenant_id``, whatever the request's tenant headers say."""
         if p.tenant_id != tenant_id:
-            raise Forbidden("this API key does not belong to the requested tenant", tenantId=tenant_id)
+            raise Forbidden(NOT_YOUR_TENANT)
 
-    async def for_tenant(self, request: web.Request, tenant_id: str) -> Principal:
-        """The caller, who must belong to ``tenant_id``: `caller`, then `check_tenant`."""
-        p = await self.caller(request)
-        self.check_tenant(p, tenant_id)
-        return p
+    async def for_named_tenant(self, resolver: Resolver, request: web.Request) -> tuple[Principal, TenantRecord]:
+        """The caller and the tenant the request names (`request_tenant`), which the caller
+        must belong to. The key is checked first (UNAUTHORIZED says nothing about tenants),
+        and a key of one tenant naming another gets the same FORBIDDEN whether that tenant
+        exists or not (no TENANT_NOT_FOUND, no tenant id): a tenant's key can't probe for
+        other tenants. Sets ``request[REQ_TENANT]`` (the access log's) once it is the caller's."""
+        principal = await self.caller(request)
+        try:
+            rec = await request_tenant(resolver, request)
+        except TenantNotFound:
+            raise Forbidden(NOT_YOUR_TENANT) from None
+        self.check_tenant(principal, rec.tenant_id)
+        request[REQ_TENANT] = rec.tenant_id
+        return principal, rec
 
     async def check_admin(self, admin_key: str, request: web.Request) -> None:
         """The admin key is required (the same rule as the router's writes): UNAUTHORIZED

@@ -50,6 +50,12 @@ class ValidationFailed(TenantFleetError):
     exit_code = 2
 
 
+class BadRequest(TenantFleetError):
+    """The request is not well-formed HTTP (refused by the HTTP parser before any route)."""
+    code = "BAD_REQUEST"
+    status = 400
+
+
 class ConfigInvalid(TenantFleetError):
     code = "CONFIG_INVALID"
     status = 500
@@ -85,6 +91,12 @@ class RequestTimeout(TenantFleetError):
 class PayloadTooLarge(TenantFleetError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413
+
+
+class UnsupportedMediaType(TenantFleetError):
+    """A request body in a media type the route doesn't read (JSON routes: not JSON)."""
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    status = 415
 
 
 class TenantNotFound(TenantFleetError):
@@ -171,6 +183,14 @@ class MigrationIncomplete(TenantFleetError):
     code = "MIGRATION_INCOMPLETE"
     status = 409
     exit_code = 4
+
+
+class SchemaTooNew(TenantFleetError):
+    """A database's tenantfleet schema was made by a newer tenantfleet than this one: this
+    one would set it up as it knows it (an older fence, say), so it refuses to touch it."""
+    code = "SCHEMA_TOO_NEW"
+    status = 409
+    exit_code = 2
 
 
 class RunNotFound(TenantFleetError):

@@ -11,12 +11,18 @@ come back (TENANT_MOVING, SHARD_UNREACHABLE) carry ``Retry-After``.
 Checks made before any handler runs (each a 400 VALIDATION_FAILED, nothing changed):
 a request header over `MAX_HEADER_BYTES`; a NUL (``%00``) anywhere in the path or query
 (PostgreSQL text can't hold one); a query parameter given more than once.
+
+What aiohttp's HTTP parser refuses before any middleware runs (an unknown method, raw
+non-ASCII bytes in the path, broken chunked encoding, no ``Host`` on HTTP/1.1, a request
+line or header over `PARSER_MAX_FIELD`) gets the envelope too, ``400 BAD_REQUEST``, and
+one INFO log line without a traceback: serve apps with `EdgeRunner`.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
 import itertools
+import json
 import logging
 import re
 import secrets
@@ -24,14 +30,15 @@ import time
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_request import BaseRequest
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
 from router.errors import (
-    Forbidden, Internal, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, TenantFleetError,
-    Unauthorized, ValidationFailed,
+    BadRequest, Forbidden, Internal, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout, TenantFleetError,
+    Unauthorized, UnsupportedMediaType, ValidationFailed,
 )
 
 log = logging.getLogger("tenantfleet.http")
@@ -60,6 +67,9 @@ BODY_TIMEOUT = web.AppKey("tenantfleet_body_timeout_s", float)
 # body between the two would be accepted and then fail (500) wherever it is written back
 # (a plugin's config, an echo); no request of ours needs more than a few levels.
 MAX_JSON_DEPTH = 64
+# Integers a JSON body may hold: PostgreSQL's bigint, and what orjson writes back.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (request, request id, status, seconds): what a service records per request (metrics, log line)
@@ -194,6 +204,72 @@ def envelope_middleware_with(observe: Observer | None = None,
 envelope_middleware = envelope_middleware_with()
 
 
+# --- what the HTTP parser refuses ----------------------------------------------------------------
+
+_PARSER_BYTES = re.compile(r":?\s*(?:b'|b\"|bytearray\().*$")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _parser_reason(exc: BaseException | None, message: str | None) -> str:
+    """aiohttp's reason for refusing a request, on one line and without the client's bytes
+    (its messages quote them: ``Invalid method encountered:\n\n  b'FOO / HTTP/1.1'``)."""
+    text = message or (getattr(exc, "message", None) if exc is not None else None) or "malformed request"
+    first = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "malformed request")
+    first = _UNPRINTABLE.sub("?", _PARSER_BYTES.sub("", first)).rstrip(" :.")
+    return first[:120] or "malformed request"
+
+
+class _EnvelopeRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering with the envelope where aiohttp would send
+    plain text: for a request its parser refused (400), and for an exception that escaped
+    every middleware (500; none of ours lets one through)."""
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        rid = new_request_id(request)  # type: ignore[arg-type]  # request ids are read from a BaseRequest
+        if status < 500:  # the client's malformed request: worth a line, not a traceback
+            reason = _parser_reason(exc, message)
+            log.info("malformed HTTP request from %s refused: %s", request.remote, reason, extra={"requestId": rid})
+            err: TenantFleetError = BadRequest(f"malformed HTTP request: {reason}")
+        else:
+            log.error("request from %s failed outside the handlers", request.remote, exc_info=exc,
+                      extra={"requestId": rid})
+            err = Internal("internal error")
+        if request.writer.output_size > 0:  # as aiohttp: part of an answer is out, the connection is broken
+            raise ConnectionError("the response is already being sent; cannot send the error")
+        resp = error_response(err, rid)
+        resp.set_status(status)
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(web.Server):
+    """`web.Server` whose connections are `_EnvelopeRequestHandler`s."""
+
+    def __call__(self) -> web.RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _EnvelopeRequestHandler  # same slots: the subclass only overrides handle_error
+        return handler
+
+
+class EdgeRunner(web.AppRunner):
+    """`web.AppRunner` for the router and the host: what aiohttp's HTTP parser refuses
+    (before any middleware or route) is answered with the envelope, ``400 BAD_REQUEST``,
+    an ``X-Request-Id`` and one INFO log line, not aiohttp's plain text and an ERROR
+    traceback. aiohttp has no parameter for its connection handler's class; its
+    `web.Server` makes plain `web.RequestHandler`s, so once `setup` has made the server
+    it is given a subclass that makes ours (public classes and ``handle_error``'s
+    documented signature only; tests/test_edge_gaps.py fails if an aiohttp upgrade
+    changes that)."""
+
+    async def setup(self) -> None:
+        await super().setup()
+        server = self.server
+        assert server is not None and type(server) is web.Server, type(server)
+        server.__class__ = _EnvelopeServer
+
+
 # --- keys --------------------------------------------------------------------------------------
 
 def bearer(request: web.Request) -> str:
@@ -242,14 +318,17 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object (router service, host admin API and plugin routes alike).
 
     The app's ``client_max_size`` bounds it: PAYLOAD_TOO_LARGE beyond that (at once when
-    ``Content-Length`` says so); REQUEST_TIMEOUT (408) if it doesn't arrive within the
-    app's `BODY_TIMEOUT`; VALIDATION_FAILED (``field: body``) for no body, a body that
-    can't be decoded as its ``Content-Encoding`` says, malformed JSON, JSON nested deeper
-    than `MAX_JSON_DEPTH`, anything but an object, or a string holding a NUL character
-    (which PostgreSQL can't store).
+    ``Content-Length`` says so); UNSUPPORTED_MEDIA_TYPE (415) for a ``Content-Type`` that
+    isn't JSON (`check_json_media_type`), before any of it is read; REQUEST_TIMEOUT (408) if it
+    doesn't arrive within the app's `BODY_TIMEOUT`; VALIDATION_FAILED (``field: body``)
+    for no body, a body that can't be decoded as its ``Content-Encoding`` says, malformed
+    JSON, JSON nested deeper than `MAX_JSON_DEPTH`, anything but an object; naming the
+    field, for a string holding a NUL character (which PostgreSQL can't store) or an
+    integer outside the signed 64-bit range (orjson would make it an inexact float).
     """
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise PayloadTooLarge("request body too large")
+    check_json_media_type(request)
     try:
         async with asyncio.timeout(request.app.get(BODY_TIMEOUT, 30.0)):
             raw = await request.read()
@@ -265,16 +344,79 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        _check_int64(raw)  # an integer too long even for a double (1e309) is refused by its name
         raise ValidationFailed("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):
         raise ValidationFailed("body must be a JSON object", field="body")
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(data, MAX_JSON_DEPTH):
         raise ValidationFailed(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="body")
+    _check_int64(raw)
     if b"\\u0000" in raw:  # the only way JSON text spells NUL; walk only then
         where = _nul_at(data, "")
         if where is not None:
             raise ValidationFailed(f"{where or 'body'} contains a NUL character (\\u0000)", field=where or "body")
     return data
+
+
+def check_json_media_type(request: web.Request) -> None:
+    """UNSUPPORTED_MEDIA_TYPE (415) unless a body's ``Content-Type`` is JSON:
+    ``application/json`` or any ``+json`` type, parameters allowed. A body without a
+    ``Content-Type`` is read as JSON (what API clients mean); ``curl -d`` sends
+    ``application/x-www-form-urlencoded``, which is refused and told what to send."""
+    if hdrs.CONTENT_TYPE not in request.headers:
+        return
+    media = request.content_type  # lower-cased, parameters dropped
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise UnsupportedMediaType(f"the body must be JSON: send Content-Type: application/json, not {media[:100]}",
+                               field="Content-Type")
+
+
+def _check_int64(raw: bytes) -> None:
+    """VALIDATION_FAILED naming the first integer of the JSON text ``raw`` outside int64."""
+    if _LONG_DIGITS.search(raw):  # only then can an integer be out of range: look closer
+        where = _int_out_of_range_at(raw)
+        if where is not None:
+            raise ValidationFailed(f"{where or 'body'} is an integer outside the signed 64-bit range "
+                                   f"({INT64_MIN}..{INT64_MAX})", field=where or "body")
+
+
+class _Int64Overflow:
+    """A JSON integer token outside the signed 64-bit range (what `_int_out_of_range_at` looks for)."""
+    __slots__ = ()
+
+
+_OVERFLOW = _Int64Overflow()
+
+
+def _int64_or_marker(token: str) -> int | _Int64Overflow:
+    # int() is never given more than 20 digits here (Python refuses past 4300 anyway)
+    if len(token.lstrip("-")) > 19:
+        return _OVERFLOW
+    value = int(token)
+    return value if INT64_MIN <= value <= INT64_MAX else _OVERFLOW
+
+
+def _int_out_of_range_at(raw: bytes) -> str | None:
+    """The path of the first integer in the JSON text ``raw`` outside int64, else None.
+
+    orjson reads an integer past 64 bits as a float (18446744073709551616 becomes
+    1.8446744073709552e+19), silently inexact; the stdlib's parser sees each integer token
+    as written, so it finds them (only bodies with a run of 19+ digits get here)."""
+    try:
+        data = json.loads(raw, parse_int=_int64_or_marker)
+    except ValueError:  # orjson accepted it; anything the stdlib won't read holds no such integer
+        return None
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, v = stack.pop()
+        if v is _OVERFLOW:
+            return path
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), c) for k, c in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", c) for i, c in reversed(list(enumerate(v))))
+    return None
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

@@ -20,13 +20,15 @@ MAX_OFFSET = 1_000_000_000
 _REF = "#/components/schemas/{model}"
 
 _WHY = {
-    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field)",
+    400: "VALIDATION_FAILED: a parameter, header or body is invalid (the envelope names the field); "
+         "BAD_REQUEST: not well-formed HTTP",
     401: "UNAUTHORIZED: no key, a malformed one, or an unknown one",
     403: "FORBIDDEN: the read key on a write",
     404: "not found (TENANT_NOT_FOUND, SHARD_NOT_FOUND)",
     408: "REQUEST_TIMEOUT: the body did not arrive in time",
     409: "already exists (TENANT_EXISTS, SHARD_EXISTS)",
     413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE: a body whose Content-Type is not JSON (application/json or +json)",
     500: "INTERNAL: a fault of ours, logged with the request id",
     503: "SHARD_UNREACHABLE, NO_SHARD_AVAILABLE or the control plane down; see Retry-After",
 }
@@ -128,7 +130,7 @@ def build() -> dict[str, Any]:
                 "get": _op("List tenants by code", _ok("tenants", {"type": "array", "items": tenant}),
                            (400, 401, 503), security=_READ, parameters=list_params),
                 "post": _op("Create a tenant (on the least-loaded active shard unless shardId is given)",
-                            _ok("created", tenant, 201), (400, 401, 403, 404, 408, 409, 413, 503),
+                            _ok("created", tenant, 201), (400, 401, 403, 404, 408, 409, 413, 415, 503),
                             security=_ADMIN, body=NewTenant)},
             "/v1/tenants/{id}": {"get": _op("One tenant by id", _ok("the tenant", tenant), (400, 401, 404, 503),
                                             security=_READ, parameters=[tenant_id])},
@@ -142,7 +144,7 @@ def build() -> dict[str, Any]:
                 "get": _op("List shards with tenant counts (DSN passwords redacted)",
                            _ok("shards", {"type": "array", "items": shard}), (400, 401, 503), security=_READ),
                 "post": _op("Register a shard (its DSN is connected to and prepared first)",
-                            _ok("registered", shard, 201), (400, 401, 403, 408, 409, 413, 503),
+                            _ok("registered", shard, 201), (400, 401, 403, 408, 409, 413, 415, 503),
                             security=_ADMIN, body=NewShard)},
             "/v1/openapi.json": {"get": _op("This document", plain, (400,), security=[])},
             "/healthz": {"get": _op("The process is up", plain, (400,), security=[])},

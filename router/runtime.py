@@ -52,18 +52,21 @@ def effective_settings(settings: Settings) -> Settings:
     """Settings with control_dsn, redis_url and the service keys filled in from the embedded
     fleet if unset.
 
-    Raises FleetError when neither is available.
+    Raises FleetError when neither is available, CONFIG_INVALID if the read key is the admin key.
     """
     if settings.control_dsn:
+        settings.check_keys()
         return settings
     state = settings.fleet_dir / "fleet.json"
     if not state.exists():
         raise FleetError(f"no fleet: set TENANTFLEET_CONTROL_DSN, or run `make up` (no {state})")
     info = json.loads(state.read_text())["info"]
-    return settings.model_copy(update={
+    filled = settings.model_copy(update={
         "control_dsn": info["control_dsn"], "redis_url": settings.redis_url or info["redis_url"],
         "admin_key": fleet_key(settings.fleet_dir, ADMIN_KEY_FILE, settings.admin_key, create=False),
         "read_key": fleet_key(settings.fleet_dir, READ_KEY_FILE, settings.read_key, create=False)})
+    filled.check_keys()
+    return filled
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Sequence
 import scramp  # type: ignore[import-untyped]  # no type hints; one call, checked by tests
 
 from router import tables
+from router.errors import SchemaTooNew
 from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE
 from router.pools import AnyConnection
 
@@ -46,7 +47,16 @@ _SHARD_HARDENING = [
     "fleet.ensure_nologin_role(name), fleet.grant_role_to_owner(name), fleet.revoke_app_role_legacy(text[]), "
     "fleet.ensure_login_role(text) "
     "FROM PUBLIC",
+    # No role of the request path needs large objects, and a tenant role creating them
+    # would store data outside its schema (pg_largeobject) that no one cleans up: these
+    # are the functions that make one (server-side lo_import is PostgreSQL's superuser-only
+    # already). Takes effect where the shard's owner owns them, i.e. is a superuser; a
+    # non-superuser owner's REVOKE is a warning that changes nothing (README, Status).
+    "REVOKE EXECUTE ON FUNCTION pg_catalog.lo_create(oid), pg_catalog.lo_creat(integer), "
+    "pg_catalog.lo_from_bytea(oid, bytea) FROM PUBLIC",
 ]
+# Where each component records the tenantfleet schema version that set it up.
+_VERSION_TABLE = {"control": "tenantfleet_schema", "shard": "fleet.tenantfleet_schema"}
 
 
 async def ensure_control(conn: AnyConnection) -> None:
@@ -119,15 +129,31 @@ async def ensure_tenant_role(conn: AnyConnection, schema_name: str) -> None:
 
 async def _apply(conn: AnyConnection, component: str, statements: list[str],
                  calls: Sequence[tuple[str, tuple[object, ...]]] = ()) -> None:
+    table = _VERSION_TABLE.get(component)  # a constant name, never user text
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK)
+        if table is not None:
+            await _refuse_newer(conn, component, table)
         for stmt in statements:
             await conn.execute(stmt)
         for sql, args in calls:
             await conn.execute(sql, *args)
-        if component == "control":
+        if table is not None:
             await conn.execute(
-                "INSERT INTO tenantfleet_schema (component, version) VALUES ($1, $2) "
+                f"INSERT INTO {table} (component, version) VALUES ($1, $2) "
                 "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
                 component, tables.SCHEMA_VERSION,
             )
+
+
+async def _refuse_newer(conn: AnyConnection, component: str, table: str) -> None:
+    """SCHEMA_TOO_NEW if the database records a version newer than this code's: an older
+    tenantfleet must not set up, over a newer one's, what it knows (an older fence that
+    doesn't switch roles, say). Asked before any statement, under the bootstrap lock."""
+    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+        return  # set up before versions were recorded there (or never): older, not newer
+    recorded = await conn.fetchval(f"SELECT max(version) FROM {table}")
+    if recorded is not None and recorded > tables.SCHEMA_VERSION:
+        raise SchemaTooNew(f"this {component} database was set up by a newer tenantfleet (schema version "
+                           f"{recorded}; this one knows up to {tables.SCHEMA_VERSION}): upgrade tenantfleet "
+                           f"before preparing it", component=component, version=recorded)

@@ -20,7 +20,7 @@ from router.client import ResolveClient
 from router.directory import normalise_query
 from router.errors import ValidationFailed
 from router.http import (
-    BODY_TIMEOUT, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
+    BODY_TIMEOUT, EdgeRunner, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
     read_json_object, require_service_key,
 )
 from router.keys import TENANT_STATES
@@ -209,6 +209,18 @@ async def open_service(settings: Settings, stack: AsyncExitStack) -> web.Applica
     return app
 
 
+async def listen(app: web.Application, stack: AsyncExitStack, host: str, port: int) -> int:
+    """Serve ``app`` on ``host:port`` (0: a free port) until ``stack`` closes (which stops
+    accepting and drains first); the bound port. `EdgeRunner`: what aiohttp's parser
+    refuses gets the envelope too."""
+    runner = EdgeRunner(app, access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, host, port).start()
+    bound: int = runner.addresses[0][1]
+    return bound
+
+
 async def serve(settings: Settings, *, port: int | None = None,
                 ready: Callable[[int], Awaitable[None]] | None = None, stop: asyncio.Event | None = None) -> None:
     """Run the router service until ``stop`` is set (or cancelled).
@@ -217,12 +229,7 @@ async def serve(settings: Settings, *, port: int | None = None,
     """
     async with AsyncExitStack() as stack:
         app = await open_service(settings, stack)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.bind_host, settings.router_port if port is None else port)
-        await site.start()
-        bound = runner.addresses[0][1]
+        bound = await listen(app, stack, settings.bind_host, settings.router_port if port is None else port)
         if ready is not None:
             await ready(bound)
         await (stop or asyncio.Event()).wait()

@@ -115,11 +115,21 @@ class Settings(BaseModel):
             values[key] = value
         values.update(overrides)
         try:
-            return cls(**values)
+            settings = cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
             raise ConfigInvalid(f"bad setting {PREFIX}{key.upper()}: {first['msg']}", key=key) from exc
+        settings.check_keys()
+        return settings
+
+    def check_keys(self) -> None:
+        """CONFIG_INVALID if the read key is the admin key: a read key given to the services
+        that resolve tenants would then change anything (checked by `load` and again when
+        the embedded fleet's key files fill them in, `router.runtime.effective_settings`)."""
+        if self.read_key and self.read_key == self.admin_key:
+            raise ConfigInvalid(f"{PREFIX}READ_KEY is the admin key: the read key must be a key of its own "
+                                f"(it is given to services that may only read)", key="read_key")
 
 
 def _check_key(key: str, where: str) -> None:

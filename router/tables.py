@@ -19,7 +19,10 @@ from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 
-SCHEMA_VERSION = 4  # bump with every change below; `schema_meta` records what a database has
+# Bump with every change below (and in `router.schema`'s shard preparation); `schema_meta`
+# records what a control database has, `shard_schema_meta` what a shard has, and code
+# refuses to prepare a database whose recorded version is newer than this (4: the floor).
+SCHEMA_VERSION = 4
 
 control = MetaData()
 shard = MetaData(schema="fleet")
@@ -36,6 +39,15 @@ def _now() -> Column[object]:
 
 schema_meta = Table(
     "tenantfleet_schema", control,
+    Column("component", Text, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# The shard's own record of the version that prepared it (control's is `schema_meta`):
+# `router.schema.ensure_shard` refuses a shard whose version is newer than SCHEMA_VERSION.
+shard_schema_meta = Table(
+    "tenantfleet_schema", shard,
     Column("component", Text, primary_key=True),
     Column("version", Integer, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

@@ -160,14 +160,8 @@ async def until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: st
 
 async def serve_router(settings: Settings, stack: AsyncExitStack) -> str:
     """Run the router service on a free loopback port until ``stack`` closes; its base URL."""
-    from aiohttp import web
-
-    from router.service import open_service
+    from router.service import listen, open_service
 
     app = await open_service(settings, stack)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+    return f"http://127.0.0.1:{await listen(app, stack, '127.0.0.1', 0)}"
 

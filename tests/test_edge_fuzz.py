@@ -33,6 +33,8 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
 _FIELDS = ["code", "domains", "shard_id", "shardId", "dsn", "capacity", "weight", "sku", "name", "qty", "location",
            "counts", "tenant", "roles", "permissions", "displayName"]
 _QUERY_NAMES = ["id", "code", "domain", "shard", "state", "limit", "offset", "tenant"]
+_MEDIA_TYPES = ["application/json", "application/json", "application/json; charset=utf-8",
+                "application/merge-patch+json", "text/plain", "application/x-www-form-urlencoded"]
 # values that once answered 500 somewhere, mixed into the generated ones
 _NASTY = ["shard1\x00", "\x00", "\u0661", "1_0", " 5", "05", "1103142582953399675889682814599168", "-1"]
 
@@ -81,6 +83,8 @@ def request_to(draw: st.DrawFn, target: Target, method: str,
         headers["X-Tenant"] = draw(_HEADER) if tenant == "random" else tenant
     body = draw(st.none() | st.binary(max_size=200)
                 | st.dictionaries(text_or(_FIELDS), _JSON, max_size=4).map(lambda d: json.dumps(d).encode()))  # stdlib: big ints too
+    if body is not None:  # mostly JSON, as a client means it; sometimes what it isn't
+        headers["Content-Type"] = draw(st.sampled_from(_MEDIA_TYPES))
     return method, url, headers, body
 
 

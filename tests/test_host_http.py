@@ -170,16 +170,18 @@ async def test_metrics_label_requests_by_route_template_never_the_raw_path(fleet
 async def test_bad_input_gets_the_envelope_never_a_500(fleet: Fleet, host: Host) -> None:
     rec, key = await tenant_with_key(fleet, host)
     h = auth(key, rec.code)
+    hj = {**h, "Content-Type": "application/json"}
     cases = [
         ("GET", "/api/plugins/nosuch/items", h, None, 404, "PLUGIN_NOT_FOUND"),
-        ("GET", "/api/plugins/inventory/items", auth(key, "no-such-tenant"), None, 404, "TENANT_NOT_FOUND"),
+        # a tenant's key is not told which other tenants exist: 403, as for one that does
+        ("GET", "/api/plugins/inventory/items", auth(key, "no-such-tenant"), None, 403, "FORBIDDEN"),
         ("GET", "/api/plugins/inventory/nosuch", h, None, 404, "NOT_FOUND"),
         ("GET", "/api/plugins/inventory/items?limit=abc", h, None, 400, "VALIDATION_FAILED"),
         ("GET", "/api/plugins/inventory/items/notanumber", h, None, 400, "VALIDATION_FAILED"),
-        ("POST", "/api/plugins/inventory/items", h, b"{not json", 400, "VALIDATION_FAILED"),
-        ("POST", "/api/plugins/inventory/items", h, b"[1, 2]", 400, "VALIDATION_FAILED"),
-        ("POST", "/api/plugins/inventory/items", h, b'{"sku": 5, "qty": "many"}', 400, "VALIDATION_FAILED"),
-        ("POST", "/api/plugins/inventory/items", h, b'{"sku": "x", "qty": true}', 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", hj, b"{not json", 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", hj, b"[1, 2]", 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", hj, b'{"sku": 5, "qty": "many"}', 400, "VALIDATION_FAILED"),
+        ("POST", "/api/plugins/inventory/items", hj, b'{"sku": "x", "qty": true}', 400, "VALIDATION_FAILED"),
         ("POST", "/api/plugins/inventory/items", h, io.BytesIO(b'{"sku": "x", "qty": 1}' + b" " * 2_000_000), 413,
          "PAYLOAD_TOO_LARGE"),
         ("GET", "/api/plugins/inventory/items", {**h, "X-Big": "x" * 20000}, None, 400, "VALIDATION_FAILED"),
@@ -347,7 +349,7 @@ async def test_requests_finding_the_registry_copy_expired_together_share_one_rel
 async def test_a_plugin_path_asked_with_another_method_is_405_with_allow(host: Host) -> None:
     async with host.http.delete("/api/plugins/inventory/items") as r:
         assert r.status == 405
-        assert set(r.headers["Allow"].split(", ")) == {"GET", "POST"}
+        assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST"}  # HEAD wherever GET
         assert (await r.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
     async with host.http.put("/api/plugins/inventory/items/7") as r:  # a path with a parameter
         assert r.status == 405 and "PATCH" in r.headers["Allow"].split(", ")

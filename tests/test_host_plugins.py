@@ -251,7 +251,8 @@ async def test_role_templates_are_diffed_and_applied_only_when_asked(fleet: Flee
         assert config == {"threshold": 3}
         assert await host.admin("GET", f"/admin/tenants/{rec.code}/plugins/inventory/config") == {"threshold": 3}
         async with host.http.put(f"/admin/tenants/{rec.code}/plugins/inventory/config", data=b"[1]",
-                                 headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as r:
+                                 headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                          "Content-Type": "application/json"}) as r:
             assert r.status == 400
 
 

@@ -74,13 +74,14 @@ def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port
         "try:",
         f"  curl -s {host}/api/plugins/inventory/items -H 'X-Tenant: acme' -H 'Authorization: Bearer {acme}'",
         f"  curl -s -X POST {host}/api/plugins/inventory/items -H 'Host: globex.example.com'"
-        f" -H 'Authorization: Bearer {globex}' -d '{{\"sku\": \"bolt-1\", \"name\": \"Bolt\", \"qty\": 5}}'",
+        f" -H 'Authorization: Bearer {globex}' -H 'Content-Type: application/json'"
+        " -d '{\"sku\": \"bolt-1\", \"name\": \"Bolt\", \"qty\": 5}'",
         f"  curl -s {host}/api/plugins/inventory/items -H 'X-Tenant: globex' -H 'Authorization: Bearer {globex}'",
         f"  curl -s {host}/api/manifest -H 'X-Tenant: acme' -H 'Authorization: Bearer {acme}'",
         f"  curl -s '{base}/v1/tenants/resolve?code=acme' -H 'Authorization: Bearer {demo.read_key}'",
         f"  curl -s '{base}/v1/tenants/resolve?domain=globex.example.com' -H 'Authorization: Bearer {demo.read_key}'",
         f"  curl -s -X POST {base}/v1/tenants -H 'Authorization: Bearer {demo.admin_key}'"
-        " -d '{\"code\": \"initech\", \"domains\": [\"initech.example.com\"]}'",
+        " -H 'Content-Type: application/json' -d '{\"code\": \"initech\", \"domains\": [\"initech.example.com\"]}'",
         f"  curl -s {base}/v1/shards -H 'Authorization: Bearer {demo.read_key}'",
         "  .venv/bin/tenantfleet tenants list",
     ]
