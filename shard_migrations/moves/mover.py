@@ -338,7 +338,7 @@ class Mover:
                     lsn = await snap.fetchval("SELECT pg_current_wal_insert_lsn()::text")
                 finally:
                     await ends.src.execute("ROLLBACK")  # the fence held only while the snapshot was taken
-                await ends.src.execute("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", info.slot, lsn)
+                await self._advance_slot(info, ends, lsn)
                 for t in ts.tables:
                     copied += await copy_table(snap, ends.dst, info.schema, t.name, t.columns)
                     self.progress("copying", {"table": t.name, "bytesCopied": copied})
@@ -352,6 +352,27 @@ class Mover:
                             "copyMBps": round(copied / 1e6 / secs, 2) if secs > 0 else None})
         await self._set_phase(info, "copied")
         return ts
+
+    async def _advance_slot(self, info: MoveInfo, ends: _Ends, lsn: str) -> None:
+        """Move the slot to ``lsn`` (read under the fence): the stream then holds exactly
+        the transactions committed after the copy's snapshot. A slot advances only as far
+        as WAL is flushed, so a marker commit (synchronous) flushes past ``lsn`` first; the
+        position reached is checked, never assumed."""
+        await ends.mark.execute(
+            "INSERT INTO fleet.move_markers (run_id, seq) VALUES ($1, 1) ON CONFLICT (run_id) DO UPDATE "
+            "SET seq = fleet.move_markers.seq + 1, updated_at = now()", info.run_id)
+        deadline = time.monotonic() + WORKER_START_S
+        while not await ends.src.fetchval("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", lsn):
+            if time.monotonic() > deadline:
+                raise MoveFailed(f"move {info.run_id}: shard {info.source} did not flush its WAL to {lsn}",
+                                 runId=info.run_id)
+            await asyncio.sleep(0.005)
+        reached = await ends.src.fetchval(
+            "SELECT end_lsn >= $2::text::pg_lsn FROM pg_replication_slot_advance($1, $2::text::pg_lsn)",
+            info.slot, lsn)
+        if not reached:
+            raise MoveFailed(f"move {info.run_id}: replication slot {info.slot} did not advance to {lsn}",
+                             runId=info.run_id)
 
     async def _catch_up(self, info: MoveInfo, ends: _Ends) -> None:
         self.progress("catching up", {})
