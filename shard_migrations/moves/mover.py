@@ -70,10 +70,13 @@ COPY_QUEUE_CHUNKS = 16          # chunks in flight between the two COPYs (asyncp
 MARKER_POLL_S = 0.002
 WORKER_START_S = 30.0
 SLOT_DROP_S = 10.0
-# Settings every verify session uses, so a row prints the same text on both servers.
-_TEXT_SETTINGS = ("SELECT set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, YMD', false), "
-                  "set_config('IntervalStyle', 'postgres', false), set_config('extra_float_digits', '3', false), "
-                  "set_config('bytea_output', 'hex', false)")
+# Settings every mover session uses: the same text for a row on both servers (verify),
+# and commits flushed at once (a logical walsender sends only flushed WAL: with the
+# server's synchronous_commit off, a marker would wait for the WAL writer, up to
+# wal_writer_delay, inside the cutover's pause).
+_SESSION_SETTINGS = ("SELECT set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, YMD', false), "
+                     "set_config('IntervalStyle', 'postgres', false), set_config('extra_float_digits', '3', false), "
+                     "set_config('bytea_output', 'hex', false), set_config('synchronous_commit', 'on', false)")
 
 
 def _noop(_phase: str, _figures: dict[str, Any]) -> None:
@@ -647,7 +650,7 @@ class Mover:
 
     async def _connect(self, shard_id: str) -> Conn:
         conn = await connect(await self._dsn(shard_id), self.settings)
-        await conn.execute(_TEXT_SETTINGS)
+        await conn.execute(_SESSION_SETTINGS)
         return conn
 
     async def _dsn(self, shard_id: str) -> str:
