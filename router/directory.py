@@ -17,7 +17,7 @@ import asyncpg
 
 from router import schema
 from router.errors import (
-    NoShardAvailable, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
+    FenceStale, NoShardAvailable, TenantBusy, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
 )
 from router.keys import PLACEMENT_LOCK, SHARD_STATES
 from router.models import ShardRecord, TenantRecord, check_code, check_domain, check_domains, check_shard_id, parse_tenant_id
@@ -315,8 +315,16 @@ class Directory:
     async def _transition(self, tenant_id: str, from_state: str, to_state: str) -> TenantRecord:
         row = await self.control.fetchrow(
             "UPDATE tenants SET state = $3, epoch = epoch + 1, updated_at = now() "
-            "WHERE tenant_id = $1::uuid AND state = $2 RETURNING state", tenant_id, from_state, to_state)
+            "WHERE tenant_id = $1::uuid AND state = $2 AND NOT EXISTS (SELECT 1 FROM tenant_moves m "
+            "WHERE m.tenant_id = $1::uuid AND m.phase NOT IN ('done', 'aborted')) RETURNING state",
+            tenant_id, from_state, to_state)
         if row is None:
+            moving = await self.control.fetchval(
+                "SELECT run_id FROM tenant_moves WHERE tenant_id = $1::uuid AND phase NOT IN ('done', 'aborted')",
+                tenant_id)
+            if moving is not None:
+                raise TenantBusy(f"tenant {tenant_id} is being moved (run {moving}): finish or abort the move first",
+                                 tenantId=tenant_id, runId=moving)
             current = await self.lookup("id", tenant_id)
             if current is None:
                 raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
@@ -324,6 +332,39 @@ class Directory:
                                    field="state", state=current.state)
         rec = await self.lookup("id", tenant_id)
         assert rec is not None
+        await self.announce(rec)
+        return rec
+
+    async def cutover(self, tenant_id: str, source: str, target: str, epoch_before: int,
+                      conn: asyncpg.Connection | None = None) -> TenantRecord:
+        """Point the tenant at ``target`` with the next epoch, if it is still on ``source``
+        at ``epoch_before`` (the move's commit point; idempotent for a resumed move: a
+        tenant already on ``target`` at ``epoch_before + 1`` is returned as it is).
+        Announced to every resolve cache. FENCE_STALE if the tenant changed otherwise."""
+        sql = ("UPDATE tenants SET shard_id = $3, epoch = $4 + 1, updated_at = now() "
+               "WHERE tenant_id = $1::uuid AND shard_id = $2 AND epoch = $4 RETURNING 1")
+        if conn is None:
+            done = await self.control.fetchval(sql, tenant_id, source, target, epoch_before)
+        else:
+            done = await conn.fetchval(sql, tenant_id, source, target, epoch_before)
+        rec = await self.lookup("id", tenant_id)
+        if rec is None:
+            raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
+        if not done and not (rec.shard_id == target and rec.epoch == epoch_before + 1):
+            raise FenceStale(f"tenant {rec.code} changed during its move (now on {rec.shard_id} at epoch "
+                             f"{rec.epoch}, expected {source} at {epoch_before})", tenantId=tenant_id)
+        await self.announce(rec)
+        return rec
+
+    async def bump_epoch(self, tenant_id: str, at_least: int) -> TenantRecord:
+        """Raise the tenant's epoch past ``at_least`` where it is (an aborted move whose
+        source fence had already been raised: the directory catches up with it)."""
+        await self.control.execute(
+            "UPDATE tenants SET epoch = greatest(epoch + 1, $2), updated_at = now() WHERE tenant_id = $1::uuid",
+            tenant_id, at_least)
+        rec = await self.lookup("id", tenant_id)
+        if rec is None:
+            raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
         await self.announce(rec)
         return rec
 

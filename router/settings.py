@@ -70,6 +70,22 @@ class Settings(BaseModel):
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
 
+    # tenant moves
+    # how long a cutover may hold the tenant's writes for the final catch-up before it
+    # lets go and tries again later (writes are never blocked for long)
+    cutover_timeout_ms: int = Field(2000, ge=10, le=60_000)
+    cutover_attempts: int = Field(5, ge=1, le=100)
+    # how long a move waits for the subscription to catch up before the cutover
+    catchup_timeout_s: float = Field(600.0, gt=0)
+    # how long a move waits for a migration in flight on the tenant before refusing
+    move_hold_wait_ms: int = Field(10_000, ge=1)
+    # concurrent moves: overall, per source and per target shard (PostgreSQL's logical
+    # replication workers and slots are few)
+    moves_concurrency: int = Field(4, ge=1, le=64)
+    moves_per_shard: int = Field(2, ge=1, le=32)
+    # how long a moved tenant's old schema is kept on the source before `gc` drops it
+    retired_grace_s: float = Field(86_400.0, ge=0)
+
     # request path
     fence_retries: int = Field(3, ge=0)
     fence_wait_ms: int = Field(5000, ge=1)
