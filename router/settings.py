@@ -83,6 +83,10 @@ class Settings(BaseModel):
     # replication workers and slots are few)
     moves_concurrency: int = Field(4, ge=1, le=64)
     moves_per_shard: int = Field(2, ge=1, le=32)
+    # drains and rebalances in `auto` mode move a tenant this small offline: copying it
+    # under the fence (tens of ms) holds its writes less than an online move's set-up
+    # costs everyone (a replication slot waits for every running transaction on the source)
+    move_offline_max_bytes: int = Field(2 * 1024 * 1024, ge=0)
     # how long a moved tenant's old schema is kept on the source before `gc` drops it
     retired_grace_s: float = Field(86_400.0, ge=0)
 

@@ -1,17 +1,24 @@
-"""`tenantfleet move` and `tenantfleet gc`: thin adapters over `shard_migrations.moves`."""
+"""`tenantfleet move`, `drain`, `rebalance` and `gc`: thin adapters over `shard_migrations.moves`."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import click
+from prometheus_client import CollectorRegistry
+from rich.console import Console
 
 from host.cli.base import CliState, cli, emit, pass_state, run
-from router.errors import ValidationFailed
+from router.errors import MoveFailed, ValidationFailed
+from router.placement import BY_CHOICES
 from router.runtime import open_runtime
+from shard_migrations.moves.batch import MODES, BatchReport, MoveBatch, MoveMetrics, drain, rebalance
 from shard_migrations.moves.mover import Mover, lookup_tenant
 from shard_migrations.moves.retire import collect_retired
 
 MOVE_COLUMNS = ["runId", "code", "from", "to", "mode", "phase", "pauseMs", "bytesCopied", "lastError"]
+SHARD_COLUMNS = ["shardId", "state", "capacity", "tenantsBefore", "tenantsAfter", "bytesBefore", "bytesAfter"]
+PLAN_COLUMNS = ["tenantId", "from", "to", "bytes", "mode", "state", "runId", "pauseMs", "error"]
 GC_COLUMNS = ["shardId", "schemaName", "tenantId", "runId", "retiredAt", "dropped"]
 
 
@@ -112,3 +119,100 @@ def gc_cmd(state: CliState, grace_s: float | None, dry_run: bool) -> None:
             grace = rt.settings.retired_grace_s if grace_s is None else grace_s
             return await collect_retired(rt.directory, rt.settings, grace_s=grace, dry_run=dry_run)
     emit(state, run(go()), columns=None if state.json else GC_COLUMNS)
+
+
+_MODE_HELP = ("auto (default): tenants up to TENANTFLEET_MOVE_OFFLINE_MAX_BYTES (2 MiB) move offline (their "
+              "copy under the fence takes tens of ms), larger ones online. online: every tenant stays writable "
+              "while it copies, writes pause only for its cutover. offline: each tenant's requests wait for its "
+              "whole copy.")
+_BY_HELP = "What evens out: tenant count or bytes on disk (schemas' relation sizes)."
+
+
+def _batch_cli(state: CliState, metrics_file: str | None, work: Any) -> BatchReport:
+    """Run ``work(metrics, view)`` where ``view(batch)`` is the per-shard progress display
+    (and metrics file) for the batch once it is planned."""
+    from shard_migrations.progress import ProgressView
+
+    registry = CollectorRegistry()
+    live = state.console.is_terminal and not state.json
+
+    def view(batch: MoveBatch) -> Any:
+        if state.json and not metrics_file:
+            return nullcontext()
+        console = state.console if not state.json else Console(stderr=True, quiet=True)
+        return ProgressView(console, batch.snapshot, live=live, metrics=registry, metrics_file=metrics_file,
+                            title="moves off ")
+
+    report: BatchReport = run(work(MoveMetrics(registry), view))
+    return report
+
+
+def _show(state: CliState, report: BatchReport, *, planned_only: bool) -> None:
+    data = report.to_api()
+    if state.json:
+        emit(state, data)
+    else:
+        if planned_only:
+            state.console.print(f"{report.kind} plan: {len(report.planned)} moves (nothing changed; "
+                                f"{'--apply' if report.kind == 'rebalance' else 'drop --plan'} runs them)",
+                                highlight=False)
+        else:
+            state.console.print(f"{report.kind} run {report.run_id}: {data['done']} of {data['planned'] + (len(report.outcomes) - len(report.planned))} "
+                                f"moves done, {data['failed']} failed in {data['seconds']} s", highlight=False)
+        emit(state, data["shards"], columns=SHARD_COLUMNS, title="shards")
+        if data["moves"]:
+            emit(state, data["moves"], columns=PLAN_COLUMNS, title="moves")
+    failed = [o for o in report.outcomes if o.state == "failed"]
+    if not planned_only and (failed or report.remaining):
+        raise MoveFailed(f"{report.kind} run {report.run_id}: {len(failed)} moves failed"
+                         + (f", {report.remaining} tenants still on the shard" if report.remaining else "")
+                         + "; run the same command again to resume", runId=report.run_id,
+                         failed=[o.to_api() for o in failed][:20])
+
+
+@cli.command("drain")
+@click.argument("shard", metavar="SHARD")
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True, help=_MODE_HELP)
+@click.option("--by", type=click.Choice(BY_CHOICES), default="bytes", show_default=True,
+              help="Fill the other shards evenly by tenant count or by bytes.")
+@click.option("--plan", "plan_only", is_flag=True, help="Show the moves only; change nothing (not even the state).")
+@click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@pass_state
+def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, metrics_file: str | None) -> None:
+    """Empty SHARD: mark it `draining` (no new tenants) and move every tenant off it.
+
+    Each tenant goes to the active shard with room and the lowest load at that point,
+    largest first. Moves run at most TENANTFLEET_MOVES_CONCURRENCY at once, and
+    TENANTFLEET_MOVES_PER_SHARD per shard (source or target); a failing shard backs off.
+    Run the same command again to resume after a failure or a crash: the shard's open
+    moves are finished first. Exit 0 only when the shard is empty.
+    """
+    async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
+        async with open_runtime(state.settings) as rt:
+            return await drain(rt.directory, rt.settings, shard, mode=mode, by=by,  # type: ignore[arg-type]
+                               plan_only=plan_only, metrics=metrics, batch_view=view)
+    _show(state, _batch_cli(state, metrics_file, work), planned_only=plan_only)
+
+
+@cli.command("rebalance")
+@click.option("--by", type=click.Choice(BY_CHOICES), default="count", show_default=True, help=_BY_HELP)
+@click.option("--plan/--apply", "plan_only", default=True, show_default=True,
+              help="--plan shows the moves (the default: nothing changes); --apply runs them.")
+@click.option("--tolerance", type=click.FloatRange(min=0, max=1, max_open=True), default=0.1, show_default=True,
+              help="How far from the mean load a shard may stay, as a fraction (0.1 = 10%).")
+@click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True, help=_MODE_HELP)
+@click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@pass_state
+def rebalance_cmd(state: CliState, by: str, plan_only: bool, tolerance: float, mode: str,
+                  metrics_file: str | None) -> None:
+    """Even out the active shards: the fewest moves that bring every shard within
+    --tolerance of the mean (tenant count or bytes, relative to each shard's capacity).
+
+    Shows the plan and the shards' figures before and after; --apply runs it with the
+    same limits and backoff as `drain`. Exit 0 only if every move finished.
+    """
+    async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
+        async with open_runtime(state.settings) as rt:
+            return await rebalance(rt.directory, rt.settings, by=by, tolerance=tolerance,  # type: ignore[arg-type]
+                                   apply=not plan_only, mode=mode, metrics=metrics, batch_view=view)
+    _show(state, _batch_cli(state, metrics_file, work), planned_only=plan_only)

@@ -46,22 +46,23 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from router.directory import Directory
 from router.errors import (
-    MoveFailed, MoveRefused, RunNotFound, ShardNotFound, TenantBusy, TenantFleetError, TenantNotFound,
-    ValidationFailed,
+    MoveFailed, MoveRefused, RunNotFound, ShardNotFound, ShardUnreachable, TenantBusy, TenantFleetError,
+    TenantNotFound, ValidationFailed,
 )
 from router.models import TenantRecord
 from router.placement import ShardLoad, check_target
-from router.pools import connect
+from router.pools import CONNECT_ERRORS, AnyConnection, ShardPools, connect
 from router.settings import Settings
 from shard_migrations.moves import schema_copy
 from shard_migrations.runs import owner_tag
 
 log = logging.getLogger("tenantfleet.moves")
 
-Conn = asyncpg.Connection
+Conn = AnyConnection  # a connection of our own, or one a pool lent
 Progress = Callable[[str, dict[str, Any]], None]
 
 PHASES = ("planned", "prepared", "copied", "caught_up", "verified", "switched", "cleaned", "done", "aborted")
@@ -74,13 +75,20 @@ SLOT_DROP_S = 10.0
 # and commits flushed at once (a logical walsender sends only flushed WAL: with the
 # server's synchronous_commit off, a marker would wait for the WAL writer, up to
 # wal_writer_delay, inside the cutover's pause).
-_SESSION_SETTINGS = ("SELECT set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, YMD', false), "
-                     "set_config('IntervalStyle', 'postgres', false), set_config('extra_float_digits', '3', false), "
-                     "set_config('bytea_output', 'hex', false), set_config('synchronous_commit', 'on', false)")
+# Sent at connection start-up, so they are also what RESET ALL (a pool's release) returns to.
+SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres",
+                    "extra_float_digits": "3", "bytea_output": "hex", "synchronous_commit": "on"}
 
 
 def _noop(_phase: str, _figures: dict[str, Any]) -> None:
     return None
+
+
+def mover_pools(directory: Directory, settings: Settings) -> ShardPools:
+    """Owner-connection pools for a batch of moves (``async with``): a move takes three
+    connections per shard pair for its whole run, and a snapshot or two at times."""
+    return ShardPools(settings, directory.dsn_of, min_size=0, max_size=4 * settings.moves_per_shard + 2,
+                      server_settings=SESSION_SETTINGS)
 
 
 @dataclass
@@ -95,6 +103,7 @@ class MoveInfo:
     phase: str
     epoch_before: int
     detail: dict[str, Any] = field(default_factory=dict)
+    fenced_at: float | None = None   # offline: when the source's fence was taken (not recorded)
 
     @property
     def slot(self) -> str:
@@ -120,31 +129,27 @@ class MoveInfo:
 
 @dataclass
 class _Ends:
-    """The move's connections: owner connections to both shards (``src``, ``dst``), the
-    hold connections (session locks for the whole move) and the source's lock connection."""
+    """The move's owner connections: ``src`` and ``dst`` (each holds the tenant's hold key,
+    a session lock, for the whole move) and ``mark``, which writes the catch-up markers on
+    the source beside the fence ``src`` holds."""
     src: Conn
     dst: Conn
-    hold_src: Conn
-    hold_dst: Conn
-    mark: Conn          # writes the catch-up markers on the source, beside the fence
-
-    async def close(self) -> None:
-        for c in (self.src, self.dst, self.hold_src, self.hold_dst, self.mark):
-            if not c.is_closed():
-                try:
-                    await asyncio.wait_for(c.close(), 5)
-                except Exception:
-                    c.terminate()
+    mark: Conn
 
 
 class Mover:
     """Runs tenant moves for one process (the CLI, a drain, the tests)."""
 
-    def __init__(self, directory: Directory, settings: Settings, progress: Progress = _noop) -> None:
+    def __init__(self, directory: Directory, settings: Settings, progress: Progress = _noop,
+                 pools: ShardPools | None = None) -> None:
+        """``pools``: owner-connection pools to share between moves (a drain's; made with
+        `mover_pools`); without them each move opens and closes its own connections."""
         self.directory = directory
         self.control = directory.control
         self.settings = settings
         self.progress = progress
+        self.pools = pools
+        self._lent: dict[int, asyncpg.Pool] = {}
 
     # --- the public steps ---------------------------------------------------------------
     async def plan(self, tenant: TenantRecord, to: str, mode: str) -> dict[str, Any]:
@@ -160,18 +165,22 @@ class Mover:
             raise TenantBusy(f"tenant {tenant.code} is already moving (run {open_run})", tenantId=tenant.tenant_id,
                              runId=open_run)
         src = await self._connect(tenant.shard_id)
-        dst = await self._connect(to)
         try:
-            ts = await schema_copy.read_tenant_schema(src, tenant.schema)
-            await self._preflight(src, dst, tenant, ts, mode, to)
-            return {"tenantId": tenant.tenant_id, "code": tenant.code, "from": tenant.shard_id, "to": to,
-                    "mode": mode, "tables": len(ts.tables), "bytes": sum(t.bytes for t in ts.tables)}
+            dst = await self._connect(to)
+            try:
+                ts = await schema_copy.read_tenant_schema(src, tenant.schema)
+                await self._preflight(src, dst, tenant, ts, mode, to)
+                return {"tenantId": tenant.tenant_id, "code": tenant.code, "from": tenant.shard_id, "to": to,
+                        "mode": mode, "tables": len(ts.tables), "bytes": sum(t.bytes for t in ts.tables)}
+            finally:
+                await self._release(dst)
         finally:
-            await src.close()
-            await dst.close()
+            await self._release(src)
 
-    async def start(self, tenant: TenantRecord, to: str, mode: str = "online") -> MoveInfo:
-        """Record a move of ``tenant`` to shard ``to`` and run it to the end."""
+    async def start(self, tenant: TenantRecord, to: str, mode: str = "online",
+                    on_run: Callable[[int], None] | None = None) -> MoveInfo:
+        """Record a move of ``tenant`` to shard ``to`` and run it to the end (``on_run``
+        gets the run id as soon as it is recorded: a failed move is resumed by it)."""
         await self.plan(tenant, to, mode)
         async with self.control.acquire() as conn, conn.transaction():
             run_id = await conn.fetchval(
@@ -185,6 +194,8 @@ class Mover:
                     tenant.epoch)
             except asyncpg.UniqueViolationError as exc:
                 raise TenantBusy(f"tenant {tenant.code} is already moving", tenantId=tenant.tenant_id) from exc
+        if on_run is not None:
+            on_run(run_id)
         return await self.resume(run_id)
 
     async def resume(self, run_id: int) -> MoveInfo:
@@ -209,7 +220,7 @@ class Mover:
                              f"{await self._serving(info)}; `move --resume {run_id}` finishes it, "
                              f"`move --abort {run_id}` undoes it", runId=run_id, phase=info.phase) from exc
         finally:
-            await ends.close()
+            await self._close(ends)
         return info
 
     async def abort(self, run_id: int) -> MoveInfo:
@@ -235,7 +246,7 @@ class Mover:
             await self._set_phase(info, "aborted")
             await self._finish_run(info, "cancelled")
         finally:
-            await ends.close()
+            await self._close(ends)
         return info
 
     async def load(self, run_id: int) -> MoveInfo:
@@ -329,6 +340,7 @@ class Mover:
         copied = 0
         if info.mode == "offline":
             await self._fence(ends.src, info, self.settings.move_hold_wait_ms)
+            info.fenced_at = time.monotonic()
             for t in ts.tables:
                 copied += await copy_table(ends.src, ends.dst, info.schema, t.name, t.columns)
                 self.progress("copying", {"table": t.name, "bytesCopied": copied})
@@ -347,7 +359,7 @@ class Mover:
                     self.progress("copying", {"table": t.name, "bytesCopied": copied})
                 await snap.execute("COMMIT")
             finally:
-                await snap.close()
+                await self._release(snap)
         await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
         await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
         secs = time.monotonic() - started
@@ -423,8 +435,8 @@ class Mover:
                 for c in (s_snap, d_snap):
                     await c.execute("COMMIT")
             finally:
-                await s_snap.close()
-                await d_snap.close()
+                await self._release(s_snap)
+                await self._release(d_snap)
         if mismatch:
             raise MoveFailed(f"move {info.run_id}: the copy differs from the source: {'; '.join(mismatch)}",
                              runId=info.run_id, tables=mismatch)
@@ -434,7 +446,7 @@ class Mover:
         self.progress("cutover", {})
         pauses: list[float] = []
         for attempt in range(self.settings.cutover_attempts):
-            t0 = time.monotonic()
+            t0 = time.monotonic() if info.mode == "online" or info.fenced_at is None else info.fenced_at
             if info.mode == "online":
                 await self._fence(ends.src, info, self.settings.cutover_timeout_ms)
             try:
@@ -626,14 +638,12 @@ class Mover:
             raise TenantBusy(f"tenant {tenant.code} is {tenant.state}", tenantId=tenant.tenant_id)
 
     async def _open(self, info: MoveInfo) -> _Ends:
-        src = await self._connect(info.source)
-        conns: list[Conn] = [src]
+        conns: list[Conn] = []
         try:
-            conns.append(await self._connect(info.target))
             conns.append(await self._connect(info.source))
             conns.append(await self._connect(info.target))
             conns.append(await self._connect(info.source))
-            for c in conns[2:4]:
+            for c in conns[:2]:
                 await c.execute("SELECT set_config('lock_timeout', $1, false)", f"{self.settings.move_hold_wait_ms}ms")
                 try:
                     await c.execute("SELECT pg_advisory_lock(fleet.tenant_hold_key($1::uuid))", info.tenant_id)
@@ -645,13 +655,39 @@ class Mover:
             return _Ends(*conns)
         except BaseException:
             for c in conns:
-                c.terminate()
+                await self._release(c, broken=True)
             raise
 
+    async def _close(self, ends: _Ends) -> None:
+        for c in (ends.src, ends.dst, ends.mark):
+            await self._release(c)
+
     async def _connect(self, shard_id: str) -> Conn:
-        conn = await connect(await self._dsn(shard_id), self.settings)
-        await conn.execute(_SESSION_SETTINGS)
+        """An owner connection to the shard (the pools' when given, else a new one)."""
+        if self.pools is None:
+            return await connect(await self._dsn(shard_id), self.settings, server_settings=SESSION_SETTINGS)
+        pool = await self.pools.get(shard_id)
+        try:
+            conn = await pool.acquire(timeout=self.settings.connect_timeout_s)
+        except CONNECT_ERRORS as exc:
+            raise ShardUnreachable(f"shard {shard_id}: {exc.__class__.__name__}: {exc}", shardId=shard_id) from exc
+        self._lent[id(conn)] = pool
         return conn
+
+    async def _release(self, conn: Conn, *, broken: bool = False) -> None:
+        """Give a connection back (its session locks go with the pool's reset) or close it;
+        one left mid-transaction or mid-operation is terminated."""
+        pool = self._lent.pop(id(conn), None)
+        bad = not conn.is_closed() and (broken or conn.is_in_transaction())
+        if bad:
+            conn.terminate()
+        try:
+            if pool is not None and isinstance(conn, PoolConnectionProxy):
+                await pool.release(conn, timeout=5)
+            elif not conn.is_closed():
+                await asyncio.wait_for(conn.close(), 5)
+        except Exception:
+            conn.terminate()
 
     async def _dsn(self, shard_id: str) -> str:
         dsn = await self.directory.dsn_of(shard_id)
@@ -708,9 +744,9 @@ async def _compare(src: Conn, dst: Conn, schema: str, ts: schema_copy.TenantSche
         sql = await src.fetchval(
             "SELECT format('SELECT count(*), coalesce(sum(hashtextextended(x::text, 0)::numeric), 0)::text "
             "FROM ONLY %I.%I x', $1::text, $2::text)", schema, t.name)
-        a = await src.fetchrow(sql)
-        b = await dst.fetchrow(sql)
-        if tuple(a) != tuple(b):
+        a = tuple(await src.fetchrow(sql) or ())
+        b = tuple(await dst.fetchrow(sql) or ())
+        if a != b:
             out.append(f"{t.name}: source {a[0]} rows, target {b[0]} rows"
                        + ("" if a[0] != b[0] else " (content differs)"))
     return out
