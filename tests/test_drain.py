@@ -16,8 +16,7 @@ from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 from tests.migratekit import run_cli
 
-import os, time
-DRAIN_TENANTS = int(os.environ.get("DBG_N", "300"))
+DRAIN_TENANTS = 300
 LOADED_TENANTS = 24          # the tenants the readers and writers use (spread over the lot)
 
 
@@ -66,14 +65,13 @@ async def _placed(fleet: Fleet, shard_id: str) -> int:
     return int(await fleet.control.fetchval("SELECT count(*) FROM tenants WHERE shard_id = $1", shard_id))
 
 
+@pytest.mark.timeout(900)  # ~1 min on a quiet 2-core machine; many more when it is shared
 async def test_drain_of_a_shard_with_300_tenants_under_load_loses_nothing(fresh_fleet: FleetFactory) -> None:
     fleet = await fresh_fleet()
     async with running_host(host_settings(fleet)) as host:
         for shard_id in ("shard2", "shard3"):  # the targets get the plugin's public migrations
             await tenant_with_key(fleet, host, shard_id=shard_id)
-        t0 = time.monotonic()
         tenants = [await tenant_with_key(fleet, host, shard_id="shard1") for _ in range(DRAIN_TENANTS)]
-        print("DBG created", time.monotonic() - t0, flush=True)
         loaded = tenants[:: max(1, DRAIN_TENANTS // LOADED_TENANTS)]
         load = Load(host, loaded)
         tasks = [asyncio.ensure_future(load.writer(i)) for i in range(3)]
@@ -92,11 +90,7 @@ async def test_drain_of_a_shard_with_300_tenants_under_load_loses_nothing(fresh_
         try:
             while sum(map(len, load.acked.values())) < 50:
                 await asyncio.sleep(0.01)
-            t0 = time.monotonic()
             report = await drain(fleet.directory, fleet.settings, "shard1", batch_view=View)
-            print("DBG drained", time.monotonic() - t0, report.to_api()["done"], sorted(o.info.get("pauseMs", 0) for o in report.outcomes)[-5:], flush=True)
-            for o in report.outcomes[:8]:
-                print("DBG", o.info.get("mode"), o.info.get("pauseMs"), o.info.get("phasesMs"), flush=True)
         finally:
             load.stop.set()
             await asyncio.gather(*tasks)

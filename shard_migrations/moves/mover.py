@@ -213,7 +213,8 @@ class Mover:
         except TenantFleetError as exc:
             await self._failed(info, exc.message)
             raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+                asyncio.TimeoutError) as exc:
             await self._failed(info, f"{exc.__class__.__name__}: {exc}")
             raise MoveFailed(f"move {run_id} of tenant {info.code} stopped in phase {info.phase}: "
                              f"{exc.__class__.__name__}: {exc}; the tenant is served from "
