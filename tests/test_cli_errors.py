@@ -47,6 +47,10 @@ VALID_ARGS: dict[str, list[str]] = {
     "migrate apply": ["inventory"],
     "migrate status": [],
     "migrate verify": ["inventory"],
+    "move": ["acme", "--to", "shard2", "--dry-run"],
+    "drain": ["shard1", "--plan"],
+    "rebalance": [],
+    "gc": ["--dry-run"],
 }
 # Commands that don't need the fleet's servers to answer.
 OFFLINE = {"down"}

@@ -10,7 +10,9 @@ import asyncpg
 import pytest
 
 from router.errors import NoShardAvailable, ShardNotFound
-from shard_migrations.moves.batch import MoveBatch, drain, rebalance
+from prometheus_client import CollectorRegistry
+
+from shard_migrations.moves.batch import MoveBatch, MoveMetrics, drain, rebalance
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
@@ -127,8 +129,18 @@ async def test_rebalance_plans_then_applies_the_fewest_moves(fresh_fleet: FleetF
         plan = await rebalance(fleet.directory, fleet.settings, tolerance=0.1)
         assert plan.run_id is None and {s: await _placed(fleet, s) for s in before} == before  # --plan changes nothing
         assert len(plan.planned) == 6 and all(m.source == "shard1" for m in plan.planned)
-        done = await rebalance(fleet.directory, fleet.settings, tolerance=0.1, apply=True, mode="offline")
+        registry = CollectorRegistry()
+        done = await rebalance(fleet.directory, fleet.settings, tolerance=0.1, apply=True, mode="offline",
+                               metrics=MoveMetrics(registry))
         assert done.to_api()["done"] == 6
+        moved = sum(registry.get_sample_value("tenantfleet_moves_total", {"source": "shard1", "target": t,
+                                                                           "outcome": "done"}) or 0
+                    for t in ("shard2", "shard3"))
+        pauses = sum(registry.get_sample_value("tenantfleet_move_cutover_pause_seconds_count", {"target": t}) or 0
+                     for t in ("shard2", "shard3"))
+        assert moved == 6 and pauses == 6
+        assert sum(registry.get_sample_value("tenantfleet_move_bytes_copied_total", {"source": "shard1", "target": t})
+                   or 0 for t in ("shard2", "shard3")) > 0
         assert {s: await _placed(fleet, s) for s in before} == {"shard1": 4, "shard2": 4, "shard3": 4}
         state = await fleet.control.fetchval("SELECT state FROM fleet_runs WHERE run_id = $1", done.run_id)
         assert state == "done"

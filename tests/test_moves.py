@@ -124,6 +124,7 @@ async def test_moved_back_and_forth_under_writes_nothing_lost(fleet: Fleet, host
             mode = "online" if online and i % 2 == 0 else "offline"
             info = await mover.start(current, target, mode)
             assert info.phase == "done"
+            assert info.detail["sourceFingerprint"] == info.detail["targetFingerprint"]
             modes.append(mode)
             while len(writer.acked) < 3 * (i + 1):  # some writes between moves, whatever the machine's speed
                 await asyncio.sleep(0.01)

@@ -363,6 +363,13 @@ class Mover:
                 await self._release(snap)
         await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
         await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
+        # the target's definition of the schema must be the source's (a fingerprint over
+        # every object's definition, independent of OIDs and creation order)
+        theirs = await schema_copy.fingerprint(ends.dst, info.schema)
+        info.detail.update({"sourceFingerprint": ts.fingerprint, "targetFingerprint": theirs})
+        if theirs != ts.fingerprint:
+            raise MoveFailed(f"move {info.run_id}: the schema made on {info.target} differs from the source's "
+                             f"(fingerprint {theirs[:12]} vs {ts.fingerprint[:12]})", runId=info.run_id)
         secs = time.monotonic() - started
         info.detail.update({"bytesCopied": copied, "copySeconds": round(secs, 3),
                             "copyMBps": round(copied / 1e6 / secs, 2) if secs > 0 else None})
