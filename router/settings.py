@@ -69,6 +69,9 @@ class Settings(BaseModel):
     probe_slow_ms: float = Field(500.0, gt=0)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
+    # how long a run keeps coming back to a tenant a move holds before it reports that
+    # tenant's unit failed (a move may take longer than shard_give_up_s)
+    migrate_move_wait_s: float = Field(3600.0, gt=0)
 
     # tenant moves
     # how long a cutover may hold the tenant's writes for the final catch-up before it
