@@ -92,6 +92,9 @@ class Settings(BaseModel):
     # request path
     fence_retries: int = Field(3, ge=0)
     fence_wait_ms: int = Field(5000, ge=1)
+    # a host closes its connections and pool to a shard no tenant transaction of its own
+    # started on for this long (e.g. drained), or at once to one set offline or removed
+    idle_shard_close_s: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=1)
 
     log_level: str = "INFO"
