@@ -69,6 +69,9 @@ class Settings(BaseModel):
     probe_slow_ms: float = Field(500.0, gt=0)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
+    # how long a run keeps coming back to a tenant a move holds before it reports that
+    # tenant's unit failed (a move may take longer than shard_give_up_s)
+    migrate_move_wait_s: float = Field(3600.0, gt=0)
 
     # tenant moves
     # how long a cutover may hold the tenant's writes for the final catch-up before it
@@ -93,6 +96,9 @@ class Settings(BaseModel):
     # request path
     fence_retries: int = Field(3, ge=0)
     fence_wait_ms: int = Field(5000, ge=1)
+    # a host closes its connections and pool to a shard no tenant transaction of its own
+    # started on for this long (e.g. drained), or at once to one set offline or removed
+    idle_shard_close_s: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=1)
 
     log_level: str = "INFO"
