@@ -47,9 +47,10 @@ VALID_ARGS: dict[str, list[str]] = {
     "migrate apply": ["inventory"],
     "migrate status": [],
     "migrate verify": ["inventory"],
+    "version": [],
 }
 # Commands that don't need the fleet's servers to answer.
-OFFLINE = {"down"}
+OFFLINE = {"down", "version"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

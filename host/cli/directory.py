@@ -5,9 +5,8 @@ from typing import Any
 
 import click
 
-from host.cli.base import CliState, cli, emit, pass_state, run, stop_on_signals
+from host.cli.base import CliState, cli, emit, pass_state, router_runtime, run, stop_on_signals
 from router.keys import SHARD_STATES
-from router.runtime import open_runtime
 
 TENANT_COLUMNS = ["tenantId", "code", "shardId", "schemaName", "state", "epoch", "domains"]
 SHARD_COLUMNS = ["shardId", "state", "tenants", "capacity", "weight", "dsn"]
@@ -26,7 +25,7 @@ def tenants() -> None:
 def tenants_create(state: CliState, code: str, domains: tuple[str, ...], shard: str | None) -> None:
     """Create tenant CODE: placed on the least-loaded active shard, schema created, state active."""
     async def go() -> dict[str, Any]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return (await rt.directory.create_tenant(code, list(domains), shard_id=shard)).to_api()
     emit(state, run(go()), columns=TENANT_COLUMNS)
 
@@ -40,7 +39,7 @@ def tenants_create(state: CliState, code: str, domains: tuple[str, ...], shard: 
 def tenants_list(state: CliState, shard: str | None, tstate: str | None, limit: int, offset: int) -> None:
     """List tenants ordered by code."""
     async def go() -> list[dict[str, Any]]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             recs = await rt.directory.list_tenants(shard_id=shard, state=tstate, limit=limit, offset=offset)
             return [r.to_api() for r in recs]
     emit(state, run(go()), columns=TENANT_COLUMNS)
@@ -59,14 +58,14 @@ def _query(ref: str) -> dict[str, str]:
 def tenants_show(state: CliState, ref: str) -> None:
     """Show where tenant REF (id, code or domain) lives."""
     async def go() -> dict[str, Any]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return (await rt.directory.get(**_query(ref))).to_api()
     emit(state, run(go()), columns=TENANT_COLUMNS)
 
 
 def _transition(state: CliState, ref: str, action: str) -> None:
     async def go() -> dict[str, Any]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             rec = await rt.directory.get(**_query(ref))
             fn = rt.directory.suspend if action == "suspend" else rt.directory.resume
             return (await fn(rec.tenant_id)).to_api()
@@ -103,7 +102,7 @@ def shards() -> None:
 def shards_add(state: CliState, shard_id: str, dsn: str, capacity: int, weight: int) -> None:
     """Register SHARD_ID at DSN. The DSN is checked first; an unreachable shard is refused."""
     async def go() -> dict[str, Any]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return (await rt.directory.add_shard(shard_id, dsn, capacity=capacity, weight=weight)).to_api()
     emit(state, run(go()), columns=SHARD_COLUMNS)
 
@@ -113,7 +112,7 @@ def shards_add(state: CliState, shard_id: str, dsn: str, capacity: int, weight: 
 def shards_list(state: CliState) -> None:
     """List shards with state, tenant count and capacity."""
     async def go() -> list[dict[str, Any]]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return [s.to_api() for s in await rt.directory.list_shards()]
     emit(state, run(go()), columns=SHARD_COLUMNS)
 
@@ -125,7 +124,7 @@ def shards_list(state: CliState) -> None:
 def shards_set_state(state: CliState, shard_id: str, new_state: str) -> None:
     """Set SHARD_ID's state; only active shards receive new tenants."""
     async def go() -> dict[str, Any]:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return (await rt.directory.set_shard_state(shard_id, new_state)).to_api()
     emit(state, run(go()), columns=SHARD_COLUMNS)
 
