@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import uuid
 from typing import Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -75,8 +76,10 @@ _LIST_SQL = {
 
 
 def record_from_row(row: asyncpg.Record) -> TenantRecord:
+    # shard ids and states are a few values shared by every tenant: one string each, not
+    # one per cached record (the resolve cache holds up to 100k of them)
     return TenantRecord(tenant_id=row["tenant_id"], code=row["code"], schema=row["schema_name"],
-                        shard_id=row["shard_id"], state=row["state"], epoch=row["epoch"],
+                        shard_id=sys.intern(row["shard_id"]), state=sys.intern(row["state"]), epoch=row["epoch"],
                         domains=tuple(row["domains"]))
 
 
