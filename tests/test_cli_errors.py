@@ -31,6 +31,7 @@ VALID_ARGS: dict[str, list[str]] = {
     "tenants show": ["acme"],
     "tenants suspend": ["acme"],
     "tenants resume": ["acme"],
+    "tenants import": ["tenants.csv"],
     "shards add": ["shard9", "postgresql://postgres@127.0.0.1:1/postgres"],
     "shards list": [],
     "shards set-state": ["shard1", "draining"],
