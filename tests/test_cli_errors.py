@@ -31,6 +31,7 @@ VALID_ARGS: dict[str, list[str]] = {
     "tenants show": ["acme"],
     "tenants suspend": ["acme"],
     "tenants resume": ["acme"],
+    "tenants import": ["tenants.csv"],
     "shards add": ["shard9", "postgresql://postgres@127.0.0.1:1/postgres"],
     "shards list": [],
     "shards set-state": ["shard1", "draining"],
@@ -51,9 +52,10 @@ VALID_ARGS: dict[str, list[str]] = {
     "drain": ["shard1", "--plan"],
     "rebalance": [],
     "gc": ["--dry-run"],
+    "version": [],
 }
 # Commands that don't need the fleet's servers to answer.
-OFFLINE = {"down"}
+OFFLINE = {"down", "version"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 
