@@ -13,6 +13,8 @@ from router.errors import NoShardAvailable, ShardNotFound, ValidationFailed
 
 By = Literal["count", "bytes"]
 BY_CHOICES: tuple[By, ...] = ("count", "bytes")
+# How a batch (drain, rebalance) moves each tenant: `auto` picks offline for small tenants.
+MODES = ("auto", "online", "offline")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 # Bump with every change below (and in `router.schema`'s shard preparation); `schema_meta`
 # records what a control database has, `shard_schema_meta` what a shard has, and code
 # refuses to prepare a database whose recorded version is newer than this (4: the floor).
-SCHEMA_VERSION = 5  # 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas)
+SCHEMA_VERSION = 5  # 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
 
 control = MetaData()
 shard = MetaData(schema="fleet")

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from prometheus_client import CollectorRegistry
-from rich.console import Console
 
-from host.cli.base import CliState, cli, emit, pass_state, run
+from host.cli.base import CliState, cli, emit, pass_state, router_runtime, run
 from router.errors import MoveFailed, ValidationFailed
-from router.placement import BY_CHOICES
-from router.runtime import open_runtime
-from shard_migrations.moves.batch import MODES, BatchReport, MoveBatch, MoveMetrics, drain, rebalance
-from shard_migrations.moves.mover import Mover, lookup_tenant
-from shard_migrations.moves.retire import collect_retired
+from router.placement import BY_CHOICES, MODES
+
+# The mover (asyncpg, prometheus-client, rich) is imported by the commands when they run,
+# so that loading the CLI stays fast.
+if TYPE_CHECKING:
+    from shard_migrations.moves.batch import BatchReport, MoveBatch, MoveMetrics
 
 MOVE_COLUMNS = ["runId", "code", "from", "to", "mode", "phase", "pauseMs", "bytesCopied", "lastError"]
 SHARD_COLUMNS = ["shardId", "state", "capacity", "tenantsBefore", "tenantsAfter", "bytesBefore", "bytesAfter"]
@@ -74,8 +73,10 @@ def move_cmd(state: CliState, args: tuple[str, ...], to: str | None, online: boo
     if args and to is None:
         raise click.UsageError("missing --to SHARD")
 
+    from shard_migrations.moves.mover import Mover, lookup_tenant
+
     async def go() -> Any:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             mover = Mover(rt.directory, rt.settings, progress=_progress(state))
             if resume_run is not None:
                 return (await mover.resume(resume_run)).to_api()
@@ -96,8 +97,10 @@ def _run_id(text: str) -> int:
 
 
 def _status(state: CliState, run_id: int | None) -> None:
+    from shard_migrations.moves.mover import Mover
+
     async def go() -> Any:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             mover = Mover(rt.directory, rt.settings)
             if run_id is None:
                 return [m.to_api() for m in await mover.list()]
@@ -114,8 +117,10 @@ def _status(state: CliState, run_id: int | None) -> None:
 @pass_state
 def gc_cmd(state: CliState, grace_s: float | None, dry_run: bool) -> None:
     """Drop the schemas moves left behind on their source shards once their grace period is over."""
+    from shard_migrations.moves.retire import collect_retired
+
     async def go() -> Any:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             grace = rt.settings.retired_grace_s if grace_s is None else grace_s
             return await collect_retired(rt.directory, rt.settings, grace_s=grace, dry_run=dry_run)
     emit(state, run(go()), columns=None if state.json else GC_COLUMNS)
@@ -131,6 +136,10 @@ _BY_HELP = "What evens out: tenant count or bytes on disk (schemas' relation siz
 def _batch_cli(state: CliState, metrics_file: str | None, work: Any) -> BatchReport:
     """Run ``work(metrics, view)`` where ``view(batch)`` is the per-shard progress display
     (and metrics file) for the batch once it is planned."""
+    from prometheus_client import CollectorRegistry
+    from rich.console import Console
+
+    from shard_migrations.moves.batch import MoveMetrics
     from shard_migrations.progress import ProgressView
 
     registry = CollectorRegistry()
@@ -187,8 +196,10 @@ def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, 
     Run the same command again to resume after a failure or a crash: the shard's open
     moves are finished first. Exit 0 only when the shard is empty.
     """
+    from shard_migrations.moves.batch import drain
+
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return await drain(rt.directory, rt.settings, shard, mode=mode, by=by,  # type: ignore[arg-type]
                                plan_only=plan_only, metrics=metrics, batch_view=view)
     _show(state, _batch_cli(state, metrics_file, work), planned_only=plan_only)
@@ -211,8 +222,10 @@ def rebalance_cmd(state: CliState, by: str, plan_only: bool, tolerance: float, m
     Shows the plan and the shards' figures before and after; --apply runs it with the
     same limits and backoff as `drain`. Exit 0 only if every move finished.
     """
+    from shard_migrations.moves.batch import rebalance
+
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             return await rebalance(rt.directory, rt.settings, by=by, tolerance=tolerance,  # type: ignore[arg-type]
                                    apply=not plan_only, mode=mode, metrics=metrics, batch_view=view)
     _show(state, _batch_cli(state, metrics_file, work), planned_only=plan_only)

@@ -27,7 +27,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from router.directory import Directory
 from router.errors import MoveRefused, NoShardAvailable, TenantFleetError, ValidationFailed
-from router.placement import BY_CHOICES, By, PlannedMove, ShardLoad, TenantSize, loads_after, plan_drain, plan_rebalance
+from router.placement import (
+    BY_CHOICES, MODES, By, PlannedMove, ShardLoad, TenantSize, loads_after, plan_drain, plan_rebalance,
+)
 from router.pools import ShardPools, connect
 from router.settings import Settings
 from shard_migrations.limiter import ShardLimiter
@@ -37,7 +39,6 @@ from shard_migrations.runs import owner_tag
 log = logging.getLogger("tenantfleet.moves")
 
 MOVE_ATTEMPTS = 3
-MODES = ("auto", "online", "offline")
 # Refusals of the move itself: retrying can't help (the operator must act).
 _FINAL = (MoveRefused, NoShardAvailable, ValidationFailed)
 # What a move's phases are shown as in the progress display.
