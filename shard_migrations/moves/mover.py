@@ -80,6 +80,11 @@ SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle":
                     "extra_float_digits": "3", "bytea_output": "hex", "synchronous_commit": "on"}
 
 
+# What a lost or refusing server surfaces as, in the middle of a move's step.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+              asyncio.TimeoutError)
+
+
 def _noop(_phase: str, _figures: dict[str, Any]) -> None:
     return None
 
@@ -213,8 +218,7 @@ class Mover:
         except TenantFleetError as exc:
             await self._failed(info, exc.message)
             raise
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
-                asyncio.TimeoutError) as exc:
+        except _DB_ERRORS as exc:
             await self._failed(info, f"{exc.__class__.__name__}: {exc}")
             raise MoveFailed(f"move {run_id} of tenant {info.code} stopped in phase {info.phase}: "
                              f"{exc.__class__.__name__}: {exc}; the tenant is served from "
@@ -246,6 +250,10 @@ class Mover:
             await self._drop_target_copy(info, ends.dst)
             await self._set_phase(info, "aborted")
             await self._finish_run(info, "cancelled")
+        except _DB_ERRORS as exc:
+            raise MoveFailed(f"abort of move {run_id} stopped: {exc.__class__.__name__}: {exc}; the tenant is "
+                             f"served from {await self._serving(info)}; run `move --abort {run_id}` again",
+                             runId=run_id) from exc
         finally:
             await self._close(ends)
         return info
