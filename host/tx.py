@@ -1,6 +1,7 @@
 """`with_tenant_tx`: one tenant's transaction on its shard, fenced, in a clean connection.
 
-Round trips per call: (1) ``BEGIN; SELECT fleet.enter_tenant(...)`` as one simple query:
+Round trips per call: (1) ``BEGIN ISOLATION LEVEL READ COMMITTED; SELECT fleet.enter_tenant(...)``
+as one simple query:
 shared advisory lock on the tenant, epoch check against the shard's fence, and, set
 *locally*, ``search_path`` to the quoted schema, then ``public``, and ``role`` to the
 tenant's own role (see below); (2..n) whatever ``fn`` runs; (n+1) ``COMMIT`` and the
@@ -127,7 +128,11 @@ def _enter_sql(tenant_id: str, epoch: int, wait_ms: int) -> str:
     ``uuid.UUID`` renders only hex digits and dashes, ``int`` renders only digits.
     """
     tenant = str(uuid.UUID(tenant_id))
-    return f"BEGIN; SELECT fleet.enter_tenant('{tenant}'::uuid, {int(epoch)}::bigint, {int(wait_ms)}::int)"
+    # READ COMMITTED whatever the server's or role's default_transaction_isolation: under
+    # REPEATABLE READ the snapshot would be taken as the fence's statement starts, before
+    # it waits for a mover, and the fence would read the epoch from before the cutover
+    return (f"BEGIN ISOLATION LEVEL READ COMMITTED; "
+            f"SELECT fleet.enter_tenant('{tenant}'::uuid, {int(epoch)}::bigint, {int(wait_ms)}::int)")
 
 
 async def abort(conn: Conn) -> None:

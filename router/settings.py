@@ -76,7 +76,10 @@ class Settings(BaseModel):
     # tenant moves
     # how long a cutover may hold the tenant's writes for the final catch-up before it
     # lets go and tries again later (writes are never blocked for long)
-    cutover_timeout_ms: int = Field(2000, ge=10, le=60_000)
+    cutover_timeout_ms: int = Field(1000, ge=10, le=60_000)
+    # how long a cutover waits for the tenant's in-flight transactions to finish before it
+    # lets go and tries again (writes wait at most this plus cutover_timeout_ms per attempt)
+    cutover_lock_wait_ms: int = Field(200, ge=1, le=60_000)
     cutover_attempts: int = Field(5, ge=1, le=100)
     # how long a move waits for the subscription to catch up before the cutover
     catchup_timeout_s: float = Field(600.0, gt=0)

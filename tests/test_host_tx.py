@@ -11,7 +11,7 @@ import pytest_asyncio
 import semver
 
 from host.metrics import HostMetrics
-from host.tx import TenantTx, keep_connection
+from host.tx import TenantTx, enter_sql, keep_connection
 from router.client import ResolveClient
 from router.errors import TenantMoving
 from router.models import TenantRecord
@@ -217,3 +217,18 @@ async def test_a_mover_holding_the_tenant_makes_transactions_wait_then_503_tenan
             await _until_activity(fleet, "shard1", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
                                   " AND NOT granted")  # queued behind the mover
         assert await waiting == f"{rec.schema}, public"  # released in time: it went through
+
+
+async def test_the_fence_runs_read_committed_whatever_the_default_isolation(fleet: Fleet) -> None:
+    """Under a REPEATABLE READ default the fence's snapshot would predate its wait for a
+    mover, and it would read the epoch from before a cutover: the host's BEGIN says READ
+    COMMITTED itself."""
+    rec = await fleet.directory.create_tenant(code())
+    conn = await asyncpg.connect(fleet.shard_dsns[rec.shard_id])
+    try:
+        await conn.execute("SET default_transaction_isolation = 'serializable'")
+        await conn.execute(enter_sql(rec, 100))
+        assert await conn.fetchval("SELECT current_setting('transaction_isolation')") == "read committed"
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -19,6 +20,19 @@ from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 from tests.test_moves import _leftovers, _schemas_with, _seed
+
+
+async def _replication_objects(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await conn.fetch(
+            "SELECT 'slot ' || slot_name FROM pg_replication_slots WHERE slot_name LIKE 'tf_move_%' "
+            "AND database = current_database() UNION ALL SELECT 'publication ' || pubname FROM pg_publication "
+            "WHERE pubname LIKE 'tf_move_%' UNION ALL SELECT 'subscription ' || subname FROM pg_subscription "
+            "WHERE subname LIKE 'tf_move_%' AND subdbid = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database())")]
+    finally:
+        await conn.close()
 
 
 class Stoppable:
@@ -84,6 +98,10 @@ async def test_a_server_stopped_mid_move_fails_cleanly_and_resume_finishes(
     info = await mover.load(run_id)
     assert info.phase not in ("switched", "cleaned", "done")
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == source  # never switched
+    # the failed move let go of what it held on the side still up (no slot holding WAL,
+    # no worker or WAL sender): the resume makes them again
+    up = source if stopped == "target" else target
+    assert await _replication_objects(fleet.shard_dsns[up]) == []
     if stopped == "target":  # the tenant keeps working on its source meanwhile, honestly
         status, seen = await _items(host, rec, key)
         assert status == 200 and seen == skus

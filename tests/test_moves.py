@@ -200,7 +200,8 @@ async def test_bad_moves_are_refused_and_change_nothing(fleet: Fleet, host: Host
 
 
 # the phases the CLI announces on stderr, in order; a kill lands right after each
-KILL_AFTER = ["preparing", "prepared", "copying", "copied", "caught_up", "verified", "cutover", "switched", "cleaned"]
+KILL_AFTER = ["preparing", "prepared", "copying", "copied", "caught_up", "verified", "cutover", "committed",
+              "switched", "cleaned"]
 
 
 async def _move_killed_after(fleet: Fleet, rec: TenantRecord, to: str, mode: str, phase: str) -> int | None:
@@ -251,7 +252,14 @@ async def test_kill_9_at_each_step_then_resume(fleet: Fleet, host: Host, phase: 
     skus = await _seed(host, rec, key, 5)
     run_id = await _move_killed_after(fleet, rec, "shard2", mode, phase)
     assert run_id is not None
-    await _served_once(fleet, host, rec, key, skus)
+    if phase == "committed":
+        # killed between the source's commit point and the directory: neither copy may take
+        # a write until the move is finished, so the tenant answers an honest 503 meanwhile
+        async with host.http.get("/api/plugins/inventory/items?limit=5", headers=auth(key, rec.code)) as r:
+            assert r.status == 503 and (await r.json())["error"]["code"] == "TENANT_MOVING"
+            assert r.headers.get("Retry-After")
+    else:
+        await _served_once(fleet, host, rec, key, skus)
     code, out, err = await run_cli(fleet, "--json", "move", "--resume", str(run_id))
     assert code == 0, err
     assert await _served_once(fleet, host, rec, key, skus) == "shard2"
@@ -272,3 +280,42 @@ async def test_abort_after_copy_leaves_the_tenant_where_it_was(fleet: Fleet, hos
     assert await _leftovers(fleet) == []
     code, out, err = await run_cli(fleet, "--json", "move", "--resume", str(run_id))
     assert code == 2 and "aborted" in err
+
+
+async def test_abort_after_the_commit_point_is_refused_and_resume_finishes(fleet: Fleet, host: Host) -> None:
+    """Killed between the source's fence commit and the directory: the tenant's undelivered
+    events already live on the target, so abort must refuse (it would drop them) and
+    resume must finish the move."""
+    mode = "online" if await _online_capable(fleet) else "offline"
+    rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+    skus = await _seed(host, rec, key, 3)
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:  # an undelivered event, already handled by one plugin, leased for an hour
+        await conn.execute(
+            "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, attempts, next_attempt_at, "
+            "handled_by) VALUES (gen_random_uuid(), $1::uuid, 'inventory', 'review.probe', '{}'::jsonb, 3, "
+            "now() + interval '1 hour', '{inventory}')", rec.tenant_id)
+    finally:
+        await conn.close()
+    run_id = await _move_killed_after(fleet, rec, "shard2", mode, "committed")
+    assert run_id is not None
+    code, out, err = await run_cli(fleet, "--json", "move", "--abort", str(run_id))
+    assert code == 2 and "commit point" in err, err
+    code, out, err = await run_cli(fleet, "--json", "move", "--resume", str(run_id))
+    assert code == 0, err
+    assert await _served_once(fleet, host, rec, key, skus) == "shard2"
+    conn = await asyncpg.connect(fleet.shard_dsns["shard2"])
+    try:
+        row = await conn.fetchrow("SELECT attempts, handled_by, next_attempt_at > now() + interval '50 minutes' AS "
+                                  "leased FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND name = 'review.probe'",
+                                  rec.tenant_id)
+    finally:
+        await conn.close()
+    assert row is not None and (row["attempts"], row["handled_by"], row["leased"]) == (3, ["inventory"], True)
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = $1::uuid "
+                                   "AND delivered_at IS NULL", rec.tenant_id) == 0
+    finally:
+        await conn.close()
+    assert await _leftovers(fleet) == []

@@ -26,7 +26,7 @@ from typing import Any, AsyncContextManager, Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from router.directory import Directory
-from router.errors import MoveRefused, NoShardAvailable, TenantFleetError, ValidationFailed
+from router.errors import MoveFailed, MoveRefused, NoShardAvailable, TenantFleetError, ValidationFailed
 from router.placement import (
     BY_CHOICES, MODES, By, PlannedMove, ShardLoad, TenantSize, loads_after, plan_drain, plan_rebalance,
 )
@@ -106,6 +106,7 @@ class MoveBatch:
         self.limiters: dict[str, ShardLimiter] = {}
         self._overall = asyncio.Semaphore(settings.moves_concurrency)
         self._pools: ShardPools | None = None
+        self.peak_in_flight = 0          # the most moves seen at once on one shard
         self._started = time.monotonic()
 
     def mode_for(self, move: PlannedMove) -> str:
@@ -133,7 +134,7 @@ class MoveBatch:
         async with mover_pools(self.directory, self.settings) as pools:
             self._pools = pools
             try:
-                await asyncio.gather(*(self._one(o, info) for o, info in todo))
+                await asyncio.gather(*(self._one(o, info) for o, info in todo), return_exceptions=True)
             finally:
                 self._pools = None
         return self.outcomes
@@ -141,31 +142,41 @@ class MoveBatch:
     async def _one(self, o: MoveOutcome, info: MoveInfo | None) -> None:
         shards = sorted({o.move.source, o.move.target})  # a fixed order: two moves never wait on each other
         while True:
-            async with self._overall, AsyncExitStack() as stack:
+            # the shards' slots first (a shard backing off holds its waiters here), then one
+            # of the overall permits: moves between healthy shards are never held up by it
+            async with AsyncExitStack() as stack:
                 for sid in shards:
                     await stack.enter_async_context(self.limiter(sid).slot())
-                o.attempts += 1
-                try:
-                    await self._attempt(o, info)
-                    for sid in shards:
-                        self.limiter(sid).success()
-                    self._count(o, "done")
-                    return
-                except _FINAL as exc:
-                    self._fail(o, exc, "refused")
-                    return
-                except TenantFleetError as exc:
-                    if o.run_id is not None:
-                        o.info.update((await Mover(self.directory, self.settings, pools=self._pools).load(o.run_id)).detail)
-                    if o.attempts >= MOVE_ATTEMPTS:
-                        self._fail(o, exc, "failed")
+                async with self._overall:
+                    self.peak_in_flight = max(self.peak_in_flight, max(self.limiter(s).in_flight for s in shards))
+                    o.attempts += 1
+                    try:
+                        await self._attempt(o, info)
+                        for sid in shards:
+                            self.limiter(sid).success()
+                        self._count(o, "done")
                         return
-                    for sid in shards:
-                        self.limiter(sid).failure(exc)
-                    log.warning("move of tenant %s (%s -> %s), attempt %s: %s; backing off", o.move.tenant_id,
-                                o.move.source, o.move.target, o.attempts, exc.message)
-                    o.state = "queued"
-                    self._changed(o)
+                    except _FINAL as exc:
+                        self._fail(o, exc, "refused")
+                        return
+                    except Exception as exc:  # a shard's error, or one no move should end a whole batch with
+                        err = exc if isinstance(exc, TenantFleetError) else MoveFailed(
+                            f"{exc.__class__.__name__}: {exc}", tenantId=o.move.tenant_id)
+                        log.warning("move of tenant %s (%s -> %s), attempt %s: %s", o.move.tenant_id,
+                                    o.move.source, o.move.target, o.attempts, err.message,
+                                    exc_info=not isinstance(exc, TenantFleetError))
+                        if o.run_id is not None:
+                            try:
+                                o.info.update((await Mover(self.directory, self.settings).load(o.run_id)).detail)
+                            except Exception:
+                                pass
+                        if o.attempts >= MOVE_ATTEMPTS:
+                            self._fail(o, err, "failed")
+                            return
+                        for sid in _blamed(err, shards):
+                            self.limiter(sid).failure(err)
+                        o.state = "queued"
+                        self._changed(o)
 
     async def _attempt(self, o: MoveOutcome, info: MoveInfo | None) -> None:
         t0 = time.monotonic()
@@ -235,6 +246,12 @@ class MoveBatch:
                          "state": phases or lim.state, "backoffS": lim.backoff_s, "rate": rate,
                          "etaS": (left / rate) if rate > 0 and left else None})
         return rows
+
+
+def _blamed(err: TenantFleetError, shards: Sequence[str]) -> list[str]:
+    """The shards a failure backs off: the one it names, else both of the move's."""
+    named = err.details.get("shardId")
+    return [str(named)] if named in shards else list(shards)
 
 
 # --- drains and rebalances ------------------------------------------------------------------

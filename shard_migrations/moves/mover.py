@@ -96,6 +96,10 @@ def mover_pools(directory: Directory, settings: Settings) -> ShardPools:
                       server_settings=SESSION_SETTINGS)
 
 
+class FenceBusy(MoveFailed):
+    """The tenant's in-flight transactions did not finish within the fence's lock wait."""
+
+
 @dataclass
 class MoveInfo:
     run_id: int
@@ -212,21 +216,45 @@ class Mover:
             raise ValidationFailed(f"move {run_id} was aborted; start a new one", field="run", runId=run_id)
         await self.control.execute("UPDATE fleet_runs SET state = 'running', owner = $2, heartbeat_at = now(), "
                                    "updated_at = now() WHERE run_id = $1", run_id, owner_tag())
-        ends = await self._open(info)
+        ends: _Ends | None = None
         try:
+            ends = await self._open(info)
             info = await self._drive(info, ends)
         except TenantFleetError as exc:
             await self._failed(info, exc.message)
+            if ends is not None:
+                await self._release_replication(info, ends)
             raise
         except _DB_ERRORS as exc:
             await self._failed(info, f"{exc.__class__.__name__}: {exc}")
+            if ends is not None:
+                await self._release_replication(info, ends)
             raise MoveFailed(f"move {run_id} of tenant {info.code} stopped in phase {info.phase}: "
                              f"{exc.__class__.__name__}: {exc}; the tenant is served from "
                              f"{await self._serving(info)}; `move --resume {run_id}` finishes it, "
                              f"`move --abort {run_id}` undoes it", runId=run_id, phase=info.phase) from exc
         finally:
-            await self._close(ends)
+            if ends is not None:
+                await self._close(ends)
         return info
+
+    async def _release_replication(self, info: MoveInfo, ends: _Ends) -> None:
+        """After a failure before the switch: drop the move's subscription, publication and
+        slot (best effort, each side on its own), so a failed move holds no WAL, worker or
+        WAL sender while it waits for a resume (which makes them again)."""
+        if info.phase in ("switched", "cleaned", "done"):
+            return
+        try:
+            rec = await self.directory.get(id=info.tenant_id)
+            if rec.shard_id != info.source:
+                return
+        except Exception:
+            return
+        for side, conn in ((self._drop_subscription, ends.dst), (self._drop_source_side, ends.src)):
+            try:
+                await asyncio.wait_for(side(info, conn), SLOT_DROP_S + 5)
+            except Exception:  # a server that is down keeps its side until the resume or abort
+                log.warning("move %s: %s not dropped after the failure", info.run_id, side.__name__, exc_info=True)
 
     async def abort(self, run_id: int) -> MoveInfo:
         """Undo a move that has not switched: the tenant stays on its source shard, and
@@ -243,9 +271,11 @@ class Mover:
             raised = await ends.src.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
                                              info.tenant_id)
             if raised is not None and raised > info.epoch_before:
-                # the source's fence went up but the directory never followed: the move
-                # would finish, but the operator asked to stay; the directory catches up
-                await self.directory.bump_epoch(info.tenant_id, raised)
+                # the source's fence went up: the commit point is behind us (the target
+                # holds the tenant's undelivered events now); only finishing is safe
+                raise ValidationFailed(f"move {run_id} passed its commit point (the source's fence is at epoch "
+                                       f"{raised}): it can only be finished (`move --resume {run_id}`)",
+                                       field="run", runId=run_id)
             await self._drop_replication(info, ends)
             await self._drop_target_copy(info, ends.dst)
             await self._set_phase(info, "aborted")
@@ -357,7 +387,7 @@ class Mover:
             snap = await self._connect(info.source)
             try:
                 await snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                await self._fence(ends.src, info, self.settings.cutover_timeout_ms)
+                await self._fence_retrying(ends.src, info)
                 try:
                     lsn = await snap.fetchval("SELECT pg_current_wal_insert_lsn()::text")
                 finally:
@@ -432,7 +462,11 @@ class Mover:
             d_snap = await self._connect(info.target)
             try:
                 for attempt in range(self.settings.cutover_attempts):
-                    await self._fence(ends.src, info, self.settings.cutover_timeout_ms)
+                    try:
+                        await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms)
+                    except FenceBusy:
+                        await asyncio.sleep(min(2 ** attempt * 0.1, 2))
+                        continue
                     try:
                         caught = await self._marker_round(info, ends, self.settings.cutover_timeout_ms / 1000)
                         if caught:
@@ -464,7 +498,14 @@ class Mover:
         for attempt in range(self.settings.cutover_attempts):
             t0 = time.monotonic() if info.mode == "online" or info.fenced_at is None else info.fenced_at
             if info.mode == "online":
-                await self._fence(ends.src, info, self.settings.cutover_timeout_ms)
+                try:
+                    await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms)
+                except FenceBusy:
+                    pauses.append(time.monotonic() - t0)
+                    log.info("move %s: a transaction of the tenant outlasted the fence's %s ms; trying again",
+                             info.run_id, self.settings.cutover_lock_wait_ms)
+                    await asyncio.sleep(min(2 ** attempt * 0.1, 2))
+                    continue
             try:
                 if info.mode == "online" and not await self._marker_round(
                         info, ends, self.settings.cutover_timeout_ms / 1000):
@@ -485,9 +526,10 @@ class Mover:
                         ends.src.terminate()
                 raise
         else:
-            raise MoveFailed(f"move {info.run_id}: the cutover's catch-up did not finish within "
-                             f"{self.settings.cutover_timeout_ms} ms in {self.settings.cutover_attempts} attempts; "
-                             f"the tenant stays on {info.source} (resume to try again)", runId=info.run_id)
+            raise MoveFailed(f"move {info.run_id}: the cutover's fence or catch-up did not finish within "
+                             f"{self.settings.cutover_lock_wait_ms} + {self.settings.cutover_timeout_ms} ms in "
+                             f"{self.settings.cutover_attempts} attempts; the tenant stays on {info.source} (resume "
+                             "to try again)", runId=info.run_id)
         info.detail["pauseMs"] = round(pauses[-1] * 1000, 2)
         info.detail["cutoverAttempts"] = len(pauses)
         rec = await self.directory.cutover(info.tenant_id, info.source, info.target, info.epoch_before)
@@ -500,16 +542,20 @@ class Mover:
         new_epoch = info.epoch_before + 1
         seqs = await ends.src.fetch("SELECT sequencename, last_value FROM pg_sequences "
                                     "WHERE schemaname = $1 AND last_value IS NOT NULL", info.schema)
+        # locked: a delivery settling or claiming one of them finishes first, or waits for
+        # the commit point and then finds the row gone (the target's relay delivers it)
         events = await ends.src.fetch(
-            "SELECT event_id, tenant_id, source, name, payload, created_at, attempts, last_error "
-            "FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND delivered_at IS NULL", info.tenant_id)
+            "SELECT event_id, tenant_id, source, name, payload, created_at, attempts, next_attempt_at, last_error, "
+            "handled_by FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND delivered_at IS NULL FOR UPDATE",
+            info.tenant_id)
         async with ends.dst.transaction():
             for s in seqs:
                 await ends.dst.execute("SELECT setval(format('%I.%I', $1::text, $2::text)::regclass, $3, true)",
                                        info.schema, s["sequencename"], s["last_value"])
             await ends.dst.executemany(
                 "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, created_at, attempts, "
-                "last_error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
+                "next_attempt_at, last_error, handled_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                "ON CONFLICT (event_id) DO NOTHING",
                 [tuple(e) for e in events])
             await ends.dst.execute(
                 "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1::uuid, $2, $3) "
@@ -522,6 +568,7 @@ class Mover:
                                info.tenant_id)
         await ends.src.execute("COMMIT")  # the commit point: the source refuses the tenant from here
         info.detail["eventsMoved"] = len(events)
+        self.progress("committed", {})
 
     async def _cleanup(self, info: MoveInfo, ends: _Ends) -> None:
         self.progress("cleaning up", {})
@@ -560,7 +607,8 @@ class Mover:
 
     async def _fence(self, conn: Conn, info: MoveInfo, wait_ms: int) -> None:
         """Open a transaction on ``conn`` holding the tenant's lock exclusive: in-flight
-        tenant transactions finish first, new ones wait (at most their fence_wait_ms)."""
+        tenant transactions finish first, new ones wait (at most their fence_wait_ms).
+        `FenceBusy` (a MOVE_FAILED) if they don't finish within ``wait_ms``."""
         await conn.execute("BEGIN")
         try:
             await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{int(wait_ms)}ms")
@@ -568,43 +616,59 @@ class Mover:
             await conn.execute("SELECT set_config('lock_timeout', '0', true)")
         except asyncpg.LockNotAvailableError as exc:
             await conn.execute("ROLLBACK")
-            raise MoveFailed(f"move {info.run_id}: transactions of tenant {info.code} did not finish within "
-                             f"{wait_ms} ms", runId=info.run_id) from exc
+            raise FenceBusy(f"move {info.run_id}: transactions of tenant {info.code} did not finish within "
+                            f"{wait_ms} ms", runId=info.run_id) from exc
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
             raise
 
+    async def _fence_retrying(self, conn: Conn, info: MoveInfo) -> None:
+        """`_fence` with the cutover's lock wait, tried ``cutover_attempts`` times with backoff."""
+        for attempt in range(self.settings.cutover_attempts):
+            try:
+                await self._fence(conn, info, self.settings.cutover_lock_wait_ms)
+                return
+            except FenceBusy:
+                if attempt + 1 == self.settings.cutover_attempts:
+                    raise
+                await asyncio.sleep(min(2 ** attempt * 0.1, 2))
+
     async def _drop_replication(self, info: MoveInfo, ends: _Ends) -> None:
         """Drop this move's subscription, publication, slot and markers wherever they exist
         (any phase, any exit path: they are named after the run)."""
-        if await ends.dst.fetchval("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)",
-                                   info.subscription):
+        await self._drop_subscription(info, ends.dst)
+        await self._drop_source_side(info, ends.src)
+        await ends.dst.execute("DELETE FROM fleet.move_markers WHERE run_id = $1", info.run_id)
+
+    async def _drop_subscription(self, info: MoveInfo, dst: Conn) -> None:
+        if await dst.fetchval("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)", info.subscription):
             for stmt in ("ALTER SUBSCRIPTION %I DISABLE", "ALTER SUBSCRIPTION %I SET (slot_name = NONE)",
                          "DROP SUBSCRIPTION %I"):
-                sql = await ends.dst.fetchval("SELECT format($1::text, $2::text)", stmt, info.subscription)
-                await ends.dst.execute(sql)
-        if await ends.src.fetchval("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-                                   info.publication):
-            sql = await ends.src.fetchval("SELECT format('DROP PUBLICATION %I', $1::text)", info.publication)
-            await ends.src.execute(sql)
+                sql = await dst.fetchval("SELECT format($1::text, $2::text)", stmt, info.subscription)
+                await dst.execute(sql)
+
+    async def _drop_source_side(self, info: MoveInfo, src: Conn) -> None:
+        """The publication, the slot (its WAL sender let go of first) and the markers."""
+        if await src.fetchval("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", info.publication):
+            sql = await src.fetchval("SELECT format('DROP PUBLICATION %I', $1::text)", info.publication)
+            await src.execute(sql)
         deadline = time.monotonic() + SLOT_DROP_S
         while True:
-            row = await ends.src.fetchrow("SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                                          info.slot)
+            row = await src.fetchrow("SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                                     info.slot)
             if row is None:
                 break
             if not row["active"]:
                 try:
-                    await ends.src.execute("SELECT pg_drop_replication_slot($1)", info.slot)
+                    await src.execute("SELECT pg_drop_replication_slot($1)", info.slot)
                     break
                 except (asyncpg.ObjectInUseError, asyncpg.UndefinedObjectError):
                     pass
-            elif time.monotonic() > deadline:  # a walsender of the dropped subscription that lingers
-                await ends.src.execute("SELECT pg_terminate_backend($1)", row["active_pid"])
+            elif time.monotonic() > deadline:  # a WAL sender of a dropped (or unreachable) subscription
+                await src.execute("SELECT pg_terminate_backend($1)", row["active_pid"])
             await asyncio.sleep(0.05)
-        for c in (ends.src, ends.dst):
-            await c.execute("DELETE FROM fleet.move_markers WHERE run_id = $1", info.run_id)
+        await src.execute("DELETE FROM fleet.move_markers WHERE run_id = $1", info.run_id)
 
     async def _drop_target_copy(self, info: MoveInfo, dst: Conn) -> None:
         """What an earlier attempt of this move left on the target, unless the target
@@ -617,8 +681,7 @@ class Mover:
             await dst.execute("DELETE FROM fleet.tenant_fence WHERE tenant_id = $1::uuid", info.tenant_id)
             await dst.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid", info.tenant_id)
             await dst.execute("DELETE FROM fleet.event_outbox WHERE tenant_id = $1::uuid", info.tenant_id)
-            sql = await dst.fetchval("SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', $1::text)", info.schema)
-            await dst.execute(sql)
+            await dst.execute("SELECT fleet.drop_tenant_schema($1)", info.schema)  # and its role, if unused
 
     async def _preflight(self, src: Conn, dst: Conn, tenant: TenantRecord, ts: schema_copy.TenantSchema,
                          mode: str, target: str) -> None:
@@ -627,7 +690,9 @@ class Mover:
                               tenantId=tenant.tenant_id, problems=list(ts.problems))
         # the target must have every public-scope migration the source has, of the
         # plugins with files applied to this tenant (bring it up through the migrator)
-        missing = await _missing_public(src, dst, tenant.tenant_id)
+        installed = [r[0] for r in await self.control.fetch(
+            "SELECT plugin_id FROM sys_tenant_plugins WHERE tenant_id = $1::uuid", tenant.tenant_id)]
+        missing = await _missing_public(src, dst, tenant.tenant_id, installed)
         if missing:
             raise MoveRefused(f"shard {target} is behind the source on public migrations "
                               f"({', '.join(missing[:5])}): run `tenantfleet migrate apply <plugin>` first",
@@ -742,14 +807,18 @@ class Mover:
             return "the shard the directory names"
 
 
-async def _missing_public(src: Conn, dst: Conn, tenant_id: str) -> list[str]:
+async def _missing_public(src: Conn, dst: Conn, tenant_id: str, plugins: Sequence[str]) -> list[str]:
+    """Public-scope migrations the source has and the target lacks, of ``plugins`` (those
+    the tenant has installed, per the control plane) and of those with files applied to
+    the tenant on the source."""
     sql = ("SELECT plugin_id || '/' || name FROM fleet.sys_plugin_migrations WHERE scope = 'public' "
-           "AND plugin_id IN (SELECT plugin_id FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid)")
-    have_src = {r[0] for r in await src.fetch(sql, tenant_id)}
-    plugins = {p.split("/", 1)[0] for p in have_src}
+           "AND (plugin_id = ANY($2::text[]) OR plugin_id IN "
+           "(SELECT plugin_id FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid))")
+    have_src = {r[0] for r in await src.fetch(sql, tenant_id, list(plugins))}
+    names = {p.split("/", 1)[0] for p in have_src}
     have_dst = {r[0] for r in await dst.fetch(
         "SELECT plugin_id || '/' || name FROM fleet.sys_plugin_migrations WHERE scope = 'public' "
-        "AND plugin_id = ANY($1::text[])", sorted(plugins))}
+        "AND plugin_id = ANY($1::text[])", sorted(names))}
     return sorted(have_src - have_dst)
 
 

@@ -9,6 +9,14 @@ from router.pools import connect
 from router.settings import Settings
 
 
+# r_<32 hex>_<run> -> t_<32 hex>: the live schema's name, whose role the old copy used
+_DROP_ROLE_IF_GONE = """
+SELECT fleet.drop_tenant_schema(live) FROM (SELECT 't' || substring($1 FROM 2 FOR 33) AS live) n
+WHERE NOT EXISTS (SELECT 1 FROM fleet.tenant_fence WHERE tenant_id = $2::uuid)
+  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = n.live)
+"""
+
+
 async def collect_retired(directory: Directory, settings: Settings, *, grace_s: float,
                           dry_run: bool = False) -> list[dict[str, Any]]:
     """Per shard, the retired schemas older than ``grace_s`` (dropped unless ``dry_run``).
@@ -32,6 +40,9 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
                                                   r["schema_name"])
                         await conn.execute(sql)
                         await conn.execute("DELETE FROM fleet.retired_schemas WHERE schema_name = $1", r["schema_name"])
+                        # the tenant's role too, unless the tenant is served here again
+                        # (fleet.drop_tenant_schema keeps a role another database uses)
+                        await conn.execute(_DROP_ROLE_IF_GONE, r["schema_name"], r["tenant_id"])
                 out.append({"shardId": shard.shard_id, "schemaName": r["schema_name"], "tenantId": r["tenant_id"],
                             "runId": r["run_id"], "retiredAt": r["retired_at"], "dropped": not dry_run})
         finally:
