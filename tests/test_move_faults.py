@@ -19,6 +19,7 @@ from shard_migrations.moves.mover import Mover
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
+from tests.migratekit import run_cli
 from tests.test_moves import _leftovers, _schemas_with, _seed
 
 
@@ -121,3 +122,36 @@ async def test_a_server_stopped_mid_move_fails_cleanly_and_resume_finishes(
     assert status == 200 and seen == skus
     assert await _schemas_with(fleet, rec.schema) == [target]
     assert await _leftovers(fleet) == []
+
+
+async def test_abort_with_the_target_down_frees_the_source_and_gc_cleans_the_target_later(
+        rig: tuple[Fleet, Host, Stoppable]) -> None:
+    """A drain of a failing shard: the target dies mid-catch-up. `--abort` can't reach it,
+    but drops the source's slot and publication at once (no WAL kept for a shard that may
+    never come back); once the target is back, `gc` drops its subscription and copy."""
+    fleet, host, s4 = rig
+    rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+    skus = await _seed(host, rec, key, 5)
+    stopping: list[asyncio.Future[None]] = []
+
+    def progress(p: str, _figures: dict[str, Any]) -> None:
+        if p == "catching up" and not stopping:
+            stopping.append(asyncio.ensure_future(s4.stop()))
+
+    run_ids: list[int] = []
+    with pytest.raises(TenantFleetError):
+        await Mover(fleet.directory, fleet.settings, progress=progress).start(rec, "shard4", "online",
+                                                                           on_run=run_ids.append)
+    await stopping[0]
+    try:
+        aborted = await Mover(fleet.directory, fleet.settings).abort(run_ids[0])
+        assert aborted.phase == "aborted" and "gc" in aborted.detail["targetLeftovers"]
+        assert await _replication_objects(fleet.shard_dsns["shard1"]) == []
+        status, seen = await _items(host, rec, key)
+        assert status == 200 and seen == skus
+    finally:
+        await s4.start()
+    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
+    assert code == 0, err
+    assert await _replication_objects(fleet.shard_dsns["shard4"]) == []
+    assert "shard4" not in await _schemas_with(fleet, rec.schema)

@@ -266,7 +266,12 @@ class Mover:
         if rec.shard_id == info.target or info.phase in ("switched", "cleaned"):
             raise ValidationFailed(f"move {run_id} has switched the tenant to {info.target}: it can only be "
                                    f"finished (`move --resume {run_id}`)", field="run", runId=run_id)
-        ends = await self._open(info)
+        try:
+            ends = await self._open(info)
+        except ShardUnreachable as exc:
+            if exc.details.get("shardId") != info.target:
+                raise
+            return await self._abort_without_target(info, exc)
         try:
             raised = await ends.src.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
                                              info.tenant_id)
@@ -286,6 +291,36 @@ class Mover:
                              runId=run_id) from exc
         finally:
             await self._close(ends)
+        return info
+
+    async def _abort_without_target(self, info: MoveInfo, why: ShardUnreachable) -> MoveInfo:
+        """Abort with the target unreachable (a failing shard being drained): what the source
+        holds for the move (its slot above all, which would keep WAL for a target that may
+        never come back) is dropped now; the target's subscription and copy are left to
+        `tenantfleet gc` (and to the next move of the tenant there)."""
+        src = await self._connect(info.source)
+        try:
+            await src.execute("SELECT set_config('lock_timeout', $1, false)", f"{self.settings.move_hold_wait_ms}ms")
+            try:
+                await src.execute("SELECT pg_advisory_lock(fleet.tenant_hold_key($1::uuid))", info.tenant_id)
+            except asyncpg.LockNotAvailableError as exc:
+                raise TenantBusy(f"move {info.run_id} is running elsewhere: stop it first", runId=info.run_id) from exc
+            raised = await src.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
+                                        info.tenant_id)
+            if raised is not None and raised > info.epoch_before:
+                raise ValidationFailed(f"move {info.run_id} passed its commit point: it can only be finished "
+                                       f"(`move --resume {info.run_id}` once {info.target} is back)",
+                                       field="run", runId=info.run_id)
+            await self._drop_source_side(info, src)
+            info.detail["targetLeftovers"] = (f"{info.target} was unreachable ({why.message}): its subscription "
+                                              f"{info.subscription} and schema copy are dropped by `tenantfleet gc`")
+            await self._set_phase(info, "aborted")
+            await self._finish_run(info, "cancelled")
+        except _DB_ERRORS as exc:
+            raise MoveFailed(f"abort of move {info.run_id} stopped: {exc.__class__.__name__}: {exc}",
+                             runId=info.run_id) from exc
+        finally:
+            await self._release(src)
         return info
 
     async def load(self, run_id: int) -> MoveInfo:
@@ -746,8 +781,14 @@ class Mover:
     async def _connect(self, shard_id: str) -> Conn:
         """An owner connection to the shard (the pools' when given, else a new one)."""
         if self.pools is None:
-            return await connect(await self._dsn(shard_id), self.settings, server_settings=SESSION_SETTINGS)
-        pool = await self.pools.get(shard_id)
+            try:
+                return await connect(await self._dsn(shard_id), self.settings, server_settings=SESSION_SETTINGS)
+            except ShardUnreachable as exc:
+                raise ShardUnreachable(f"shard {shard_id}: {exc.message}", shardId=shard_id) from exc
+        try:
+            pool = await self.pools.get(shard_id)
+        except ShardUnreachable as exc:
+            raise ShardUnreachable(f"shard {shard_id}: {exc.message}", shardId=shard_id) from exc
         try:
             conn = await pool.acquire(timeout=self.settings.connect_timeout_s)
         except CONNECT_ERRORS as exc:

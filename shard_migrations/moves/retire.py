@@ -30,6 +30,7 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
                         "retiredAt": None, "dropped": False, "error": exc.message})
             continue
         try:
+            out += await _stale_subscriptions(directory, conn, shard.shard_id, dry_run)
             rows = await conn.fetch(
                 "SELECT schema_name, tenant_id::text AS tenant_id, run_id, retired_at FROM fleet.retired_schemas "
                 "WHERE retired_at < now() - make_interval(secs => $1) ORDER BY retired_at", grace_s)
@@ -47,4 +48,39 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
                             "runId": r["run_id"], "retiredAt": r["retired_at"], "dropped": not dry_run})
         finally:
             await conn.close()
+    return out
+
+
+async def _stale_subscriptions(directory: Directory, conn: Any, shard_id: str, dry_run: bool) -> list[dict[str, Any]]:
+    """Subscriptions of moves that ended (an abort while this shard was unreachable leaves
+    its side behind): dropped, with the copy of the schema the move had made here unless
+    the tenant is served here."""
+    subs = [r[0] for r in await conn.fetch(
+        "SELECT subname FROM pg_subscription WHERE subname ~ '^tf_move_[0-9]+$' AND subdbid = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())")]
+    out: list[dict[str, Any]] = []
+    for name in subs:
+        row = await directory.control.fetchrow(
+            "SELECT m.run_id, m.tenant_id::text AS tenant_id, t.schema_name, m.phase FROM tenant_moves m "
+            "JOIN tenants t USING (tenant_id) WHERE m.run_id = $1", int(name.rsplit("_", 1)[1]))
+        if row is None or row["phase"] not in ("done", "aborted"):
+            continue
+        if not dry_run:
+            for stmt in ("ALTER SUBSCRIPTION %I DISABLE", "ALTER SUBSCRIPTION %I SET (slot_name = NONE)",
+                         "DROP SUBSCRIPTION %I"):
+                await conn.execute(await conn.fetchval("SELECT format($1::text, $2::text)", stmt, name))
+            # the copy, only while no other move of the tenant is at work here (its hold key)
+            # and the tenant isn't served here (no fence row)
+            if row["phase"] == "aborted" and await conn.fetchval(
+                    "SELECT pg_try_advisory_lock(fleet.tenant_hold_key($1::uuid))", row["tenant_id"]):
+                try:
+                    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fleet.tenant_fence "
+                                               "WHERE tenant_id = $1::uuid)", row["tenant_id"]):
+                        await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid",
+                                           row["tenant_id"])
+                        await conn.execute("SELECT fleet.drop_tenant_schema($1)", row["schema_name"])
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock(fleet.tenant_hold_key($1::uuid))", row["tenant_id"])
+        out.append({"shardId": shard_id, "schemaName": f"subscription {name}", "tenantId": row["tenant_id"],
+                    "runId": row["run_id"], "retiredAt": None, "dropped": not dry_run})
     return out
