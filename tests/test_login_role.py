@@ -4,12 +4,13 @@ nothing; session state left by one transaction is gone before the next; the logi
 password is generated, stored with the shard, rotatable, and never shown."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
 import sys
 import uuid
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +20,7 @@ import pytest_asyncio
 
 from host.metrics import HostMetrics
 from host.runtime import RUNTIME, HostRuntime
-from host.tx import TenantTx, keep_connection
+from host.tx import COMMIT_SQL, COMMIT_UNLOCK_SQL, ROLLBACK_SQL, TenantTx, keep_connection
 from router import schema
 from router.client import ResolveClient
 from router.directory import Directory
@@ -194,17 +195,67 @@ async def _single_connection_tx(fleet: Fleet, stack: AsyncExitStack) -> TenantTx
     return await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
 
 
-@pytest.mark.parametrize("ending", ["commit", "rollback"])
-async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_gone_before_the_next(
-        fleet: Fleet, ending: str) -> None:
+@asynccontextmanager
+async def _session_locks_granted(fleet: Fleet, shard_id: str) -> AsyncIterator[None]:
+    """The shard as a non-superuser owner leaves it: PUBLIC may take session advisory locks
+    (that owner's REVOKE changes nothing). Revoked again afterwards."""
+    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
+    functions = ", ".join(schema.SESSION_LOCK_FUNCTIONS)  # constants
+    try:
+        await owner.execute(f"GRANT EXECUTE ON FUNCTION {functions} TO PUBLIC")
+        yield
+    finally:
+        await owner.execute(f"REVOKE EXECUTE ON FUNCTION {functions} FROM PUBLIC")
+        await owner.close()
+
+
+async def _owner_is_superuser(fleet: Fleet, shard_id: str) -> bool:
+    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
+    try:
+        return bool(await owner.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
+    finally:
+        await owner.close()
+
+
+async def test_a_tenant_transaction_cannot_take_a_session_advisory_lock_and_its_commit_releases_none(
+        fleet: Fleet) -> None:
+    assert await _owner_is_superuser(fleet, "shard1")  # the suite's servers: the REVOKE takes effect
     mine, other = await _tenants(fleet)
     async with AsyncExitStack() as stack:
         tx = await _single_connection_tx(fleet, stack)
+        for function in schema.SESSION_LOCK_FUNCTIONS:
+            call = function.replace("integer, integer", "7, 7").replace("bigint", "7")  # a constant
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await tx.run(mine.tenant_id, lambda db, call=call: db.fetchval(f"SELECT {call}"))
+        # the transaction-level ones stay: the fence takes one in every transaction, and so may SQL
+
+        async def xact_lock(db: Any) -> Any:
+            return await db.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1::uuid::text, 7466))",
+                                     other.tenant_id)
+        assert await tx.run(mine.tenant_id, xact_lock) is True
+        logged: list[str] = []
+        async with tx.connection("shard1") as conn:
+            conn.add_query_logger(lambda q: logged.append(q.query))
+        await tx.run(mine.tenant_id, lambda db: db.fetchval("SELECT 1"))
+        await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon
+        assert logged[-1] == COMMIT_SQL and "unlock" not in COMMIT_SQL  # nothing to release: no SELECT for it
+
+
+@pytest.mark.parametrize("locks", ["revoked", "granted"])
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_gone_before_the_next(
+        fleet: Fleet, ending: str, locks: str) -> None:
+    mine, other = await _tenants(fleet)
+    async with AsyncExitStack() as stack:
+        if locks == "granted":  # a shard whose owner could not revoke them: the host releases them
+            await stack.enter_async_context(_session_locks_granted(fleet, "shard1"))
+        tx = await _single_connection_tx(fleet, stack)
 
         async def leave_state(db: Any) -> Any:
-            # a session lock on the *other* tenant's key: it would hold off that tenant's
-            # moves and suspends for as long as the pooled connection lives
-            await db.execute("SELECT pg_advisory_lock(hashtextextended($1::uuid::text, 7466))", other.tenant_id)
+            if locks == "granted":
+                # a session lock on the *other* tenant's key: it would hold off that tenant's
+                # moves and suspends for as long as the pooled connection lives
+                await db.execute("SELECT pg_advisory_lock(hashtextextended($1::uuid::text, 7466))", other.tenant_id)
             await db.execute("SELECT set_config('work_mem', '7MB', false)")
             await db.execute("SELECT set_config('tf.left', 'behind', false)")
             await db.execute("SET statement_timeout = '123s'")
@@ -213,12 +264,18 @@ async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_go
             if ending == "rollback":
                 await db.execute("SELECT 1/0")
             return await db.fetchval("SELECT pg_backend_pid()")
+        logged: list[str] = []
+        async with tx.connection("shard1") as conn:
+            conn.add_query_logger(lambda q: logged.append(q.query))
         if ending == "rollback":
             with pytest.raises(asyncpg.DivisionByZeroError):
                 await tx.run(mine.tenant_id, leave_state)
             pid = None
         else:
             pid = await tx.run(mine.tenant_id, leave_state)
+        await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon
+        assert logged[-1] == {("commit", "revoked"): COMMIT_SQL, ("commit", "granted"): COMMIT_UNLOCK_SQL}.get(
+            (ending, locks), ROLLBACK_SQL)
 
         async def look(db: Any) -> Any:
             return await db.fetchrow(
