@@ -18,35 +18,22 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from host.metrics import HostMetrics
-from host.runtime import RUNTIME, HostRuntime
-from host.tx import COMMIT_SQL, COMMIT_UNLOCK_SQL, ROLLBACK_SQL, TenantTx, keep_connection
+from host.tx import COMMIT_SQL, COMMIT_UNLOCK_SQL, ROLLBACK_SQL
 from router import schema
-from router.client import ResolveClient
 from router.directory import Directory
 from router.errors import ShardUnreachable
-from router.keys import APP_ROLE, SCHEMA_RE, tenant_role
+from router.keys import APP_ROLE, tenant_role
 from router.models import TenantRecord
 from router.pools import ShardPools, connect
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet, Servers, create_database, drop_database, serve_router
-from tests.hostkit import Host, code, host_settings, running_host
+from tests.hostkit import Host, code, host_settings, qualified, request_path_tx, running_host, runtime
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def host(fleet: Fleet) -> AsyncIterator[Host]:
     async with running_host(host_settings(fleet)) as h:
         yield h
-
-
-def runtime(host: Host) -> HostRuntime:
-    return host.app[RUNTIME]
-
-
-def _qualified(rec: TenantRecord, table: str) -> str:
-    """Test-only SQL naming a tenant's table on purpose (the schema name is the system's own)."""
-    assert SCHEMA_RE.match(rec.schema)
-    return f'"{rec.schema}".{table}'
 
 
 async def _login_of(fleet: Fleet, shard_id: str) -> tuple[str, str]:
@@ -126,7 +113,7 @@ async def test_resetting_the_role_inside_a_tenant_transaction_gets_a_role_that_r
         fleet: Fleet, host: Host, escape: str) -> None:
     mine, other = await _tenants(fleet)
     login, _ = await _login_of(fleet, "shard1")
-    names = {"other": _qualified(other, "items"), "mine": _qualified(mine, "items"),
+    names = {"other": qualified(other, "items"), "mine": qualified(mine, "items"),
              "other_schema": f'"{other.schema}"'}
     for action in ACTIONS:
         async def escaped(db: Any) -> Any:
@@ -138,7 +125,7 @@ async def test_resetting_the_role_inside_a_tenant_transaction_gets_a_role_that_r
         assert caught.value.sqlstate == "42501", action
     owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
     try:
-        assert await owner.fetchval(f"SELECT count(*) FROM {_qualified(other, 'items')}") == 0
+        assert await owner.fetchval(f"SELECT count(*) FROM {qualified(other, 'items')}") == 0
         assert await owner.fetchval("SELECT count(*) FROM pg_class WHERE relname = 'tf_escaped'") == 0
         assert await owner.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
                                     other.tenant_id) == 1  # as create_tenant wrote it
@@ -180,19 +167,11 @@ async def test_set_role_to_another_tenants_role_is_the_one_switch_left_and_reach
         await db.execute("SELECT set_config('role', $1, true)", tenant_role(other.schema))
         return await db.fetchval(then)
     assert await runtime(host).tx.run(
-        mine.tenant_id, lambda db: hop(db, f"SELECT count(*) FROM {_qualified(other, 'items')}")) == 0
+        mine.tenant_id, lambda db: hop(db, f"SELECT count(*) FROM {qualified(other, 'items')}")) == 0
     for then in (f"CREATE TABLE \"{other.schema}\".tf_hop (x int)", f"SELECT count(*) FROM \"{third.schema}\".items",
                  "UPDATE fleet.tenant_fence SET epoch = epoch + 1", "CREATE TABLE public.tf_hop (x int)"):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await runtime(host).tx.run(mine.tenant_id, lambda db, then=then: hop(db, then))
-
-
-async def _single_connection_tx(fleet: Fleet, stack: AsyncExitStack) -> TenantTx:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
-    pools = await stack.enter_async_context(
-        ShardPools(settings, fleet.directory.login_dsn_of, role=APP_ROLE, reset=keep_connection))
-    resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-    return await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
 
 
 @asynccontextmanager
@@ -222,7 +201,7 @@ async def test_a_tenant_transaction_cannot_take_a_session_advisory_lock_and_its_
     assert await _owner_is_superuser(fleet, "shard1")  # the suite's servers: the REVOKE takes effect
     mine, other = await _tenants(fleet)
     async with AsyncExitStack() as stack:
-        tx = await _single_connection_tx(fleet, stack)
+        tx = await request_path_tx(fleet, stack)
         for function in schema.SESSION_LOCK_FUNCTIONS:
             call = function.replace("integer, integer", "7, 7").replace("bigint", "7")  # a constant
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -249,7 +228,7 @@ async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_go
     async with AsyncExitStack() as stack:
         if locks == "granted":  # a shard whose owner could not revoke them: the host releases them
             await stack.enter_async_context(_session_locks_granted(fleet, "shard1"))
-        tx = await _single_connection_tx(fleet, stack)
+        tx = await request_path_tx(fleet, stack)
 
         async def leave_state(db: Any) -> Any:
             if locks == "granted":
@@ -335,7 +314,7 @@ async def test_the_login_password_rotates_on_the_shard_and_in_the_directory_and_
             assert conn.get_server_pid() != first_pid
             assert await conn.fetchval("SELECT current_user") == APP_ROLE
         async with AsyncExitStack() as stack:
-            tx = await _single_connection_tx(fleet, stack)
+            tx = await request_path_tx(fleet, stack)
             assert await tx.run(rec.tenant_id, lambda db: db.fetchval("SELECT current_user")) == tenant_role(rec.schema)
     # preparing again keeps the password
     assert await fleet.directory.prepare_shards() == []
@@ -369,7 +348,7 @@ async def test_a_shard_and_control_plane_of_the_previous_version_get_the_login_r
     assert await directory.prepare_shards() == []
     assert (await _login_of(f, "shard1"))[0] == login
     async with AsyncExitStack() as stack:
-        tx = await _single_connection_tx(f, stack)
+        tx = await request_path_tx(f, stack)
         for rec in tenants:  # every existing tenant's role is reachable from the new login role
             async def who(db: Any) -> Any:
                 return await db.fetchrow("SELECT session_user, current_user")
