@@ -55,12 +55,13 @@ not the owner). PostgreSQL checks ``SET ROLE`` against the session user only, an
 session user (the shard's login role) must be able to switch to every tenant role,
 because one pooled connection serves every tenant of the shard in turn and the fence
 switches with ``set_config('role', ...)``. Nothing narrows that per transaction without
-a catalog write: a SECURITY DEFINER function may not set ``role`` at all (so the switch
-can't be moved behind one while the login role's membership loses its SET option, on
-PostgreSQL 16+ or earlier), no hook sees ``SET`` (event triggers fire for DDL only), and a
-``GRANT``/``REVOKE`` per request would write the catalog and serialise on it. Plugins are
-trusted code that the operator reviews; the narrow context takes values as parameters,
-never as SQL text, which keeps injected SQL out.
+a catalog write: without the SET option (PostgreSQL 16+) the fence can't switch either,
+and the switch can't move into a SECURITY DEFINER function that SQL couldn't repeat,
+because PostgreSQL refuses to set ``role`` inside any SECURITY DEFINER function (both
+pinned by tests/test_login_role.py); no hook sees ``SET`` (event triggers fire for DDL
+only), and a ``GRANT``/``REVOKE`` per request would write the catalog and serialise on it.
+Plugins are trusted code that the operator reviews; the narrow context takes values as
+parameters, never as SQL text, so an injected value can't set a role.
 
 Mixed rollouts and ``InvalidCachedStatementError``: PostgreSQL re-plans a prepared
 statement when search_path changes, and refuses (SQLSTATE 0A000) if the result's row

@@ -174,6 +174,61 @@ async def test_set_role_to_another_tenants_role_is_the_one_switch_left_and_reach
             await runtime(host).tx.run(mine.tenant_id, lambda db, then=then: hop(db, then))
 
 
+async def test_postgresql_has_no_switch_to_a_tenant_role_that_sql_after_it_could_not_make_too(
+        fleet: Fleet, host: Host, servers: Servers) -> None:
+    # Why the hop above stays open (README "Database roles"): the two ways that could keep
+    # the fence's switch from being repeated by SQL after it both fail in PostgreSQL.
+    mine, other = await _tenants(fleet)
+    tag = uuid.uuid4().hex[:10]
+    owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    function = f"public.tf_switch_{tag}"  # test-only DDL: a name of this test's own
+    try:
+        # 1. a SECURITY DEFINER function that switches (its owner may; the caller may not):
+        #    PostgreSQL refuses to set role inside any SECURITY DEFINER function
+        await owner.execute(f"CREATE FUNCTION {function}(r text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER "
+                            "AS $$ BEGIN PERFORM set_config('role', r, true); RETURN current_user; END $$")
+        await owner.execute(f"GRANT EXECUTE ON FUNCTION {function}(text) TO PUBLIC")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="within security-definer function"):
+            await runtime(host).tx.run(mine.tenant_id, lambda db: db.fetchval(f"SELECT {function}($1)",
+                                                                              tenant_role(other.schema)))
+    finally:
+        await owner.execute(f"DROP FUNCTION IF EXISTS {function}(text)")
+        await owner.close()
+    if await _server_version(fleet) < 160000:
+        return  # memberships have no SET option before PostgreSQL 16
+    # 2. a membership that can't SET (PostgreSQL 16+): then no switch works at all, the
+    #    fence's own included; roles of this test's own, on the shard's server
+    admin_dsn = servers.shard_admin_dsns["shard1"]
+    admin = await asyncpg.connect(admin_dsn)
+    login, target, password = f"tf_login_{tag}", f"tf_target_{tag}", uuid.uuid4().hex
+    try:
+        await admin.execute(await admin.fetchval("SELECT format('CREATE ROLE %I LOGIN NOINHERIT PASSWORD %L', "
+                                                 "$1::text, $2::text)", login, password))
+        await admin.execute(f"CREATE ROLE {target} NOLOGIN")
+        await admin.execute(f"GRANT {target} TO {login} WITH INHERIT FALSE, SET FALSE")
+        parts = urlsplit(admin_dsn)
+        netloc = f"{login}:{password}@{parts.hostname}:{parts.port}"
+        conn = await asyncpg.connect(urlunsplit(parts._replace(netloc=netloc)))
+        try:
+            async with conn.transaction():
+                with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied to set role"):
+                    await conn.execute("SELECT set_config('role', $1, true)", target)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {login}")
+        await admin.execute(f"DROP ROLE IF EXISTS {target}")
+        await admin.close()
+
+
+async def _server_version(fleet: Fleet) -> int:
+    owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        return int(await owner.fetchval("SELECT current_setting('server_version_num')"))
+    finally:
+        await owner.close()
+
+
 @asynccontextmanager
 async def _session_locks_granted(fleet: Fleet, shard_id: str) -> AsyncIterator[None]:
     """The shard as a non-superuser owner leaves it: PUBLIC may take session advisory locks
