@@ -27,7 +27,8 @@ Every server is its own single process with a pool of 8, on uvloop when it is in
 bench/results/request_path.json (with ratios). ``--profile`` runs one
 extra host round under pyinstrument and writes bench/results/request_path_profile.txt.
 It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off, and
-as the app role with the per-tenant role switch and without.
+as the app role with the per-tenant role switch and without, and without the session
+clean-up (the variants take turns call by call).
 """
 from __future__ import annotations
 
@@ -211,8 +212,8 @@ def _uncleaned_tx_class() -> Any:
 
 
 async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches: int = 8) -> dict[str, float]:
-    """with_tenant_tx sequentially (one 10-row read), batches alternated, median microseconds
-    per call: as the owner with asyncpg's statement cache on and off; as the app role (the
+    """with_tenant_tx sequentially (one 10-row read), variants taking turns call by call,
+    median microseconds per call: as the owner with asyncpg's statement cache on and off; as the app role (the
     host's way) with the per-tenant role switch and without (the bench-only fence), and
     without the session clean-up (role_switch_on is the host's own way: with it)."""
     from contextlib import AsyncExitStack
@@ -248,13 +249,16 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
         async def read(conn: Any) -> Any:
             return await conn.fetch("SELECT id, sku, qty FROM items ORDER BY id LIMIT 10")
         samples: dict[str, list[float]] = {label: [] for label in txs}
-        for batch in range(batches + 1):
-            for label, tx in txs.items():
+        labels = list(txs)
+        # The variants take turns call by call (the order rotating) and each call is timed
+        # alone, so a neighbour's load falls on all of them alike; the median per variant.
+        for i in range(calls * (batches + 1)):
+            k = i % len(labels)
+            for label in labels[k:] + labels[:k]:
                 started = time.perf_counter()
-                for i in range(calls):
-                    await tx.run(tenant_ids[i % len(tenant_ids)], read)
-                if batch:  # batch 0 warms pools and caches
-                    samples[label].append((time.perf_counter() - started) / calls * 1e6)
+                await txs[label].run(tenant_ids[i % len(tenant_ids)], read)
+                if i >= calls:  # the first calls warm pools and caches
+                    samples[label].append((time.perf_counter() - started) * 1e6)
         out = {label: statistics.median(v) for label, v in samples.items()}
     return out
 
@@ -305,6 +309,9 @@ def main() -> None:
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated, from: host, host_noswitch, host_noclean, bare4, bare3, bare1 (default: all; "
+                        "host is always run). E.g. --targets host,host_noclean --rounds 12 for the clean-up's A/B alone")
     p.add_argument("--host-log-level", default="INFO",
                    help="the host's log level (WARNING drops the access line: shows what it costs)")
     p.add_argument("--serve-host", action="store_true", help=argparse.SUPPRESS)
@@ -367,6 +374,9 @@ def main() -> None:
         targets = {"host": (ports["host"], host_lua), "host_noswitch": (ports["host_noswitch"], host_lua),
                    "host_noclean": (ports["host_noclean"], host_lua),
                    **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua") for n in (4, 3, 1)}}
+        if args.targets != "all":
+            chosen = {"host", *args.targets.split(",")}
+            targets = {n: t for n, t in targets.items() if n in chosen}
         pids = {"host": procs[0].pid, "host_noswitch": procs[1].pid, "host_noclean": procs[2].pid,
                 "bare4": procs[3].pid, "bare3": procs[4].pid, "bare1": procs[5].pid}
         postmaster = asyncio.run(_postmaster_pid(shard_dsn))
@@ -374,9 +384,10 @@ def main() -> None:
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
-            order = list(targets)
-            if r % 2:  # host last every other round: neither side of an A/B always follows the other
-                order = [*order[1:3], order[0], *order[3:]]
+            hosts = [n for n in targets if n.startswith("host")]
+            if r % 2:  # host after its variants every other round: neither side of an A/B always goes first
+                hosts = [*hosts[1:], hosts[0]]
+            order = [*hosts, *(n for n in targets if n not in hosts)]
             for name in order:
                 port, script = targets[name]
                 cpu, pg_cpu = _cpu_s(pids[name]), _postgres_cpu_s(postmaster)
@@ -395,12 +406,18 @@ def main() -> None:
         med = {n: {k: statistics.median(x[k] for x in v)
                    for k in ("rps", "p99_ms", "cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")}
                for n, v in runs.items()}
+        others = [b for b in runs if b != "host"]
         ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
-                  for b in ("host_noswitch", "host_noclean", "bare4", "bare3", "bare1")}
-        for b in ("host_noswitch", "host_noclean"):
-            ratios[f"host/{b}"]["cpu"] = (
-                sum(med["host"][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req"))
-                / sum(med[b][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")))
+                  for b in others}
+        cpu_keys = ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")
+        for b in (b for b in others if b.startswith("host_")):
+            ratios[f"host/{b}"]["cpu"] = sum(med["host"][k] for k in cpu_keys) / sum(med[b][k] for k in cpu_keys)
+            # the same ratios round by round (the two ran seconds apart), then their median:
+            # steadier than a ratio of medians when neighbours' load swings between rounds
+            side_by_side = list(zip(runs["host"], runs[b]))
+            ratios[f"host/{b}"]["rps_paired"] = statistics.median(h["rps"] / v["rps"] for h, v in side_by_side)
+            ratios[f"host/{b}"]["cpu_paired"] = statistics.median(
+                sum(h[k] for k in cpu_keys) / sum(v[k] for k in cpu_keys) for h, v in side_by_side)
         micro = asyncio.run(_tx_micro(info.control_dsn, info.redis_url))
         result: dict[str, Any] = {"medians": med, "ratios": ratios, "rounds": runs, "tx_micro_us": micro,
                                   "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
@@ -410,12 +427,12 @@ def main() -> None:
                   f" {m['cpu_us_per_req']:4.0f} postgres {m['pg_cpu_us_per_req']:4.0f} wrk {m['wrk_cpu_us_per_req']:3.0f}")
         print("ratios (host / yardstick): " + ", ".join(
             f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
-        switch = ratios["host/host_noswitch"]
-        print(f"per-tenant role switch, with/without: {switch['rps']:.3f}x throughput, {switch['p99']:.2f}x p99, "
-              f"{switch['cpu']:.3f}x CPU per request (server + PostgreSQL + wrk)")
-        clean = ratios["host/host_noclean"]
-        print(f"session clean-up, with/without: {clean['rps']:.3f}x throughput, {clean['p99']:.2f}x p99, "
-              f"{clean['cpu']:.3f}x CPU per request (server + PostgreSQL + wrk)")
+        for b, what in (("host_noswitch", "per-tenant role switch"), ("host_noclean", "session clean-up")):
+            if f"host/{b}" in ratios:
+                v = ratios[f"host/{b}"]
+                print(f"{what}, with/without: {v['rps']:.3f}x throughput, {v['p99']:.2f}x p99, {v['cpu']:.3f}x CPU per "
+                      f"request (server + PostgreSQL + wrk); round by round, median: {v['rps_paired']:.3f}x throughput, "
+                      f"{v['cpu_paired']:.3f}x CPU per request")
         print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items())
               + f"; role switch on/off {micro['role_switch_on'] / micro['role_switch_off']:.3f}x"
               + f"; clean-up on/off {micro['role_switch_on'] / micro['cleanup_off']:.3f}x")
