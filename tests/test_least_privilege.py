@@ -24,7 +24,7 @@ from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations.engine import apply_tenant
 from shard_migrations.packages import discover
-from tests.fleetkit import Fleet, Servers, create_database, drop_database
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval
 from tests.hostkit import (Host, auth, code, host_settings, qualified, request_path_tx, running_host, runtime,
                            tenant_with_key)
 
@@ -330,14 +330,6 @@ async def test_a_shard_owned_by_a_non_superuser_creates_joins_and_switches_to_th
         await admin.close()
 
 
-async def _owner_fetchval(fleet: Fleet, shard_id: str, sql: str) -> Any:
-    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
-    try:
-        return await owner.fetchval(sql)
-    finally:
-        await owner.close()
-
-
 @pytest.mark.parametrize("sql", [
     "SELECT count(*) FROM {other}",
     "SELECT sku FROM {other} WHERE qty > 0 LIMIT 1",
@@ -352,7 +344,7 @@ async def test_a_tenant_transaction_gets_permission_denied_on_another_tenants_ta
     async with host.http.post("/api/plugins/inventory/items", json={"sku": "OTHER-1", "qty": 7},
                               headers=auth(other_key, other.code)) as r:
         assert r.status == 201, await r.text()
-    before = await _owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}")
+    before = await owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}")
 
     async def plugin(db: Any) -> Any:
         # the tenant's own tables and public still work in the same transaction ...
@@ -364,7 +356,7 @@ async def test_a_tenant_transaction_gets_permission_denied_on_another_tenants_ta
     with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:  # SQLSTATE 42501
         await runtime(host).tx.run(mine.tenant_id, plugin)
     assert caught.value.sqlstate == "42501"
-    assert await _owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}") \
+    assert await owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}") \
         == before == ["(OTHER-1,7)"]
     # the failed transaction was rolled back whole; the tenant's own table works on
     assert await _as_host(host, mine, "SELECT count(*) FROM items") == 0
@@ -396,7 +388,7 @@ async def test_a_tenant_transaction_writes_events_for_its_own_tenant_only(fleet:
         await runtime(host).tx.run(mine.tenant_id, forge)
     # the tenant's own events are written as before
     assert await _as_host(host, mine, forged, mine.tenant_id) is not None
-    assert await _owner_fetchval(
+    assert await owner_fetchval(
         fleet, "shard1", f"SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = '{uuid.UUID(other.tenant_id)}'") == 0
 
 

@@ -26,7 +26,7 @@ from router.keys import APP_ROLE, tenant_role
 from router.models import TenantRecord
 from router.pools import ShardPools, connect
 from tests.conftest import FleetFactory
-from tests.fleetkit import Fleet, Servers, create_database, drop_database, serve_router
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval, serve_router
 from tests.hostkit import Host, code, host_settings, qualified, request_path_tx, running_host, runtime
 
 
@@ -194,7 +194,7 @@ async def test_postgresql_has_no_switch_to_a_tenant_role_that_sql_after_it_could
     finally:
         await owner.execute(f"DROP FUNCTION IF EXISTS {function}(text)")
         await owner.close()
-    if await _server_version(fleet) < 160000:
+    if int(await owner_fetchval(fleet, "shard1", "SELECT current_setting('server_version_num')")) < 160000:
         return  # memberships have no SET option before PostgreSQL 16
     # 2. a membership that can't SET (PostgreSQL 16+): then no switch works at all, the
     #    fence's own included; roles of this test's own, on the shard's server
@@ -221,14 +221,6 @@ async def test_postgresql_has_no_switch_to_a_tenant_role_that_sql_after_it_could
         await admin.close()
 
 
-async def _server_version(fleet: Fleet) -> int:
-    owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
-    try:
-        return int(await owner.fetchval("SELECT current_setting('server_version_num')"))
-    finally:
-        await owner.close()
-
-
 @asynccontextmanager
 async def _session_locks_granted(fleet: Fleet, shard_id: str) -> AsyncIterator[None]:
     """The shard as a non-superuser owner leaves it: PUBLIC may take session advisory locks
@@ -243,17 +235,10 @@ async def _session_locks_granted(fleet: Fleet, shard_id: str) -> AsyncIterator[N
         await owner.close()
 
 
-async def _owner_is_superuser(fleet: Fleet, shard_id: str) -> bool:
-    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
-    try:
-        return bool(await owner.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
-    finally:
-        await owner.close()
-
-
 async def test_a_tenant_transaction_cannot_take_a_session_advisory_lock_and_its_commit_releases_none(
         fleet: Fleet) -> None:
-    assert await _owner_is_superuser(fleet, "shard1")  # the suite's servers: the REVOKE takes effect
+    # the suite's servers: the shard's owner is a superuser, so the REVOKE takes effect
+    assert await owner_fetchval(fleet, "shard1", "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
     mine, other = await _tenants(fleet)
     async with AsyncExitStack() as stack:
         tx = await request_path_tx(fleet, stack)

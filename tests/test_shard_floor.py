@@ -13,7 +13,7 @@ from host.runtime import RUNTIME
 from router import schema, tables
 from router.errors import SchemaTooNew
 from router.keys import tenant_role
-from tests.fleetkit import Fleet, Servers, create_database, drop_database
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval
 from tests.hostkit import Host, host_settings, running_host, tenant_with_key
 
 LO_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
@@ -28,14 +28,14 @@ async def host(fleet: Fleet) -> AsyncIterator[Host]:
 @pytest.mark.parametrize("sql", ["SELECT lo_create(0)", "SELECT lo_creat(-1)", "SELECT lo_from_bytea(0, 'x')"])
 async def test_a_tenant_transaction_cannot_create_a_large_object(fleet: Fleet, host: Host, sql: str) -> None:
     rec, _ = await tenant_with_key(fleet, host)
-    before = await _owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata")
+    before = await owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata")
 
     async def plugin(db: Any) -> Any:
         return await db.fetchval(sql)
     with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
         await host.app[RUNTIME].tx.run(rec.tenant_id, plugin)
     assert caught.value.sqlstate == "42501"
-    assert await _owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata") == before
+    assert await owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata") == before
 
 
 async def test_a_shard_prepared_before_the_revoke_loses_large_objects_and_records_its_version(fleet: Fleet) -> None:
@@ -110,9 +110,3 @@ async def _can_run_any(conn: asyncpg.Connection, role: str, functions: Sequence[
         "SELECT bool_or(has_function_privilege($1, f, 'EXECUTE')) FROM unnest($2::text[]) f", role, list(functions)))
 
 
-async def _owner_fetchval(fleet: Fleet, shard_id: str, sql: str) -> Any:
-    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
-    try:
-        return await owner.fetchval(sql)
-    finally:
-        await owner.close()
