@@ -16,6 +16,9 @@ tenant per request):
          file on that host's own object, the app role given back its old rights on the
          bench's tenant schemas (this throwaway fleet only); the with/without ratio is
          what the per-tenant role switch costs (the two swap places every other round)
+  host_noclean   the same host ending each transaction with a bare COMMIT, without the
+         session clean-up (a bench-only TenantTx subclass again); host/host_noclean is
+         what the clean-up costs (it swaps places with host every other round too)
   bare4 / bare3 / bare1   bare_tenant_server.py with 4, 3 and 1 round trips
 
 Every server is its own single process with a pool of 8, on uvloop when it is installed
@@ -24,7 +27,8 @@ Every server is its own single process with a pool of 8, on uvloop when it is in
 bench/results/request_path.json (with ratios). ``--profile`` runs one
 extra host round under pyinstrument and writes bench/results/request_path_profile.txt.
 It also times `with_tenant_tx` sequentially with asyncpg's statement cache on and off, and
-as the app role with the per-tenant role switch and without.
+as the app role with the per-tenant role switch and without, and without the session
+clean-up (the variants take turns call by call).
 """
 from __future__ import annotations
 
@@ -194,10 +198,24 @@ def _unswitched_tx_class() -> Any:
     return UnswitchedTenantTx
 
 
+def _uncleaned_tx_class() -> Any:
+    """A TenantTx subclass that ends transactions with a bare COMMIT (bench-only: no session clean-up)."""
+    from asyncpg.pool import PoolConnectionProxy
+
+    from host.tx import TenantTx
+
+    class UncleanedTenantTx(TenantTx):
+        async def _commit_statement(self, conn: PoolConnectionProxy) -> str:
+            return "COMMIT"
+
+    return UncleanedTenantTx
+
+
 async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches: int = 8) -> dict[str, float]:
-    """with_tenant_tx sequentially (one 10-row read), batches alternated, median microseconds
-    per call: as the owner with asyncpg's statement cache on and off; as the app role (the
-    host's way) with the per-tenant role switch and without (the bench-only fence)."""
+    """with_tenant_tx sequentially (one 10-row read), variants taking turns call by call,
+    median microseconds per call: as the owner with asyncpg's statement cache on and off; as the app role (the
+    host's way) with the per-tenant role switch and without (the bench-only fence), and
+    without the session clean-up (role_switch_on is the host's own way: with it)."""
     from contextlib import AsyncExitStack
 
     from host.metrics import HostMetrics
@@ -221,28 +239,34 @@ async def _tx_micro(control_dsn: str, redis_url: str, calls: int = 500, batches:
             pools = await stack.enter_async_context(
                 ShardPools(settings, directory.dsn_of, reset=keep_connection, **extra))
             txs[label] = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
-        for label, cls in (("role_switch_on", TenantTx), ("role_switch_off", _unswitched_tx_class())):
+        # as the host: logged in as the shard's login role, switched to the app role
+        for label, cls in (("role_switch_on", TenantTx), ("role_switch_off", _unswitched_tx_class()),
+                           ("cleanup_off", _uncleaned_tx_class())):
             pools = await stack.enter_async_context(
-                ShardPools(settings, directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+                ShardPools(settings, directory.login_dsn_of, role=APP_ROLE, reset=keep_connection))
             txs[label] = await stack.enter_async_context(cls(settings, resolver, pools, HostMetrics()))
 
         async def read(conn: Any) -> Any:
             return await conn.fetch("SELECT id, sku, qty FROM items ORDER BY id LIMIT 10")
         samples: dict[str, list[float]] = {label: [] for label in txs}
-        for batch in range(batches + 1):
-            for label, tx in txs.items():
+        labels = list(txs)
+        # The variants take turns call by call (the order rotating) and each call is timed
+        # alone, so a neighbour's load falls on all of them alike; the median per variant.
+        for i in range(calls * (batches + 1)):
+            k = i % len(labels)
+            for label in labels[k:] + labels[:k]:
                 started = time.perf_counter()
-                for i in range(calls):
-                    await tx.run(tenant_ids[i % len(tenant_ids)], read)
-                if batch:  # batch 0 warms pools and caches
-                    samples[label].append((time.perf_counter() - started) / calls * 1e6)
+                await txs[label].run(tenant_ids[i % len(tenant_ids)], read)
+                if i >= calls:  # the first calls warm pools and caches
+                    samples[label].append((time.perf_counter() - started) * 1e6)
         out = {label: statistics.median(v) for label, v in samples.items()}
     return out
 
 
 def _serve_host(args: argparse.Namespace) -> None:
     """Child process: run the host (optionally under pyinstrument) until SIGTERM; with
-    ``--unswitched``, with the fence of before tenant roles (bench-only, on its own object)."""
+    ``--unswitched``, with the fence of before tenant roles, with ``--uncleaned`` without the
+    session clean-up (bench-only, on its own object)."""
     from host.app import run, serving
     from host.logs import json_logging
     from host.runtime import RUNTIME
@@ -260,17 +284,19 @@ def _serve_host(args: argparse.Namespace) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         async with serving(settings) as (app, _):
             rt = app[RUNTIME]
-            if args.unswitched:
-                plain, rt.tx = rt.tx, _unswitched_tx_class()(rt.settings, rt.resolver, rt.shard_pools, rt.metrics)
+            variant = _unswitched_tx_class() if args.unswitched else _uncleaned_tx_class() if args.uncleaned else None
+            if variant is not None:
+                plain, rt.tx = rt.tx, variant(rt.settings, rt.resolver, rt.shard_pools, rt.metrics)
                 await plain.close()
             try:
                 if profiler is not None:
                     profiler.start()
                 await stop.wait()
             finally:
-                if args.unswitched:
+                if variant is not None:
                     await rt.tx.close()  # before the pools close
-    with open(RESULTS / f"host{'_noswitch' if args.unswitched else ''}.log", "w") as log_file, \
+    name = "host_noswitch" if args.unswitched else "host_noclean" if args.uncleaned else "host"
+    with open(RESULTS / f"{name}.log", "w") as log_file, \
             json_logging(args.host_log_level, log_file):
         run(main())  # on uvloop when installed, as `tenantfleet serve` (the yardstick does the same)
     if profiler is not None:
@@ -283,6 +309,9 @@ def main() -> None:
     p.add_argument("--duration", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated, from: host, host_noswitch, host_noclean, bare4, bare3, bare1 (default: all; "
+                        "host is always run). E.g. --targets host,host_noclean --rounds 12 for the clean-up's A/B alone")
     p.add_argument("--host-log-level", default="INFO",
                    help="the host's log level (WARNING drops the access line: shows what it costs)")
     p.add_argument("--serve-host", action="store_true", help=argparse.SUPPRESS)
@@ -291,6 +320,7 @@ def main() -> None:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
     p.add_argument("--unswitched", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--uncleaned", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.serve_host:
@@ -316,39 +346,48 @@ def main() -> None:
             "request = function()\n  local t = tenants[math.random(1, #tenants)]\n"
             '  return wrk.format("GET", "/api/plugins/inventory/items?limit=10", '
             '{["X-Tenant"] = t[1], ["Authorization"] = "Bearer " .. t[2]})\nend\n')
-        ports = {name: free_port() for name in ("host", "host_noswitch", "bare4", "bare3", "bare1")}
+        ports = {name: free_port() for name in ("host", "host_noswitch", "host_noclean", "bare4", "bare3", "bare1")}
 
-        def start_host(profile_out: str | None = None, unswitched: bool = False) -> subprocess.Popen[bytes]:
-            name = "host_noswitch" if unswitched else "host"
+        def start_host(profile_out: str | None = None, unswitched: bool = False,
+                       uncleaned: bool = False) -> subprocess.Popen[bytes]:
+            name = "host_noswitch" if unswitched else "host_noclean" if uncleaned else "host"
             cmd = [PY, __file__, "--serve-host", "--control-dsn", info.control_dsn, "--redis-url", info.redis_url,
                    "--port", str(ports[name]), "--host-log-level", args.host_log_level]
             if profile_out:
                 cmd += ["--profile-out", profile_out]
             if unswitched:
                 cmd += ["--unswitched"]
+            if uncleaned:
+                cmd += ["--uncleaned"]
             proc = subprocess.Popen(cmd, cwd=ROOT)
             _wait_port(ports[name])
             return proc
 
         procs.append(start_host())
         procs.append(start_host(unswitched=True))
+        procs.append(start_host(uncleaned=True))
         for rt in (4, 3, 1):
             procs.append(subprocess.Popen([PY, str(SHARED / "bare_tenant_server.py"), "--dsn", shard_dsn,
                                            "--roundtrips", str(rt), "--port", str(ports[f"bare{rt}"]),
                                            "--pool-size", "8"], stdout=subprocess.DEVNULL))
             _wait_port(ports[f"bare{rt}"])
         targets = {"host": (ports["host"], host_lua), "host_noswitch": (ports["host_noswitch"], host_lua),
+                   "host_noclean": (ports["host_noclean"], host_lua),
                    **{f"bare{n}": (ports[f"bare{n}"], SHARED / "random_tenant.lua") for n in (4, 3, 1)}}
-        pids = {"host": procs[0].pid, "host_noswitch": procs[1].pid, "bare4": procs[2].pid, "bare3": procs[3].pid,
-                "bare1": procs[4].pid}
+        if args.targets != "all":
+            chosen = {"host", *args.targets.split(",")}
+            targets = {n: t for n, t in targets.items() if n in chosen}
+        pids = {"host": procs[0].pid, "host_noswitch": procs[1].pid, "host_noclean": procs[2].pid,
+                "bare4": procs[3].pid, "bare3": procs[4].pid, "bare1": procs[5].pid}
         postmaster = asyncio.run(_postmaster_pid(shard_dsn))
         for name, (port, script) in targets.items():  # warm-up: pools, caches, prepared statements
             _wrk(f"http://127.0.0.1:{port}", script, 2)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for r in range(args.rounds):
-            order = list(targets)
-            if r % 2:  # host_noswitch first every other round: neither side always follows the other
-                order[0], order[1] = order[1], order[0]
+            hosts = [n for n in targets if n.startswith("host")]
+            if r % 2:  # host after its variants every other round: neither side of an A/B always goes first
+                hosts = [*hosts[1:], hosts[0]]
+            order = [*hosts, *(n for n in targets if n not in hosts)]
             for name in order:
                 port, script = targets[name]
                 cpu, pg_cpu = _cpu_s(pids[name]), _postgres_cpu_s(postmaster)
@@ -367,11 +406,18 @@ def main() -> None:
         med = {n: {k: statistics.median(x[k] for x in v)
                    for k in ("rps", "p99_ms", "cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")}
                for n, v in runs.items()}
+        others = [b for b in runs if b != "host"]
         ratios = {f"host/{b}": {"rps": med["host"]["rps"] / med[b]["rps"], "p99": med["host"]["p99_ms"] / med[b]["p99_ms"]}
-                  for b in ("host_noswitch", "bare4", "bare3", "bare1")}
-        ratios["host/host_noswitch"]["cpu"] = (
-            sum(med["host"][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req"))
-            / sum(med["host_noswitch"][k] for k in ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")))
+                  for b in others}
+        cpu_keys = ("cpu_us_per_req", "pg_cpu_us_per_req", "wrk_cpu_us_per_req")
+        for b in (b for b in others if b.startswith("host_")):
+            ratios[f"host/{b}"]["cpu"] = sum(med["host"][k] for k in cpu_keys) / sum(med[b][k] for k in cpu_keys)
+            # the same ratios round by round (the two ran seconds apart), then their median:
+            # steadier than a ratio of medians when neighbours' load swings between rounds
+            side_by_side = list(zip(runs["host"], runs[b]))
+            ratios[f"host/{b}"]["rps_paired"] = statistics.median(h["rps"] / v["rps"] for h, v in side_by_side)
+            ratios[f"host/{b}"]["cpu_paired"] = statistics.median(
+                sum(h[k] for k in cpu_keys) / sum(v[k] for k in cpu_keys) for h, v in side_by_side)
         micro = asyncio.run(_tx_micro(info.control_dsn, info.redis_url))
         result: dict[str, Any] = {"medians": med, "ratios": ratios, "rounds": runs, "tx_micro_us": micro,
                                   "duration_s": args.duration, "wrk": "-t1 -c32", "tenants": TENANTS}
@@ -381,11 +427,15 @@ def main() -> None:
                   f" {m['cpu_us_per_req']:4.0f} postgres {m['pg_cpu_us_per_req']:4.0f} wrk {m['wrk_cpu_us_per_req']:3.0f}")
         print("ratios (host / yardstick): " + ", ".join(
             f"{k}: {v['rps']:.2f}x throughput, {v['p99']:.2f}x p99" for k, v in ratios.items()))
-        switch = ratios["host/host_noswitch"]
-        print(f"per-tenant role switch, with/without: {switch['rps']:.3f}x throughput, {switch['p99']:.2f}x p99, "
-              f"{switch['cpu']:.3f}x CPU per request (server + PostgreSQL + wrk)")
+        for b, what in (("host_noswitch", "per-tenant role switch"), ("host_noclean", "session clean-up")):
+            if f"host/{b}" in ratios:
+                v = ratios[f"host/{b}"]
+                print(f"{what}, with/without: {v['rps']:.3f}x throughput, {v['p99']:.2f}x p99, {v['cpu']:.3f}x CPU per "
+                      f"request (server + PostgreSQL + wrk); round by round, median: {v['rps_paired']:.3f}x throughput, "
+                      f"{v['cpu_paired']:.3f}x CPU per request")
         print("with_tenant_tx sequential, us/call: " + ", ".join(f"{k} {v:.0f}" for k, v in micro.items())
-              + f"; role switch on/off {micro['role_switch_on'] / micro['role_switch_off']:.3f}x")
+              + f"; role switch on/off {micro['role_switch_on'] / micro['role_switch_off']:.3f}x"
+              + f"; clean-up on/off {micro['role_switch_on'] / micro['cleanup_off']:.3f}x")
         if args.profile:
             procs[0].send_signal(signal.SIGTERM)
             procs[0].wait(30)

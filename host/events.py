@@ -95,12 +95,14 @@ class EventBus:
     ``redis`` serves the pushes (short timeouts), ``queue_redis`` the blocking pops;
     ``shard_of`` names a tenant's shard (the resolve cache); ``control`` holds the fleet's
     event subscriptions (`host.subscriptions`; without it this host is the whole fleet);
-    ``lease_s`` is the outbox lease the relays claim with (what a backlog is measured against).
+    ``lease_s`` is the outbox lease the relays claim with (what a backlog is measured against);
+    ``gate`` decides per plugin and tenant whether a handler runs (without one, every handler runs).
     """
 
     def __init__(self, redis: aioredis.Redis, queue_redis: aioredis.Redis, namespace: str, tasks: TaskOwner,
                  metrics: HostMetrics, store: OutboxStore, shard_of: ShardOf, *,
-                 control: asyncpg.Pool | None = None, lease_s: float = OUTBOX_LEASE_S) -> None:
+                 control: asyncpg.Pool | None = None, lease_s: float = OUTBOX_LEASE_S,
+                 gate: EventGate | None = None) -> None:
         self.redis = redis
         self._queue_redis = queue_redis
         self._ns = namespace
@@ -111,7 +113,7 @@ class EventBus:
         self._shard_of = shard_of
         self.lease_s = lease_s
         self.handlers: dict[str, list[tuple[str, EventHandler]]] = {}
-        self.gate: EventGate | None = None  # without one, every handler runs
+        self.gate = gate
         self.subscriptions = Subscriptions(control, self.own)
         self._slots = asyncio.Semaphore(EVENTS_IN_FLIGHT)
         self._redis_down_until = 0.0

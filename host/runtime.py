@@ -153,11 +153,6 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def shard_of(tenant_id: str) -> str:
             return (await resolver.resolve(id=tenant_id)).shard_id
 
-        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of,
-                          control=control)
-        for plugin_id, name, handler in event_handlers:
-            events.on(plugin_id, name, handler)
-
         async def event_gate(plugin_id: str, tenant_id: str) -> bool | None:
             """A plugin's handlers run for the tenants that have it enabled; a disabled plugin
             has nothing to do (the event is settled for it), a switched-off one gets the
@@ -171,7 +166,11 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
             except PluginDisabled:
                 return False
             return True
-        events.gate = event_gate
+
+        events = EventBus(redis, queue_redis, settings.redis_namespace, tasks, metrics, store, shard_of,
+                          control=control, gate=event_gate)
+        for plugin_id, name, handler in event_handlers:
+            events.on(plugin_id, name, handler)
 
         async def on_registry() -> None:
             auth.clear()

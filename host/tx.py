@@ -27,17 +27,42 @@ connection lost under a transaction (terminated backend, closed socket) is answe
 SHARD_UNREACHABLE, whichever asyncpg error surfaced, and replaced for the next one.
 
 Session state left by SQL inside a transaction (a session-level ``SET`` or
-``set_config(..., false)``, a session advisory lock such as another tenant's
-``fleet.tenant_lock_key``, which would hold off that tenant's moves for as long as the
-connection lives, a ``WITH HOLD`` cursor, a ``LISTEN``) is undone in the round trip that
-ends the transaction: ``COMMIT`` (or ``ROLLBACK``) is sent as one simple query with
-``RESET ALL; SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *`` after it
-(`COMMIT_SQL`). PostgreSQL runs the statements after an explicit COMMIT in an implicit
-transaction of their own, and skips them if the COMMIT fails; that path rolls back with
-the same clean-up. ``RESET ALL`` leaves ``role`` alone (PostgreSQL marks it
-GUC_NO_RESET_ALL): a role left at session level is caught by the next fence (`_WrongRole`).
-So the pools skip asyncpg's own reset query on release, a round trip that would clean
-nothing more; asyncpg still rolls back a transaction left open.
+``set_config(..., false)``, a ``WITH HOLD`` cursor, a ``LISTEN``, a session advisory lock
+such as one on another tenant's ``fleet.tenant_lock_key``, which would hold off that
+tenant's moves for as long as the connection lives) must not outlive it on a pooled
+connection. Session advisory locks can't be taken at all where the shard's owner could
+revoke EXECUTE on PostgreSQL's session-level lock functions from PUBLIC (a superuser
+owner: `router.schema`'s hardening; the transaction-level ones stay, the fence uses
+them), so there is nothing to release. The rest is undone in the round trip that ends the
+transaction: ``COMMIT`` is sent as one simple query with ``RESET ALL; CLOSE ALL; UNLISTEN
+*`` after it (`COMMIT_SQL`), and, on a shard where tenant roles can still take session
+locks (a non-superuser owner couldn't revoke), ``SELECT pg_advisory_unlock_all()`` too
+(`COMMIT_UNLOCK_SQL`). Which one a shard needs is asked once per pool (`SESSION_LOCKS_SQL`,
+when the host first uses the shard or reopens its pool). Why not always the unlock: that
+``SELECT`` alone was ~30 us of PostgreSQL CPU per transaction, the three utility
+statements together ~10 (bench/session_cleanup.py), against a request's ~450 us of CPU.
+PostgreSQL runs the statements after an explicit COMMIT in an implicit transaction of
+their own, and skips them if the COMMIT fails; that path, and every rollback, ends with
+`ROLLBACK_SQL`: the same clean-up with the unlock, whatever the shard (errors are rare).
+``RESET ALL`` leaves ``role`` alone (PostgreSQL marks it GUC_NO_RESET_ALL): a role left at
+session level is caught by the next fence (`_WrongRole`). So the pools skip asyncpg's own
+reset query on release, a round trip that would clean nothing more; asyncpg still rolls
+back a transaction left open.
+
+What this does not close (PostgreSQL's limit, README "Database roles"): SQL inside a
+tenant transaction can ``SET ROLE`` to *another tenant's* role on the same shard, and so
+read and write that tenant's rows (nothing more: no DDL, no third tenant, not the fence,
+not the owner). PostgreSQL checks ``SET ROLE`` against the session user only, and the
+session user (the shard's login role) must be able to switch to every tenant role,
+because one pooled connection serves every tenant of the shard in turn and the fence
+switches with ``set_config('role', ...)``. Nothing narrows that per transaction without
+a catalog write: without the SET option (PostgreSQL 16+) the fence can't switch either,
+and the switch can't move into a SECURITY DEFINER function that SQL couldn't repeat,
+because PostgreSQL refuses to set ``role`` inside any SECURITY DEFINER function (both
+pinned by tests/test_login_role.py); no hook sees ``SET`` (event triggers fire for DDL
+only), and a ``GRANT``/``REVOKE`` per request would write the catalog and serialise on it.
+Plugins are trusted code that the operator reviews; the narrow context takes values as
+parameters, never as SQL text, so an injected value can't set a role.
 
 Mixed rollouts and ``InvalidCachedStatementError``: PostgreSQL re-plans a prepared
 statement when search_path changes, and refuses (SQLSTATE 0A000) if the result's row
@@ -82,9 +107,20 @@ TxFn = Callable[[Db], Awaitable[T]]
 # What ends every tenant transaction, in the same round trip as its COMMIT or ROLLBACK
 # (one simple query; see the module docstring): undo what SQL inside it may have left at
 # session level for the next transaction on the connection (another tenant's).
-_CLEAN_SESSION = "; RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *"
-COMMIT_SQL = "COMMIT" + _CLEAN_SESSION
-ROLLBACK_SQL = "ROLLBACK" + _CLEAN_SESSION
+_CLEAN_SESSION = "; RESET ALL; CLOSE ALL; UNLISTEN *"
+_UNLOCK = "; SELECT pg_catalog.pg_advisory_unlock_all()"
+COMMIT_SQL = "COMMIT" + _CLEAN_SESSION                  # where tenant roles can't take session locks
+COMMIT_UNLOCK_SQL = COMMIT_SQL + _UNLOCK                # where they can
+ROLLBACK_SQL = "ROLLBACK" + _CLEAN_SESSION + _UNLOCK    # every rollback: rare, so always everything
+# Whether the request path's roles may take session-level advisory locks on this shard:
+# the login role (after a RESET ROLE), the app role, and the tenant roles' group (each
+# tenant role holds only what PUBLIC and the group hold). PostgreSQL's session-level
+# lockers are exactly these four names (two signatures each).
+SESSION_LOCKS_SQL = (
+    "SELECT pg_catalog.bool_or(pg_catalog.has_function_privilege(r.name, p.oid, 'EXECUTE')) "
+    "FROM pg_catalog.pg_proc p, (VALUES (session_user), (current_user), (fleet.tenant_group_role())) r(name) "
+    "WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace AND p.proname IN "
+    "('pg_advisory_lock', 'pg_advisory_lock_shared', 'pg_try_advisory_lock', 'pg_try_advisory_lock_shared')")
 
 CACHED_STATEMENT_RETRIES = 1
 WRONG_ROLE_RETRIES = 1  # a fresh connection runs as the app role: one retry is enough
@@ -163,6 +199,7 @@ class TenantTx:
         self._metrics = metrics
         self._leased: dict[str, Leases] = {}
         self._used: dict[str, float] = {}   # shard id -> when a tenant transaction last started there
+        self._commit: dict[str, str] = {}  # per shard: COMMIT_SQL or COMMIT_UNLOCK_SQL (`_commit_statement`)
         self._closed = False
 
     async def __aenter__(self) -> "TenantTx":
@@ -254,6 +291,7 @@ class TenantTx:
         if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
             stale, leases = leases, Leases(pool)
             self._leased[shard_id] = leases
+            self._commit.pop(shard_id, None)  # asked again on the (re)opened pool's first transaction
             if stale is not None:
                 await stale.close()
         return leases
@@ -314,15 +352,25 @@ class TenantTx:
         its own to measure what the switch costs; nothing else does.)"""
         return enter_sql(rec, self._settings.fence_wait_ms)
 
+    async def _commit_statement(self, conn: PoolConnectionProxy) -> str:
+        """What ends a transaction on ``conn``'s shard: `COMMIT_UNLOCK_SQL` where the request
+        path's roles can take session advisory locks, else `COMMIT_SQL` (one query, outside
+        any transaction; asked once per pool). (bench/request_path.py replaces it in a
+        subclass of its own to measure what the clean-up costs; nothing else does.)"""
+        return COMMIT_UNLOCK_SQL if await conn.fetchval(SESSION_LOCKS_SQL) else COMMIT_SQL
+
     async def _attempt(self, leases: Leases, rec: TenantRecord, fn: TxFn[T]) -> T:
         conn = await _take(leases, rec.shard_id)
         db = TenantDb(conn)
         fencing = True
         try:
+            commit = self._commit.get(rec.shard_id)
+            if commit is None:
+                commit = self._commit[rec.shard_id] = await self._commit_statement(conn)
             await conn.execute(self._enter_statement(rec))
             fencing = False
             result = await fn(db)
-            await conn.execute(COMMIT_SQL)
+            await conn.execute(commit)
             return result
         except BaseException as exc:
             lost = is_gone(conn)  # before the rollback, which terminates what it can't roll back

@@ -37,6 +37,13 @@ FROM (SELECT nspname FROM pg_catalog.pg_namespace n
       LIMIT $1) n
 """
 
+# PostgreSQL's session-level advisory lock functions (the transaction-level ones are
+# pg_advisory_xact_lock* and pg_try_advisory_xact_lock*): revoked from PUBLIC below.
+SESSION_LOCK_FUNCTIONS = tuple(
+    f"pg_catalog.{name}({args})"
+    for name in ("pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared")
+    for args in ("bigint", "integer, integer"))
+
 _SHARD_HARDENING = [
     # CVE-2018-1058: only the owner may create objects in public (PostgreSQL < 15 lets PUBLIC).
     "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
@@ -54,6 +61,15 @@ _SHARD_HARDENING = [
     # non-superuser owner's REVOKE is a warning that changes nothing (README, Status).
     "REVOKE EXECUTE ON FUNCTION pg_catalog.lo_create(oid), pg_catalog.lo_creat(integer), "
     "pg_catalog.lo_from_bytea(oid, bytea) FROM PUBLIC",
+    # Session-level advisory locks outlive the transaction that took them: one held by a
+    # pooled connection (say on another tenant's fleet.tenant_lock_key) would hold off that
+    # tenant's moves. No role of the request path needs them (the fence uses the
+    # transaction-level ones, which stay PUBLIC's; the migrator and movers run as the
+    # owner). Revoked,
+    # the host ends each transaction without releasing them (host/tx.py: a SELECT less,
+    # ~30 us of the server's CPU per transaction). Same limit as above: only a superuser
+    # owner's REVOKE takes effect; elsewhere the host sees that and keeps releasing them.
+    f"REVOKE EXECUTE ON FUNCTION {', '.join(SESSION_LOCK_FUNCTIONS)} FROM PUBLIC",
 ]
 # Where each component records the tenantfleet schema version that set it up.
 _VERSION_TABLE = {"control": "tenantfleet_schema", "shard": "fleet.tenantfleet_schema"}

@@ -341,6 +341,7 @@ DECLARE
   v_role name;
   r pg_catalog.pg_roles%ROWTYPE;
   v_list text;
+  v_rights text;
   v_login name := fleet.login_role();
   v_pg16 boolean := pg_catalog.current_setting('server_version_num')::int >= 160000;
   v_switch name[] := '{}';
@@ -404,19 +405,16 @@ BEGIN
     END;
   END IF;
   IF with_existing THEN
-    FOR v_role, v_list IN
-      SELECT fleet.tenant_role(n.nspname), string_agg(format('%I.%I', n.nspname, c.relname), ', ')
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = ANY (names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f') GROUP BY n.nspname
+    -- one GRANT per schema for its tables (and views, ...), one for its sequences
+    FOR v_role, v_list, v_rights IN
+      SELECT fleet.tenant_role(x.nspname), string_agg(format('%I.%I', x.nspname, x.relname), ', '),
+             CASE WHEN x.seq THEN 'USAGE, SELECT ON SEQUENCE' ELSE 'SELECT, INSERT, UPDATE, DELETE ON TABLE' END
+      FROM (SELECT n.nspname, c.relname, c.relkind = 'S' AS seq
+            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = ANY (names) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')) x
+      GROUP BY x.nspname, x.seq
     LOOP
-      EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE %s TO %I', v_list, v_role);
-    END LOOP;
-    FOR v_role, v_list IN
-      SELECT fleet.tenant_role(n.nspname), string_agg(format('%I.%I', n.nspname, c.relname), ', ')
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE n.nspname = ANY (names) AND c.relkind = 'S' GROUP BY n.nspname
-    LOOP
-      EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO %I', v_list, v_role);
+      EXECUTE format('GRANT %s %s TO %I', v_rights, v_list, v_role);
     END LOOP;
   END IF;
   RETURN pg_catalog.cardinality(names);

@@ -165,3 +165,11 @@ async def serve_router(settings: Settings, stack: AsyncExitStack) -> str:
     app = await open_service(settings, stack)
     return f"http://127.0.0.1:{await listen(app, stack, '127.0.0.1', 0)}"
 
+
+async def owner_fetchval(fleet: Fleet, shard_id: str, sql: str, *args: Any) -> Any:
+    """One value read on a shard as its owner (the shard DSN), on a connection of its own."""
+    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
+    try:
+        return await owner.fetchval(sql, *args)
+    finally:
+        await owner.close()

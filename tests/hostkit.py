@@ -1,20 +1,29 @@
-"""Host test plumbing: a running host on 127.0.0.1:0, an HTTP session, tenant provisioning."""
+"""Host test plumbing: a running host on 127.0.0.1:0, an HTTP session, tenant provisioning,
+raw HTTP exchanges (bytes no client library re-encodes)."""
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 import textwrap
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from host.app import serving
+from host.metrics import HostMetrics
+from host.runtime import RUNTIME, HostRuntime
+from host.tx import TenantTx, keep_connection
+from router.client import ResolveClient
+from router.keys import APP_ROLE, SCHEMA_RE
 from router.models import TenantRecord
+from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations.packages import Discovery, discover, load_package
 from tests.fleetkit import Fleet
@@ -97,3 +106,50 @@ def discovery_with(*packages: Any) -> Discovery:
     for pkg in packages:
         d.plugins[pkg.id] = pkg
     return d
+
+
+def raw_request(method: str, path: str, *headers: bytes | str) -> bytes:
+    """An HTTP/1.1 request head (``Connection: close``, no body) with ``headers`` as given."""
+    lines = b"".join((h if isinstance(h, bytes) else h.encode()) + b"\r\n" for h in headers)
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode() + lines + b"\r\n"
+
+
+async def exchange(url: str, request: bytes, *, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` bytes as they are (Connection: close); status, headers (lower-case
+    names), and every byte after the head."""
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest
+
+
+def runtime(host: Host) -> HostRuntime:
+    return host.app[RUNTIME]
+
+
+def qualified(rec: TenantRecord, table: str) -> str:
+    """``"t_<hex>".<table>``: test-only SQL naming a tenant's table on purpose; the schema
+    name is the system's own (checked), the table a constant of the test."""
+    assert SCHEMA_RE.match(rec.schema)
+    return f'"{rec.schema}".{table}'
+
+
+async def request_path_tx(fleet: Fleet, stack: AsyncExitStack, *, owner: bool = False,
+                          settings: Settings | None = None) -> TenantTx:
+    """A `TenantTx` of the test's own, built as the host builds its own: connections switched
+    once to the app role, no reset between transactions, logged in as the shard's login role
+    (with ``owner``, as the shard's owner instead). One connection per shard unless
+    ``settings`` say otherwise. Closed with ``stack``."""
+    settings = settings or fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
+    dsn_of = fleet.directory.dsn_of if owner else fleet.directory.login_dsn_of
+    pools = await stack.enter_async_context(ShardPools(settings, dsn_of, role=APP_ROLE, reset=keep_connection))
+    resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+    return await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))

@@ -22,7 +22,8 @@ from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, effective_settings, fl
 from router.settings import Settings
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet, serve_router
-from tests.hostkit import ADMIN_KEY, Host, auth, code, host_settings, running_host, tenant_with_key
+from tests.hostkit import (ADMIN_KEY, Host, auth, code, exchange, host_settings, raw_request, running_host,
+                           tenant_with_key)
 
 ROUTER_ADMIN = "edge-admin-key"
 ROUTER_READ = "edge-read-key"
@@ -58,23 +59,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def raw(url: str, request: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
     """Send ``request`` bytes as they are (no client library re-encoding); status, headers, JSON body."""
-    u = urlsplit(url)
-    reader, writer = await asyncio.open_connection(u.hostname, u.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(lines[0].split()[1]), headers, orjson.loads(body)
+    status, headers, body = await exchange(url, request, timeout=10)
+    return status, headers, orjson.loads(body)
 
 
 def get(path: str, *headers: bytes) -> bytes:
-    return b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
-        h + b"\r\n" for h in headers) + b"\r\n"
+    return raw_request("GET", path, *headers)
 
 
 # --- keys ---------------------------------------------------------------------------------------

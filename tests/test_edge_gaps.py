@@ -21,7 +21,7 @@ from router.errors import ConfigInvalid
 from router.runtime import ADMIN_KEY_FILE, READ_KEY_FILE, effective_settings, fleet_key
 from router.settings import Settings
 from tests.fleetkit import Fleet
-from tests.hostkit import ADMIN_KEY, Host, auth, code, tenant_with_key
+from tests.hostkit import ADMIN_KEY, Host, auth, code, exchange, raw_request, tenant_with_key
 from tests.test_edge import RADMIN, ROUTER_ADMIN, host, http, router  # noqa: F401  (module fixtures: one router, one host)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,40 +82,19 @@ async def test_a_tenant_key_naming_another_tenant_gets_the_same_403_whether_it_e
 
 # --- HEAD on plugin routes ----------------------------------------------------------------------
 
-async def _exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """``request`` as raw bytes (Connection: close); status, headers, and every byte after the head."""
-    u = urlsplit(url)
-    reader, writer = await asyncio.open_connection(u.hostname, u.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 30)
-    finally:
-        writer.close()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(lines[0].split()[1]), headers, rest
-
-
-def _request(method: str, path: str, *headers: str) -> bytes:
-    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + "".join(h + "\r\n" for h in headers)
-            + "\r\n").encode()
-
-
 async def test_head_on_a_plugin_get_route_answers_like_get_without_a_body(host: Host, fleet: Fleet) -> None:
     rec, key = await tenant_with_key(fleet, host)
     async with host.http.post("/api/plugins/inventory/items", json={"sku": "head-1", "qty": 2},
                               headers=auth(key, rec.code)) as r:
         assert r.status == 201
     who = (f"Authorization: Bearer {key}", f"X-Tenant: {rec.code}")
-    status, headers, body = await _exchange(host.url, _request("GET", "/api/plugins/inventory/items", *who))
+    status, headers, body = await exchange(host.url, raw_request("GET", "/api/plugins/inventory/items", *who))
     assert status == 200 and b"head-1" in body
-    h_status, h_headers, h_body = await _exchange(host.url, _request("HEAD", "/api/plugins/inventory/items", *who))
+    h_status, h_headers, h_body = await exchange(host.url, raw_request("HEAD", "/api/plugins/inventory/items", *who))
     assert (h_status, h_body) == (200, b"")
     assert h_headers["content-type"] == headers["content-type"] and "x-request-id" in h_headers
     # the gate runs for HEAD as for GET: no key, no answer but 401 (and still no body)
-    status, headers, body = await _exchange(host.url, _request("HEAD", "/api/plugins/inventory/items",
+    status, headers, body = await exchange(host.url, raw_request("HEAD", "/api/plugins/inventory/items",
                                                                f"X-Tenant: {rec.code}"))
     assert (status, body) == (401, b"") and headers["www-authenticate"].startswith("Bearer")
     # a method the route doesn't serve: 405 whose Allow names HEAD with GET
@@ -186,7 +165,7 @@ async def test_json_and_plus_json_media_types_and_none_at_all_are_read(
     c = code()
     # a body without Content-Type: aiohttp's client would add one for bytes, so over a raw socket
     body = orjson.dumps({"code": c})
-    status, _, rest = await _exchange(router, (
+    status, _, rest = await exchange(router, (
         f"POST /v1/tenants HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
         + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body)
     assert status == 201, rest
@@ -214,7 +193,7 @@ async def test_what_the_http_parser_refuses_gets_the_envelope_and_an_info_line_w
     for url in (router, host.url):
         caplog.clear()
         with caplog.at_level(logging.DEBUG):
-            status, headers, rest = await _exchange(url, MALFORMED[case])
+            status, headers, rest = await exchange(url, MALFORMED[case])
         err = orjson.loads(rest)["error"]
         assert (status, err["code"]) == (400, "BAD_REQUEST"), (url, err)
         assert headers["content-type"].startswith("application/json") and headers["x-request-id"] == err["requestId"]

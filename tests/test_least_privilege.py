@@ -16,30 +16,23 @@ import pytest
 import pytest_asyncio
 import semver
 
-from host.metrics import HostMetrics
-from host.runtime import RUNTIME, HostRuntime
-from host.tx import TenantTx, keep_connection
 from router import schema
-from router.client import ResolveClient
 from router.errors import ShardUnreachable
-from router.keys import APP_ROLE, SCHEMA_RE, tenant_group_role, tenant_role
+from router.keys import APP_ROLE, tenant_group_role, tenant_role
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations.engine import apply_tenant
 from shard_migrations.packages import discover
-from tests.fleetkit import Fleet, Servers, create_database, drop_database
-from tests.hostkit import Host, auth, code, host_settings, running_host, tenant_with_key
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval
+from tests.hostkit import (Host, auth, code, host_settings, qualified, request_path_tx, running_host, runtime,
+                           tenant_with_key)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def host(fleet: Fleet) -> AsyncIterator[Host]:
     async with running_host(host_settings(fleet)) as h:
         yield h
-
-
-def runtime(host: Host) -> HostRuntime:
-    return host.app[RUNTIME]
 
 
 async def _as_host(host: Host, rec: TenantRecord, sql: str, *args: Any) -> Any:
@@ -123,13 +116,9 @@ async def test_the_host_request_role_does_the_inventory_dml_and_reads_public_tab
 
 
 async def test_the_app_role_is_set_once_per_connection_and_the_tenant_role_by_the_fence_itself(fleet: Fleet) -> None:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
     rec = await fleet.directory.create_tenant(code(), shard_id="shard1")
     async with AsyncExitStack() as stack:
-        pools = await stack.enter_async_context(
-            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
-        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+        tx = await request_path_tx(fleet, stack)
 
         async def who(db: Any) -> Any:
             return await db.fetchrow("SELECT current_user AS cur, pg_backend_pid() AS pid")
@@ -151,14 +140,10 @@ async def test_a_role_set_at_session_level_inside_a_tenant_transaction_does_not_
         fleet: Fleet) -> None:
     # set_config(..., false) outlives the transaction's COMMIT: the pooled connection would
     # run as the other tenant's role, which may not run the fence, for every later request
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
     mine = await fleet.directory.create_tenant(code(), shard_id="shard1")
     other = await fleet.directory.create_tenant(code(), shard_id="shard1")
     async with AsyncExitStack() as stack:
-        pools = await stack.enter_async_context(
-            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
-        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+        tx = await request_path_tx(fleet, stack)
 
         async def leave_role(db: Any) -> Any:
             await db.execute("SELECT set_config('role', $1, false)", tenant_role(other.schema))
@@ -211,10 +196,7 @@ async def test_a_shard_from_before_tenant_roles_gets_them_and_the_app_role_loses
     finally:
         await owner.close()
     async with AsyncExitStack() as stack:
-        pools = await stack.enter_async_context(
-            ShardPools(fleet.settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
-        resolver = await stack.enter_async_context(ResolveClient(fleet.settings, fleet.directory.lookup))
-        tx = await stack.enter_async_context(TenantTx(fleet.settings, resolver, pools, HostMetrics()))
+        tx = await request_path_tx(fleet, stack, settings=fleet.settings)
 
         async def write(db: Any) -> Any:
             await db.execute("INSERT INTO items (sku, qty, location) VALUES ('old-1', 1, 'A')")
@@ -348,21 +330,6 @@ async def test_a_shard_owned_by_a_non_superuser_creates_joins_and_switches_to_th
         await admin.close()
 
 
-def _qualified(rec: TenantRecord, table: str) -> str:
-    """``"t_<hex>".<table>``: test-only SQL naming another tenant's table on purpose; the
-    schema name is the system's own (checked), the table a constant of the test."""
-    assert SCHEMA_RE.match(rec.schema)
-    return f'"{rec.schema}".{table}'
-
-
-async def _owner_fetchval(fleet: Fleet, shard_id: str, sql: str) -> Any:
-    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
-    try:
-        return await owner.fetchval(sql)
-    finally:
-        await owner.close()
-
-
 @pytest.mark.parametrize("sql", [
     "SELECT count(*) FROM {other}",
     "SELECT sku FROM {other} WHERE qty > 0 LIMIT 1",
@@ -377,19 +344,19 @@ async def test_a_tenant_transaction_gets_permission_denied_on_another_tenants_ta
     async with host.http.post("/api/plugins/inventory/items", json={"sku": "OTHER-1", "qty": 7},
                               headers=auth(other_key, other.code)) as r:
         assert r.status == 201, await r.text()
-    before = await _owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {_qualified(other, 'items')}")
+    before = await owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}")
 
     async def plugin(db: Any) -> Any:
         # the tenant's own tables and public still work in the same transaction ...
         await db.execute("INSERT INTO items (sku, qty) VALUES ('MINE-1', 1)")
-        assert await db.fetchval(f"SELECT count(*) FROM {_qualified(mine, 'items')}") == 1
+        assert await db.fetchval(f"SELECT count(*) FROM {qualified(mine, 'items')}") == 1
         assert await db.fetchval("SELECT count(*) FROM public.inventory_units") > 0
         # ... another tenant's, spelled out in full, does not
-        return await db.fetchval(sql.format(other=_qualified(other, "items")))
+        return await db.fetchval(sql.format(other=qualified(other, "items")))
     with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:  # SQLSTATE 42501
         await runtime(host).tx.run(mine.tenant_id, plugin)
     assert caught.value.sqlstate == "42501"
-    assert await _owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {_qualified(other, 'items')}") \
+    assert await owner_fetchval(fleet, "shard1", f"SELECT array_agg((sku, qty)::text) FROM {qualified(other, 'items')}") \
         == before == ["(OTHER-1,7)"]
     # the failed transaction was rolled back whole; the tenant's own table works on
     assert await _as_host(host, mine, "SELECT count(*) FROM items") == 0
@@ -421,7 +388,7 @@ async def test_a_tenant_transaction_writes_events_for_its_own_tenant_only(fleet:
         await runtime(host).tx.run(mine.tenant_id, forge)
     # the tenant's own events are written as before
     assert await _as_host(host, mine, forged, mine.tenant_id) is not None
-    assert await _owner_fetchval(
+    assert await owner_fetchval(
         fleet, "shard1", f"SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = '{uuid.UUID(other.tenant_id)}'") == 0
 
 
@@ -429,7 +396,7 @@ async def test_the_app_role_outside_a_tenant_transaction_reads_no_tenant_table(f
     rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
     async with runtime(host).tx.connection("shard1") as conn:
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await conn.fetchval(f"SELECT count(*) FROM {_qualified(rec, 'items')}")
+            await conn.fetchval(f"SELECT count(*) FROM {qualified(rec, 'items')}")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetchval("SELECT count(*) FROM public.inventory_units")
 
@@ -444,9 +411,9 @@ async def test_a_table_a_later_plugin_migration_adds_is_the_tenants_own_and_no_o
     assert await _as_host(host, mine, "INSERT INTO restock_requests (sku, qty) VALUES ('m-1', 2) RETURNING qty") == 2
     assert await _as_host(host, mine, "SELECT count(*) FROM restock_requests") == 1
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await _as_host(host, mine, f"SELECT count(*) FROM {_qualified(other, 'restock_requests')}")
+        await _as_host(host, mine, f"SELECT count(*) FROM {qualified(other, 'restock_requests')}")
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await _as_host(host, other, f"INSERT INTO {_qualified(mine, 'restock_requests')} (sku, qty) VALUES ('x', 1)")
+        await _as_host(host, other, f"INSERT INTO {qualified(mine, 'restock_requests')} (sku, qty) VALUES ('x', 1)")
     assert await _as_host(host, other, "SELECT count(*) FROM restock_requests") == 0
     assert await _as_host(host, mine, "SELECT count(*) FROM restock_requests") == 1
 

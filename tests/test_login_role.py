@@ -4,14 +4,13 @@ nothing; session state left by one transaction is gone before the next; the logi
 password is generated, stored with the shard, rotatable, and never shown."""
 from __future__ import annotations
 
-from router.tables import SCHEMA_VERSION
-
+import asyncio
 import logging
 import os
 import subprocess
 import sys
 import uuid
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,35 +18,23 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from host.metrics import HostMetrics
-from host.runtime import RUNTIME, HostRuntime
-from host.tx import TenantTx, keep_connection
+from host.tx import COMMIT_SQL, COMMIT_UNLOCK_SQL, ROLLBACK_SQL
 from router import schema
-from router.client import ResolveClient
 from router.directory import Directory
 from router.errors import ShardUnreachable
-from router.keys import APP_ROLE, SCHEMA_RE, tenant_role
+from router.keys import APP_ROLE, tenant_role
 from router.models import TenantRecord
 from router.pools import ShardPools, connect
+from router.tables import SCHEMA_VERSION
 from tests.conftest import FleetFactory
-from tests.fleetkit import Fleet, Servers, create_database, drop_database, serve_router
-from tests.hostkit import Host, code, host_settings, running_host
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval, serve_router
+from tests.hostkit import Host, code, host_settings, qualified, request_path_tx, running_host, runtime
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def host(fleet: Fleet) -> AsyncIterator[Host]:
     async with running_host(host_settings(fleet)) as h:
         yield h
-
-
-def runtime(host: Host) -> HostRuntime:
-    return host.app[RUNTIME]
-
-
-def _qualified(rec: TenantRecord, table: str) -> str:
-    """Test-only SQL naming a tenant's table on purpose (the schema name is the system's own)."""
-    assert SCHEMA_RE.match(rec.schema)
-    return f'"{rec.schema}".{table}'
 
 
 async def _login_of(fleet: Fleet, shard_id: str) -> tuple[str, str]:
@@ -127,7 +114,7 @@ async def test_resetting_the_role_inside_a_tenant_transaction_gets_a_role_that_r
         fleet: Fleet, host: Host, escape: str) -> None:
     mine, other = await _tenants(fleet)
     login, _ = await _login_of(fleet, "shard1")
-    names = {"other": _qualified(other, "items"), "mine": _qualified(mine, "items"),
+    names = {"other": qualified(other, "items"), "mine": qualified(mine, "items"),
              "other_schema": f'"{other.schema}"'}
     for action in ACTIONS:
         async def escaped(db: Any) -> Any:
@@ -139,7 +126,7 @@ async def test_resetting_the_role_inside_a_tenant_transaction_gets_a_role_that_r
         assert caught.value.sqlstate == "42501", action
     owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
     try:
-        assert await owner.fetchval(f"SELECT count(*) FROM {_qualified(other, 'items')}") == 0
+        assert await owner.fetchval(f"SELECT count(*) FROM {qualified(other, 'items')}") == 0
         assert await owner.fetchval("SELECT count(*) FROM pg_class WHERE relname = 'tf_escaped'") == 0
         assert await owner.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
                                     other.tenant_id) == 1  # as create_tenant wrote it
@@ -181,32 +168,114 @@ async def test_set_role_to_another_tenants_role_is_the_one_switch_left_and_reach
         await db.execute("SELECT set_config('role', $1, true)", tenant_role(other.schema))
         return await db.fetchval(then)
     assert await runtime(host).tx.run(
-        mine.tenant_id, lambda db: hop(db, f"SELECT count(*) FROM {_qualified(other, 'items')}")) == 0
+        mine.tenant_id, lambda db: hop(db, f"SELECT count(*) FROM {qualified(other, 'items')}")) == 0
     for then in (f"CREATE TABLE \"{other.schema}\".tf_hop (x int)", f"SELECT count(*) FROM \"{third.schema}\".items",
                  "UPDATE fleet.tenant_fence SET epoch = epoch + 1", "CREATE TABLE public.tf_hop (x int)"):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await runtime(host).tx.run(mine.tenant_id, lambda db, then=then: hop(db, then))
 
 
-async def _single_connection_tx(fleet: Fleet, stack: AsyncExitStack) -> TenantTx:
-    settings = fleet.settings.model_copy(update={"shard_pool_min": 1, "shard_pool_max": 1})
-    pools = await stack.enter_async_context(
-        ShardPools(settings, fleet.directory.login_dsn_of, role=APP_ROLE, reset=keep_connection))
-    resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
-    return await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+async def test_postgresql_has_no_switch_to_a_tenant_role_that_sql_after_it_could_not_make_too(
+        fleet: Fleet, host: Host, servers: Servers) -> None:
+    # Why the hop above stays open (README "Database roles"): the two ways that could keep
+    # the fence's switch from being repeated by SQL after it both fail in PostgreSQL.
+    mine, other = await _tenants(fleet)
+    tag = uuid.uuid4().hex[:10]
+    owner = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    function = f"public.tf_switch_{tag}"  # test-only DDL: a name of this test's own
+    try:
+        # 1. a SECURITY DEFINER function that switches (its owner may; the caller may not):
+        #    PostgreSQL refuses to set role inside any SECURITY DEFINER function
+        await owner.execute(f"CREATE FUNCTION {function}(r text) RETURNS text LANGUAGE plpgsql SECURITY DEFINER "
+                            "AS $$ BEGIN PERFORM set_config('role', r, true); RETURN current_user; END $$")
+        await owner.execute(f"GRANT EXECUTE ON FUNCTION {function}(text) TO PUBLIC")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="within security-definer function"):
+            await runtime(host).tx.run(mine.tenant_id, lambda db: db.fetchval(f"SELECT {function}($1)",
+                                                                              tenant_role(other.schema)))
+    finally:
+        await owner.execute(f"DROP FUNCTION IF EXISTS {function}(text)")
+        await owner.close()
+    if int(await owner_fetchval(fleet, "shard1", "SELECT current_setting('server_version_num')")) < 160000:
+        return  # memberships have no SET option before PostgreSQL 16
+    # 2. a membership that can't SET (PostgreSQL 16+): then no switch works at all, the
+    #    fence's own included; roles of this test's own, on the shard's server
+    admin_dsn = servers.shard_admin_dsns["shard1"]
+    admin = await asyncpg.connect(admin_dsn)
+    login, target, password = f"tf_login_{tag}", f"tf_target_{tag}", uuid.uuid4().hex
+    try:
+        await admin.execute(await admin.fetchval("SELECT format('CREATE ROLE %I LOGIN NOINHERIT PASSWORD %L', "
+                                                 "$1::text, $2::text)", login, password))
+        await admin.execute(f"CREATE ROLE {target} NOLOGIN")
+        await admin.execute(f"GRANT {target} TO {login} WITH INHERIT FALSE, SET FALSE")
+        parts = urlsplit(admin_dsn)
+        netloc = f"{login}:{password}@{parts.hostname}:{parts.port}"
+        conn = await asyncpg.connect(urlunsplit(parts._replace(netloc=netloc)))
+        try:
+            async with conn.transaction():
+                with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied to set role"):
+                    await conn.execute("SELECT set_config('role', $1, true)", target)
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {login}")
+        await admin.execute(f"DROP ROLE IF EXISTS {target}")
+        await admin.close()
 
 
-@pytest.mark.parametrize("ending", ["commit", "rollback"])
-async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_gone_before_the_next(
-        fleet: Fleet, ending: str) -> None:
+@asynccontextmanager
+async def _session_locks_granted(fleet: Fleet, shard_id: str) -> AsyncIterator[None]:
+    """The shard as a non-superuser owner leaves it: PUBLIC may take session advisory locks
+    (that owner's REVOKE changes nothing). Revoked again afterwards."""
+    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
+    functions = ", ".join(schema.SESSION_LOCK_FUNCTIONS)  # constants
+    try:
+        await owner.execute(f"GRANT EXECUTE ON FUNCTION {functions} TO PUBLIC")
+        yield
+    finally:
+        await owner.execute(f"REVOKE EXECUTE ON FUNCTION {functions} FROM PUBLIC")
+        await owner.close()
+
+
+async def test_a_tenant_transaction_cannot_take_a_session_advisory_lock_and_its_commit_releases_none(
+        fleet: Fleet) -> None:
+    # the suite's servers: the shard's owner is a superuser, so the REVOKE takes effect
+    assert await owner_fetchval(fleet, "shard1", "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
     mine, other = await _tenants(fleet)
     async with AsyncExitStack() as stack:
-        tx = await _single_connection_tx(fleet, stack)
+        tx = await request_path_tx(fleet, stack)
+        for function in schema.SESSION_LOCK_FUNCTIONS:
+            call = function.replace("integer, integer", "7, 7").replace("bigint", "7")  # a constant
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await tx.run(mine.tenant_id, lambda db, call=call: db.fetchval(f"SELECT {call}"))
+        # the transaction-level ones stay: the fence takes one in every transaction, and so may SQL
+
+        async def xact_lock(db: Any) -> Any:
+            return await db.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1::uuid::text, 7466))",
+                                     other.tenant_id)
+        assert await tx.run(mine.tenant_id, xact_lock) is True
+        logged: list[str] = []
+        async with tx.connection("shard1") as conn:
+            conn.add_query_logger(lambda q: logged.append(q.query))
+        await tx.run(mine.tenant_id, lambda db: db.fetchval("SELECT 1"))
+        await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon
+        assert logged[-1] == COMMIT_SQL and "unlock" not in COMMIT_SQL  # nothing to release: no SELECT for it
+
+
+@pytest.mark.parametrize("locks", ["revoked", "granted"])
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_gone_before_the_next(
+        fleet: Fleet, ending: str, locks: str) -> None:
+    mine, other = await _tenants(fleet)
+    async with AsyncExitStack() as stack:
+        if locks == "granted":  # a shard whose owner could not revoke them: the host releases them
+            await stack.enter_async_context(_session_locks_granted(fleet, "shard1"))
+        tx = await request_path_tx(fleet, stack)
 
         async def leave_state(db: Any) -> Any:
-            # a session lock on the *other* tenant's key: it would hold off that tenant's
-            # moves and suspends for as long as the pooled connection lives
-            await db.execute("SELECT pg_advisory_lock(hashtextextended($1::uuid::text, 7466))", other.tenant_id)
+            if locks == "granted":
+                # a session lock on the *other* tenant's key: it would hold off that tenant's
+                # moves and suspends for as long as the pooled connection lives
+                await db.execute("SELECT pg_advisory_lock(hashtextextended($1::uuid::text, 7466))", other.tenant_id)
             await db.execute("SELECT set_config('work_mem', '7MB', false)")
             await db.execute("SELECT set_config('tf.left', 'behind', false)")
             await db.execute("SET statement_timeout = '123s'")
@@ -215,12 +284,18 @@ async def test_session_locks_settings_and_cursors_left_by_one_transaction_are_go
             if ending == "rollback":
                 await db.execute("SELECT 1/0")
             return await db.fetchval("SELECT pg_backend_pid()")
+        logged: list[str] = []
+        async with tx.connection("shard1") as conn:
+            conn.add_query_logger(lambda q: logged.append(q.query))
         if ending == "rollback":
             with pytest.raises(asyncpg.DivisionByZeroError):
                 await tx.run(mine.tenant_id, leave_state)
             pid = None
         else:
             pid = await tx.run(mine.tenant_id, leave_state)
+        await asyncio.sleep(0)  # asyncpg calls query loggers with call_soon
+        assert logged[-1] == {("commit", "revoked"): COMMIT_SQL, ("commit", "granted"): COMMIT_UNLOCK_SQL}.get(
+            (ending, locks), ROLLBACK_SQL)
 
         async def look(db: Any) -> Any:
             return await db.fetchrow(
@@ -280,7 +355,7 @@ async def test_the_login_password_rotates_on_the_shard_and_in_the_directory_and_
             assert conn.get_server_pid() != first_pid
             assert await conn.fetchval("SELECT current_user") == APP_ROLE
         async with AsyncExitStack() as stack:
-            tx = await _single_connection_tx(fleet, stack)
+            tx = await request_path_tx(fleet, stack)
             assert await tx.run(rec.tenant_id, lambda db: db.fetchval("SELECT current_user")) == tenant_role(rec.schema)
     # preparing again keeps the password
     assert await fleet.directory.prepare_shards() == []
@@ -314,7 +389,7 @@ async def test_a_shard_and_control_plane_of_the_previous_version_get_the_login_r
     assert await directory.prepare_shards() == []
     assert (await _login_of(f, "shard1"))[0] == login
     async with AsyncExitStack() as stack:
-        tx = await _single_connection_tx(f, stack)
+        tx = await request_path_tx(f, stack)
         for rec in tenants:  # every existing tenant's role is reachable from the new login role
             async def who(db: Any) -> Any:
                 return await db.fetchrow("SELECT session_user, current_user")

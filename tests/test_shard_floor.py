@@ -3,7 +3,7 @@ a newer tenantfleet is refused by an older one (the version floor)."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import asyncpg
 import pytest
@@ -13,7 +13,7 @@ from host.runtime import RUNTIME
 from router import schema, tables
 from router.errors import SchemaTooNew
 from router.keys import tenant_role
-from tests.fleetkit import Fleet, Servers, create_database, drop_database
+from tests.fleetkit import Fleet, Servers, create_database, drop_database, owner_fetchval
 from tests.hostkit import Host, host_settings, running_host, tenant_with_key
 
 LO_CREATORS = ("lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)")
@@ -28,26 +28,30 @@ async def host(fleet: Fleet) -> AsyncIterator[Host]:
 @pytest.mark.parametrize("sql", ["SELECT lo_create(0)", "SELECT lo_creat(-1)", "SELECT lo_from_bytea(0, 'x')"])
 async def test_a_tenant_transaction_cannot_create_a_large_object(fleet: Fleet, host: Host, sql: str) -> None:
     rec, _ = await tenant_with_key(fleet, host)
-    before = await _owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata")
+    before = await owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata")
 
     async def plugin(db: Any) -> Any:
         return await db.fetchval(sql)
     with pytest.raises(asyncpg.InsufficientPrivilegeError) as caught:
         await host.app[RUNTIME].tx.run(rec.tenant_id, plugin)
     assert caught.value.sqlstate == "42501"
-    assert await _owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata") == before
+    assert await owner_fetchval(fleet, rec.shard_id, "SELECT count(*) FROM pg_largeobject_metadata") == before
 
 
 async def test_a_shard_prepared_before_the_revoke_loses_large_objects_and_records_its_version(fleet: Fleet) -> None:
     rec = await fleet.directory.create_tenant(f"lo-{uuid.uuid4().hex[:8]}", shard_id="shard2")
     owner = await asyncpg.connect(fleet.shard_dsns["shard2"])
     try:
-        # as version 3 left a shard: large objects open to PUBLIC, no version recorded on it
+        # as version 3 left a shard: large objects and session advisory locks open to
+        # PUBLIC, no version recorded on it
         await owner.execute("GRANT EXECUTE ON FUNCTION " + ", ".join(LO_CREATORS) + " TO PUBLIC")
+        await owner.execute("GRANT EXECUTE ON FUNCTION " + ", ".join(schema.SESSION_LOCK_FUNCTIONS) + " TO PUBLIC")
         await owner.execute("DROP TABLE fleet.tenantfleet_schema")
         assert await _can_create_lo(owner, tenant_role(rec.schema))
+        assert await _can_run_any(owner, tenant_role(rec.schema), schema.SESSION_LOCK_FUNCTIONS)
         assert await fleet.directory.prepare_shards() == []
         assert not await _can_create_lo(owner, tenant_role(rec.schema))
+        assert not await _can_run_any(owner, tenant_role(rec.schema), schema.SESSION_LOCK_FUNCTIONS)
         assert await owner.fetchval("SELECT version FROM fleet.tenantfleet_schema WHERE component = 'shard'") \
             == tables.SCHEMA_VERSION
     finally:
@@ -98,13 +102,11 @@ async def test_a_control_database_set_up_by_a_newer_tenantfleet_is_refused(serve
 
 
 async def _can_create_lo(conn: asyncpg.Connection, role: str) -> bool:
+    return await _can_run_any(conn, role, LO_CREATORS)
+
+
+async def _can_run_any(conn: asyncpg.Connection, role: str, functions: Sequence[str]) -> bool:
     return bool(await conn.fetchval(
-        "SELECT bool_or(has_function_privilege($1, f, 'EXECUTE')) FROM unnest($2::text[]) f", role, list(LO_CREATORS)))
+        "SELECT bool_or(has_function_privilege($1, f, 'EXECUTE')) FROM unnest($2::text[]) f", role, list(functions)))
 
 
-async def _owner_fetchval(fleet: Fleet, shard_id: str, sql: str) -> Any:
-    owner = await asyncpg.connect(fleet.shard_dsns[shard_id])
-    try:
-        return await owner.fetchval(sql)
-    finally:
-        await owner.close()
