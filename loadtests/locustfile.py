@@ -32,6 +32,7 @@ from loadtests.users import TenantStaff
 __all__ = ["TenantStaff"]
 
 ABORT_WINDOW_S = 10.0      # the abort check looks at the last 10 s of requests
+AFTER_MIN_S = 3.0          # a run whose event outlasts --duration goes on this long after it
 OUTPUT_TAIL = 4000         # characters of the event command's output kept in the summary
 
 
@@ -117,6 +118,7 @@ def _start(environment: Environment, **_: Any) -> None:
     run.start = time.time()
     if run.scenario.has_event:
         gevent.spawn(_run_event, run)
+    gevent.spawn(_stop, run, environment)
     if run.slo.abort_grace_s > 0:
         gevent.spawn(_watch, run, environment)
 
@@ -136,6 +138,21 @@ def _run_event(run: Run) -> None:
     run.event.update(endS=run.now_s(), exitCode=run.proc.returncode,
                      output=out.decode("utf-8", "replace")[-OUTPUT_TAIL:])
     run.recording.event_end_s = run.event["endS"]
+
+
+def _stop(run: Run, environment: Environment) -> None:
+    """Quit at ``duration``, or, when the event is still running then, once it has ended (and
+    its phase's minimum length and AFTER_MIN_S more have passed). Locust's own ``-t`` is the
+    hard bound (duration + the event timeout): an operation still running then is stopped."""
+    t = run.timeline
+    gevent.sleep(max(0.0, t.duration_s - run.now_s()))
+    if run.scenario.has_event:
+        while run.recording.event_end_s is None:
+            gevent.sleep(0.2)
+        end = max(run.recording.event_end_s, t.event_at_s + t.event_min_s) + AFTER_MIN_S
+        gevent.sleep(max(0.0, end - run.now_s()))
+    assert environment.runner is not None
+    environment.runner.quit()
 
 
 def _watch(run: Run, environment: Environment) -> None:

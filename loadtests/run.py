@@ -23,7 +23,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from loadtests import report
 from loadtests.errors import EXIT_ERROR, LoadtestError
@@ -54,8 +54,10 @@ class Options:
     plugin: str = "inventory"
     slow_shard: str | None = None
     event_s: float = 10.0
+    event_timeout_s: float = 300.0
     cli: tuple[str, ...] = ()
     json: bool = False
+    env: Mapping[str, str] | None = None     # for the CLI and Locust processes (None: this process's)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", default="inventory", help="upgrade: the plugin to migrate (default inventory)")
     p.add_argument("--slow-shard", default=None, help="shard-slow: the shard to slow (default: the targets' last)")
     p.add_argument("--event-seconds", type=float, default=10.0, help="shard-slow: seconds the shard stays slow")
+    p.add_argument("--event-timeout", type=float, default=300.0,
+                   help="an event still running at --duration is waited for this many more seconds, then stopped "
+                        "(default 300)")
     p.add_argument("--cli", default=None, help="the tenantfleet command for fleet operations "
                                                "(default: this Python's `-m host.cli`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
@@ -109,6 +114,8 @@ def check_options(o: Options) -> None:
         raise _bad(f"--rate must be above 0 and at most 1000, not {o.rate_per_user:g}", "USAGE")
     if not 0 <= o.zipf_s <= 10:
         raise _bad(f"--zipf must be between 0 and 10, not {o.zipf_s:g}", "USAGE")
+    if not 0 <= o.event_timeout_s <= MAX_DURATION_S:
+        raise _bad(f"--event-timeout must be between 0 and {MAX_DURATION_S}, not {o.event_timeout_s:g}", "USAGE")
     if not 1 <= o.event_s <= MAX_DURATION_S:
         raise _bad(f"--event-seconds must be between 1 and {MAX_DURATION_S}, not {o.event_s:g}", "USAGE")
 
@@ -127,7 +134,8 @@ def timeline(o: Options, slo: Slo) -> dict[str, float]:
                        "USAGE")
     elif o.warmup_s + steady > o.duration_s + 1e-9:
         raise _bad(f"--warmup + --steady ({o.warmup_s + steady:g} s) exceed --duration {o.duration_s:g} s", "USAGE")
-    return {"durationS": o.duration_s, "warmupS": o.warmup_s, "steadyS": steady}
+    bound = o.duration_s + (o.event_timeout_s if has_event else 0)
+    return {"durationS": o.duration_s, "warmupS": o.warmup_s, "steadyS": steady, "boundS": bound}
 
 
 def _get(url: str, headers: dict[str, str]) -> tuple[int, Any]:
@@ -174,7 +182,7 @@ def check_fleet(targets: Targets) -> None:
 
 
 def _cli(o: Options, *args: str) -> tuple[int, str, str]:
-    proc = subprocess.run([*o.cli, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*o.cli, *args], capture_output=True, text=True, timeout=300, env=o.env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -228,10 +236,13 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     return plan, targets
 
 
-def locust_argv(o: Options, plan_path: Path, url: str) -> list[str]:
+def locust_argv(o: Options, plan: dict[str, Any], plan_path: Path, url: str) -> list[str]:
     spawn_rate = max(1.0, o.users / max(1.0, o.warmup_s / 2))
+    # Locust's -t is the hard bound; the locustfile stops the run at --duration, or after an
+    # event that outlasts it (at most --event-timeout later)
+    bound = int(round(plan["timeline"]["boundS"])) + 1
     argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-            "-u", str(o.users), "-r", f"{spawn_rate:g}", "-t", f"{int(round(o.duration_s))}s",
+            "-u", str(o.users), "-r", f"{spawn_rate:g}", "-t", f"{bound}s",
             "--host", url, "--stop-timeout", "5", "--loglevel", "WARNING",
             "--html", str(o.out / "report.html"), "--csv", str(o.out / "locust"), "--tf-plan", str(plan_path)]
     if o.workers:
@@ -251,10 +262,10 @@ def execute(o: Options) -> int:
     sys.stderr.write(f"{o.scenario}: {o.users} users for {o.duration_s:g} s against {targets.url} "
                      f"({len(targets.tenants)} tenants); report in {o.out}\n")
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(locust_argv(o, plan_path, targets.url), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=str(LOCUSTFILE.parent.parent))
+        proc = subprocess.Popen(locust_argv(o, plan, plan_path, targets.url), stdout=log, stderr=subprocess.STDOUT,
+                                cwd=str(LOCUSTFILE.parent.parent), env=o.env)
         try:
-            proc.wait(timeout=o.duration_s + LOCUST_GRACE_S)
+            proc.wait(timeout=plan["timeline"]["boundS"] + LOCUST_GRACE_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -283,7 +294,7 @@ def options_from(argv: Sequence[str] | None) -> Options:
     return Options(scenario=a.scenario, targets=a.targets, out=a.out, url=a.url, slo=a.slo, users=a.users,
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
-                   event_s=a.event_seconds, cli=cli, json=a.json)
+                   event_s=a.event_seconds, event_timeout_s=a.event_timeout, cli=cli, json=a.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,27 +108,34 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Locust worker processes (0: a single process).")
 @click.option("--rate", type=float, default=5.0, show_default=True, help="Requests per second per user.")
+@click.option("--zipf", type=float, default=1.1, show_default=True,
+              help="Zipf exponent of the tenant mix (0: every tenant alike).")
 @click.option("--plugin", default="inventory", show_default=True, help="upgrade: the plugin to migrate.")
 @click.option("--slow-shard", default=None, help="shard-slow: the shard to slow (default: the targets' last).")
 @click.option("--event-seconds", type=float, default=10.0, show_default=True,
               help="shard-slow: seconds the shard stays slow.")
+@click.option("--event-timeout", type=float, default=300.0, show_default=True,
+              help="An event still running at --duration is waited for this long, then stopped.")
 @pass_state
 def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | None, url: str | None,
             slo: Path | None, users: int, duration: float, warmup: float, steady: float | None, workers: int,
-            rate: float, plugin: str, slow_shard: str | None, event_seconds: float) -> None:
+            rate: float, zipf: float, plugin: str, slow_shard: str | None, event_seconds: float,
+            event_timeout: float) -> None:
     """Run SCENARIO (steady, upgrade, move, shard-slow) headless and judge it against the SLO file.
 
     Phases: warm-up, steady, event (the scenario's fleet operation), after. Prints a table
     (phase, route, figure, limit, verdict) and writes Locust's HTML and CSV, summary.json and
     plot.png to --out. Exit 0 when every limit held, 3 when one failed, 4 when a breach
     outlasted the SLO's abort grace, 2 for bad input (nothing sent), 1 when the run broke.
-    Every run stops by itself after --duration.
+    Every run stops by itself: after --duration, or, when the event outlasts it, once the
+    event has ended (at most --event-timeout later; an event still running then is stopped).
     """
     folder = out or state.settings.fleet_dir / "loadtest" / f"{scenario}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     argv: list[Any] = [sys.executable, "-m", "loadtests.run", scenario,
                        "--targets", targets or _default_targets(state), "--out", folder,
                        "--users", users, "--duration", duration, "--warmup", warmup, "--workers", workers,
-                       "--rate", rate, "--plugin", plugin, "--event-seconds", event_seconds]
+                       "--rate", rate, "--zipf", zipf, "--plugin", plugin, "--event-seconds", event_seconds,
+                       "--event-timeout", event_timeout]
     for flag, value in (("--url", url), ("--slo", slo), ("--steady", steady), ("--slow-shard", slow_shard)):
         if value is not None:
             argv += [flag, value]
