@@ -1,3 +1,5 @@
+# Locust's EventHook.add_listener is untyped: calling it is the one untyped call here.
+# mypy: disable-error-code="no-untyped-call"
 """The Locust side of a run: users, the phase controller, the event, the gate. Loaded by
 ``python -m locust -f loadtests/locustfile.py --tf-plan PLAN.json`` (started by
 `loadtests.run`, which validated everything first and wrote the plan); never imported by
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import gevent
+import gevent  # type: ignore[import-untyped]  # gevent ships no type information
 from locust import events
 from locust.env import Environment
 from locust.runners import WorkerRunner
@@ -60,12 +62,10 @@ class Run:
 RUN: Run | None = None
 
 
-@events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
     parser.add_argument("--tf-plan", type=str, default="", help="tenantfleet: the run plan loadtests.run wrote")
 
 
-@events.init.add_listener
 def _init(environment: Environment, **_: Any) -> None:
     global RUN
     plan_path = getattr(environment.parsed_options, "tf_plan", "")
@@ -78,7 +78,6 @@ def _init(environment: Environment, **_: Any) -> None:
                           slow_shard=plan.get("slowShard"))
 
 
-@events.request.add_listener
 def _on_request(request_type: str, name: str, response_time: float, exception: BaseException | None,
                 **_: Any) -> None:
     run = RUN
@@ -94,14 +93,12 @@ def _on_request(request_type: str, name: str, response_time: float, exception: B
         run.recording.add(run.now_s(), route, float(response_time), exception is None)
 
 
-@events.report_to_master.add_listener
 def _send(client_id: str, data: dict[str, Any]) -> None:
     run = RUN
     if run is not None and run.pending:
         data["tf_samples"], run.pending = run.pending, []
 
 
-@events.worker_report.add_listener
 def _receive(client_id: str, data: dict[str, Any]) -> None:
     run = RUN
     if run is None or run.start is None:
@@ -110,7 +107,6 @@ def _receive(client_id: str, data: dict[str, Any]) -> None:
     run.recording.extend([s[0] - start, s[1], s[2], s[3]] for s in data.get("tf_samples", []))
 
 
-@events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
     run = RUN
     if run is None or run.is_worker or run.start is not None:
@@ -190,7 +186,6 @@ def _watch(run: Run, environment: Environment) -> None:
             return
 
 
-@events.quitting.add_listener
 def _quit(environment: Environment, **_: Any) -> None:
     run = RUN
     if run is None or run.is_worker:
@@ -243,3 +238,13 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                    "p95RoundedMs": total.get_response_time_percentile(0.95) if total.num_requests else None},
         "recordedRequests": len(run.recording.samples),
     }
+
+
+# Registered here rather than by decorator (an untyped decorator would untype each function).
+events.init_command_line_parser.add_listener(_options)
+events.init.add_listener(_init)
+events.request.add_listener(_on_request)
+events.report_to_master.add_listener(_send)
+events.worker_report.add_listener(_receive)
+events.test_start.add_listener(_start)
+events.quitting.add_listener(_quit)

@@ -47,9 +47,13 @@ VALID_ARGS: dict[str, list[str]] = {
     "migrate apply": ["inventory"],
     "migrate status": [],
     "migrate verify": ["inventory"],
+    "loadtest prepare": ["--tenants", "2"],
+    "loadtest run": ["steady"],
+    "loadtest slow-shard": ["shard1", "--seconds", "1"],
 }
-# Commands that don't need the fleet's servers to answer.
-OFFLINE = {"down"}
+# Commands that don't need the fleet's servers to answer (`loadtest run` reaches the fleet
+# over HTTP through its targets file; tests/test_loadtest_run.py covers its refusals).
+OFFLINE = {"down", "loadtest run"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

@@ -141,7 +141,11 @@ def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | No
             argv += [flag, value]
     if state.json:
         argv.append("--json")
-    code = subprocess.call([str(a) for a in argv])
+    proc = subprocess.Popen([str(a) for a in argv])
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the runner and Locust too: let them finish their report
+        code = proc.wait()
     sys.exit(code)
 
 
