@@ -191,7 +191,7 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
             assert not (out / "plan.json").exists() and not (out / "report.html").exists()
 
         await refused("nosuch", *good, code="USAGE", named="unknown scenario 'nosuch'")
-        await refused("move", *good, code="NOT_AVAILABLE", named="issue 9")
+        await refused("move", *good, code="NOT_AVAILABLE", named="move scenario is not built yet")
         bad_slo = tmp_path / "bad.toml"
         bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
         await refused("steady", *good, "--slo", str(bad_slo), code="VALIDATION_FAILED", named="limits.p95_ms")

@@ -18,8 +18,10 @@ from typing import Any
 import click
 
 from host.cli.base import CliState, cli, emit, pass_state, run
-from host.loadprep import hold_shard, prepare_load_tenants
 from router.errors import ValidationFailed
+
+# The services (the host runtime: aiohttp, asyncpg, redis) are imported when a command runs,
+# so that loading the CLI stays fast.
 
 SCENARIO_NAMES = ("steady", "upgrade", "move", "shard-slow")
 
@@ -71,6 +73,8 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
     Works on the embedded fleet or the one TENANTFLEET_* names; idempotent (tenants that
     exist are reused, with their keys from an earlier targets file at --out).
     """
+    from host.loadprep import prepare_load_tenants
+
     s = state.settings
     path = out or _default_targets(state)
     base = url or f"http://{s.bind_host}:{s.host_port}"
@@ -158,4 +162,6 @@ def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | No
 def slow_shard(state: CliState, shard_id: str, seconds: float, hold_ms: int, gap_ms: int) -> None:
     """Make SHARD_ID slow on purpose (the shard-slow scenario's event): for --seconds, hold every
     tenant's cutover lock there for --hold-ms, release for --gap-ms, again. Bounded in time."""
+    from host.loadprep import hold_shard
+
     emit(state, run(hold_shard(state.settings, shard_id, seconds=seconds, hold_ms=hold_ms, gap_ms=gap_ms)))
