@@ -8,7 +8,7 @@ A run's timeline (seconds from the start of the load):
 scenario does to the fleet under load: ``upgrade`` runs ``tenantfleet migrate apply
 PLUGIN`` (the plugin's next version across the fleet); ``shard-slow`` runs ``tenantfleet
 loadtest slow-shard SHARD`` (a bounded lock holder on one shard's tenants); ``move`` needs
-tenant moves (issue 9) and is refused before any load.
+is not built yet (its next slice) and is refused before any load.
 """
 from __future__ import annotations
 
