@@ -15,7 +15,9 @@ Latency percentiles are per call (they include tens of ns of timer overhead, sho
 the empty loop's p50/p99); throughput for dict/cache.get/memory hit comes from untimed batches,
 for redis hit and miss from the sequential per-call timings. Medians over rounds are
 printed and written to bench/results/resolve.json, with memory per 10,000 cached
-tenants (tracemalloc).
+tenants (tracemalloc) and Redis bytes per cached tenant (MEMORY USAGE of 5,000 tenants'
+keys, in the client's layout and in the one before issue 12; under the default
+namespace "tf" on the bench's own Valkey).
 
 Runs against an embedded fleet in a temp dir unless TENANTFLEET_CONTROL_DSN (and
 TENANTFLEET_REDIS_URL) are set; then it adds its rows under a throwaway shard id and a
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import itertools
 import random
 import statistics
@@ -39,7 +42,6 @@ from typing import Any, Awaitable, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import asyncpg  # noqa: E402
-import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 
 from bench.common import (  # noqa: E402
@@ -49,13 +51,15 @@ from router.cache import TenantCache  # noqa: E402
 from router.client import ResolveClient, redis_address  # noqa: E402
 from router.keys import redis_alias_key, redis_tenant_key  # noqa: E402
 from router.models import TenantRecord  # noqa: E402
+from router.redis_format import decode_record, encode_record  # noqa: E402
 from router.runtime import open_runtime  # noqa: E402
 from router.settings import Settings  # noqa: E402
 
 BATCH = 10_000
 SAMPLE = 200_000
 MAX_SAMPLES = 200_000
-SLOW_BATCH = 50  # calls of ~0.1-1 ms between deadline checks
+SLOW_BATCH = 50
+REDIS_SAMPLE = 5_000  # tenants whose Redis keys are measured (MEMORY USAGE, exact: SAMPLES 0)  # calls of ~0.1-1 ms between deadline checks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +124,7 @@ def redis_of(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(**redis_address(settings.redis_url))
 
 
-def redis_keys(ns: str, rec: TenantRecord) -> list[str]:
+def redis_keys(ns: str, rec: TenantRecord) -> list[str | bytes]:
     return [redis_tenant_key(ns, rec.tenant_id), redis_alias_key(ns, "code", rec.code),
             *(redis_alias_key(ns, "domain", d) for d in rec.domains)]
 
@@ -132,10 +136,49 @@ async def fill_redis(redis: aioredis.Redis, settings: Settings, records: list[Te
         async with redis.pipeline(transaction=False) as pipe:
             for rec in records[start:start + 2000]:
                 rkey, *aliases = redis_keys(ns, rec)
-                pipe.set(rkey, orjson.dumps(rec.to_dict()), ex=ttl)
+                pipe.set(rkey, encode_record(rec), ex=ttl)
                 for a in aliases:
-                    pipe.set(a, rec.tenant_id, ex=ttl)
+                    pipe.set(a, uuid.UUID(rec.tenant_id).bytes, ex=ttl)
             await pipe.execute()
+
+
+async def redis_bytes_per_tenant(redis: aioredis.Redis, ns: str, sample: list[TenantRecord]) -> dict[str, Any]:
+    """Redis MEMORY USAGE per tenant of ``sample`` written under namespace ``ns`` as the
+    client writes it (record and alias keys), and in the layout before issue 12 (JSON
+    records with field names, 36-character ids in keys and alias values) under ``ns``-v1:
+    both written, measured and removed here, in the same run."""
+    async def usage(keys: list[str | bytes]) -> int:
+        async with redis.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.memory_usage(k, samples=0)
+            return sum(int(v or 0) for v in await pipe.execute())
+
+    old_ns = ns + "-v1"
+    new_keys: list[str | bytes] = []
+    old_keys: list[str | bytes] = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for r in sample:
+            keys = redis_keys(ns, r)
+            pipe.set(keys[0], encode_record(r), ex=300)
+            for k in keys[1:]:
+                pipe.set(k, uuid.UUID(r.tenant_id).bytes, ex=300)
+            new_keys += keys
+            legacy = {"tenant_id": r.tenant_id, "code": r.code, "schema": r.schema, "shard_id": r.shard_id,
+                      "state": r.state, "epoch": r.epoch, "domains": list(r.domains)}
+            keys = [f"{old_ns}:t:{r.tenant_id}", f"{old_ns}:a:code:{r.code}",
+                    *(f"{old_ns}:a:domain:{d}" for d in r.domains)]
+            pipe.set(keys[0], json.dumps(legacy, separators=(",", ":")), ex=300)
+            for k in keys[1:]:
+                pipe.set(k, r.tenant_id, ex=300)
+            old_keys += keys
+        await pipe.execute()
+    try:
+        now, before = await usage(new_keys), await usage(old_keys)
+    finally:
+        for start in range(0, len(new_keys), 5000):
+            await redis.delete(*new_keys[start:start + 5000], *old_keys[start:start + 5000])
+    return {"sample": len(sample), "namespace": ns, "bytes_per_tenant": now / len(sample),
+            "before_issue12_bytes_per_tenant": before / len(sample)}
 
 
 async def drop_namespace(redis: aioredis.Redis, ns: str) -> None:
@@ -277,11 +320,11 @@ async def one_round(client: ResolveClient, redis: aioredis.Redis, records: list[
     return result
 
 
-def memory_per_10k(records: list[TenantRecord]) -> dict[str, float]:
+def memory_per_10k(records: list[TenantRecord]) -> dict[str, Any]:
     """Bytes held by a TenantCache of 10,000 tenants: structures only, and with the records
     (decoded from their Redis form, as the client holds them)."""
     sample = records[:10_000]
-    payloads = [orjson.dumps(r.to_dict()) for r in sample]
+    payloads = [(r.tenant_id, encode_record(r)) for r in sample]
     gc.collect()
     tracemalloc.start()
     cache = TenantCache(len(sample), 3600, 5)
@@ -293,8 +336,8 @@ def memory_per_10k(records: list[TenantRecord]) -> dict[str, float]:
     gc.collect()
     tracemalloc.start()
     cache = TenantCache(len(sample), 3600, 5)
-    for p in payloads:
-        cache.put(TenantRecord.from_dict(orjson.loads(p)))
+    for tid, p in payloads:
+        cache.put(decode_record(tid, p))
     with_records = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     return {"structures_bytes": structures, "with_records_bytes": with_records,
@@ -332,6 +375,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                               f"dict {r['dict']['ns_per_op']:.0f} ns/op, redis p50 {r['redis_hit']['p50_us']:.0f} us, "
                               f"miss p50 {r['miss']['p50_us']:.0f} us", flush=True)
                 memory = memory_per_10k(records)
+                # the default namespace ("tf") on a Valkey of our own; on shared servers, ours
+                size_ns = "tf" if target.embedded else settings.redis_namespace
+                memory["redis"] = await redis_bytes_per_tenant(redis, size_ns, records[:REDIS_SAMPLE])
             finally:
                 await drop_namespace(redis, settings.redis_namespace)
                 await redis.aclose()
@@ -340,7 +386,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, rounds, memory, len(set(keys)))
 
 
-def report(args: argparse.Namespace, rounds: list[dict[str, Any]], memory: dict[str, float],
+def report(args: argparse.Namespace, rounds: list[dict[str, Any]], memory: dict[str, Any],
            distinct: int) -> dict[str, Any]:
     names = ["loop_floor", "dict", "cache_get", "memory_hit", "redis_hit", "miss"]
     med = {n: {f: median_of(rounds, n, f) for f in ("ops_per_s", "p50_us", "p99_us")} for n in names}
@@ -365,6 +411,11 @@ def report(args: argparse.Namespace, rounds: list[dict[str, Any]], memory: dict[
     print(f"memory per 10,000 cached tenants: {memory['with_records_bytes'] / 1e6:.2f} MB with records "
           f"({memory['with_records_bytes_per_tenant']:.0f} B/tenant), "
           f"{memory['structures_bytes'] / 1e6:.2f} MB of cache structures alone")
+    red = memory["redis"]
+    print(f"Redis per cached tenant (MEMORY USAGE of its record and alias keys, {red['sample']:,} tenants, "
+          f"namespace {red['namespace']!r}): "
+          f"{red['bytes_per_tenant']:.0f} B (aim: at most 300), the layout before issue 12 "
+          f"{red['before_issue12_bytes_per_tenant']:.0f} B in the same run")
     return {"config": {"tenants": args.tenants, "rounds": args.rounds, "seconds": args.seconds, "zipf_s": args.zipf,
                        "seed": args.seed, "sample_keys": SAMPLE, "distinct_keys": distinct, "resolve_by": "code"},
             "machine": machine(), "median": med, "ns_per_op": ns, "ratios": ratios, "memory_per_10k": memory,

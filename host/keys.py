@@ -63,6 +63,14 @@ SQLSTATE_NOT_ON_SHARD: Final = "TF404"
 SQLSTATE_FENCE_STALE: Final = "TF409"
 SQLSTATE_LOCK_TIMEOUT: Final = "55P03"
 
+# A stale fence whose re-resolve answers the same placement: the directory's cutover (and
+# its invalidation) lands a moment after the source's fence rises. Back off from this,
+# doubling up to the max, for at most fence_wait_ms in all, instead of retrying at once.
+STALE_BACKOFF_INITIAL_S: Final = 0.002
+STALE_BACKOFF_MAX_S: Final = 0.05
+# How often (at most) a host looks for shards it no longer serves (settings.idle_shard_close_s)
+SHARD_SWEEP_MAX_S: Final = 5.0
+
 
 def registry_channel(ns: str) -> str:
     """Pub/sub: a plugin registry, kill-switch, role or principal change; every host reloads."""

@@ -99,6 +99,10 @@ class HostMetrics:
         self.registry.register(self._requests)
         self.fence_retries = Counter("tenantfleet_fence_retries", "Tenant transactions retried after a stale fence",
                                      registry=self.registry)
+        self.fence_stale_waits = Counter(
+            "tenantfleet_fence_stale_waits",
+            "Back-offs of a tenant transaction whose re-resolve still named the placement its fence refused",
+            registry=self.registry)
         self.cached_statement_retries = Counter(
             "tenantfleet_cached_statement_retries",
             "Tenant transactions retried after a cached statement's result type changed (mixed rollout)",

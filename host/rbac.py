@@ -224,9 +224,13 @@ class RbacService:
 
     async def list_principals(self, tenant_id: str | None) -> list[dict[str, Any]]:
         """One tenant's principals, or with None the fleet-level ones; oldest first. Never a key."""
-        rows = await self._control.fetch(
-            "SELECT principal_id::text, tenant_id::text, name, roles, is_admin, created_at FROM principals "
-            "WHERE tenant_id IS NOT DISTINCT FROM $1::uuid ORDER BY created_at, principal_id", tenant_id)
+        # two texts, not IS NOT DISTINCT FROM: that can't use principals_tenant_idx
+        select = ("SELECT principal_id::text, tenant_id::text, name, roles, is_admin, created_at FROM principals ")
+        order = " ORDER BY created_at, principal_id"
+        if tenant_id is None:
+            rows = await self._control.fetch(select + "WHERE tenant_id IS NULL" + order)
+        else:
+            rows = await self._control.fetch(select + "WHERE tenant_id = $1::uuid" + order, tenant_id)
         return [{"principalId": r["principal_id"], "tenantId": r["tenant_id"], "name": r["name"],
                  "roles": list(r["roles"]), "isAdmin": r["is_admin"], "createdAt": r["created_at"].isoformat()}
                 for r in rows]

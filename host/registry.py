@@ -239,7 +239,7 @@ class Registry:
         await self.control.execute(
             "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "
             "ON CONFLICT (plugin_id) DO NOTHING", plugin_id, pkg.api, str(version))
-        applied = await apply_tenant(self.pools, self.settings, pkg, tenant, to=to)
+        applied = await apply_tenant(self.pools, self.settings, pkg, tenant, to=to, control=self.control)
         await self.control.execute(
             "INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, enabled, version_installed) "
             "VALUES ($1::uuid, $2, true, $3) ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = true, "

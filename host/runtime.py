@@ -31,7 +31,7 @@ from host.metrics import HostMetrics
 from host.outbox import SHARD_ERRORS, OutboxStore, Relay
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
-from host.tx import TenantTx, keep_connection
+from host.tx import TenantTx, close_unserved_shards, keep_connection
 from router.client import ResolveClient, redis_address
 from router.directory import Directory
 from router.errors import ConfigInvalid, PluginDisabled
@@ -187,6 +187,9 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
             except SHARD_ERRORS as exc:
                 log.warning("event subscriptions not read (%s); events wait for their lease until they are",
                             exc.__class__.__name__)
+            async def shard_states() -> dict[str, str]:
+                return {s.shard_id: s.state for s in await directory.list_shards()}
+            tasks.spawn(close_unserved_shards(tx, shard_states, settings), name="shard-sweeper")
             subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
             tasks.spawn(subscriber.run(), name="pubsub")
             try:

@@ -51,14 +51,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from host.keys import SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD
+from host.keys import (
+    SHARD_SWEEP_MAX_S, SQLSTATE_FENCE_STALE, SQLSTATE_LOCK_TIMEOUT, SQLSTATE_NOT_ON_SHARD, STALE_BACKOFF_INITIAL_S,
+    STALE_BACKOFF_MAX_S,
+)
 from host.leases import Leases, LeasesClosed, PoolFigures, is_gone
 from host.metrics import HostMetrics
 from host.tenancy import REQUEST_TENANT, Resolver, check_servable
@@ -153,6 +157,7 @@ class TenantTx:
         self._pools = pools
         self._metrics = metrics
         self._leased: dict[str, Leases] = {}
+        self._used: dict[str, float] = {}   # shard id -> when a tenant transaction last started there
         self._closed = False
 
     async def __aenter__(self) -> "TenantTx":
@@ -176,22 +181,24 @@ class TenantTx:
         if rec is None or rec.tenant_id != tenant_id:
             rec = await self._resolver.resolve(id=parse_tenant_id(tenant_id))
         fence_tries = 0
+        stale_waited = 0.0
         statement_tries = 0
         role_tries = 0
         while True:
             check_servable(rec)
             leases = await self._leases(rec.shard_id)
+            self._used[rec.shard_id] = time.monotonic()
             try:
                 return await self._attempt(leases, rec, fn)
             except _Stale:
                 fence_tries += 1
                 self._metrics.fence_retries.inc()
-                self._resolver.drop(rec.tenant_id, stale_epoch=rec.epoch)
                 log.info("stale fence for tenant %s at epoch %s; re-resolving", rec.tenant_id, rec.epoch)
                 if fence_tries > self._settings.fence_retries:
                     raise TenantMoving(f"tenant {rec.code} is moving; retry shortly", tenantId=rec.tenant_id,
                                        retryAfter=1) from None
-                stale, rec = rec, await self._resolver.resolve(id=rec.tenant_id)
+                stale = rec
+                rec, stale_waited = await self._re_resolve(stale, stale_waited)
                 if REQUEST_TENANT.get() is stale:
                     REQUEST_TENANT.set(rec)  # later transactions of this request use the new placement
             except asyncpg.InvalidCachedStatementError:
@@ -206,6 +213,28 @@ class TenantTx:
                     raise ShardUnreachable(f"shard {rec.shard_id} refuses the fence to the app role: prepare the "
                                            "shard with this version of tenantfleet (`tenantfleet up`)",
                                            shardId=rec.shard_id) from exc.__cause__
+
+    async def _re_resolve(self, stale: TenantRecord, waited: float) -> tuple[TenantRecord, float]:
+        """The tenant's placement after its fence said ``stale`` is out of date, and the time
+        spent waiting so far in this call. While the directory still answers the stale
+        placement (a cutover raises the source's fence first and switches the directory a
+        moment later), back off a few ms, doubling, for at most ``fence_wait_ms`` in all
+        (then TENANT_MOVING): never a burst of ``fence_retries`` tries in a row."""
+        budget = self._settings.fence_wait_ms / 1000
+        pause = STALE_BACKOFF_INITIAL_S
+        while True:
+            self._resolver.drop(stale.tenant_id, stale_epoch=stale.epoch)
+            rec = await self._resolver.resolve(id=stale.tenant_id)
+            if rec.epoch > stale.epoch or rec.shard_id != stale.shard_id:
+                return rec, waited
+            if waited >= budget:
+                raise TenantMoving(f"tenant {stale.code} is moving; retry shortly", tenantId=stale.tenant_id,
+                                   retryAfter=1)
+            step = min(pause, budget - waited)
+            self._metrics.fence_stale_waits.inc()
+            await asyncio.sleep(step)
+            waited += step
+            pause = min(pause * 2, STALE_BACKOFF_MAX_S)
 
     async def _leases(self, shard_id: str) -> Leases:
         leases = self._leased.get(shard_id)
@@ -244,6 +273,29 @@ class TenantTx:
             pool = leases.pool
             out[shard_id] = PoolFigures(pool.get_size(), free + pool.get_idle_size(), pool.get_max_size(), waiting)
         return out
+
+    async def close_unserved(self, shard_states: Mapping[str, str]) -> list[str]:
+        """Close the leased connections and the pool of every shard this host no longer
+        serves: one ``shard_states`` (the directory's shard id -> state) marks ``offline``
+        or no longer lists, or one no tenant transaction started on for
+        ``idle_shard_close_s`` (e.g. drained: its tenants were moved away). Returns the
+        shards closed. A tenant that lands on one again reopens it on demand (`_leases`);
+        a transaction still running on one finishes, its connection then goes back to
+        the closing pool (asyncpg waits for it, then terminates what is left)."""
+        now = time.monotonic()
+        idle_s = self._settings.idle_shard_close_s
+        gone = [sid for sid in self._pools.opened()
+                if shard_states.get(sid, "offline") == "offline" or now - self._used.get(sid, 0.0) >= idle_s]
+        for sid in gone:
+            leases = self._leased.pop(sid, None)
+            self._used.pop(sid, None)
+            if leases is not None:
+                await leases.close()
+            await self._pools.drop(sid)
+            log.info("shard %s: closed this host's connections to it (%s)", sid,
+                     "offline or removed" if shard_states.get(sid, "offline") == "offline" else
+                     f"no tenant served there for {idle_s:g} s")
+        return gone
 
     async def close(self) -> None:
         """Give every connection back to its pool (before the pools close)."""
@@ -292,6 +344,22 @@ class TenantTx:
         finally:
             db._conn = None
             leases.give(conn)
+
+
+async def close_unserved_shards(tx: TenantTx, shard_states: Callable[[], Awaitable[Mapping[str, str]]],
+                                settings: Settings) -> None:
+    """Run forever (an owned task): every quarter of ``idle_shard_close_s`` (at most
+    `SHARD_SWEEP_MAX_S`), `TenantTx.close_unserved` with the directory's shard states. A
+    control plane that doesn't answer skips that round (nothing is closed on a guess)."""
+    interval = min(settings.idle_shard_close_s / 4, SHARD_SWEEP_MAX_S)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            states = await shard_states()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, TenantFleetError) as exc:
+            log.warning("shard states not read (%s); no pool closed this round", exc.__class__.__name__)
+            continue
+        await tx.close_unserved(states)
 
 
 async def _take(leases: Leases, shard_id: str) -> PoolConnectionProxy:

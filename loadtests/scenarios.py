@@ -7,7 +7,7 @@ A run's timeline (seconds from the start of the load):
 ``steady`` has no event: its phases are warmup and steady only. The event is what the
 scenario does to the fleet under load: ``upgrade`` runs ``tenantfleet migrate apply
 PLUGIN`` (the plugin's next version across the fleet); ``shard-slow`` runs ``tenantfleet
-loadtest slow-shard SHARD`` (a bounded lock holder on one shard's tenants); ``move`` needs
+loadtest slow-shard SHARD`` (a bounded lock holder on one shard's tenants); ``move``
 is not built yet (its next slice) and is refused before any load.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ Guarantees:
 
 - A name found in the in-process level is answered without I/O. A miss is loaded once
   however many callers want it at the same moment (single-flight per (kind, value)):
-  Redis first (orjson values, TTL ``settings.redis_ttl_s``), then ``lookup`` on the
+  Redis first (`router.redis_format` values, TTL ``settings.redis_ttl_s``), then ``lookup`` on the
   control plane, whose answer is written through to Redis.
 - A name the control plane doesn't know is remembered for ``settings.negative_ttl_s``;
   within that time it is answered TENANT_NOT_FOUND without a query.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from contextlib import AsyncExitStack
 from functools import partial
 from types import TracebackType
@@ -45,10 +46,11 @@ from router.errors import ConfigInvalid, TenantNotFound, ValidationFailed
 from router.keys import (
     GET_BY_ALIAS_LUA, LISTENER_POLL_S, LISTENER_READY_S, LISTENER_RETRY_MAX_S, LISTENER_RETRY_S, REDIS_BREAKER_S,
     REDIS_CONNECT_TIMEOUT_S, REDIS_MAX_CONNECTIONS, REDIS_SOCKET_TIMEOUT_S, SET_IF_NEWER_LUA,
-    invalidation_channel, redis_alias_key, redis_tenant_key,
+    invalidation_channel, redis_alias_key, redis_tenant_key, redis_tenant_prefix,
 )
 from router.metrics import ResolveMetrics, ResolveStats
 from router.models import TenantRecord, parse_tenant_id
+from router.redis_format import decode_record, encode_record
 from router.settings import Settings
 
 log = logging.getLogger("tenantfleet.resolve")
@@ -440,16 +442,22 @@ class ResolveClient:
         redis = self._redis
         if redis is None:
             return None
+        tenant_id: str | bytes
+        raw: bytes | str | None  # bytes: the client does not decode responses
         if kind == "id":
+            tenant_id = value
             raw = await self._redis_call("read", partial(redis.get, redis_tenant_key(self._ns, value)))
         else:
-            raw = await self._redis_call("read", partial(self._get_by_alias, keys=[redis_alias_key(self._ns, kind, value)],
-                                                         args=[redis_tenant_key(self._ns, "")]))
-        if raw is None:
+            found = await self._redis_call("read", partial(self._get_by_alias, keys=[redis_alias_key(self._ns, kind, value)],
+                                                           args=[redis_tenant_prefix(self._ns)]))
+            if not isinstance(found, list) or len(found) != 2:
+                return None  # no such alias
+            tenant_id, raw = found
+        if not isinstance(raw, bytes):
             return None
         try:
-            return TenantRecord.from_dict(orjson.loads(raw))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return decode_record(tenant_id, raw)
+        except (ValueError, TypeError) as exc:  # not a record we wrote (or a bad alias value)
             log.warning("ignoring malformed redis entry for %s %s: %s", kind, value, exc)
             return None
 
@@ -459,7 +467,7 @@ class ResolveClient:
             return None
         keys = [redis_tenant_key(self._ns, rec.tenant_id), redis_alias_key(self._ns, "code", rec.code),
                 *(redis_alias_key(self._ns, "domain", d) for d in rec.domains)]
-        args = [rec.epoch, orjson.dumps(rec.to_dict()), self.settings.redis_ttl_s, rec.tenant_id]
+        args = [rec.epoch, encode_record(rec), self.settings.redis_ttl_s, uuid.UUID(rec.tenant_id).bytes]
         result = await self._redis_call("write", partial(self._set_if_newer, keys=keys, args=args), force=force)
         return None if result is None else int(result)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 import uuid
 from typing import Awaitable, Callable, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -17,9 +18,9 @@ import asyncpg
 
 from router import schema
 from router.errors import (
-    NoShardAvailable, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
+    FenceStale, NoShardAvailable, TenantBusy, ShardExists, ShardNotFound, ShardUnreachable, TenantExists, TenantNotFound, ValidationFailed,
 )
-from router.keys import PLACEMENT_LOCK, SHARD_STATES
+from router.keys import PLACEMENT_LOCK, SHARD_STATES, TENANT_STATES
 from router.models import ShardRecord, TenantRecord, check_code, check_domain, check_domains, check_shard_id, parse_tenant_id
 from router.pools import ShardPools, connect, redact
 from router.settings import Settings
@@ -46,24 +47,39 @@ LOOKUP_SQL = {
     "domain": _SELECT + "WHERE t.tenant_id = (SELECT tenant_id FROM tenant_domains WHERE domain = $1)",
 }
 
+# Placement and the shard list read the per-shard counter (`shards.tenant_count`, kept by
+# triggers on `tenants` in the same transaction), never count the tenants.
 _PLACE = """
 SELECT s.shard_id
 FROM shards s
-LEFT JOIN (SELECT shard_id, count(*) AS n FROM tenants GROUP BY shard_id) c USING (shard_id)
 WHERE s.state = 'active'
-ORDER BY coalesce(c.n, 0)::float8 / s.capacity, s.shard_id
+ORDER BY s.tenant_count::float8 / s.capacity, s.shard_id
 LIMIT 1
 """
 
 _SHARDS = """
-SELECT s.shard_id, s.dsn, s.state, s.capacity, s.weight, coalesce(c.n, 0)::int AS tenants
-FROM shards s LEFT JOIN (SELECT shard_id, count(*) AS n FROM tenants GROUP BY shard_id) c USING (shard_id)
+SELECT s.shard_id, s.dsn, s.state, s.capacity, s.weight, s.tenant_count AS tenants
+FROM shards s
 """
+
+# Tenant pages by keyset: ORDER BY code after the last code of the previous page ('' for
+# the first: every code is longer), each filter combination its own constant text so
+# that every one has an index to walk (tables.tenants: code, (shard_id, code),
+# (state, code)). OFFSET stays for old clients (0 costs nothing).
+_PAGE = "t.code > $1 ORDER BY t.code LIMIT $2 OFFSET $3"
+_LIST_SQL = {
+    (False, False): _SELECT + "WHERE " + _PAGE,
+    (True, False): _SELECT + "WHERE t.shard_id = $4 AND " + _PAGE,
+    (False, True): _SELECT + "WHERE t.state = $4 AND " + _PAGE,
+    (True, True): _SELECT + "WHERE t.shard_id = $4 AND t.state = $5 AND " + _PAGE,
+}
 
 
 def record_from_row(row: asyncpg.Record) -> TenantRecord:
+    # shard ids and states are a few values shared by every tenant: one string each, not
+    # one per cached record (the resolve cache holds up to 100k of them)
     return TenantRecord(tenant_id=row["tenant_id"], code=row["code"], schema=row["schema_name"],
-                        shard_id=row["shard_id"], state=row["state"], epoch=row["epoch"],
+                        shard_id=sys.intern(row["shard_id"]), state=sys.intern(row["state"]), epoch=row["epoch"],
                         domains=tuple(row["domains"]))
 
 
@@ -242,13 +258,29 @@ class Directory:
             raise TenantNotFound(f"no tenant with {kind} {value}", lookup=kind, value=value)
         return rec
 
-    async def list_tenants(self, *, shard_id: str | None = None, state: str | None = None,
-                           limit: int = 100, offset: int = 0) -> list[TenantRecord]:
-        if not 1 <= limit <= 10_000 or offset < 0:
-            raise ValidationFailed("limit must be 1..10000 and offset >= 0", field="limit")
-        rows = await self.control.fetch(
-            _SELECT + "WHERE ($1::text IS NULL OR t.shard_id = $1) AND ($2::text IS NULL OR t.state = $2) "
-            "ORDER BY t.code LIMIT $3 OFFSET $4", shard_id, state, limit, offset)
+    async def list_tenants(self, *, shard_id: str | None = None, state: str | None = None, limit: int = 100,
+                           after: str | None = None, offset: int = 0) -> list[TenantRecord]:
+        """Up to ``limit`` tenants in code order, from the one after code ``after`` (the
+        last code of the previous page; None: from the start): a keyset page, as cheap at
+        the 100,000th tenant as at the first. ``offset`` (deprecated) skips that many more
+        rows, at a cost that grows with it. Raises VALIDATION_FAILED."""
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+            raise ValidationFailed("limit must be 1..10000", field="limit")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValidationFailed("offset must be >= 0", field="offset")
+        if after is not None:
+            try:
+                check_code(after)
+            except ValidationFailed:
+                raise ValidationFailed("after must be a tenant code (the last code of the previous page)",
+                                       field="after") from None
+        if shard_id is not None:
+            check_shard_id(shard_id)
+        if state is not None and state not in TENANT_STATES:
+            raise ValidationFailed(f"state must be one of {', '.join(TENANT_STATES)}", field="state")
+        filters = [v for v in (shard_id, state) if v is not None]
+        sql = _LIST_SQL[(shard_id is not None, state is not None)]
+        rows = await self.control.fetch(sql, after or "", limit, offset, *filters)
         return [record_from_row(r) for r in rows]
 
     async def create_tenant(self, code: str, domains: Sequence[str] = (), *, shard_id: str | None = None) -> TenantRecord:
@@ -315,8 +347,16 @@ class Directory:
     async def _transition(self, tenant_id: str, from_state: str, to_state: str) -> TenantRecord:
         row = await self.control.fetchrow(
             "UPDATE tenants SET state = $3, epoch = epoch + 1, updated_at = now() "
-            "WHERE tenant_id = $1::uuid AND state = $2 RETURNING state", tenant_id, from_state, to_state)
+            "WHERE tenant_id = $1::uuid AND state = $2 AND NOT EXISTS (SELECT 1 FROM tenant_moves m "
+            "WHERE m.tenant_id = $1::uuid AND m.phase NOT IN ('done', 'aborted')) RETURNING state",
+            tenant_id, from_state, to_state)
         if row is None:
+            moving = await self.control.fetchval(
+                "SELECT run_id FROM tenant_moves WHERE tenant_id = $1::uuid AND phase NOT IN ('done', 'aborted')",
+                tenant_id)
+            if moving is not None:
+                raise TenantBusy(f"tenant {tenant_id} is being moved (run {moving}): finish or abort the move first",
+                                 tenantId=tenant_id, runId=moving)
             current = await self.lookup("id", tenant_id)
             if current is None:
                 raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
@@ -324,6 +364,39 @@ class Directory:
                                    field="state", state=current.state)
         rec = await self.lookup("id", tenant_id)
         assert rec is not None
+        await self.announce(rec)
+        return rec
+
+    async def cutover(self, tenant_id: str, source: str, target: str, epoch_before: int,
+                      conn: asyncpg.Connection | None = None) -> TenantRecord:
+        """Point the tenant at ``target`` with the next epoch, if it is still on ``source``
+        at ``epoch_before`` (the move's commit point; idempotent for a resumed move: a
+        tenant already on ``target`` at ``epoch_before + 1`` is returned as it is).
+        Announced to every resolve cache. FENCE_STALE if the tenant changed otherwise."""
+        sql = ("UPDATE tenants SET shard_id = $3, epoch = $4 + 1, updated_at = now() "
+               "WHERE tenant_id = $1::uuid AND shard_id = $2 AND epoch = $4 RETURNING 1")
+        if conn is None:
+            done = await self.control.fetchval(sql, tenant_id, source, target, epoch_before)
+        else:
+            done = await conn.fetchval(sql, tenant_id, source, target, epoch_before)
+        rec = await self.lookup("id", tenant_id)
+        if rec is None:
+            raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
+        if not done and not (rec.shard_id == target and rec.epoch == epoch_before + 1):
+            raise FenceStale(f"tenant {rec.code} changed during its move (now on {rec.shard_id} at epoch "
+                             f"{rec.epoch}, expected {source} at {epoch_before})", tenantId=tenant_id)
+        await self.announce(rec)
+        return rec
+
+    async def bump_epoch(self, tenant_id: str, at_least: int) -> TenantRecord:
+        """Raise the tenant's epoch past ``at_least`` where it is (an aborted move whose
+        source fence had already been raised: the directory catches up with it)."""
+        await self.control.execute(
+            "UPDATE tenants SET epoch = greatest(epoch + 1, $2), updated_at = now() WHERE tenant_id = $1::uuid",
+            tenant_id, at_least)
+        rec = await self.lookup("id", tenant_id)
+        if rec is None:
+            raise TenantNotFound(f"no tenant with id {tenant_id}", id=tenant_id)
         await self.announce(rec)
         return rec
 

@@ -202,3 +202,26 @@ class FleetError(TenantFleetError):
     """The embedded fleet could not be started, stopped or reached."""
     code = "FLEET_ERROR"
     status = 500
+
+
+class TenantBusy(TenantFleetError):
+    """The tenant is held by another long operation: an open move, or a migration in flight."""
+    code = "TENANT_BUSY"
+    status = 409
+    exit_code = 3
+
+
+class MoveFailed(TenantFleetError):
+    """A tenant move could not finish a step; the tenant is still served from one shard
+    and the move can be resumed (``move --resume RUN``) or aborted (``move --abort RUN``)."""
+    code = "MOVE_FAILED"
+    status = 500
+    exit_code = 5
+
+
+class MoveRefused(TenantFleetError):
+    """A move's pre-flight found the tenant or the target not ready (no key on a table,
+    target behind on migrations, replication not available); nothing was changed."""
+    code = "MOVE_REFUSED"
+    status = 409
+    exit_code = 2

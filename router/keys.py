@@ -2,18 +2,29 @@
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Final
 
 # Redis keys live under the configured namespace (TENANTFLEET_REDIS_NAMESPACE, default "tf"),
-# so several fleets can share one Redis.
-def redis_tenant_key(ns: str, tenant_id: str) -> str:
-    """<ns>:t:<tenant_id> -> orjson TenantRecord"""
-    return f"{ns}:t:{tenant_id}"
+# so several fleets can share one Redis. The layout is compact (issue 12: at most 300
+# bytes of Redis per cached tenant at 100k tenants): the record under the tenant id's 16
+# raw bytes, each alias holding those 16 bytes, the record itself `router.redis_format`.
+def redis_tenant_key(ns: str, tenant_id: str) -> bytes:
+    """<ns>:r:<the tenant id's 16 bytes> -> `router.redis_format.encode_record`"""
+    return redis_tenant_prefix(ns) + uuid.UUID(tenant_id).bytes
+
+
+def redis_tenant_prefix(ns: str) -> bytes:
+    """What every record key starts with (the alias script appends the id it finds)."""
+    return f"{ns}:r:".encode()
 
 
 def redis_alias_key(ns: str, kind: str, value: str) -> str:
-    """<ns>:a:<code|domain>:<value> -> tenant_id"""
-    return f"{ns}:a:{kind}:{value}"
+    """<ns>:c:<code> or <ns>:d:<domain> -> the tenant id's 16 bytes"""
+    return f"{ns}:{_ALIAS_TAG[kind]}:{value}"
+
+
+_ALIAS_TAG: Final = {"code": "c", "domain": "d"}
 
 
 def invalidation_channel(ns: str) -> str:
@@ -74,14 +85,14 @@ LISTENER_RETRY_MAX_S: Final = 2.0          # ... doubling up to this
 LISTENER_READY_S: Final = 1.0              # how long opening a client waits for its first subscribe
 
 # Write a record (KEYS[1]) and its alias keys (KEYS[2..]) unless Redis already holds a
-# newer epoch for that tenant. ARGV: epoch, orjson payload, ttl seconds, tenant_id.
-# Returns 1 if written, 0 if refused. A payload Redis can't decode is overwritten.
+# newer epoch for that tenant. ARGV: epoch, the encoded record (it starts with its epoch
+# and a space), ttl seconds, the tenant id's 16 bytes. Returns 1 if written, 0 if
+# refused. A value Redis can't read an epoch from is overwritten.
 SET_IF_NEWER_LUA: Final = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  local ok, doc = pcall(cjson.decode, cur)
-  if ok and type(doc) == 'table' and tonumber(doc['epoch']) ~= nil
-     and tonumber(doc['epoch']) > tonumber(ARGV[1]) then
+  local held = tonumber(string.match(cur, '^(%d+) '))
+  if held ~= nil and held > tonumber(ARGV[1]) then
     return 0
   end
 end
@@ -92,11 +103,12 @@ end
 return 1
 """
 
-# Follow an alias (KEYS[1] -> tenant_id) to its record in one round trip. ARGV[1] is the
-# record key prefix (redis_tenant_key(ns, "")). The record key is derived inside the
+# Follow an alias (KEYS[1] -> the tenant id's 16 bytes) to its record in one round trip:
+# returns {id, record} ({id, false} if the record is gone), or false. ARGV[1] is the
+# record key prefix (redis_tenant_prefix(ns)). The record key is derived inside the
 # script, which a single Redis/Valkey server allows (Redis Cluster would not).
 GET_BY_ALIAS_LUA: Final = """
 local id = redis.call('GET', KEYS[1])
 if not id then return false end
-return redis.call('GET', ARGV[1] .. id)
+return {id, redis.call('GET', ARGV[1] .. id)}
 """

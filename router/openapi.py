@@ -107,9 +107,16 @@ def build() -> dict[str, Any]:
         _query("state", {"type": "string", "enum": list(TENANT_STATES)}, "only tenants in this state"),
         _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 100},
                "at most this many (plain digits)"),
-        _query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
-               "skip this many (plain digits)"),
+        _query("after", _schema(Code), "the page after this code: the last code of the previous page "
+               "(a full page's Link header, rel=\"next\", names the next one)"),
+        {**_query("offset", {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                  "deprecated: skip this many more (its cost grows with it; page with after instead)"),
+         "deprecated": True},
     ]
+    page_ok = _ok("tenants in code order", {"type": "array", "items": tenant})
+    page_ok["200"]["headers"]["Link"] = {
+        "description": "on a full page: the next page's URL, rel=\"next\"", "required": False,
+        "schema": {"type": "string", "pattern": "^<.*>; rel=\"next\"$"}}
     plain = {"200": {"description": "ok", "headers": dict(_RID),
                      "content": {"application/json": {"schema": {"type": "object"}}}}}
     return {
@@ -127,7 +134,7 @@ def build() -> dict[str, Any]:
                 "Where a tenant lives (exactly one of id, code, domain)", _ok("the tenant", tenant),
                 (400, 401, 404, 503), security=_READ, parameters=[resolve_query])},
             "/v1/tenants": {
-                "get": _op("List tenants by code", _ok("tenants", {"type": "array", "items": tenant}),
+                "get": _op("List tenants by code, a keyset page at a time", page_ok,
                            (400, 401, 503), security=_READ, parameters=list_params),
                 "post": _op("Create a tenant (on the least-loaded active shard unless shardId is given)",
                             _ok("created", tenant, 201), (400, 401, 403, 404, 408, 409, 413, 415, 503),

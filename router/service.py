@@ -71,17 +71,25 @@ async def resolve(request: web.Request) -> web.Response:
 
 
 async def list_tenants(request: web.Request) -> web.Response:
+    """A keyset page of tenants in code order: ``after`` is the last code of the previous
+    page. A full page carries ``Link: <...?after=<its last code>...>; rel="next"``."""
     _require_reader(request)
-    _known_params(request, {"shard", "state", "limit", "offset"})
-    shard, state = request.query.get("shard"), request.query.get("state")
+    _known_params(request, {"shard", "state", "limit", "after", "offset"})
+    shard, state, after = request.query.get("shard"), request.query.get("state"), request.query.get("after")
     if shard is not None:
         check_shard_id(shard)
     if state is not None and state not in TENANT_STATES:
         raise ValidationFailed(f"state must be one of {', '.join(TENANT_STATES)}", field="state")
+    limit = int_param(request, "limit", 100, 1, MAX_LIST_LIMIT)
     d = request.app[RUNTIME].directory
-    recs = await d.list_tenants(shard_id=shard, state=state, limit=int_param(request, "limit", 100, 1, MAX_LIST_LIMIT),
+    recs = await d.list_tenants(shard_id=shard, state=state, limit=limit, after=after,
                                 offset=int_param(request, "offset", 0, 0, MAX_OFFSET))
-    return json_response([r.to_api() for r in recs])
+    headers = None
+    if len(recs) == limit:  # maybe more: the next page starts after this one's last code
+        query = {k: v for k, v in (("shard", shard), ("state", state)) if v is not None}
+        nxt = request.rel_url.with_query({**query, "limit": str(limit), "after": recs[-1].code})
+        headers = {"Link": f'<{nxt}>; rel="next"'}
+    return json_response([r.to_api() for r in recs], headers=headers)
 
 
 async def create_tenant(request: web.Request) -> web.Response:

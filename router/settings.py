@@ -69,10 +69,36 @@ class Settings(BaseModel):
     probe_slow_ms: float = Field(500.0, gt=0)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
+    # how long a run keeps coming back to a tenant a move holds before it reports that
+    # tenant's unit failed (a move may take longer than shard_give_up_s)
+    migrate_move_wait_s: float = Field(3600.0, gt=0)
+
+    # tenant moves
+    # how long a cutover may hold the tenant's writes for the final catch-up before it
+    # lets go and tries again later (writes are never blocked for long)
+    cutover_timeout_ms: int = Field(2000, ge=10, le=60_000)
+    cutover_attempts: int = Field(5, ge=1, le=100)
+    # how long a move waits for the subscription to catch up before the cutover
+    catchup_timeout_s: float = Field(600.0, gt=0)
+    # how long a move waits for a migration in flight on the tenant before refusing
+    move_hold_wait_ms: int = Field(10_000, ge=1)
+    # concurrent moves: overall, per source and per target shard (PostgreSQL's logical
+    # replication workers and slots are few)
+    moves_concurrency: int = Field(4, ge=1, le=64)
+    moves_per_shard: int = Field(2, ge=1, le=32)
+    # drains and rebalances in `auto` mode move a tenant this small offline: copying it
+    # under the fence (tens of ms) holds its writes less than an online move's set-up
+    # costs everyone (a replication slot waits for every running transaction on the source)
+    move_offline_max_bytes: int = Field(2 * 1024 * 1024, ge=0)
+    # how long a moved tenant's old schema is kept on the source before `gc` drops it
+    retired_grace_s: float = Field(86_400.0, ge=0)
 
     # request path
     fence_retries: int = Field(3, ge=0)
     fence_wait_ms: int = Field(5000, ge=1)
+    # a host closes its connections and pool to a shard no tenant transaction of its own
+    # started on for this long (e.g. drained), or at once to one set offline or removed
+    idle_shard_close_s: float = Field(60.0, gt=0)
     max_body_bytes: int = Field(1_048_576, ge=1)
 
     log_level: str = "INFO"

@@ -22,7 +22,7 @@ from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 # Bump with every change below (and in `router.schema`'s shard preparation); `schema_meta`
 # records what a control database has, `shard_schema_meta` what a shard has, and code
 # refuses to prepare a database whose recorded version is newer than this (4: the floor).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5  # 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
 
 control = MetaData()
 shard = MetaData(schema="fleet")
@@ -65,6 +65,11 @@ shards = Table(
     # 4; NULL until the shard is prepared by that version). Never selected for output.
     Column("login_role", Text, nullable=True),
     Column("login_password", Text, nullable=True),
+    # How many tenants the directory has on this shard: kept by the triggers of
+    # `TENANT_COUNT_DDL` in the same transaction as every insert, delete and shard change
+    # of `tenants`, so placement and `shards list` read one row per shard instead of
+    # counting 100k tenants (issue 12).
+    Column("tenant_count", Integer, nullable=False, server_default="0"),
     _states("state", SHARD_STATES),
     CheckConstraint("capacity > 0", name="capacity_positive"),
 )
@@ -80,7 +85,11 @@ tenants = Table(
     _now(),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     _states("state", TENANT_STATES),
-    Index("tenants_shard_idx", "shard_id"),
+    # Keyset pages (`tenants list`, GET /v1/tenants: ORDER BY code, after a code) by shard
+    # or by state, and a shard's tenants in code order (the migrator's plan); the code's
+    # own unique index serves the unfiltered list.
+    Index("tenants_shard_code_idx", "shard_id", "code"),
+    Index("tenants_state_code_idx", "state", "code"),
 )
 
 tenant_domains = Table(
@@ -112,6 +121,8 @@ sys_tenant_plugins = Table(
     Column("config", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("tenant_id", "plugin_id"),
+    # one plugin over every tenant (the migrator's downgrade check, enabled tenants)
+    Index("sys_tenant_plugins_plugin_idx", "plugin_id", "version_installed"),
 )
 
 sys_plugin_role_templates = Table(
@@ -144,6 +155,8 @@ principals = Table(
     Column("roles", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("is_admin", Boolean, nullable=False, server_default=text("false")),
     _now(),
+    # a tenant's keys (`keys list --tenant`), and the cascade when a tenant is deleted
+    Index("principals_tenant_idx", "tenant_id"),
 )
 
 # --- fleet run state ----------------------------------------------------------------
@@ -190,6 +203,28 @@ event_subscriptions = Table(
     Column("seen_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("host_id", "plugin_id", "event_name"),
     Index("event_subscriptions_seen_idx", "seen_at"),
+)
+
+# One row per tenant move (the run itself is the `fleet_runs` row of kind `move`). At most
+# one open move per tenant (the partial unique index): a second `move` of the same tenant
+# is refused. ``phase`` is recorded before each step's effects, so a resumed move knows
+# what may exist; the names of the replication objects derive from ``run_id``.
+tenant_moves = Table(
+    "tenant_moves", control,
+    Column("run_id", BigInteger, ForeignKey("fleet_runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), ForeignKey("tenants.tenant_id", ondelete="CASCADE"), nullable=False),
+    Column("source_shard", Text, ForeignKey("shards.shard_id"), nullable=False),
+    Column("target_shard", Text, ForeignKey("shards.shard_id"), nullable=False),
+    Column("mode", Text, nullable=False),                  # online | offline
+    Column("phase", Text, nullable=False, server_default="planned"),
+    Column("epoch_before", BigInteger, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("mode IN ('online', 'offline')", name="mode_valid"),
+    CheckConstraint("source_shard <> target_shard", name="moves_somewhere"),
+    Index("tenant_moves_open_idx", "tenant_id", unique=True,
+          postgresql_where=text("phase NOT IN ('done', 'aborted')")),
 )
 
 # --- shard side: the `fleet` schema -----------------------------------------------------
@@ -241,6 +276,26 @@ event_outbox = Table(
     Index("event_outbox_due_idx", "next_attempt_at", postgresql_where=text("delivered_at IS NULL")),
     # what the clean-up deletes
     Index("event_outbox_delivered_idx", "delivered_at", postgresql_where=text("delivered_at IS NOT NULL")),
+)
+
+# A move's final catch-up marker: written on the source under the exclusive fence and
+# published (row-filtered to the move's run_id) with the tenant's tables; once the
+# target holds it, the target holds every write the tenant committed before the fence.
+move_markers = Table(
+    "move_markers", shard,
+    Column("run_id", BigInteger, primary_key=True),
+    Column("seq", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Source schemas a move renamed out of the way (kept for a grace period, then dropped by
+# `tenantfleet gc`).
+retired_schemas = Table(
+    "retired_schemas", shard,
+    Column("schema_name", Text, primary_key=True),
+    Column("tenant_id", UUID(as_uuid=True), nullable=False),
+    Column("run_id", BigInteger, nullable=False),
+    Column("retired_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
 # Schema names are generated by the system (t_<32 hex>) and still never formatted into
@@ -636,6 +691,12 @@ END $fn$;
 CREATE OR REPLACE FUNCTION fleet.tenant_lock_key(tenant uuid) RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT pg_catalog.hashtextextended(tenant::text, 7466) $fn$;
 
+-- The tenant's hold key: a move holds it exclusive (session-level, on source and target)
+-- for the whole move; the migrator takes it shared with each tenant unit, so a tenant is
+-- never migrated and moved at once.
+CREATE OR REPLACE FUNCTION fleet.tenant_hold_key(tenant uuid) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$ SELECT pg_catalog.hashtextextended(tenant::text, 7467) $fn$;
+
 """
 
 # Installed by ensure_shard after every tenant schema has its role (the fence switches
@@ -691,6 +752,57 @@ SHARD_COLUMNS_ADDED = [
     "ALTER TABLE fleet.event_outbox ADD COLUMN IF NOT EXISTS handled_by text[] NOT NULL DEFAULT '{}'::text[]",  # v4
 ]
 
+# `shards.tenant_count`, kept in the same transaction as the change to `tenants`: one
+# statement-level trigger per INSERT (COPY too) and DELETE, over the rows it touched (a
+# bulk import of 10,000 tenants updates each shard's row once), and a row trigger on a
+# tenant whose shard changes (a move's cutover). The shards' rows are locked in shard_id
+# order first, so two statements touching the same shards can't deadlock on them.
+# (TRUNCATE fires none of them: nothing of ours truncates `tenants`.)
+TENANT_COUNT_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tenantfleet_count_tenants() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM 1 FROM shards WHERE shard_id IN (SELECT shard_id FROM counted_new) ORDER BY shard_id FOR NO KEY UPDATE;
+    UPDATE shards s SET tenant_count = s.tenant_count + c.n
+    FROM (SELECT shard_id, count(*)::int AS n FROM counted_new GROUP BY shard_id) c WHERE s.shard_id = c.shard_id;
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM 1 FROM shards WHERE shard_id IN (SELECT shard_id FROM counted_old) ORDER BY shard_id FOR NO KEY UPDATE;
+    UPDATE shards s SET tenant_count = s.tenant_count - c.n
+    FROM (SELECT shard_id, count(*)::int AS n FROM counted_old GROUP BY shard_id) c WHERE s.shard_id = c.shard_id;
+  ELSE  -- UPDATE OF shard_id, for each row whose shard changed
+    PERFORM 1 FROM shards WHERE shard_id IN (OLD.shard_id, NEW.shard_id) ORDER BY shard_id FOR NO KEY UPDATE;
+    UPDATE shards SET tenant_count = tenant_count - 1 WHERE shard_id = OLD.shard_id;
+    UPDATE shards SET tenant_count = tenant_count + 1 WHERE shard_id = NEW.shard_id;
+  END IF;
+  RETURN NULL;
+END $fn$;
+"""
+# Installed once, with the count of every shard's tenants taken under a lock that keeps
+# tenants from changing meanwhile: a control plane from before `tenant_count` (schema
+# version 4) is caught up in the same transaction that starts keeping it.
+TENANT_COUNT_TRIGGERS = r"""
+DO $do$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger
+                 WHERE tgrelid = 'tenants'::regclass AND tgname = 'tenants_count_insert') THEN
+    LOCK TABLE tenants IN SHARE ROW EXCLUSIVE MODE;
+    CREATE TRIGGER tenants_count_insert AFTER INSERT ON tenants REFERENCING NEW TABLE AS counted_new
+      FOR EACH STATEMENT EXECUTE FUNCTION tenantfleet_count_tenants();
+    CREATE TRIGGER tenants_count_delete AFTER DELETE ON tenants REFERENCING OLD TABLE AS counted_old
+      FOR EACH STATEMENT EXECUTE FUNCTION tenantfleet_count_tenants();
+    CREATE TRIGGER tenants_count_move AFTER UPDATE OF shard_id ON tenants
+      FOR EACH ROW WHEN (OLD.shard_id IS DISTINCT FROM NEW.shard_id) EXECUTE FUNCTION tenantfleet_count_tenants();
+    UPDATE shards s SET tenant_count = (SELECT count(*) FROM tenants t WHERE t.shard_id = s.shard_id);
+  END IF;
+END $do$
+"""
+# Brought to a control plane of an earlier version by `control_ddl` (idempotent).
+CONTROL_UPGRADES = [
+    "ALTER TABLE shards ADD COLUMN IF NOT EXISTS tenant_count integer NOT NULL DEFAULT 0",
+    "DROP INDEX IF EXISTS tenants_shard_idx",  # replaced by tenants_shard_code_idx (shard_id, code)
+]
+
 _dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
@@ -721,7 +833,7 @@ def _added_columns() -> list[str]:
 def control_ddl() -> list[str]:
     """Statements that create the control-plane tables, or bring those of an earlier
     version up to date (idempotent)."""
-    return [*_ddl(control), *_added_columns()]
+    return [*_ddl(control), *_added_columns(), *CONTROL_UPGRADES, TENANT_COUNT_FUNCTION, TENANT_COUNT_TRIGGERS]
 
 
 def shard_ddl() -> list[str]:

@@ -13,11 +13,24 @@ crash leaves a tenant either before or after the whole group, never in between. 
 after it succeeds; such a file must be idempotent (``IF NOT EXISTS``), since a crash
 between the file and its ledger row makes a resume run it again.
 
+A tenant unit also takes the tenant's *hold key* (``fleet.tenant_hold_key``) shared, with
+the same kind of try-lock (transaction-level, or session-level beside a no-transaction
+file): a move holds it exclusive on source and target for the whole move, so a tenant is
+never migrated and moved at once. A held tenant raises `TenantHeld` (a `LockBusy`: the
+unit is retried later, never failed for it). Under the hold the unit checks that its
+shard still serves the tenant at the epoch it was planned with (``fleet.tenant_fence``,
+tested as the request path does): if the row is gone (moved away and cleaned up) or has
+a newer epoch (a cutover raised it), `TenantMovedAway`
+is raised before anything is applied, and the caller re-resolves the tenant through the
+directory (`current_placement`) and applies the unit where it lives now: never to a
+copy that was renamed away, never lost.
+
 Errors are sorted by SQLSTATE / exception class (`classify`), never by message text.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +38,7 @@ import asyncpg
 import semver
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from router.errors import MigrationFailed, ShardUnreachable
+from router.errors import MigrationFailed, ShardUnreachable, TenantBusy, TenantMoving, TenantNotFound
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
@@ -35,6 +48,7 @@ from shard_migrations.keys import (
     LOCK_SQLSTATES,
     SHARD_SQLSTATE_PREFIXES,
     STATEMENT_TIMEOUT_SQLSTATE,
+    TENANT_STATES_TARGETED,
     UNIT_BACKOFF_INITIAL_S,
     UNIT_BACKOFF_MAX_S,
     advisory_key,
@@ -45,6 +59,24 @@ from shard_migrations.packages import MigrationFile, PluginPackage
 
 class LockBusy(Exception):
     """Another migrator holds this unit's advisory lock: retry the unit later."""
+
+
+class TenantHeld(LockBusy):
+    """A move holds the unit's tenant (its hold key is taken exclusive on this shard):
+    retry the unit later, as for any busy lock."""
+
+
+class TenantMovedAway(Exception):
+    """The unit's shard does not serve its tenant at the planned epoch any more: the
+    fence row is gone (``fence_epoch`` None) or has a newer epoch. Nothing was applied;
+    re-resolve the tenant (`current_placement`) and apply the unit where it lives."""
+
+    def __init__(self, unit: "Unit", fence_epoch: int | None) -> None:
+        self.unit = unit
+        self.fence_epoch = fence_epoch
+        super().__init__(f"{unit.where()}: the shard's fence for the tenant is "
+                         + ("gone" if fence_epoch is None else f"at epoch {fence_epoch}")
+                         + f", planned at epoch {unit.tenant.epoch if unit.tenant else '-'}")
 
 
 class LockTimedOut(Exception):
@@ -87,8 +119,11 @@ def tenant_key(tenant_id: str) -> str:
 
 
 def classify(exc: BaseException) -> str:
-    """``"lock"`` (retry this unit later), ``"shard"`` (the shard is down, slow or refusing:
-    back off the shard) or ``"fatal"`` (the SQL itself fails: stop the run)."""
+    """``"lock"`` (retry this unit later), ``"moved"`` (re-resolve the tenant and apply the
+    unit where it lives now), ``"shard"`` (the shard is down, slow or refusing: back off
+    the shard) or ``"fatal"`` (the SQL itself fails: stop the run)."""
+    if isinstance(exc, TenantMovedAway):
+        return "moved"
     if isinstance(exc, (LockBusy, LockTimedOut)):
         return "lock"
     if isinstance(exc, asyncpg.PostgresError):
@@ -131,10 +166,16 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
     key = advisory_key(plugin_id, unit.scope, unit.tenant_id)
     if not any(f.no_transaction for f in unit.files):
         return await _apply_in_one_transaction(conn, plugin_id, unit, settings, key, allow_drift)
-    # a no-transaction file needs the lock across transactions: a session-level lock
+    # a no-transaction file needs the locks across transactions: session-level locks
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
         raise LockBusy(unit.key)
+    held = False
     try:
+        if unit.tenant is not None:
+            held = await conn.fetchval(_TRY_HOLD_SESSION, unit.tenant.tenant_id)
+            if not held:
+                raise TenantHeld(unit.key)
+            await _check_served(conn, unit)
         recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
         pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
         if drift and not allow_drift:
@@ -148,25 +189,50 @@ async def apply_unit(conn: Conn, plugin_id: str, unit: Unit, settings: Settings,
         if not conn.is_closed():
             try:
                 await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                if held:
+                    await conn.execute(_UNHOLD_SESSION, unit.tenant_id)
             except _CLEANUP_ERRORS:
-                conn.terminate()  # the lock must not outlive the unit: it ends with the session
+                conn.terminate()  # the locks must not outlive the unit: they end with the session
 
 
-_LOCK_AND_SET_LOCAL = ("SELECT pg_try_advisory_xact_lock($1), set_config('lock_timeout', $2, true), "
+_TRY_HOLD_SESSION = "SELECT pg_try_advisory_lock_shared(fleet.tenant_hold_key($1::uuid))"
+_UNHOLD_SESSION = "SELECT pg_advisory_unlock_shared(fleet.tenant_hold_key($1::uuid))"
+# the unit's lock, and for a tenant unit the tenant's hold key shared (a move holds it
+# exclusive), in the statement that sets the local timeouts and search_path
+_LOCK_AND_SET_LOCAL = ("SELECT pg_try_advisory_xact_lock($1), "
+                       "$5::uuid IS NULL OR pg_try_advisory_xact_lock_shared(fleet.tenant_hold_key($5::uuid)), "
+                       "set_config('lock_timeout', $2, true), "
                        "set_config('statement_timeout', $3, true), set_config('search_path', "
                        "CASE WHEN $4::text IS NULL THEN 'public' ELSE quote_ident($4::text) || ', public' END, true)")
 
 
+async def _check_served(conn: Conn, unit: Unit) -> None:
+    """Under the tenant's hold: TenantMovedAway unless this shard's fence names the tenant at
+    an epoch no newer than the unit was planned with (as the request path's fence). A
+    statement after the lock's: a new snapshot, which sees whatever a move committed
+    before letting go of the hold."""
+    assert unit.tenant is not None
+    epoch = await conn.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid",
+                                unit.tenant.tenant_id)
+    if epoch is None or epoch > unit.tenant.epoch:  # the host's fence test: a newer epoch means moved on
+        raise TenantMovedAway(unit, epoch)
+
+
 async def _apply_in_one_transaction(conn: Conn, plugin_id: str, unit: Unit, settings: Settings, key: int,
                                     allow_drift: bool) -> list[MigrationFile]:
-    """The common case (no no-transaction file): the lock is transaction-level and taken in
+    """The common case (no no-transaction file): the locks are transaction-level and taken in
     the same statement that sets the local timeouts and search_path, so a unit costs
-    BEGIN, lock, ledger read, the files, the ledger rows, COMMIT."""
+    BEGIN, locks, (a tenant unit: fence check,) ledger read, the files, the ledger rows, COMMIT."""
     lock_timeout, statement_timeout = _timeouts(settings)
     async with conn.transaction():
-        row = await conn.fetchrow(_LOCK_AND_SET_LOCAL, key, lock_timeout, statement_timeout, unit.schema)
+        row = await conn.fetchrow(_LOCK_AND_SET_LOCAL, key, lock_timeout, statement_timeout, unit.schema,
+                                  unit.tenant_id)
         if row is None or not row[0]:
             raise LockBusy(unit.key)
+        if not row[1]:
+            raise TenantHeld(unit.key)
+        if unit.tenant is not None:
+            await _check_served(conn, unit)
         # a new statement, so a new snapshot: it sees whatever the lock's previous holder committed
         recorded = await ledger.read_unit(conn, plugin_id, unit.scope, unit.tenant_id)
         pending, drift = ledger.split(unit.files, recorded, shard_id=unit.shard_id, tenant_id=unit.tenant_id)
@@ -257,24 +323,43 @@ async def try_in_rollback(conn: Conn, units: Sequence[Unit], settings: Settings)
     return tried
 
 
+async def current_placement(control: asyncpg.Pool, tenant_id: str) -> TenantRecord | None:
+    """The directory's record of a tenant the migrator targets (active or suspended), read
+    from the control plane itself (no cache: a unit re-routed after a move must not follow
+    a stale answer); None if it is no longer targeted (deleted, being deleted...)."""
+    row = await control.fetchrow(
+        "SELECT tenant_id::text AS tenant_id, code, schema_name, shard_id, state, epoch FROM tenants "
+        "WHERE tenant_id = $1::uuid AND state = ANY($2::text[])", tenant_id, list(TENANT_STATES_TARGETED))
+    if row is None:
+        return None
+    return TenantRecord(tenant_id=row["tenant_id"], code=row["code"], schema=row["schema_name"],
+                        shard_id=row["shard_id"], state=row["state"], epoch=row["epoch"])
+
+
 async def apply_tenant(pools: ShardPools, settings: Settings, package: PluginPackage, tenant: TenantRecord, *,
-                       to: semver.Version | None = None, allow_drift: bool = False) -> list[str]:
+                       to: semver.Version | None = None, allow_drift: bool = False,
+                       control: asyncpg.Pool | None = None) -> list[str]:
     """Bring ONE tenant up to ``package`` (or version ``to``) through the fleet engine.
 
     For the host's "enable plugin for a tenant": applies the plugin's pending public-scope
     files on the tenant's shard first (a tenant's files may use them), then its pending
     tenant-scope files, each unit under its advisory lock, in transactions with the
-    configured ``lock_timeout``, each file recorded in the shard's ledger. A busy lock or a
-    lock timeout is retried with exponential backoff and jitter for up to 30 s. Safe to
-    call concurrently with a fleet run and with itself: nothing is applied twice.
+    configured ``lock_timeout``, each file recorded in the shard's ledger. A busy lock, a
+    lock timeout or a move holding the tenant is retried with exponential backoff and
+    jitter for up to 30 s. Safe to call concurrently with a fleet run, with a move and
+    with itself: nothing is applied twice. If ``tenant`` is stale (the tenant was moved
+    to another shard), the tenant is re-read from ``control`` and both units are applied
+    on the shard that serves it now; without ``control`` that raises TENANT_MOVING.
 
     Returns the files applied, as ``"public/001_x.sql"`` / ``"tenant/002_y.sql"`` (empty
     when the tenant was up to date). Does not touch the control plane: the caller records
     ``version_installed`` / ``enabled`` in ``sys_tenant_plugins``.
 
     Raises MIGRATION_FAILED (a file's SQL fails, or the locks stayed busy past the
-    budget; names file, shard, tenant), MIGRATION_DRIFT (unless ``allow_drift``),
-    SHARD_NOT_FOUND / SHARD_UNREACHABLE (the tenant's shard is unknown or down).
+    budget; names file, shard, tenant), TENANT_BUSY (a move held the tenant past the
+    budget), TENANT_MOVING (see above), TENANT_NOT_FOUND (the tenant was deleted
+    meanwhile), MIGRATION_DRIFT (unless ``allow_drift``), SHARD_NOT_FOUND /
+    SHARD_UNREACHABLE (the tenant's shard is unknown or down).
 
     ``pools`` must connect as the shard's owner role (the host passes its owner pools, not
     the request path's, whose app role can't run DDL); migration SQL runs without arguments (simple
@@ -283,6 +368,32 @@ async def apply_tenant(pools: ShardPools, settings: Settings, package: PluginPac
     asyncpg.InvalidCachedStatementError once (asyncpg re-prepares outside transactions).
     """
     version = package.version if to is None else to
+    deadline = time.monotonic() + APPLY_TENANT_BUDGET_S
+    applied: list[str] = []
+    while True:
+        try:
+            applied += await _apply_tenant_here(pools, settings, package, tenant, version, allow_drift, deadline)
+            return applied
+        except TenantMovedAway as exc:
+            if control is None:
+                raise TenantMoving(f"tenant {tenant.code} moved off shard {tenant.shard_id}: re-resolve it and "
+                                   "try again", tenantId=tenant.tenant_id, retryAfter=1) from exc
+            now = await current_placement(control, tenant.tenant_id)
+            if now is None:
+                raise TenantNotFound(f"tenant {tenant.code} is no longer active or suspended",
+                                     tenantId=tenant.tenant_id) from exc
+            if now.shard_id == tenant.shard_id and now.epoch == tenant.epoch:
+                # the directory has not caught up with the shard's fence (a move's cutover
+                # mid-way, or one killed after its commit point): wait for it like a held tenant
+                if time.monotonic() > deadline:
+                    raise TenantBusy(f"tenant {tenant.code} is mid-move on shard {tenant.shard_id}: finish the "
+                                     "move (`move --resume`) and try again", tenantId=tenant.tenant_id) from exc
+                await asyncio.sleep(UNIT_BACKOFF_MAX_S)
+            tenant = now
+
+
+async def _apply_tenant_here(pools: ShardPools, settings: Settings, package: PluginPackage, tenant: TenantRecord,
+                             version: semver.Version, allow_drift: bool, deadline: float) -> list[str]:
     units = [Unit(tenant.shard_id, "public", None, tuple(package.files("public", version))),
              Unit(tenant.shard_id, "tenant", tenant, tuple(package.files("tenant", version)))]
     pool = await pools.get(tenant.shard_id)
@@ -294,14 +405,19 @@ async def apply_tenant(pools: ShardPools, settings: Settings, package: PluginPac
             async for attempt in AsyncRetrying(
                     retry=retry_if_exception_type((LockBusy, LockTimedOut)), reraise=True,
                     wait=wait_random_exponential(multiplier=UNIT_BACKOFF_INITIAL_S, max=UNIT_BACKOFF_MAX_S),
-                    stop=stop_after_delay(APPLY_TENANT_BUDGET_S)):
+                    stop=stop_after_delay(max(0.0, deadline - time.monotonic()))):
                 with attempt:
                     async with pool.acquire(timeout=settings.connect_timeout_s) as conn:
                         done = await apply_unit(conn, package.id, unit, settings, allow_drift=allow_drift)
+        except TenantHeld as exc:
+            raise TenantBusy(f"tenant {tenant.code} stayed held by a move for {APPLY_TENANT_BUDGET_S:.0f} s: "
+                             "try again once the move is done", tenantId=tenant.tenant_id) from exc
         except (LockBusy, LockTimedOut) as exc:
             raise MigrationFailed(f"{package.id}: {unit.where()} stayed locked for {APPLY_TENANT_BUDGET_S:.0f} s "
                                   f"({exc.__class__.__name__}: {exc})", shardId=unit.shard_id,
                                   tenantId=unit.tenant_id) from exc
+        except TenantMovedAway:
+            raise
         except Exception as exc:
             if classify(exc) != "shard":
                 raise

@@ -10,6 +10,13 @@ shard that errors backs off alone, and one that stays down for ``shard_give_up_s
 reported with its items failed while the other shards finish (one whose ledger can't be
 read when the run starts is reported at once). A resumed run re-plans
 its open items from the ledgers, so nothing is applied twice and nothing is skipped.
+
+Moves: a tenant a move holds (`engine.TenantHeld`) is set aside with the same backoff
+and come back to, for up to ``migrate_move_wait_s`` (a move may outlast
+``shard_give_up_s``), never failed for it. A tenant that was moved off the shard its
+unit was planned on (`engine.TenantMovedAway`) is re-read from the directory and its
+unit applied on the shard that serves it now (after that shard's public-scope files of
+this run, through that shard's limiter), whichever shard's workers pick it up again.
 """
 from __future__ import annotations
 
@@ -28,11 +35,14 @@ from router.errors import MigrationFailed, ShardUnreachable, TenantFleetError, V
 from router.pools import ShardPools
 from router.settings import Settings
 from shard_migrations import ledger, runs
-from shard_migrations.engine import Unit, apply_unit, classify, public_key, tenant_key, try_in_rollback
+from shard_migrations.engine import (
+    TenantHeld, TenantMovedAway, Unit, apply_unit, classify, current_placement, public_key, tenant_key,
+    try_in_rollback,
+)
 from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
 from shard_migrations.limiter import ShardLimiters, backoff_delay
 from shard_migrations.metrics import MigrateMetrics
-from shard_migrations.packages import PluginPackage
+from shard_migrations.packages import MigrationFile, PluginPackage
 from shard_migrations.plan import Plan, ShardPlan, Target, build_plan, check_not_downgrade, resolve_target
 
 log = logging.getLogger("tenantfleet.migrate")
@@ -119,6 +129,7 @@ class _Pending:
     unit: Unit = field(compare=False)
     attempts: int = field(default=0, compare=False)
     failing_since: float | None = field(default=None, compare=False)
+    held_since: float | None = field(default=None, compare=False)   # a move holds the tenant
 
 
 def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -146,6 +157,8 @@ class FleetMigrator:
         self.run_id: int | None = None
         self._seq = itertools.count()
         self._unit_wait = wait_random_exponential(multiplier=UNIT_BACKOFF_INITIAL_S, max=UNIT_BACKOFF_MAX_S)
+        self._public_files: tuple[MigrationFile, ...] = ()   # the run's public-scope files (for re-routed units)
+        self.rerouted = 0   # tenant units applied on another shard than planned (the tenant moved)
 
     # --- plan and dry-run ------------------------------------------------------------------
     async def plan(self, opts: RunOptions) -> Plan:
@@ -277,6 +290,7 @@ class FleetMigrator:
 
     async def _run_phases(self, plan: Plan, target: Target, opts: RunOptions, batch: int, limiters: ShardLimiters,
                           rec: runs.RunRecorder, attempts: dict[str, int], report: RunReport) -> None:
+        self._public_files = target.public_files
         for sp in plan.shards.values():
             self.progress[sp.shard_id] = ShardProgress(sp.shard_id, total=len(sp.tenants) + bool(sp.public_pending))
 
@@ -362,13 +376,18 @@ class FleetMigrator:
             while (p := await next_pending()) is not None:
                 key = p.unit.key
                 start = time.monotonic()
+                here = p.unit.shard_id == shard_id
                 try:
-                    async with limiter.slot():
-                        if limiter.down:
-                            heapq.heappush(ready, p)
-                            return
-                        async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
-                            applied = await apply_unit(conn, pid, p.unit, self.settings, allow_drift=opts.allow_drift)
+                    if here:
+                        async with limiter.slot():
+                            if limiter.down:
+                                heapq.heappush(ready, p)
+                                return
+                            async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+                                applied = await apply_unit(conn, pid, p.unit, self.settings,
+                                                           allow_drift=opts.allow_drift)
+                    else:
+                        applied = await self._apply_rerouted(p.unit, opts, limiters)
                 except Exception as exc:
                     kind = classify(exc)
                     p.attempts += 1
@@ -381,13 +400,41 @@ class FleetMigrator:
                         raise MigrationFailed(f"{pid} on {p.unit.where()}: {why}", shardId=shard_id,
                                               tenantId=p.unit.tenant_id) from exc
                     if self.metrics:
-                        self.metrics.retries.labels(pid, shard_id, kind).inc()
-                    if kind == "shard":
+                        self.metrics.retries.labels(pid, shard_id, "held" if isinstance(exc, TenantHeld)
+                                                    else kind).inc()
+                    if isinstance(exc, TenantMovedAway):
+                        moved = await self._replace_moved(exc)
+                        if moved is None:
+                            rec.skipped(key, "tenant is no longer active or suspended")
+                            prog.deferred = sum(1 for x in ready if x.attempts)
+                            continue
+                        before, after = p.unit.tenant, moved.tenant
+                        assert before is not None and after is not None
+                        if (after.shard_id, after.epoch) != (before.shard_id, before.epoch):
+                            log.info("run %s: %s is now on shard %s at epoch %s; its unit follows it",
+                                     self.run_id, p.unit.where(), after.shard_id, after.epoch)
+                            if moved.shard_id != p.unit.shard_id:
+                                self.rerouted += 1
+                            p.unit = moved
+                            p.not_before = 0.0
+                            rec.attempt(key, p.attempts, why)
+                            heapq.heappush(ready, p)
+                            continue
+                        # the directory has not caught up with the shard (a cutover mid-way, or a
+                        # move killed after its commit point): come back later, as for a held tenant
+                        exc = TenantHeld(f"{p.unit.key}: {exc}")
+                    if kind == "shard" and here:
                         limiter.failure(exc)
                         p.not_before = 0.0
                     else:
-                        p.failing_since = p.failing_since or now
-                        if now - p.failing_since >= self.settings.shard_give_up_s:
+                        give_up_s = self.settings.shard_give_up_s
+                        if isinstance(exc, TenantHeld):
+                            p.held_since = p.held_since or now
+                            since, give_up_s = p.held_since, self.settings.migrate_move_wait_s
+                        else:
+                            p.failing_since = p.failing_since or now
+                            since = p.failing_since
+                        if now - since >= give_up_s:
                             rec.failed(key, p.attempts, why)
                             report.failed_items.append((key, why))
                             prog.failed += 1
@@ -398,7 +445,8 @@ class FleetMigrator:
                     heapq.heappush(ready, p)
                     prog.deferred = sum(1 for x in ready if x.attempts)
                     continue
-                limiter.success()
+                if here:
+                    limiter.success()
                 done_keys.add(key)
                 rec.done(key, p.attempts + 1, p.unit.tenant_id)
                 prog.done += 1
@@ -419,6 +467,30 @@ class FleetMigrator:
         if not limiter.down:
             prog.finished = time.monotonic()
         return not limiter.down
+
+    async def _replace_moved(self, exc: TenantMovedAway) -> Unit | None:
+        """The unit of a tenant that is not where it was planned, as the directory places it
+        now (the same unit if the directory still says what the plan said); None if the
+        tenant is no longer targeted."""
+        unit = exc.unit
+        assert unit.tenant is not None
+        now = await current_placement(self.control, unit.tenant.tenant_id)
+        if now is None:
+            return None
+        return Unit(now.shard_id, unit.scope, now, unit.files)
+
+    async def _apply_rerouted(self, unit: Unit, opts: RunOptions, limiters: ShardLimiters) -> list[MigrationFile]:
+        """Apply a tenant's unit on the shard it moved to, through that shard's limiter: that
+        shard's public-scope files of this run first (a no-op if they are there; a tenant's
+        files may use them), then the tenant's."""
+        lim = limiters.get(unit.shard_id)
+        pool = await self.pools.get(unit.shard_id)
+        async with lim.slot():
+            async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn:
+                if self._public_files:
+                    await apply_unit(conn, self.package.id, Unit(unit.shard_id, "public", None, self._public_files),
+                                     self.settings, allow_drift=opts.allow_drift)
+                return await apply_unit(conn, self.package.id, unit, self.settings, allow_drift=opts.allow_drift)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per-shard progress and limiter state (for the progress display and the metrics)."""

@@ -31,6 +31,7 @@ VALID_ARGS: dict[str, list[str]] = {
     "tenants show": ["acme"],
     "tenants suspend": ["acme"],
     "tenants resume": ["acme"],
+    "tenants import": ["tenants.csv"],
     "shards add": ["shard9", "postgresql://postgres@127.0.0.1:1/postgres"],
     "shards list": [],
     "shards set-state": ["shard1", "draining"],
@@ -47,13 +48,18 @@ VALID_ARGS: dict[str, list[str]] = {
     "migrate apply": ["inventory"],
     "migrate status": [],
     "migrate verify": ["inventory"],
+    "move": ["acme", "--to", "shard2", "--dry-run"],
+    "drain": ["shard1", "--plan"],
+    "rebalance": [],
+    "gc": ["--dry-run"],
+    "version": [],
     "loadtest prepare": ["--tenants", "2"],
     "loadtest run": ["steady"],
     "loadtest slow-shard": ["shard1", "--seconds", "1"],
 }
 # Commands that don't need the fleet's servers to answer (`loadtest run` reaches the fleet
 # over HTTP through its targets file; tests/test_loadtest_run.py covers its refusals).
-OFFLINE = {"down", "loadtest run"}
+OFFLINE = {"down", "version", "loadtest run"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

@@ -7,6 +7,8 @@ longer than the lease does not make relays push its events again and again.
 """
 from __future__ import annotations
 
+from router.tables import SCHEMA_VERSION
+
 import asyncio
 import collections
 import uuid
@@ -303,7 +305,7 @@ async def test_a_shard_made_by_the_previous_version_gets_the_handled_by_column_a
             await schema.ensure_control(conn)
             assert await conn.fetchval("SELECT handled_by FROM fleet.event_outbox") == []
             assert await conn.fetchval("SELECT count(*) FROM event_subscriptions") == 0
-            assert await conn.fetchval("SELECT version FROM tenantfleet_schema WHERE component = 'control'") == 4
+            assert await conn.fetchval("SELECT version FROM tenantfleet_schema WHERE component = 'control'") == SCHEMA_VERSION
         finally:
             await conn.close()
     finally:

@@ -156,3 +156,31 @@ def test_up_refuses_to_shrink_a_fleet_and_changes_nothing(fleet_dir: Path) -> No
     assert len(lines) == 1 and lines[0].startswith("error: FLEET_ERROR: ") and "--shards 3" in lines[0], res.stderr
     assert orjson.loads((fleet_dir / "fleet.json").read_bytes()) == state
     (fleet_dir / "fleet.json").unlink()  # nothing was started: nothing for the fixture to stop
+
+
+def test_up_grows_the_fleet_and_drain_moves_every_tenant_off_a_shard(fleet_dir: Path) -> None:
+    """The tour's "add a shard, then even out": `up --shards 3` on a 2-shard fleet starts and
+    registers a third server; once the plugins' public migrations reach it, `drain shard1`
+    moves the demo tenants off shard1 and they keep resolving."""
+    assert tf(fleet_dir, "up", "--no-serve", "--shards", "2").returncode == 0
+    grown = tf(fleet_dir, "up", "--no-serve", "--shards", "3")
+    assert grown.returncode == 0, grown.stderr
+    shards = orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)
+    assert [s["shardId"] for s in shards] == ["shard1", "shard2", "shard3"]
+    behind = tf(fleet_dir, "drain", "shard1", "--plan")
+    assert behind.returncode == 0, behind.stderr  # a plan changes nothing
+    for plugin in ("inventory", "restock"):
+        applied = tf(fleet_dir, "migrate", "apply", plugin)
+        assert applied.returncode == 0, applied.stderr
+    drained = tf(fleet_dir, "--json", "drain", "shard1")
+    assert drained.returncode == 0, drained.stderr
+    report = orjson.loads(drained.stdout)
+    assert report["remaining"] == 0 and report["failed"] == 0
+    tenants = orjson.loads(tf(fleet_dir, "--json", "tenants", "list").stdout)
+    assert {t["code"] for t in tenants} == {"acme", "globex"}
+    assert all(t["shardId"] != "shard1" for t in tenants)
+    states = {s["shardId"]: s["state"] for s in orjson.loads(tf(fleet_dir, "--json", "shards", "list").stdout)}
+    assert states["shard1"] == "draining"
+    shown = tf(fleet_dir, "--json", "move", "status")
+    assert shown.returncode == 0 and all(m["phase"] == "done" for m in orjson.loads(shown.stdout))
+    assert tf(fleet_dir, "down").returncode == 0

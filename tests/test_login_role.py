@@ -4,6 +4,8 @@ nothing; session state left by one transaction is gone before the next; the logi
 password is generated, stored with the shard, rotatable, and never shown."""
 from __future__ import annotations
 
+from router.tables import SCHEMA_VERSION
+
 import logging
 import os
 import subprocess
@@ -306,7 +308,7 @@ async def test_a_shard_and_control_plane_of_the_previous_version_get_the_login_r
     with pytest.raises(asyncpg.UndefinedColumnError):
         await directory.login_dsn_of("shard1")
     await Directory.bootstrap(f.control)
-    assert await f.control.fetchval("SELECT version FROM tenantfleet_schema WHERE component = 'control'") == 4
+    assert await f.control.fetchval("SELECT version FROM tenantfleet_schema WHERE component = 'control'") == SCHEMA_VERSION
     with pytest.raises(ShardUnreachable, match="no login role"):
         await directory.login_dsn_of("shard1")
     assert await directory.prepare_shards() == []

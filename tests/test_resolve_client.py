@@ -22,6 +22,7 @@ from router.client import ResolveClient, redis_address
 from router.directory import Directory
 from router.errors import ConfigInvalid, TenantNotFound, ValidationFailed
 from router.keys import invalidation_channel, redis_tenant_key
+from router.redis_format import decode_record
 from router.models import TenantRecord
 from router.settings import Settings
 from tests.conftest import FleetFactory
@@ -180,7 +181,7 @@ async def test_an_older_epoch_never_overwrites_a_newer_one_in_memory_or_redis(
     redis = fleet.redis()
     try:
         raw = await redis.get(redis_tenant_key(fleet.settings.redis_namespace, v1.tenant_id))
-        assert raw is not None and orjson.loads(raw)["epoch"] == v2.epoch
+        assert raw is not None and decode_record(v1.tenant_id, raw) == v2
 
         # an old invalidation on the wire doesn't drop b's newer entry either; a marker
         # for another tenant tells us when b has read past it

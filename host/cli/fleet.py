@@ -1,28 +1,23 @@
 """`tenantfleet up` and `tenantfleet down`: the embedded dev fleet (or external servers)."""
 from __future__ import annotations
 
-import asyncio
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from host.cli.base import CliState, cli, pass_state, stop_on_signals
-from host.fleet.demo import (
-    DemoInfo,
-    admin_key_for,
-    read_key_for,
-    ensure_demo_tenants,
-    ensure_shards,
-    load_demo_keys,
-    save_demo_keys,
-)
-from router.pools import redact
-from router.runtime import open_runtime
-from router.settings import Settings
+from host.cli.base import CliState, cli, pass_state, router_runtime, stop_on_signals
+
+# The fleet launcher, the demo set-up and the services are imported when `up` runs.
+if TYPE_CHECKING:
+    from host.fleet.demo import DemoInfo
+    from router.settings import Settings
 
 
 def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Settings:
+    from rich.table import Table
+
     from host.fleet.embedded import PASSWORD_FILE, EmbeddedFleet
+    from router.pools import redact
 
     s = state.settings
     if reset:
@@ -43,10 +38,11 @@ def _start_embedded(state: CliState, shards: int | None, reset: bool) -> Setting
 
 
 async def _prepare(settings: Settings) -> DemoInfo:
+    from host.fleet.demo import DemoInfo, ensure_demo_tenants, ensure_shards, load_demo_keys, save_demo_keys
     from host.provision import provision_tenants
 
     shard_dsns = {f"shard{i}": dsn for i, dsn in enumerate(settings.shard_dsn_list, start=1)}
-    async with open_runtime(settings) as rt:
+    async with router_runtime(settings) as rt:
         await ensure_shards(rt, shard_dsns)
         demo = DemoInfo(admin_key=settings.admin_key, read_key=settings.read_key,
                         tenants=await ensure_demo_tenants(rt))
@@ -103,6 +99,10 @@ def up(state: CliState, shards: int | None, reset: bool, serve: bool) -> None:
     restarts. With it: uses those servers and registers TENANTFLEET_SHARD_DSNS as
     shard1..N. Then ensures demo tenants, prints what runs where, and serves.
     """
+    import asyncio
+
+    from host.fleet.demo import admin_key_for, read_key_for
+
     settings = state.settings if state.settings.is_external else _start_embedded(state, shards, reset)
     settings = settings.model_copy(update={"admin_key": admin_key_for(settings.fleet_dir, settings.admin_key),
                                            "read_key": read_key_for(settings.fleet_dir, settings.read_key)})

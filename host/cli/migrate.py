@@ -6,20 +6,18 @@ with one line ``error: CODE: message`` naming what failed and where.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import click
-from prometheus_client import CollectorRegistry
 
-from host.cli.base import CliState, cli, emit, pass_state, run
+from host.cli.base import CliState, cli, emit, pass_state, router_runtime, run
 from router.errors import MigrationFailed, ShardUnreachable
-from router.runtime import open_runtime
-from shard_migrations import runs
-from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport, migration_pools
-from shard_migrations.metrics import MigrateMetrics
-from shard_migrations.packages import PluginPackage, discover
-from shard_migrations.progress import ProgressView
-from shard_migrations.verify import verify as verify_fleet
+
+# The migrator (SQLAlchemy, asyncpg, prometheus-client) is imported by the commands when
+# they run, so that loading the CLI stays fast.
+if TYPE_CHECKING:
+    from shard_migrations.fleet import FleetMigrator, RunOptions, RunReport
+    from shard_migrations.metrics import MigrateMetrics
 
 # JSON keys are camelCase like every --json output; `header()` turns them into table headers
 SHARD_PLAN_COLUMNS = ["shardId", "reachable", "publicPending", "tenantsPending", "tenantsUpToDate", "filesPending",
@@ -36,18 +34,23 @@ MISSING_COLUMNS = ["shardId", "tenantId", "file"]
 @asynccontextmanager
 async def _migrator(state: CliState, plugin: str, *, concurrency: int | None = None, batch_size: int | None = None,
                     metrics: MigrateMetrics | None = None) -> AsyncIterator[FleetMigrator]:
-    package: PluginPackage = discover().get(plugin)
+    from shard_migrations.fleet import FleetMigrator, migration_pools
+    from shard_migrations.packages import discover
+
+    package = discover().get(plugin)
     settings = state.settings
     if batch_size is not None:
         settings = settings.model_copy(update={"batch_size": batch_size})
     async with AsyncExitStack() as stack:
-        rt = await stack.enter_async_context(open_runtime(settings))
+        rt = await stack.enter_async_context(router_runtime(settings))
         pools = await stack.enter_async_context(migration_pools(rt.settings, rt.directory.dsn_of, concurrency))
         yield FleetMigrator(rt.control, pools, rt.settings, package, metrics=metrics)
 
 
 def _options(to: str | None, from_file: str | None, tenants: tuple[str, ...], allow_drift: bool = False,
              batch_size: int | None = None, concurrency: int | None = None) -> RunOptions:
+    from shard_migrations.fleet import RunOptions
+
     return RunOptions(to=to, from_file=from_file, tenant_ids=tenants or None, allow_drift=allow_drift,
                       batch_size=batch_size, concurrency=concurrency)
 
@@ -113,6 +116,11 @@ def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | Non
     if dry_run:
         _dry_run(state, plugin, opts)
         return
+    from prometheus_client import CollectorRegistry
+
+    from shard_migrations.metrics import MigrateMetrics
+    from shard_migrations.progress import ProgressView
+
     registry = CollectorRegistry()
 
     async def go() -> RunReport:
@@ -164,8 +172,10 @@ def _dry_run(state: CliState, plugin: str, opts: RunOptions) -> None:
 def status_cmd(state: CliState, run_id: int | None, plugin: str | None) -> None:
     """Show run RUN (items per shard and status, failures, heartbeat) or list recent runs.
     Reads the control plane only: works while another process runs it."""
+    from shard_migrations import runs
+
     async def go() -> Any:
-        async with open_runtime(state.settings) as rt:
+        async with router_runtime(state.settings) as rt:
             if run_id is None:
                 return await runs.list_runs(rt.control, plugin)
             return await runs.run_status(rt.control, run_id)
@@ -188,9 +198,13 @@ def status_cmd(state: CliState, run_id: int | None, plugin: str | None) -> None:
 def verify_cmd(state: CliState, plugin: str, to: str | None) -> None:
     """Compare every shard's ledger with PLUGIN's files: drift (exit 3), unreachable shards,
     missing applications (exit 4)."""
+    from shard_migrations.fleet import migration_pools
+    from shard_migrations.packages import discover
+    from shard_migrations.verify import verify as verify_fleet
+
     async def go() -> Any:
         package = discover().get(plugin)
-        async with open_runtime(state.settings) as rt, \
+        async with router_runtime(state.settings) as rt, \
                 migration_pools(rt.settings, rt.directory.dsn_of) as pools:
             return await verify_fleet(rt.control, pools, package, to)
     report = run(go())

@@ -2,26 +2,39 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import click
 import orjson
 
 from host.cli.base import CliState, cli, emit, pass_state, run, stop_on_signals
-from host.metrics import HostMetrics
-from host.runtime import HostRuntime, open_host_runtime
-from host.tenancy import resolve_id_or_code
 from router.errors import ValidationFailed
-from shard_migrations.packages import discover
+
+# The host runtime (aiohttp, asyncpg, redis, prometheus-client) is imported when a command
+# runs, so that loading the CLI stays fast.
+if TYPE_CHECKING:
+    from host.runtime import HostRuntime
+    from router.models import TenantRecord
 
 T = TypeVar("T")
 
 
 @asynccontextmanager
 async def _runtime(state: CliState) -> AsyncIterator[HostRuntime]:
+    from host.metrics import HostMetrics
+    from host.runtime import open_host_runtime
+    from shard_migrations.packages import discover
+
     # one change, then exit: no listener, no event delivery, and Redis is not waited for
     async with open_host_runtime(state.settings, discover(), HostMetrics(), background=False) as rt:
         yield rt
+
+
+async def _resolve_tenant(rt: HostRuntime, ref: str) -> TenantRecord:
+    """`host.tenancy.resolve_id_or_code` on the runtime's resolver, imported when a command runs."""
+    from host.tenancy import resolve_id_or_code as resolve
+
+    return await resolve(rt.resolver, ref)
 
 
 def _with_runtime(state: CliState, fn: Callable[[HostRuntime], Awaitable[T]]) -> T:
@@ -72,7 +85,7 @@ def _toggle(state: CliState, plugin_id: str, tenant: str | None, enable: bool) -
         if tenant is None:
             await rt.registry.set_global(plugin_id, enabled=enable)
             return {"pluginId": plugin_id, "enabledGlobal": enable}
-        rec = await resolve_id_or_code(rt.resolver, tenant)
+        rec = await _resolve_tenant(rt, tenant)
         if enable:
             return await rt.registry.enable_for_tenant(plugin_id, rec)
         return await rt.registry.disable_for_tenant(plugin_id, rec.tenant_id)
@@ -117,7 +130,7 @@ def plugins_kill(state: CliState, plugin_id: str, revive: bool) -> None:
 def plugins_config(state: CliState, plugin_id: str, tenant: str, new: str | None) -> None:
     """Show (or replace with --set) a plugin's config for one tenant."""
     async def go(rt: HostRuntime) -> dict[str, Any]:
-        rec = await resolve_id_or_code(rt.resolver, tenant)
+        rec = await _resolve_tenant(rt, tenant)
         if new is None:
             return await rt.registry.get_tenant_config(plugin_id, rec.tenant_id)
         try:
@@ -136,7 +149,7 @@ def plugins_config(state: CliState, plugin_id: str, tenant: str, new: str | None
 def plugins_roles(state: CliState, plugin_id: str, tenant: str, role_key: str | None) -> None:
     """Diff a plugin's role templates against a tenant's roles, or --apply one."""
     async def go(rt: HostRuntime) -> Any:
-        rec = await resolve_id_or_code(rt.resolver, tenant)
+        rec = await _resolve_tenant(rt, tenant)
         if role_key is None:
             return await rt.registry.role_diff(plugin_id, rec.tenant_id)
         return await rt.registry.apply_role_template(plugin_id, rec.tenant_id, role_key)
@@ -156,7 +169,7 @@ def keys() -> None:
 def keys_create(state: CliState, tenant: str, name: str, roles: tuple[str, ...]) -> None:
     """Create a principal and print its API key (shown once; only its hash is stored)."""
     async def go(rt: HostRuntime) -> dict[str, Any]:
-        rec = await resolve_id_or_code(rt.resolver, tenant)
+        rec = await _resolve_tenant(rt, tenant)
         return await rt.rbac.create_principal(tenant_id=rec.tenant_id, name=name, roles=list(roles))
     emit(state, _with_runtime(state, go))
 
@@ -167,7 +180,7 @@ def keys_create(state: CliState, tenant: str, name: str, roles: tuple[str, ...])
 def keys_list(state: CliState, tenant: str | None) -> None:
     """List principals: id, name, roles, created (never the keys; they are stored hashed)."""
     async def go(rt: HostRuntime) -> list[dict[str, Any]]:
-        tenant_id = None if tenant is None else (await resolve_id_or_code(rt.resolver, tenant)).tenant_id
+        tenant_id = None if tenant is None else (await _resolve_tenant(rt, tenant)).tenant_id
         return await rt.rbac.list_principals(tenant_id)
     emit(state, _with_runtime(state, go), columns=["principalId", "name", "roles", "isAdmin", "createdAt"])
 

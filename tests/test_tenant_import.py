@@ -1,0 +1,196 @@
+"""`tenantfleet tenants import FILE` (issue 12): good rows land as working tenants (schema,
+role, fence, plugins enabled with their migrations recorded), bad rows are refused with
+their line and reason, nothing is half-created, and a run killed with SIGKILL resumes
+without duplicates."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from router.errors import ValidationFailed
+from shard_migrations.packages import discover
+from shard_migrations.tenant_import import TenantImporter
+from tests.conftest import FleetFactory
+from tests.fleetkit import Fleet
+from tests.migratekit import ROOT, cli_env, ledger_rows, run_cli, wait_for
+
+
+def importer(f: Fleet, batch_size: int = 3) -> TenantImporter:
+    return TenantImporter(f.control, f.shard_pools, f.settings, discover(), batch_size=batch_size)
+
+
+async def shard_schemas(f: Fleet) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for shard_id, dsn in f.shard_dsns.items():
+        conn = await asyncpg.connect(dsn)
+        try:
+            out[shard_id] = {r["nspname"] for r in await conn.fetch(
+                "SELECT nspname FROM pg_namespace WHERE nspname ~ '^t_[0-9a-f]{32}$'")}
+        finally:
+            await conn.close()
+    return out
+
+
+async def check_whole(f: Fleet) -> list[dict[str, Any]]:
+    """Every tenant is active with its schema on its shard and nowhere else; every schema
+    on a shard is a tenant's; the shard counters agree. Returns the tenants."""
+    tenants = [dict(r) for r in await f.control.fetch(
+        "SELECT tenant_id::text AS tenant_id, code, schema_name, shard_id, state FROM tenants ORDER BY code")]
+    assert {t["state"] for t in tenants} <= {"active"}, [t for t in tenants if t["state"] != "active"]
+    schemas = await shard_schemas(f)
+    for shard_id in f.shard_dsns:
+        assert schemas[shard_id] == {t["schema_name"] for t in tenants if t["shard_id"] == shard_id}
+    counts = {r["shard_id"]: r["tenant_count"] for r in await f.control.fetch("SELECT shard_id, tenant_count FROM shards")}
+    assert counts == {s: sum(1 for t in tenants if t["shard_id"] == s) for s in f.shard_dsns}
+    return tenants
+
+
+MIXED_CSV = """code,domains,plugins,shard
+alpha-1,alpha.example.com,inventory,
+beta-2,beta.example.com;www.beta.example.com,inventory;restock,
+BAD CODE,,,
+gamma-3,,nosuchplugin,
+alpha-1,,,
+delta-4,beta.example.com,,
+eps-5,,,shard9
+zeta-6,,,shard2
+taken-7,,,
+eta-8,bad_domain!,,
+theta-9,a.example.com,inventory,
+"""
+
+
+async def test_a_mixed_file_lands_its_good_rows_and_refuses_each_bad_one_with_its_line(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    await f.directory.create_tenant("taken-7")
+    path = tmp_path / "tenants.csv"
+    path.write_text(MIXED_CSV)
+    report = await importer(f).start(path)
+    refused = {r.line: r.reason for r in report.refused}
+    assert sorted(refused) == [4, 5, 6, 7, 8, 10, 11]
+    assert "code" in refused[4] and "unknown plugin nosuchplugin" in refused[5]
+    assert refused[6] == "duplicate code alpha-1 (line 2)"
+    assert refused[7] == "duplicate domain beta.example.com (line 3)"
+    assert refused[8] == "unknown shard shard9" and refused[10] == "code taken-7 exists in the directory"
+    assert "domain" in refused[11]
+    assert report.created == 4 and report.rows == 11
+
+    tenants = await check_whole(f)
+    assert [t["code"] for t in tenants] == ["alpha-1", "beta-2", "taken-7", "theta-9", "zeta-6"]
+    assert next(t for t in tenants if t["code"] == "zeta-6")["shard_id"] == "shard2"
+    beta = await f.directory.get(code="beta-2")
+    assert beta.domains == ("beta.example.com", "www.beta.example.com") and beta.state == "active"
+    assert (await f.directory.get(domain="www.beta.example.com")).code == "beta-2"
+    enabled = {(r["code"], r["plugin_id"]) for r in await f.control.fetch(
+        "SELECT t.code, p.plugin_id FROM sys_tenant_plugins p JOIN tenants t USING (tenant_id) WHERE p.enabled")}
+    assert enabled == {("alpha-1", "inventory"), ("beta-2", "inventory"), ("beta-2", "restock"),
+                       ("theta-9", "inventory")}
+    # the plugins' tenant files ran in each tenant's schema and are in the shard's ledger
+    ledger = await ledger_rows(f, "inventory")
+    by_code = {t["code"]: t for t in tenants}
+    for c in ("alpha-1", "beta-2", "theta-9"):
+        assert sorted(r["name"] for r in ledger if r["tenant_id"] == by_code[c]["tenant_id"]) == \
+            ["001_init.sql", "002_location.sql"]
+    conn = await asyncpg.connect(f.shard_dsns[by_code["alpha-1"]["shard_id"]])
+    try:
+        assert await conn.fetchval("SELECT to_regclass($1)", by_code["alpha-1"]["schema_name"] + ".items") is not None
+    finally:
+        await conn.close()
+    run = await f.control.fetchrow("SELECT state, summary FROM fleet_runs WHERE run_id = $1", report.run_id)
+    assert run["state"] == "done"
+    statuses = {r["item_key"]: r["status"] for r in await f.control.fetch(
+        "SELECT item_key, status FROM fleet_run_items WHERE run_id = $1", report.run_id)}
+    assert sorted(k for k, s in statuses.items() if s == "done") == ["line:12", "line:2", "line:3", "line:9"]
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "not UTF-8"),
+    (b"hello,world\nacme,x\n", "header"),
+    (b"", "no rows"),
+    (b"code,domains\n\"unclosed,x\n", "CSV"),
+], ids=["binary", "no code column", "empty", "broken quoting"])
+async def test_a_file_that_is_not_csv_or_json_lines_changes_nothing(
+        fleet: Fleet, tmp_path: Path, content: bytes, why: str) -> None:
+    path = tmp_path / "tenants.csv"
+    path.write_bytes(content)
+    runs_before = await fleet.control.fetchval("SELECT count(*) FROM fleet_runs")
+    tenants_before = await fleet.control.fetchval("SELECT count(*) FROM tenants")
+    with pytest.raises(ValidationFailed) as refused:
+        await importer(fleet).start(path)
+    assert refused.value.details["field"] == "file" and why in refused.value.message
+    assert await fleet.control.fetchval("SELECT count(*) FROM fleet_runs") == runs_before
+    assert await fleet.control.fetchval("SELECT count(*) FROM tenants") == tenants_before
+
+
+async def test_json_lines_rows_are_checked_one_by_one(fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    path = tmp_path / "tenants.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"code": "jl-1", "domains": ["jl1.example.com"], "plugins": ["inventory"]}),
+        "not json at all",
+        json.dumps({"code": "jl-2", "colour": "red"}),
+        json.dumps(["jl-3"]),
+        "",
+        json.dumps({"code": "jl-4", "shard": "shard3"}),
+    ]) + "\n")
+    report = await importer(f).start(path)
+    assert {r.line: r.reason for r in report.refused} == {
+        2: "not a JSON object", 3: "unknown field colour (fields: code, domains, plugins, shard)",
+        4: "not a JSON object"}
+    assert report.created == 2
+    tenants = await check_whole(f)
+    assert [(t["code"], t["shard_id"] if t["code"] == "jl-4" else "") for t in tenants] == [("jl-1", ""),
+                                                                                          ("jl-4", "shard3")]
+
+
+async def test_an_import_killed_with_sigkill_resumes_without_duplicates(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    path = tmp_path / "many.csv"
+    rows = ["code,domains,plugins"] + [f"k-{i:04d},k{i}.example.com,inventory" for i in range(300)]
+    rows.insert(50, "BAD,,")  # line 51: refused, and stays refused after the resume
+    path.write_text("\n".join(rows) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "host.cli", "tenants", "import", str(path), "--batch-size", "2",
+        cwd=str(ROOT), env=cli_env(f), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def some_done() -> bool:
+        n = await f.control.fetchval("SELECT count(*) FROM fleet_run_items WHERE status = 'done'")
+        return proc.returncode is not None or n >= 40
+
+    await wait_for(some_done, timeout=120, what="40 tenants imported")
+    assert proc.returncode is None, "the import finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    run_id = await f.control.fetchval("SELECT max(run_id) FROM fleet_runs WHERE kind = 'import'")
+    assert await f.control.fetchval("SELECT state FROM fleet_runs WHERE run_id = $1", run_id) == "running"
+    done = await f.control.fetchval("SELECT count(*) FROM fleet_run_items WHERE run_id = $1 AND status = 'done'", run_id)
+    assert 40 <= done < 300
+
+    # a changed file is not the run's
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(rows[:-1]) + "\n")
+    rc, _, err = await run_cli(f, "tenants", "import", str(other), "--resume", str(run_id))
+    assert rc == 2 and "sha256" in err
+
+    rc, out, err = await run_cli(f, "--json", "tenants", "import", str(path), "--resume", str(run_id))
+    assert rc == 2, err  # the one bad row is still refused
+    report = json.loads(out)
+    assert report["runId"] == run_id and [r["line"] for r in report["refused"]] == [51]
+    assert err.strip().startswith("error: VALIDATION_FAILED: 1 of 301 rows refused")
+    tenants = await check_whole(f)
+    assert [t["code"] for t in tenants] == [f"k-{i:04d}" for i in range(300)]
+    assert await f.control.fetchval("SELECT count(*) FROM tenant_domains") == 300
+    ledger = await ledger_rows(f, "inventory")
+    assert len([r for r in ledger if r["scope"] == "tenant"]) == 2 * 300  # each file once per tenant
+    assert await f.control.fetchval(
+        "SELECT count(*) FROM sys_tenant_plugins WHERE plugin_id = 'inventory' AND enabled") == 300
+    assert await f.control.fetchval("SELECT state FROM fleet_runs WHERE run_id = $1", run_id) == "done"
