@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import asyncpg
 import orjson
+import semver
 from redis.exceptions import RedisError
 
 from host.keys import ANNOUNCE_TIMEOUT_S, AUTH_CACHE_TTL_S, REGISTRY_CACHE_TTL_S
@@ -224,27 +225,31 @@ class Registry:
                  extra={"pluginId": plugin_id})
         await self.announce("global", plugin_id)
 
-    async def enable_for_tenant(self, plugin_id: str, tenant: TenantRecord) -> dict[str, Any]:
+    async def enable_for_tenant(self, plugin_id: str, tenant: TenantRecord, *,
+                                to: semver.Version | None = None) -> dict[str, Any]:
         """Apply the plugin's pending migrations to the tenant, then enable it there.
 
-        The tenant's ``version_installed`` becomes the loaded package's version. Roles are
+        The tenant's ``version_installed`` becomes the loaded package's version, or ``to``
+        (an older shipped version, whose files alone are applied: `tenantfleet loadtest
+        prepare` sets tenants up one version behind, for the upgrade scenario). Roles are
         not touched. Raises PLUGIN_NOT_FOUND, MIGRATION_FAILED, MIGRATION_DRIFT, SHARD_*.
         """
         pkg = self.package(plugin_id)
+        version = pkg.version if to is None else to
         await self.control.execute(
             "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "
-            "ON CONFLICT (plugin_id) DO NOTHING", plugin_id, pkg.api, str(pkg.version))
-        applied = await apply_tenant(self.pools, self.settings, pkg, tenant, control=self.control)
+            "ON CONFLICT (plugin_id) DO NOTHING", plugin_id, pkg.api, str(version))
+        applied = await apply_tenant(self.pools, self.settings, pkg, tenant, to=to, control=self.control)
         await self.control.execute(
             "INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, enabled, version_installed) "
             "VALUES ($1::uuid, $2, true, $3) ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = true, "
             "version_installed = EXCLUDED.version_installed, updated_at = now()",
-            tenant.tenant_id, plugin_id, str(pkg.version))
+            tenant.tenant_id, plugin_id, str(version))
         log.info("plugin %s enabled for tenant %s (%d files applied)", plugin_id, tenant.tenant_id, len(applied),
                  extra={"pluginId": plugin_id, "tenantId": tenant.tenant_id})
         await self.announce("tenant", plugin_id, tenant.tenant_id)
         return {"pluginId": plugin_id, "tenantId": tenant.tenant_id, "enabled": True,
-                "versionInstalled": str(pkg.version), "applied": applied}
+                "versionInstalled": str(version), "applied": applied}
 
     async def disable_for_tenant(self, plugin_id: str, tenant_id: str) -> dict[str, Any]:
         """Disable for one tenant (data and version are kept). PLUGIN_NOT_FOUND."""

@@ -53,9 +53,13 @@ VALID_ARGS: dict[str, list[str]] = {
     "rebalance": [],
     "gc": ["--dry-run"],
     "version": [],
+    "loadtest prepare": ["--tenants", "2"],
+    "loadtest run": ["steady"],
+    "loadtest slow-shard": ["shard1", "--seconds", "1"],
 }
-# Commands that don't need the fleet's servers to answer.
-OFFLINE = {"down", "version"}
+# Commands that don't need the fleet's servers to answer (`loadtest run` reaches the fleet
+# over HTTP through its targets file; tests/test_loadtest_run.py covers its refusals).
+OFFLINE = {"down", "version", "loadtest run"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

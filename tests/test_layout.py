@@ -5,10 +5,17 @@ host, `shard_migrations`, the plugins (which see only the plugin API), and `rout
 shared base. Every import, including function-local and type-only ones, points down or
 stays inside its own layer; no module is loaded by a name string; no two modules import
 each other, directly or round a circle.
+
+`loadtests/` stands apart (DESIGN.md): Locust patches its process with gevent at import, so
+it imports no module of ours (it reaches the fleet over HTTP and runs the CLI), none of ours
+imports it or Locust, and inside it only the modules Locust loads (`users`, `locustfile`)
+import Locust or gevent.
 """
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,3 +150,55 @@ def test_the_checks_see_a_wrong_import(tmp_path: Path) -> None:
     assert _imports(sample, modules) == {"host.runtime", "shard_migrations.engine", "host.rbac"}
     assert _layer("router.errors") < _layer("plugins.api") < _layer("shard_migrations.engine") < _layer("host.tx") \
         < _layer("host.fleet.embedded") < _layer("host.cli.base")
+
+
+LOADTESTS = ROOT / "loadtests"
+GEVENT_BOUND = ("locust", "gevent", "geventhttpclient")
+LOCUST_MODULES = {"loadtests.users", "loadtests.locustfile"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Every module name ``path`` imports (absolute imports), anywhere in the file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _loadtests_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in LOADTESTS.rglob("*.py")}
+
+
+def test_loadtests_import_no_module_of_ours() -> None:
+    wrong = [f"{name} imports {target}" for name, path in _loadtests_modules().items()
+             for target in _top_level_imports(path) if target.split(".")[0] in PACKAGES]
+    assert wrong == []
+
+
+def test_no_module_of_ours_imports_loadtests_or_locust() -> None:
+    wrong = [f"{name} imports {target}" for name, path in _modules().items()
+             for target in _top_level_imports(path) if target.split(".")[0] in ("loadtests", *GEVENT_BOUND)]
+    assert wrong == []
+
+
+def test_only_the_modules_locust_loads_import_locust_or_gevent() -> None:
+    modules = _loadtests_modules()
+    assert LOCUST_MODULES <= modules.keys()
+    wrong = [f"{name} imports {target}" for name, path in modules.items() if name not in LOCUST_MODULES
+             for target in _top_level_imports(path) if target.split(".")[0] in GEVENT_BOUND]
+    assert wrong == []
+    # and so importing the runner (what the CLI starts) loads neither, even indirectly
+    plain = sorted(modules.keys() - LOCUST_MODULES - {"loadtests"})
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in plain) +
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {GEVENT_BOUND!r}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_loadtests_checks_see_a_wrong_import(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from host.runtime import HostRuntime\n    import gevent.monkey\n")
+    assert _top_level_imports(sample) == {"host.runtime", "gevent.monkey"}

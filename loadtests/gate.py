@@ -1,0 +1,176 @@
+"""The SLO gate's judging: exact percentiles from recorded requests, one verdict per limit.
+
+Locust buckets response times to ~2 significant digits (147 ms is kept as 150) and its
+final CSV lags its in-process totals, so the gate keeps every request's time itself
+(`Recording`, filled from Locust's ``request`` event in the Locust process, merged from
+the workers in a distributed run) and judges from those: nearest-rank percentiles, no
+rounding.
+
+`judge` returns one `Row` per (phase, route, limit): the figure, the limit and a verdict:
+``pass``, ``FAIL``, ``few`` (a percentile from fewer than the SLO's ``min_samples``
+requests: no verdict, not a failure) or ``info`` (shown, not judged: the slow shard's own
+requests in ``shard-slow``). The error ratio is judged from any number of requests.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+from loadtests.scenarios import ALL_ROUTES, JUDGED_PHASES, PHASES, SLOW_PREFIX, Timeline, phase_at
+from loadtests.slo import Slo
+
+FIGURES = {"p95_ms": "p95 ms", "p99_ms": "p99 ms", "error_ratio": "error ratio",
+           "p95_ratio_to_steady": "p95 / steady p95", "write_pause_p99_ms": "write pause p99 ms"}
+
+
+def percentile(sorted_ms: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (q in (0, 1]); exact, never above the max."""
+    if not sorted_ms:
+        raise ValueError("no samples")
+    rank = max(1, math.ceil(q * len(sorted_ms)))
+    return sorted_ms[rank - 1]
+
+
+@dataclass
+class Stats:
+    """One (phase, route)'s requests: their times (ms) and how many failed."""
+    times: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    def summary(self) -> dict[str, Any]:
+        s = sorted(self.times)
+        if not s:
+            return {"n": 0, "errors": self.errors}
+        return {"n": len(s), "errors": self.errors, "errorRatio": self.errors / len(s),
+                "p50": percentile(s, 0.50), "p95": percentile(s, 0.95), "p99": percentile(s, 0.99), "max": s[-1]}
+
+
+@dataclass
+class Recording:
+    """Every request of a run as ``(t, route, ms, ok)``; ``t`` in seconds from the start of the load.
+
+    The event's window (``event_start_s``/``event_end_s``) and outcome come from the
+    phase controller in the Locust process."""
+    samples: list[tuple[float, str, float, bool]] = field(default_factory=list)
+    event_start_s: float | None = None
+    event_end_s: float | None = None
+
+    def add(self, t: float, route: str, ms: float, ok: bool) -> None:
+        self.samples.append((t, route, ms, ok))
+
+    def extend(self, rows: Iterable[Sequence[Any]]) -> None:
+        self.samples.extend((float(r[0]), str(r[1]), float(r[2]), bool(r[3])) for r in rows)
+
+    def by_phase(self, timeline: Timeline, has_event: bool) -> dict[str, dict[str, Stats]]:
+        """``{phase: {route: Stats}}``, with ``all routes`` per phase (judged requests only)."""
+        out: dict[str, dict[str, Stats]] = {p: {} for p in PHASES}
+        for t, route, ms, ok in self.samples:
+            phase = phase_at(t, timeline, has_event, self.event_end_s)
+            keys = (route,) if route.startswith(SLOW_PREFIX) else (route, ALL_ROUTES)
+            for key in keys:
+                st = out[phase].setdefault(key, Stats())
+                st.times.append(ms)
+                if not ok:
+                    st.errors += 1
+        return out
+
+    def timeseries(self, bucket_s: float = 1.0) -> list[dict[str, Any]]:
+        """Per ``bucket_s``: requests, errors, p50 and p95 of the judged requests (for the plot)."""
+        buckets: dict[int, Stats] = {}
+        for t, route, ms, ok in self.samples:
+            if route.startswith(SLOW_PREFIX):
+                continue
+            st = buckets.setdefault(int(t // bucket_s), Stats())
+            st.times.append(ms)
+            st.errors += 0 if ok else 1
+        out = []
+        for k in sorted(buckets):
+            s = sorted(buckets[k].times)
+            out.append({"t": k * bucket_s, "n": len(s), "errors": buckets[k].errors,
+                        "p50": percentile(s, 0.5), "p95": percentile(s, 0.95)})
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    phase: str
+    route: str
+    figure: str
+    value: float | None
+    limit: float | None
+    n: int
+    verdict: str          # pass | FAIL | few | info
+
+    def to_api(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _row(phase: str, route: str, key: str, value: float | None, limit: float | None, n: int, *,
+         percentile_figure: bool, min_samples: int) -> Row:
+    if value is None or (percentile_figure and n < min_samples):
+        return Row(phase, route, FIGURES[key], value, limit, n, "few")
+    if route.startswith(SLOW_PREFIX) or limit is None:
+        return Row(phase, route, FIGURES[key], value, limit, n, "info")
+    return Row(phase, route, FIGURES[key], value, limit, n, "pass" if value <= limit else "FAIL")
+
+
+def judge(phases: dict[str, dict[str, Stats]], slo: Slo) -> list[Row]:
+    """One row per (judged phase, route, limit) that has requests; see the module docstring."""
+    rows: list[Row] = []
+    steady_p95 = {route: percentile(sorted(st.times), 0.95) for route, st in phases.get("steady", {}).items()
+                  if st.n >= slo.min_samples}
+    for phase in JUDGED_PHASES:
+        routes = phases.get(phase, {})
+        for route in sorted(routes, key=_route_order):
+            st = routes[route]
+            if st.n == 0:
+                continue
+            base = route[len(SLOW_PREFIX):] if route.startswith(SLOW_PREFIX) else route
+            limits = slo.limits_for(phase, base)
+            s = sorted(st.times)
+            p95, p99 = percentile(s, 0.95), percentile(s, 0.99)
+            figures: list[tuple[str, float | None, bool]] = [("p95_ms", p95, True), ("p99_ms", p99, True),
+                                                             ("error_ratio", st.errors / st.n, False)]
+            if "p95_ratio_to_steady" in limits:
+                ref = steady_p95.get(base)
+                figures.append(("p95_ratio_to_steady", None if ref is None or ref <= 0 else p95 / ref, True))
+            for key, value, is_pct in figures:
+                if key in limits or route.startswith(SLOW_PREFIX):
+                    rows.append(_row(phase, route, key, value, limits.get(key), st.n,
+                                     percentile_figure=is_pct, min_samples=slo.min_samples))
+    return rows
+
+
+def _route_order(route: str) -> tuple[int, str]:
+    return (2 if route.startswith(SLOW_PREFIX) else 1 if route == ALL_ROUTES else 0, route)
+
+
+def live_breaches(window: Sequence[tuple[float, str, float, bool]], limits: dict[str, float],
+                  steady_p95: float | None, min_samples: int) -> list[str]:
+    """What the judged requests of a recent window breach, all routes together (for the abort
+    check): each as ``"p95 812.0 ms > 500 ms"``. Fewer than ``min_samples`` requests: nothing."""
+    times = sorted(ms for _, route, ms, _ in window if not route.startswith(SLOW_PREFIX))
+    if len(times) < min_samples:
+        return []
+    errors = sum(1 for _, route, _, ok in window if not ok and not route.startswith(SLOW_PREFIX))
+    out = []
+    p95, p99 = percentile(times, 0.95), percentile(times, 0.99)
+    if "p95_ms" in limits and p95 > limits["p95_ms"]:
+        out.append(f"p95 {p95:.1f} ms > {limits['p95_ms']:g} ms")
+    if "p99_ms" in limits and p99 > limits["p99_ms"]:
+        out.append(f"p99 {p99:.1f} ms > {limits['p99_ms']:g} ms")
+    if "error_ratio" in limits and errors / len(times) > limits["error_ratio"]:
+        out.append(f"error ratio {errors / len(times):.4f} > {limits['error_ratio']:g}")
+    ratio = limits.get("p95_ratio_to_steady")
+    if ratio is not None and steady_p95 and p95 / steady_p95 > ratio:
+        out.append(f"p95 / steady p95 {p95 / steady_p95:.2f} > {ratio:g}")
+    return out
+
+
+def passed(rows: Iterable[Row]) -> bool:
+    return all(r.verdict != "FAIL" for r in rows)

@@ -1,0 +1,187 @@
+"""The SLO gate's judging on recorded requests, without Locust: a passing and a failing case
+for each kind of limit, exact percentiles, phases, and SLO / targets files refused with
+their fault named. (These modules are plain Python; tests/test_layout.py checks that none
+of them loads Locust or gevent.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtests.errors import LoadtestError
+from loadtests.gate import Recording, Stats, judge, live_breaches, passed, percentile
+from loadtests.report import verdict_table
+from loadtests.scenarios import SLOW_PREFIX, Timeline, phase_at
+from loadtests.slo import DEFAULT_SLO, Slo, load_slo, parse_slo
+from loadtests.targets import parse_targets
+
+TIMELINE = Timeline(duration_s=40, warmup_s=5, steady_s=10, event_min_s=5)
+
+
+def stats(times: list[float], errors: int = 0) -> Stats:
+    return Stats(times=list(times), errors=errors)
+
+
+def slo(**tables: dict[str, object]) -> Slo:
+    return parse_slo({"run": {"min_samples": 10}, **tables}, "test")
+
+
+def verdicts(rows: list, figure: str, phase: str = "steady", route: str = "GET /items") -> list[str]:
+    return [r.verdict for r in rows if r.figure == figure and r.phase == phase and r.route == route]
+
+
+def test_percentiles_are_exact_nearest_rank_never_bucketed_and_never_above_the_max() -> None:
+    s = [float(v) for v in range(1, 101)]
+    assert percentile(s, 0.95) == 95.0 and percentile(s, 0.99) == 99.0 and percentile(s, 0.5) == 50.0
+    assert percentile([147.0] * 30, 0.95) == 147.0          # Locust would keep 150
+    assert percentile([1.0, 2.0, 1000.0], 0.99) == 1000.0
+    with pytest.raises(ValueError):
+        percentile([], 0.95)
+
+
+@pytest.mark.parametrize("key, figure, limit_ok, limit_bad", [
+    ("p95_ms", "p95 ms", 95.0, 94.9),
+    ("p99_ms", "p99 ms", 99.0, 98.9),
+])
+def test_a_percentile_limit_passes_at_the_figure_and_fails_just_below_it(
+        key: str, figure: str, limit_ok: float, limit_bad: float) -> None:
+    phases = {"steady": {"GET /items": stats([float(v) for v in range(1, 101)])}}
+    ok = judge(phases, slo(limits={key: limit_ok}))
+    bad = judge(phases, slo(limits={key: limit_bad}))
+    assert verdicts(ok, figure) == ["pass"] and passed(ok)
+    assert verdicts(bad, figure) == ["FAIL"] and not passed(bad)
+    row = next(r for r in bad if r.figure == figure)
+    assert (row.value, row.limit, row.n) == (limit_ok, limit_bad, 100)
+
+
+def test_the_error_ratio_passes_at_its_limit_and_fails_above_it_even_from_few_requests() -> None:
+    phases = {"steady": {"GET /items": stats([1.0] * 1000, errors=1)}}
+    assert verdicts(judge(phases, slo(limits={"error_ratio": 0.001})), "error ratio") == ["pass"]
+    phases = {"steady": {"GET /items": stats([1.0] * 1000, errors=2)}}
+    assert verdicts(judge(phases, slo(limits={"error_ratio": 0.001})), "error ratio") == ["FAIL"]
+    few = {"steady": {"GET /items": stats([1.0] * 3, errors=1)}}
+    assert verdicts(judge(few, slo(limits={"error_ratio": 0.001})), "error ratio") == ["FAIL"]
+
+
+def test_the_event_p95_over_the_steady_p95_passes_within_the_ratio_and_fails_beyond_it() -> None:
+    steady = stats([10.0] * 100)
+    limits = slo(phases={"event": {"p95_ratio_to_steady": 1.25}})
+    within = judge({"steady": {"GET /items": steady}, "event": {"GET /items": stats([12.5] * 100)}}, limits)
+    beyond = judge({"steady": {"GET /items": steady}, "event": {"GET /items": stats([12.6] * 100)}}, limits)
+    assert verdicts(within, "p95 / steady p95", "event") == ["pass"]
+    assert verdicts(beyond, "p95 / steady p95", "event") == ["FAIL"]
+    assert next(r for r in beyond if r.figure == "p95 / steady p95").value == pytest.approx(1.26)
+    # the steady phase is the ratio's base, so it has no ratio row of its own
+    assert verdicts(beyond, "p95 / steady p95", "steady") == []
+
+
+def test_a_percentile_from_fewer_requests_than_min_samples_gets_no_verdict() -> None:
+    rows = judge({"steady": {"GET /items": stats([999.0] * 9)}}, slo(limits={"p95_ms": 1.0}))
+    assert verdicts(rows, "p95 ms") == ["few"] and passed(rows)
+    rows = judge({"steady": {"GET /items": stats([10.0] * 9)}, "event": {"GET /items": stats([99.0] * 50)}},
+                 slo(phases={"event": {"p95_ratio_to_steady": 1.25}}))
+    assert verdicts(rows, "p95 / steady p95", "event") == ["few"]   # no steady p95 to compare with
+
+
+def test_route_limits_win_over_phase_limits_which_win_over_the_defaults() -> None:
+    s = slo(limits={"p95_ms": 100}, phases={"event": {"p95_ms": 200}}, routes={"GET /manifest": {"p95_ms": 300}})
+    assert s.limits_for("steady", "GET /items")["p95_ms"] == 100
+    assert s.limits_for("event", "GET /items")["p95_ms"] == 200
+    assert s.limits_for("event", "GET /manifest")["p95_ms"] == 300
+
+
+def test_requests_fall_into_phases_by_time_and_the_event_phase_lasts_at_least_event_min_s() -> None:
+    rec = Recording()
+    for t in (1, 6, 16, 19, 22, 30):
+        rec.add(float(t), "GET /items", 5.0, True)
+    rec.add(31.0, SLOW_PREFIX + "GET /items", 500.0, False)
+    rec.event_start_s, rec.event_end_s = 15.0, 17.0        # the operation took 2 s; the phase lasts 5
+    phases = rec.by_phase(TIMELINE, has_event=True)
+    assert {p: routes["all routes"].n for p, routes in phases.items() if "all routes" in routes} == \
+        {"warmup": 1, "steady": 1, "event": 2, "after": 2}
+    assert phases["after"][SLOW_PREFIX + "GET /items"].errors == 1   # kept apart, not in "all routes"
+    assert phase_at(17.0, TIMELINE, True, None) == "event"            # still running: event to the end
+    assert phase_at(39.0, TIMELINE, False, None) == "steady"          # no event: steady to the end
+
+
+def test_the_slow_shards_own_requests_are_shown_but_not_judged() -> None:
+    phases = {"event": {SLOW_PREFIX + "GET /items": stats([5000.0] * 50, errors=50)}}
+    rows = judge(phases, slo(limits={"p95_ms": 10, "error_ratio": 0}))
+    assert rows and {r.verdict for r in rows} == {"info"} and passed(rows)
+
+
+def test_the_abort_check_names_each_breached_limit_of_the_recent_window() -> None:
+    window = [(float(i), "GET /items", 100.0, i % 10 != 0) for i in range(100)]
+    assert live_breaches(window, {"p95_ms": 200, "error_ratio": 0.2}, None, 20) == []
+    breaches = live_breaches(window, {"p95_ms": 50, "p99_ms": 50, "error_ratio": 0.01, "p95_ratio_to_steady": 1.25},
+                             40.0, 20)
+    assert breaches == ["p95 100.0 ms > 50 ms", "p99 100.0 ms > 50 ms", "error ratio 0.1000 > 0.01",
+                        "p95 / steady p95 2.50 > 1.25"]
+    assert live_breaches(window[:5], {"p95_ms": 1}, None, 20) == []     # too few requests to say
+
+
+def test_the_verdict_table_names_phase_route_figure_value_limit_and_verdict() -> None:
+    rows = judge({"steady": {"GET /items": stats([float(v) for v in range(1, 101)], errors=1)}},
+                 slo(limits={"p95_ms": 90, "error_ratio": 0.001}))
+    table = verdict_table({"rows": [r.to_api() for r in rows]})
+    lines = table.splitlines()
+    assert lines[0].split() == ["phase", "route", "figure", "value", "limit", "requests", "verdict"]
+    assert any(ln.split()[:2] == ["steady", "GET"] and "p95 ms" in ln and "95.0" in ln and "90.0" in ln
+               and ln.endswith("FAIL") for ln in lines)
+    assert any("error ratio" in ln and "0.0100" in ln and ln.endswith("FAIL") for ln in lines)
+
+
+def test_the_default_slo_file_holds_the_issue_bounds() -> None:
+    s = load_slo(None)
+    assert s.source == str(DEFAULT_SLO)
+    assert s.limits_for("event", "GET /items")["p95_ratio_to_steady"] == 1.25
+    assert s.limits_for("event", "GET /items")["error_ratio"] == 0.001
+    assert s.limits_for("event", "GET /items")["write_pause_p99_ms"] == 250
+
+
+@pytest.mark.parametrize("text, named", [
+    ("[limit]\np95_ms = 1\n", "unknown table(s) limit"),
+    ("[limits]\np95 = 1\n", "unknown key 'p95' in [limits]"),
+    ("[limits]\np95_ms = '250ms'\n", "limits.p95_ms must be a number, not str"),
+    ("[limits]\nerror_ratio = true\n", "limits.error_ratio must be a number, not bool"),
+    ("[limits]\nerror_ratio = 1.5\n", "limits.error_ratio must be between 0 and 1"),
+    ("[run]\nmin_samples = 2.5\n", "run.min_samples must be an integer"),
+    ("[run]\nabort_after = 3\n", "unknown key 'abort_after' in [run]"),
+    ("[phases.warmup]\np95_ms = 1\n", "unknown phase 'warmup'"),
+    ('[routes."GET /nope"]\np95_ms = 1\n', "unknown route 'GET /nope'"),
+    ("limits = 3\n", "[limits] must be a table"),
+    ("[limits\n", "not TOML"),
+])
+def test_a_bad_slo_file_is_refused_naming_the_fault(tmp_path: Path, text: str, named: str) -> None:
+    path = tmp_path / "slo.toml"
+    path.write_text(text)
+    with pytest.raises(LoadtestError) as err:
+        load_slo(path)
+    assert err.value.code == "VALIDATION_FAILED" and err.value.exit_code == 2
+    assert named in err.value.message and str(path) in err.value.message
+
+
+def test_a_missing_slo_file_is_named() -> None:
+    with pytest.raises(LoadtestError, match="no such file"):
+        load_slo(Path("/nonexistent/slo.toml"))
+
+
+GOOD_TENANT = {"tenantId": "7f0c", "code": "lt-0001", "shardId": "shard1", "apiKey": "k", "items": 5}
+
+
+@pytest.mark.parametrize("doc, named", [
+    ([], "must be a JSON object"),
+    ({"version": 2, "url": "http://127.0.0.1:1", "tenants": [GOOD_TENANT]}, "version must be 1"),
+    ({"version": 1, "url": "ftp://x", "tenants": [GOOD_TENANT]}, "is not an http(s) URL"),
+    ({"version": 1, "url": "http://127.0.0.1:1", "tenants": []}, "tenants must be a list of 1-"),
+    ({"version": 1, "url": "http://127.0.0.1:1", "tenants": [dict(GOOD_TENANT, items=0)]}, "tenants[0].items"),
+    ({"version": 1, "url": "http://127.0.0.1:1", "tenants": [dict(GOOD_TENANT, apiKey=7)]}, "tenants[0].apiKey"),
+    ({"version": 1, "url": "http://127.0.0.1:1", "tenants": [GOOD_TENANT, GOOD_TENANT]}, "listed twice"),
+    ({"version": 1, "url": "http://127.0.0.1:1", "tenants": [dict(GOOD_TENANT, role="x")]}, "unknown key(s) role"),
+])
+def test_a_bad_targets_file_is_refused_naming_the_fault(doc: object, named: str) -> None:
+    with pytest.raises(LoadtestError) as err:
+        parse_targets(json.loads(json.dumps(doc)), "t.json")
+    assert err.value.code == "VALIDATION_FAILED" and named in err.value.message

@@ -1,0 +1,268 @@
+"""`tenantfleet loadtest prepare` and `run` on a real fleet: short real Locust runs of the
+`steady` and `upgrade` scenarios that write the report and a verdict, an abort, and bad
+input refused before any load is sent.
+
+Locust runs in its own process (the CLI starts `python -m loadtests.run`, which starts
+`python -m locust`); the host it loads is served by this test's event loop on 127.0.0.1:0.
+Nothing here is timed: the runs are judged against limits chosen so the verdict does not
+depend on the machine's speed (very loose to pass, impossible to meet to fail).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import stat
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from loadtests import run as runner
+from loadtests.errors import LoadtestError
+
+from host.fleet.embedded import free_port
+from host.loadprep import prepare_load_tenants
+from tests.conftest import FleetFactory
+from tests.fleetkit import Fleet
+from tests.hostkit import Host, host_settings, running_host
+from tests.migratekit import cli_env, run_cli
+
+LOOSE_SLO = """
+[run]
+min_samples = 5
+event_min_s = 2
+[limits]
+p95_ms = 60000
+p99_ms = 60000
+error_ratio = 0.5
+[phases.event]
+p95_ratio_to_steady = 1000
+"""
+
+
+async def prepare(f: Fleet, host: Host, tmp_path: Path, n: int = 9, prefix: str = "lt") -> dict[str, Any]:
+    targets = tmp_path / f"{prefix}-targets.json"
+    rc, out, err = await run_cli(f, "--json", "loadtest", "prepare", "--tenants", str(n), "--url", host.url,
+                                 "--out", str(targets), "--prefix", prefix, "--items", "5")
+    assert rc == 0, out + err
+    assert json.loads(out)["tenants"] == n
+    assert stat.S_IMODE(targets.stat().st_mode) == 0o600   # it holds API keys
+    return dict(json.loads(targets.read_text()), path=str(targets))
+
+
+async def prepare_here(f: Fleet, host: Host, tmp_path: Path, n: int) -> dict[str, Any]:
+    """`prepare` through its service function (what the CLI command calls), in this process."""
+    path = tmp_path / "targets.json"
+    known = {t["code"]: t["apiKey"] for t in json.loads(path.read_text())["tenants"]} if path.exists() else {}
+    doc = await prepare_load_tenants(f.settings, tenants=n, url=host.url, prefix="lt", items=5, known_keys=known)
+    path.write_text(json.dumps(doc))
+    return dict(doc, path=str(path))
+
+
+async def loadtest(f: Fleet, *args: str) -> tuple[int, str, str]:
+    return await run_cli(f, "loadtest", "run", *args, timeout=180)
+
+
+def report_files(out: Path) -> dict[str, Any]:
+    for name in ("report.html", "locust_stats.csv", "summary.json", "plot.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return dict(json.loads((out / "summary.json").read_text()))
+
+
+async def test_a_steady_run_on_two_workers_writes_the_report_and_passes_loose_limits(
+        fleet: Fleet, shared_targets: Path, tmp_path: Path) -> None:
+    f = fleet
+    loose = tmp_path / "loose.toml"
+    loose.write_text(LOOSE_SLO)
+    async with running_host(host_settings(f)) as host:
+        doc = {"path": str(shared_targets)}
+        out = tmp_path / "steady"
+        rc, stdout, err = await loadtest(f, "steady", "--targets", doc["path"], "--url", host.url, "--out", str(out),
+                                         "--slo", str(loose), "--users", "4", "--duration", "6", "--warmup", "1",
+                                         "--rate", "5", "--workers", "2")
+        assert rc == 0, stdout + err
+        summary = report_files(out)
+        assert summary["verdict"] == "pass" and summary["exitCode"] == 0
+        assert "steady: PASS" in stdout and "GET /items" in stdout and "p95 ms" in stdout
+        rows = summary["rows"]
+        assert {r["phase"] for r in rows} == {"steady"} and all(r["verdict"] in ("pass", "few") for r in rows)
+        judged = summary["phases"]["steady"]["all routes"]
+        assert judged["n"] > 20 and judged["errors"] == 0
+        assert {"GET /items", "GET /items/{id}", "PATCH /items/{id}", "GET /manifest"} <= set(
+            summary["phases"]["steady"])
+        # a Locust master and two workers: every request the workers made reached the gate
+        # (its percentiles are exact, not Locust's 2-digit buckets), as many as Locust counted
+        assert summary["workers"] == 2
+        assert summary["recordedRequests"] == summary["locust"]["requests"]
+
+
+
+async def test_prepare_then_upgrade_migrates_the_plugin_under_load_and_judges_the_event_phase(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    slo = tmp_path / "loose.toml"
+    slo.write_text(LOOSE_SLO)
+    async with running_host(host_settings(f)) as host:
+        doc = await prepare_here(f, host, tmp_path, n=6)
+        # prepare: tenants one version behind the shipped one, spread over the shards, a key
+        # and items each; run again, it reuses the tenants and their keys
+        assert doc["url"] == host.url and doc["pluginVersion"] == "1.0.0"
+        assert [t["code"] for t in doc["tenants"]] == [f"lt-{i:04d}" for i in range(1, 7)]
+        assert len({t["shardId"] for t in doc["tenants"]}) == 3
+        t = doc["tenants"][0]
+        async with host.http.get("/api/plugins/inventory/items/5", headers={
+                "Authorization": f"Bearer {t['apiKey']}", "X-Tenant": t["code"]}) as resp:
+            item = await resp.json()
+            assert resp.status == 200 and item["sku"] == "seed-5" and "location" not in item, item
+        versions = await f.control.fetch("SELECT DISTINCT version_installed FROM sys_tenant_plugins "
+                                         "WHERE plugin_id = 'inventory'")
+        assert [r["version_installed"] for r in versions] == ["1.0.0"]
+        again = await prepare_here(f, host, tmp_path, n=7)
+        assert [t["apiKey"] for t in again["tenants"][:6]] == [t["apiKey"] for t in doc["tenants"]]
+        assert await f.control.fetchval("SELECT count(*) FROM tenants") == 7
+
+        out = tmp_path / "upgrade"
+        rc, stdout, err = await loadtest(f, "upgrade", "--targets", doc["path"], "--out", str(out), "--slo", str(slo),
+                                         "--users", "4", "--duration", "8", "--warmup", "1", "--steady", "2")
+        assert rc == 0, stdout + err
+        summary = report_files(out)
+        event = summary["event"]
+        assert summary["timeline"]["endS"] >= event["endS"] + 3, summary["timeline"]   # an "after" phase
+        assert event["exitCode"] == 0 and event["command"][-3:] == ["migrate", "apply", "inventory"], event
+        assert summary["timeline"]["eventAtS"] == 3 and event["endS"] > event["startS"]
+        phases = {r["phase"] for r in summary["rows"]}
+        assert {"steady", "event", "after"} <= phases
+        assert any(r["figure"] == "p95 / steady p95" and r["phase"] == "event" for r in summary["rows"])
+        assert any(r["figure"] == "operation exit code" and r["verdict"] == "pass" for r in summary["rows"])
+        versions = await f.control.fetch("SELECT DISTINCT version_installed FROM sys_tenant_plugins "
+                                         "WHERE plugin_id = 'inventory'")
+        assert [r["version_installed"] for r in versions] == ["1.1.0"]
+        shard = next(iter(f.shard_dsns.values()))
+        conn = await asyncpg.connect(shard)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM information_schema.columns "
+                                       "WHERE table_name = 'items' AND column_name = 'location'") >= 1
+        finally:
+            await conn.close()
+
+        # nothing left to upgrade: refused before any load
+        argv = ["upgrade", "--targets", doc["path"], "--out", str(tmp_path / "again"), "--slo", str(slo),
+                "--duration", "8", "--warmup", "1", "--steady", "2"]
+        with pytest.raises(LoadtestError, match="plugin inventory has nothing pending") as refused:
+            await asyncio.to_thread(runner.execute, dataclasses.replace(runner.options_from(argv), env=cli_env(f)))
+        assert refused.value.code == "NOTHING_PENDING" and not (tmp_path / "again" / "plan.json").exists()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shared_targets(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six load-test tenants of this module's own on the session's fleet (each test passes its
+    host's URL with --url)."""
+    path = tmp_path_factory.mktemp("loadtest") / "targets.json"
+    rc, out, err = await run_cli(fleet, "--json", "loadtest", "prepare", "--tenants", "6", "--url",
+                                 "http://127.0.0.1:9", "--out", str(path), "--prefix", "lt" + uuid.uuid4().hex[:8],
+                                 "--items", "5")
+    assert rc == 0, out + err
+    return path
+
+
+async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Fleet, shared_targets: Path,
+                                                                   tmp_path: Path) -> None:
+    """The runner's checks, called in this process (they run before Locust is started; a
+    thread, since they call the host this loop serves); then the CLI's one line and exit 2."""
+    async with running_host(host_settings(fleet)) as host:
+        doc = dict(json.loads(shared_targets.read_text()), url=host.url)
+        doc["tenants"] = doc["tenants"][:3]
+        mine = tmp_path / "targets.json"
+        mine.write_text(json.dumps(doc))
+        doc["path"] = str(mine)
+        good = ["--targets", doc["path"], "--duration", "5", "--warmup", "1"]
+
+        async def refused(*args: str, code: str, named: str) -> None:
+            out = tmp_path / f"out-{uuid.uuid4().hex[:6]}"
+            with pytest.raises(LoadtestError) as err:
+                await asyncio.to_thread(runner.execute, runner.options_from([*args, "--out", str(out)]))
+            assert err.value.code == code and named in err.value.message, err.value
+            assert err.value.exit_code == 2
+            assert not (out / "plan.json").exists() and not (out / "report.html").exists()
+
+        await refused("nosuch", *good, code="USAGE", named="unknown scenario 'nosuch'")
+        await refused("move", *good, code="NOT_AVAILABLE", named="move scenario is not built yet")
+        bad_slo = tmp_path / "bad.toml"
+        bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
+        await refused("steady", *good, "--slo", str(bad_slo), code="VALIDATION_FAILED", named="limits.p95_ms")
+        await refused("steady", *good, "--url", f"http://127.0.0.1:{free_port()}", code="UNREACHABLE",
+                      named="does not answer")
+        await refused("steady", *good, "--duration", "99999", code="USAGE", named="--duration")
+        await refused("upgrade", *good, code="USAGE", named="leaves no time after the event")
+
+        tampered = json.loads(Path(doc["path"]).read_text())
+        tampered["tenants"][1]["code"] = "nosuchtenant"
+        tampered["tenants"][2]["apiKey"] = "tf_not_a_key"
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps(tampered))
+        await refused("steady", "--targets", str(wrong), "--duration", "5", "--warmup", "1", code="VALIDATION_FAILED",
+                      named="2 of 3 tenants")
+        remote = dict(json.loads(Path(doc["path"]).read_text()), url="http://192.0.2.1:8400")
+        far = tmp_path / "remote.json"
+        far.write_text(json.dumps(remote))
+        await refused("steady", "--targets", str(far), "--duration", "5", "--warmup", "1", code="VALIDATION_FAILED",
+                      named="not loopback: give it with --url")
+        await refused("shard-slow", *good, "--duration", "30", "--slow-shard", "shard9", code="VALIDATION_FAILED",
+                      named="shard9")
+
+        # from the command line: one line, exit 2, nothing written
+        out = tmp_path / "cli-refused"
+        rc, stdout, err = await loadtest(fleet, "steady", *good, "--slo", str(bad_slo), "--out", str(out))
+        assert rc == 2 and err.strip().startswith("error: VALIDATION_FAILED: SLO file ") and \
+            len(err.strip().splitlines()) == 1, (stdout, err)
+        assert not (out / "plan.json").exists()
+        rc, stdout, err = await loadtest(fleet, "nosuch", *good)
+        assert rc == 2 and err.startswith("error: USAGE: ") and "nosuch" in err, err
+
+
+async def test_a_breach_longer_than_the_abort_grace_stops_the_run_early_with_exit_4(
+        fleet: Fleet, shared_targets: Path, tmp_path: Path) -> None:
+    impossible = tmp_path / "abort.toml"
+    impossible.write_text("[run]\nmin_samples = 5\nabort_grace_s = 1\n[limits]\np95_ms = 0.001\n")
+    async with running_host(host_settings(fleet)) as host:
+        out = tmp_path / "aborted"
+        rc, stdout, err = await loadtest(fleet, "steady", "--targets", str(shared_targets), "--url", host.url,
+                                         "--out", str(out), "--slo",
+                                         str(impossible), "--users", "4", "--duration", "120", "--warmup", "1")
+        assert rc == 4, stdout + err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["verdict"] == "aborted" and summary["exitCode"] == 4
+        assert "p95" in summary["aborted"]["reason"] and summary["aborted"]["phase"] == "steady"
+        assert summary["timeline"]["endS"] < 60          # stopped long before its 120 s
+        assert "ABORTED" in stdout
+
+
+async def test_shard_slow_judges_only_the_other_shards_and_fails_them_with_exit_3_on_an_impossible_limit(
+        fleet: Fleet, shared_targets: Path, tmp_path: Path) -> None:
+    slo = tmp_path / "event-strict.toml"
+    slo.write_text(LOOSE_SLO + "p95_ms = 0.001\n")     # appended to [phases.event]
+    async with running_host(host_settings(fleet)) as host:
+        doc = json.loads(shared_targets.read_text())
+        slow = sorted({t["shardId"] for t in doc["tenants"]})[-1]
+        out = tmp_path / "slow"
+        rc, stdout, err = await loadtest(fleet, "shard-slow", "--targets", str(shared_targets), "--url", host.url,
+                                         "--out", str(out), "--slo",
+                                         str(slo), "--users", "4", "--duration", "8", "--warmup", "1", "--steady",
+                                         "2", "--event-seconds", "3", "--zipf", "0")
+        assert rc == 3, stdout + err
+        summary = report_files(out)
+        assert summary["verdict"] == "fail" and "shard-slow: FAIL" in stdout
+        assert summary["event"]["exitCode"] == 0, summary["event"]
+        held = json.loads(summary["event"]["output"])
+        assert held["shardId"] == slow and held["holds"] >= 1
+        routes = set(summary["phases"]["event"])
+        assert any(r.startswith("[slow shard] ") for r in routes) and "all routes" in routes
+        assert all(r["verdict"] in ("info", "few") for r in summary["rows"] if r["route"].startswith("[slow shard] "))
+        failed = [r for r in summary["rows"] if r["verdict"] == "FAIL"]
+        assert failed and all(r["phase"] == "event" and r["figure"] == "p95 ms" and "[slow shard]" not in r["route"]
+                              for r in failed), failed
