@@ -247,7 +247,8 @@ class TenantTx:
             raise LeasesClosed()
         leases = self._leased.get(shard_id)
         if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
-            stale, leases = leases, Leases(pool)
+            stale, leases = leases, Leases(pool, recycle_tenants=self._settings.pool_recycle_tenants,
+                                           on_recycle=self._metrics.connections_recycled.inc)
             self._leased[shard_id] = leases
             if stale is not None:
                 await stale.close()
@@ -343,7 +344,7 @@ class TenantTx:
             raise
         finally:
             db._conn = None
-            leases.give(conn)
+            leases.give(conn, rec.tenant_id)
 
 
 async def close_unserved_shards(tx: TenantTx, shard_states: Callable[[], Awaitable[Mapping[str, str]]],
