@@ -52,10 +52,13 @@ VALID_ARGS: dict[str, list[str]] = {
     "drain": ["shard1", "--plan"],
     "rebalance": [],
     "gc": ["--dry-run"],
+    "db current": [],
+    "db upgrade": [],
+    "db history": [],
     "version": [],
 }
 # Commands that don't need the fleet's servers to answer.
-OFFLINE = {"down", "version"}
+OFFLINE = {"down", "version", "db history"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

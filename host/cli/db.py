@@ -63,7 +63,10 @@ def db_upgrade(state: CliState) -> None:
 
         async with open_runtime(state.settings, bootstrap=False) as rt:
             return await upgrade_databases(rt.directory)
+    from router.errors import ShardUnreachable
+
     rows = run(go())
     emit(state, rows, columns=["database", "component", "from", "revision", "state"])
-    if any(r["state"] != "up to date" for r in rows):
-        raise click.ClickException("not every database is up to date (see the table)")
+    missed = [r["database"] for r in rows if r["state"] != "up to date"]
+    if missed:  # only unreachable shards get here: anything else raised before
+        raise ShardUnreachable(f"not upgraded (unreachable): {', '.join(missed)}", shardIds=missed)

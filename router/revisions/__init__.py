@@ -24,6 +24,7 @@ Alembic is imported when one of these functions runs (the CLI starts without it)
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class Revision:
 
 # ``root`` below: where the script directories are; tenantfleet's own unless a test
 # brings a directory with a revision of its own.
+@functools.lru_cache(maxsize=8)  # read once per process: every service start and shard set-up asks
 def script_directory(component: str, root: Path = HERE) -> ScriptDirectory:
     from alembic.script import ScriptDirectory
 
