@@ -15,6 +15,18 @@ it), when it was not needed for a whole ``idle_s`` interval (the pool's own idle
 handling then applies), once every `RECYCLE_EVERY` transactions (asyncpg's
 ``max_queries`` and ``expire_connections`` act on release only), and at `close`.
 
+Recycling by distinct tenants (``recycle_tenants``, `Settings.pool_recycle_tenants`): a
+PostgreSQL backend caches the catalog entries of every table it has touched (~10 KB per
+table with its indexes) and never evicts them, so a connection that serves tenant after
+tenant grows without bound (research/many-schemas.md: 99 MB of cache after 1,000 tenants
+of 10 tables). `give` counts the distinct tenants each backend connection has served
+(counted per asyncpg connection, so through its trips back to asyncpg's pool too); one
+given back after more than ``recycle_tenants`` of them is not reused: a task of its own
+closes it (it is outside any transaction: `give` is called after COMMIT or ROLLBACK)
+and leases a fresh one in its place, which it then hands to a waiter or the free list.
+The slot stays counted meanwhile, so the pool's bound holds; a taker only waits for the
+reconnect if every other connection is busy too.
+
 Whoever closes the pool closes its `Leases` first (`TenantTx.close`), or the pool's
 close waits for the leased connections.
 
@@ -23,8 +35,9 @@ Not thread-safe, like asyncpg: one event loop.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import deque
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -34,6 +47,8 @@ DEFAULT_IDLE_S = 60.0
 # checks (max_queries, Pool.expire_connections) only run there; the cost is one
 # release/acquire cycle per RECYCLE_EVERY transactions.
 RECYCLE_EVERY = 1000
+# How long closing a recycled connection may take before it is terminated instead.
+RECYCLE_CLOSE_TIMEOUT_S = 5.0
 
 
 class PoolFigures(NamedTuple):
@@ -62,9 +77,18 @@ class Leases:
     """Up to the pool's ``max_size`` connections, leased from ``pool`` and reused by turns."""
 
     def __init__(self, pool: asyncpg.Pool, *, idle_s: float = DEFAULT_IDLE_S,
-                 recycle_every: int = RECYCLE_EVERY) -> None:
+                 recycle_every: int = RECYCLE_EVERY, recycle_tenants: int = 0,
+                 on_recycle: Callable[[], object] | None = None) -> None:
+        """``recycle_tenants``: replace a connection once it has served more than this many
+        distinct tenants (0: never); ``on_recycle`` is called for each one replaced."""
         self._pool = pool
         self._recycle_every = recycle_every
+        self._recycle_tenants = recycle_tenants
+        self._on_recycle = on_recycle
+        # asyncpg connection -> the tenants it has served; weak, so that a connection
+        # asyncpg closed (idle, max_queries, broken) takes its entry with it
+        self._served: weakref.WeakKeyDictionary[asyncpg.Connection, set[str]] = weakref.WeakKeyDictionary()
+        self.recycled = 0
         self._max = pool.get_max_size()
         self._idle_s = idle_s
         self._free: list[PoolConnectionProxy] = []
@@ -131,11 +155,16 @@ class Leases:
                 return handed_over
             # None: a lease was given up (closed connection, failed open); try again
 
-    def give(self, conn: PoolConnectionProxy) -> None:
-        """Give a taken connection back: to the longest waiter, or to the free list."""
+    def give(self, conn: PoolConnectionProxy, tenant: str | None = None) -> None:
+        """Give a taken connection back: to the longest waiter, or to the free list.
+
+        ``tenant``: the tenant whose transaction it just ran (for ``recycle_tenants``)."""
         if self._closed or is_gone(conn) or conn.is_in_transaction():
             self._return(conn)
             self._wake_one(None)
+            return
+        if tenant is not None and self._recycle_tenants and self._served_too_many(conn, tenant):
+            self._renew(conn)
             return
         self._gives += 1
         if self._gives % self._recycle_every == 0:
@@ -147,6 +176,50 @@ class Leases:
         if self._wake_one(conn):
             return
         self._free.append(conn)
+
+    def _served_too_many(self, conn: PoolConnectionProxy, tenant: str) -> bool:
+        # the connection behind the proxy (a new proxy comes with every acquire); asyncpg
+        # offers no public accessor and the stubs don't declare the slot
+        raw: asyncpg.Connection | None = conn._con  # type: ignore[attr-defined]
+        if raw is None:
+            return False
+        served = self._served.get(raw)
+        if served is None:
+            served = self._served[raw] = set()
+        served.add(tenant)
+        return len(served) > self._recycle_tenants
+
+    def _renew(self, conn: PoolConnectionProxy) -> None:
+        """Close ``conn`` and lease a fresh connection in its place, in a task of its own;
+        the slot stays held meanwhile."""
+        self.recycled += 1
+        if self._on_recycle is not None:
+            self._on_recycle()
+        task = asyncio.get_running_loop().create_task(self._replace(conn))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
+
+    async def _replace(self, conn: PoolConnectionProxy) -> None:
+        try:
+            # closing hands asyncpg's holder back to its pool (Connection._cleanup), so the
+            # acquire below opens a new connection in that holder
+            await conn.close(timeout=RECYCLE_CLOSE_TIMEOUT_S)
+        except Exception:  # a connection that doesn't close in time or cleanly is cut
+            conn.terminate()
+        fresh: PoolConnectionProxy | None = None
+        if not self._closed:
+            try:
+                fresh = await self._pool.acquire()
+            except Exception:  # shard down: the slot is freed; the next taker opens one (and reports the error)
+                fresh = None
+        if fresh is None or self._closed:
+            self._held -= 1
+            if fresh is not None:
+                await self._release(fresh)
+            self._wake_one(None)
+            return
+        if not self._wake_one(fresh):
+            self._free.append(fresh)
 
     def _wake_one(self, conn: PoolConnectionProxy | None) -> bool:
         waiters = self._waiters

@@ -107,6 +107,10 @@ class HostMetrics:
             "tenantfleet_cached_statement_retries",
             "Tenant transactions retried after a cached statement's result type changed (mixed rollout)",
             registry=self.registry)
+        self.connections_recycled = Counter(
+            "tenantfleet_host_connections_recycled",
+            "Shard connections closed and replaced after serving more than pool_recycle_tenants distinct tenants",
+            registry=self.registry)
         self.event_handler_errors = Counter("tenantfleet_event_handler_errors", "Event handlers that raised",
                                             ["plugin", "event"], registry=self.registry)
         self.events_pushed = Counter("tenantfleet_events_pushed", "Event messages this host pushed to Redis queues",

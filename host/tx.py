@@ -289,7 +289,8 @@ class TenantTx:
             raise LeasesClosed()
         leases = self._leased.get(shard_id)
         if leases is None or leases.pool is not pool:  # first use, or the pool was reopened
-            stale, leases = leases, Leases(pool)
+            stale, leases = leases, Leases(pool, recycle_tenants=self._settings.pool_recycle_tenants,
+                                           on_recycle=self._metrics.connections_recycled.inc)
             self._leased[shard_id] = leases
             self._commit.pop(shard_id, None)  # asked again on the (re)opened pool's first transaction
             if stale is not None:
@@ -396,7 +397,7 @@ class TenantTx:
             raise
         finally:
             db._conn = None
-            leases.give(conn)
+            leases.give(conn, rec.tenant_id)
 
 
 async def close_unserved_shards(tx: TenantTx, shard_states: Callable[[], Awaitable[Mapping[str, str]]],

@@ -1,4 +1,8 @@
-"""Creating and upgrading tenantfleet's own tables on the control plane and on shards."""
+"""Creating and upgrading tenantfleet's own tables on the control plane and on shards.
+
+`ensure_control` and `ensure_shard` build the baseline (schema version 5, Alembic
+revision 0005) idempotently, then run the Alembic revisions after it (`router.revisions`),
+all in one transaction under the bootstrap lock."""
 from __future__ import annotations
 
 import base64
@@ -6,7 +10,7 @@ from typing import Sequence
 
 import scramp  # type: ignore[import-untyped]  # no type hints; one call, checked by tests
 
-from router import tables
+from router import revisions, tables
 from router.errors import SchemaTooNew
 from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE
 from router.pools import AnyConnection
@@ -148,8 +152,10 @@ async def _apply(conn: AnyConnection, component: str, statements: list[str],
     table = _VERSION_TABLE.get(component)  # a constant name, never user text
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK)
+        recorded: str | None = None
         if table is not None:
             await _refuse_newer(conn, component, table)
+            recorded = await revisions.check_known(conn, component)
         for stmt in statements:
             await conn.execute(stmt)
         for sql, args in calls:
@@ -160,6 +166,8 @@ async def _apply(conn: AnyConnection, component: str, statements: list[str],
                 "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
                 component, tables.SCHEMA_VERSION,
             )
+            # the baseline is in place: Alembic's revisions after it (router/revisions)
+            await revisions.upgrade(conn, component, recorded)
 
 
 async def _refuse_newer(conn: AnyConnection, component: str, table: str) -> None:

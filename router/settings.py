@@ -48,6 +48,9 @@ class Settings(BaseModel):
     control_pool_max: int = Field(10, ge=1)
     shard_pool_min: int = Field(0, ge=0)
     shard_pool_max: int = Field(10, ge=1)
+    # a host closes and replaces a shard connection once it has served more than this many
+    # distinct tenants (0: never), which bounds each backend's catalog cache (host/leases.py)
+    pool_recycle_tenants: int = Field(1000, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
 
     # resolve cache

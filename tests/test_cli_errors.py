@@ -52,6 +52,9 @@ VALID_ARGS: dict[str, list[str]] = {
     "drain": ["shard1", "--plan"],
     "rebalance": [],
     "gc": ["--dry-run"],
+    "db current": [],
+    "db upgrade": [],
+    "db history": [],
     "version": [],
     "loadtest prepare": ["--tenants", "2"],
     "loadtest run": ["steady"],
@@ -59,7 +62,7 @@ VALID_ARGS: dict[str, list[str]] = {
 }
 # Commands that don't need the fleet's servers to answer (`loadtest run` reaches the fleet
 # over HTTP through its targets file; tests/test_loadtest_run.py covers its refusals).
-OFFLINE = {"down", "version", "loadtest run"}
+OFFLINE = {"down", "version", "db history", "loadtest run"}
 # `up` starts the servers (it is what a stopped fleet needs), so it is only given bad arguments.
 STARTS_THE_FLEET = {"up"}
 

@@ -46,7 +46,8 @@ def _probe(argv: list[str], prelude: str = "", env: dict[str, str] | None = None
 @pytest.mark.parametrize("argv", [
     ["--help"], ["version"], ["--json", "version"], ["tenants", "--help"], ["tenants", "list", "--help"],
     ["migrate", "--help"], ["migrate", "apply", "--help"], ["plugins", "--help"], ["shards", "--help"],
-    ["up", "--help"], ["loadtest", "--help"], ["loadtest", "run", "--help"], ["move", "--help"], ["drain", "--help"], ["rebalance", "--help"], ["gc", "--help"],
+    ["up", "--help"], ["db", "--help"], ["db", "upgrade", "--help"], ["loadtest", "--help"],
+    ["loadtest", "run", "--help"], ["move", "--help"], ["drain", "--help"], ["rebalance", "--help"], ["gc", "--help"],
 ], ids=" ".join)
 def test_help_and_version_load_no_driver_http_or_orm(argv: list[str]) -> None:
     result = _probe(argv)

@@ -241,3 +241,48 @@ async def test_close_returns_every_connection_and_fails_waiters(fleet: Fleet) ->
         await until(lambda: pool.get_idle_size() == 1, what="the connection back in asyncpg's pool")
         with pytest.raises(LeasesClosed):
             await leases.take()
+
+
+async def test_a_connection_that_served_more_than_the_bound_of_tenants_is_replaced(fleet: Fleet) -> None:
+    bound, extra = 3, 2
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 1,
+                                                 "pool_recycle_tenants": bound})
+    tenants = [await fleet.directory.create_tenant(code(), shard_id="shard1") for _ in range(bound + 1 + extra)]
+    metrics = HostMetrics()
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(
+            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, metrics))
+        # the same tenants again and again cost nothing: only distinct ones count
+        first = {await tx.run(tenants[i % bound].tenant_id, _pid) for i in range(3 * bound)}
+        assert len(first) == 1
+        # one more distinct tenant: its transaction completes on the old backend, which is
+        # then replaced; every transaction succeeds, none waits on a failure
+        pids = [await tx.run(rec.tenant_id, _pid) for rec in tenants[bound:]]
+        assert pids[0] in first
+        assert all(pid not in first for pid in pids[1:])
+        assert len(set(pids[1:])) == 1  # the new backend has served only `extra` tenants: kept
+        assert metrics.registry.get_sample_value("tenantfleet_host_connections_recycled_total") == 1
+        figures = tx.pool_figures()["shard1"]
+        assert (figures.size, figures.waiting) == (1, 0)
+
+
+async def test_transactions_waiting_while_a_connection_is_replaced_get_the_new_one(fleet: Fleet) -> None:
+    async with shard1_pool(fleet) as pool:
+        leases = Leases(pool, recycle_tenants=1)
+        conn = await leases.take()
+        old = conn.get_server_pid()
+        leases.give(conn, "a")
+        conn = await leases.take()
+        waiters = [asyncio.create_task(leases.take()) for _ in range(2)]
+        await until(lambda: leases.figures()[2] == 2, what="2 waiters")
+        leases.give(conn, "b")  # the 2nd distinct tenant: closed, a new one leased for the first waiter
+        fresh = await asyncio.wait_for(waiters[0], 5)
+        assert fresh.get_server_pid() != old and not fresh.is_closed()
+        assert leases.figures()[0] == 1  # still one slot held: the bound of 1 was kept throughout
+        leases.give(fresh, "c")
+        assert await asyncio.wait_for(waiters[1], 5) is fresh
+        leases.give(fresh)
+        await leases.close()
+        assert pool.get_size() == pool.get_idle_size() == 1
