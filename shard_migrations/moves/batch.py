@@ -330,13 +330,13 @@ async def _record(directory: Directory, kind: str, params: dict[str, Any]) -> in
     return run_id
 
 
-async def _finish(directory: Directory, run_id: int, report: BatchReport) -> None:
+async def _finish(directory: Directory, report: BatchReport) -> None:
     state = "done" if not any(o.state == "failed" for o in report.outcomes) and report.remaining == 0 else "failed"
     summary = report.to_api()
     summary.pop("moves")
     await directory.control.execute(
         "UPDATE fleet_runs SET state = $2, summary = $3::jsonb, finished_at = now(), updated_at = now() "
-        "WHERE run_id = $1", run_id, state, summary)
+        "WHERE run_id = $1", report.run_id, state, summary)
 
 
 async def drain(directory: Directory, settings: Settings, shard_id: str, *, mode: str = "auto",
@@ -363,16 +363,10 @@ async def drain(directory: Directory, settings: Settings, shard_id: str, *, mode
     if plan_only:
         return BatchReport("drain", None, plan, [MoveOutcome(m) for m in plan], before,
                            dict(loads_after(list(loads.values()), plan)))
-    run_id = await _record(directory, "drain", {"shardId": shard_id, "mode": mode, "by": by})
-    started = time.monotonic()
-    batch = MoveBatch(directory, settings, mode, metrics=metrics)
-    async with batch_view(batch) if batch_view is not None else nullcontext():
-        outcomes = await batch.run(plan, resume)
-    after_loads, _ = await fleet_loads(directory, settings)
-    remaining = await directory.control.fetchval("SELECT count(*) FROM tenants WHERE shard_id = $1", shard_id)
-    report = BatchReport("drain", run_id, plan, outcomes, before, after_loads, remaining=remaining,
-                         seconds=time.monotonic() - started)
-    await _finish(directory, run_id, report)
+    report = await _run_batch(directory, settings, "drain", {"shardId": shard_id, "mode": mode, "by": by}, plan,
+                              resume, before, mode, metrics, batch_view)
+    report.remaining = await directory.control.fetchval("SELECT count(*) FROM tenants WHERE shard_id = $1", shard_id)
+    await _finish(directory, report)
     return report
 
 
@@ -391,13 +385,21 @@ async def rebalance(directory: Directory, settings: Settings, *, by: By = "count
     if not apply:
         return BatchReport("rebalance", None, plan, [MoveOutcome(m) for m in plan], before,
                            dict(loads_after(list(loads.values()), plan)))
-    run_id = await _record(directory, "rebalance", {"by": by, "tolerance": tolerance, "mode": mode})
+    report = await _run_batch(directory, settings, "rebalance", {"by": by, "tolerance": tolerance, "mode": mode},
+                              plan, [], before, mode, metrics, batch_view)
+    await _finish(directory, report)
+    return report
+
+
+async def _run_batch(directory: Directory, settings: Settings, kind: str, params: dict[str, Any],
+                     plan: list[PlannedMove], resume: Sequence[MoveInfo], before: dict[str, ShardLoad], mode: str,
+                     metrics: MoveMetrics | None,
+                     batch_view: Callable[[MoveBatch], AsyncContextManager[Any]] | None) -> BatchReport:
+    """Record a ``kind`` run, run its moves (``resume`` first) and report the shards after."""
+    run_id = await _record(directory, kind, params)
     started = time.monotonic()
     batch = MoveBatch(directory, settings, mode, metrics=metrics)
     async with batch_view(batch) if batch_view is not None else nullcontext():
-        outcomes = await batch.run(plan)
+        outcomes = await batch.run(plan, resume)
     after_loads, _ = await fleet_loads(directory, settings)
-    report = BatchReport("rebalance", run_id, plan, outcomes, before, after_loads,
-                         seconds=time.monotonic() - started)
-    await _finish(directory, run_id, report)
-    return report
+    return BatchReport(kind, run_id, plan, outcomes, before, after_loads, seconds=time.monotonic() - started)

@@ -677,11 +677,7 @@ class Mover:
         await ends.dst.execute("DELETE FROM fleet.move_markers WHERE run_id = $1", info.run_id)
 
     async def _drop_subscription(self, info: MoveInfo, dst: Conn) -> None:
-        if await dst.fetchval("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)", info.subscription):
-            for stmt in ("ALTER SUBSCRIPTION %I DISABLE", "ALTER SUBSCRIPTION %I SET (slot_name = NONE)",
-                         "DROP SUBSCRIPTION %I"):
-                sql = await dst.fetchval("SELECT format($1::text, $2::text)", stmt, info.subscription)
-                await dst.execute(sql)
+        await drop_subscription(dst, info.subscription)
 
     async def _drop_source_side(self, info: MoveInfo, src: Conn) -> None:
         """The publication, the slot (its WAL sender let go of first) and the markers."""
@@ -846,6 +842,15 @@ class Mover:
             return (await self.directory.get(id=info.tenant_id)).shard_id
         except Exception:
             return "the shard the directory names"
+
+
+async def drop_subscription(conn: Conn, name: str) -> None:
+    """Drop a move's subscription if it exists, without touching its slot (the source's
+    side drops that): disabled, detached from the slot, dropped."""
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_subscription WHERE subname = $1)", name):
+        for stmt in ("ALTER SUBSCRIPTION %I DISABLE", "ALTER SUBSCRIPTION %I SET (slot_name = NONE)",
+                     "DROP SUBSCRIPTION %I"):
+            await conn.execute(await conn.fetchval("SELECT format($1::text, $2::text)", stmt, name))
 
 
 async def _missing_public(src: Conn, dst: Conn, tenant_id: str, plugins: Sequence[str]) -> list[str]:

@@ -7,6 +7,7 @@ from router.directory import Directory
 from router.errors import ShardUnreachable
 from router.pools import connect
 from router.settings import Settings
+from shard_migrations.moves.mover import drop_subscription
 
 
 # r_<32 hex>_<run> -> t_<32 hex>: the live schema's name, whose role the old copy used
@@ -66,9 +67,7 @@ async def _stale_subscriptions(directory: Directory, conn: Any, shard_id: str, d
         if row is None or row["phase"] not in ("done", "aborted"):
             continue
         if not dry_run:
-            for stmt in ("ALTER SUBSCRIPTION %I DISABLE", "ALTER SUBSCRIPTION %I SET (slot_name = NONE)",
-                         "DROP SUBSCRIPTION %I"):
-                await conn.execute(await conn.fetchval("SELECT format($1::text, $2::text)", stmt, name))
+            await drop_subscription(conn, name)
             # the copy, only while no other move of the tenant is at work here (its hold key)
             # and the tenant isn't served here (no fence row)
             if row["phase"] == "aborted" and await conn.fetchval(
