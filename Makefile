@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@# the browser tests drive Debian's Chromium (nothing downloaded by Playwright)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y chromium chromium-driver || { apt-get update && apt-get install -y chromium chromium-driver; }; \
+	  else echo "make install: chromium is not installed; as root: apt-get install -y chromium chromium-driver (Debian's packages)" >&2; exit 1; fi; }
 	touch $(STAMP)
 
 install: $(STAMP)
