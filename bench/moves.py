@@ -185,6 +185,9 @@ async def bench_copy(rt: Any, api: Api, shard_dsns: dict[str, str], args: argpar
             "ratio": statistics.median(r["ratio"] for r in rounds)}
 
 
+FLOOR_WINDOW_S = 0.45  # about one online move of a small tenant
+
+
 # --- 2. pause -------------------------------------------------------------------------------
 async def bench_pause(rt: Any, api: Api, args: argparse.Namespace) -> dict[str, Any]:
     rec, headers = await api.tenant(rt, "shard1")
@@ -209,9 +212,17 @@ async def bench_pause(rt: Any, api: Api, args: argparse.Namespace) -> dict[str, 
             nxt = max(nxt, time.perf_counter() - every)
 
     task = asyncio.ensure_future(writer())
-    client, mover_ms = [], []
+    client, mover_ms, floor = [], [], []
     try:
         await asyncio.sleep(1)
+        # the floor: the same writer's longest gap in windows as long as a move, without one
+        # (a commit's own stalls: fsync, checkpoints, the event loop)
+        for _ in range(args.moves):
+            t0 = time.perf_counter()
+            await asyncio.sleep(FLOOR_WINDOW_S)
+            window = [t for t in acks if t0 <= t <= time.perf_counter()]
+            gaps = [b - a for a, b in zip(window, window[1:])]
+            floor.append(max(0.0, max(gaps) - every) * 1000 if gaps else float("nan"))
         async with mover_pools(rt.directory, rt.settings) as pools:
             mover = Mover(rt.directory, rt.settings, pools=pools)
             for i in range(args.moves):
@@ -225,7 +236,11 @@ async def bench_pause(rt: Any, api: Api, args: argparse.Namespace) -> dict[str, 
                 gaps = [b - a for a, b in zip(window, window[1:])]
                 client.append(max(0.0, max(gaps) - every) * 1000 if gaps else float("nan"))
                 mover_ms.append(info.detail["pauseMs"])
-                print(f"  move {i + 1}: client gap {client[-1]:.1f} ms, mover {mover_ms[-1]:.1f} ms", flush=True)
+                where = "; ".join(f"{k} {info.detail[k]}" for k in ("fenceWaitMs", "catchUpMs", "markerCommitMs",
+                                                                      "switchMs", "cutoverAttempts") if k in info.detail)
+                at = window[[b - a for a, b in zip(window, window[1:])].index(max(gaps)) if gaps else 0] - t0
+                print(f"  move {i + 1}: client gap {client[-1]:.1f} ms (at +{at * 1000:.0f} ms of "
+                      f"{(t1 - t0 - 0.2) * 1000:.0f}), mover {mover_ms[-1]:.1f} ms ({where})", flush=True)
     finally:
         stop.set()
         await task
@@ -236,7 +251,9 @@ async def bench_pause(rt: Any, api: Api, args: argparse.Namespace) -> dict[str, 
     return {"moves": args.moves, "client_p50_ms": round(pct(client, 0.5), 1), "client_p99_ms": round(pct(client, 0.99), 1),
             "client_max_ms": round(max(client), 1), "mover_p50_ms": round(pct(mover_ms, 0.5), 1),
             "mover_p99_ms": round(pct(mover_ms, 0.99), 1), "mover_max_ms": round(max(mover_ms), 1),
-            "statuses": statuses, "writes": len(acks)}
+            "statuses": statuses, "writes": len(acks),
+            "floor_p50_ms": round(pct(floor, 0.5), 1), "floor_p99_ms": round(pct(floor, 0.99), 1),
+            "floor_max_ms": round(max(floor), 1)}
 
 
 # --- 3. drain -------------------------------------------------------------------------------
@@ -332,7 +349,10 @@ if __name__ == "__main__":
         rows += [["online pause, client gap p50 / p99 / max", f"{p['client_p50_ms']} / {p['client_p99_ms']} / "
                   f"{p['client_max_ms']}", "ms", f"{p['moves']} moves; aim p99 < 100"],
                  ["online pause, mover fence->commit p50 / p99 / max", f"{p['mover_p50_ms']} / {p['mover_p99_ms']} / "
-                  f"{p['mover_max_ms']}", "ms", f"writer statuses {p['statuses']}"]]
+                  f"{p['mover_max_ms']}", "ms", f"writer statuses {p['statuses']}"],
+                 ["floor: writer's longest gap without a move, p50 / p99 / max",
+                  f"{p['floor_p50_ms']} / {p['floor_p99_ms']} / {p['floor_max_ms']}", "ms",
+                  f"{p['moves']} windows of {FLOOR_WINDOW_S} s"]]
     if "drain" in fig:
         d = fig["drain"]
         rows += [["drain: total", d["drain_s"], "s", f"{d['done']} moved, {d['failed']} failed, modes {d['modes']}"],

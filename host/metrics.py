@@ -103,6 +103,10 @@ class HostMetrics:
             "tenantfleet_fence_stale_waits",
             "Back-offs of a tenant transaction whose re-resolve still named the placement its fence refused",
             registry=self.registry)
+        self.moves_finished = Counter(
+            "tenantfleet_moves_finished_by_host",
+            "Moves whose directory switch a host made itself: the mover had stopped past its commit point",
+            registry=self.registry)
         self.cached_statement_retries = Counter(
             "tenantfleet_cached_statement_retries",
             "Tenant transactions retried after a cached statement's result type changed (mixed rollout)",

@@ -137,7 +137,7 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         stack.push_async_callback(queue_redis.aclose)
         sub_redis = aioredis.Redis(**address, socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
         stack.push_async_callback(sub_redis.aclose)
-        tx = TenantTx(settings, resolver, pools, metrics)
+        tx = TenantTx(settings, resolver, pools, metrics, finish_move=directory.finish_committed_move)
         stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
         stack.push_async_callback(tasks.close)  # closes before Redis and the pools

@@ -103,6 +103,7 @@ log = logging.getLogger("tenantfleet.host.tx")
 T = TypeVar("T")
 Conn = asyncpg.Connection | PoolConnectionProxy
 TxFn = Callable[[Db], Awaitable[T]]
+FinishMove = Callable[[str], Awaitable[TenantRecord | None]]
 
 # What ends every tenant transaction, in the same round trip as its COMMIT or ROLLBACK
 # (one simple query; see the module docstring): undo what SQL inside it may have left at
@@ -192,11 +193,15 @@ class TenantTx:
     ``async with``) before closing the pools, or their close waits for them.
     """
 
-    def __init__(self, settings: Settings, resolver: Resolver, pools: ShardPools, metrics: HostMetrics) -> None:
+    def __init__(self, settings: Settings, resolver: Resolver, pools: ShardPools, metrics: HostMetrics,
+                 finish_move: FinishMove | None = None) -> None:
         self._settings = settings
         self._resolver = resolver
         self._pools = pools
         self._metrics = metrics
+        # `Directory.finish_committed_move`: a move whose mover stopped past its commit point
+        self._finish_move = finish_move
+        self._finishing: dict[str, asyncio.Task[TenantRecord | None]] = {}  # one call per tenant at a time
         self._leased: dict[str, Leases] = {}
         self._used: dict[str, float] = {}   # shard id -> when a tenant transaction last started there
         self._commit: dict[str, str] = {}  # per shard: COMMIT_SQL or COMMIT_UNLOCK_SQL (`_commit_statement`)
@@ -263,12 +268,20 @@ class TenantTx:
         moment later), back off a few ms, doubling, for at most ``fence_wait_ms`` in all
         (then TENANT_MOVING): never a burst of ``fence_retries`` tries in a row."""
         budget = self._settings.fence_wait_ms / 1000
+        finish_after = self._settings.move_finish_after_ms / 1000
         pause = STALE_BACKOFF_INITIAL_S
+        finish_tried = False
         while True:
             self._resolver.drop(stale.tenant_id, stale_epoch=stale.epoch)
             rec = await self._resolver.resolve(id=stale.tenant_id)
             if rec.epoch > stale.epoch or rec.shard_id != stale.shard_id:
                 return rec, waited
+            if waited >= finish_after and not finish_tried:
+                # longer than a cutover takes: the mover may have stopped past its commit
+                # point; the directory then follows the fence (idempotent, a no-op otherwise)
+                finish_tried = True
+                if await self._finish(stale.tenant_id) is not None:
+                    continue
             if waited >= budget:
                 raise TenantMoving(f"tenant {stale.code} is moving; retry shortly", tenantId=stale.tenant_id,
                                    retryAfter=1)
@@ -277,6 +290,28 @@ class TenantTx:
             await asyncio.sleep(step)
             waited += step
             pause = min(pause * 2, STALE_BACKOFF_MAX_S)
+
+    async def _finish(self, tenant_id: str) -> TenantRecord | None:
+        """`finish_move` for the tenant, shared by the requests waiting on it; None on any
+        failure (the request then waits out its budget and answers TENANT_MOVING)."""
+        if self._finish_move is None:
+            return None
+        task = self._finishing.get(tenant_id)
+        if task is None:
+            task = asyncio.ensure_future(self._finish_move(tenant_id))
+            self._finishing[tenant_id] = task
+            task.add_done_callback(lambda _t: self._finishing.pop(tenant_id, None))
+        try:
+            rec = await asyncio.shield(task)
+        except TenantFleetError as exc:
+            log.warning("tenant %s: finishing its move failed: %s", tenant_id, exc)
+            return None
+        except Exception:
+            log.warning("tenant %s: finishing its move failed", tenant_id, exc_info=True)
+            return None
+        if rec is not None:
+            self._metrics.moves_finished.inc()
+        return rec
 
     async def _leases(self, shard_id: str) -> Leases:
         leases = self._leased.get(shard_id)

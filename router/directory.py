@@ -388,6 +388,36 @@ class Directory:
         await self.announce(rec)
         return rec
 
+    async def finish_committed_move(self, tenant_id: str) -> TenantRecord | None:
+        """Switch the directory for a move whose mover stopped after its commit point.
+
+        The commit point is the source's fence raised past the move's ``epoch_before``
+        (the target's fence and schema were committed before it); from there the only
+        right placement is the target, whether the mover is alive or not, and `cutover`
+        is idempotent. A host calls this when a tenant's fence stays ahead of the
+        directory for longer than a cutover takes, so a mover killed in that window
+        leaves no tenant unserved. Returns the new record, or None when there is no such
+        move (no open move, the directory already moved on, or the fence not raised)."""
+        row = await self.control.fetchrow(
+            "SELECT source_shard, target_shard, epoch_before FROM tenant_moves "
+            "WHERE tenant_id = $1::uuid AND phase NOT IN ('done', 'aborted')", tenant_id)
+        if row is None:
+            return None
+        rec = await self.lookup("id", tenant_id)
+        if rec is None or rec.shard_id != row["source_shard"] or rec.epoch != row["epoch_before"]:
+            return None
+        pool = await self.shard_pools.get(row["source_shard"])  # SHARD_UNREACHABLE
+        try:
+            fence = await pool.fetchval("SELECT epoch FROM fleet.tenant_fence WHERE tenant_id = $1::uuid", tenant_id)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise ShardUnreachable(f"shard {row['source_shard']} is unreachable",
+                                   shardId=row["source_shard"]) from exc
+        if fence is None or fence <= row["epoch_before"]:
+            return None
+        log.warning("tenant %s: its move's commit point passed without the directory following (mover "
+                    "stopped?); switching it to %s", rec.code, row["target_shard"])
+        return await self.cutover(tenant_id, row["source_shard"], row["target_shard"], row["epoch_before"])
+
     async def bump_epoch(self, tenant_id: str, at_least: int) -> TenantRecord:
         """Raise the tenant's epoch past ``at_least`` where it is (an aborted move whose
         source fence had already been raised: the directory catches up with it)."""

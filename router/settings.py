@@ -78,12 +78,14 @@ class Settings(BaseModel):
 
     # tenant moves
     # how long a cutover may hold the tenant's writes for the final catch-up before it
-    # lets go and tries again later (writes are never blocked for long)
-    cutover_timeout_ms: int = Field(1000, ge=10, le=60_000)
+    # lets go, lets the target catch up unfenced and tries again (writes are never blocked
+    # for long); doubled on each attempt, so a busy target still gets there
+    cutover_timeout_ms: int = Field(50, ge=1, le=60_000)
     # how long a cutover waits for the tenant's in-flight transactions to finish before it
-    # lets go and tries again (writes wait at most this plus cutover_timeout_ms per attempt)
-    cutover_lock_wait_ms: int = Field(200, ge=1, le=60_000)
-    cutover_attempts: int = Field(5, ge=1, le=100)
+    # lets go and tries again (new transactions queue behind it meanwhile: writes wait at
+    # most this plus cutover_timeout_ms per attempt); doubled on each attempt
+    cutover_lock_wait_ms: int = Field(50, ge=1, le=60_000)
+    cutover_attempts: int = Field(7, ge=1, le=20)
     # how long a move waits for the subscription to catch up before the cutover
     catchup_timeout_s: float = Field(600.0, gt=0)
     # how long a move waits for a migration in flight on the tenant before refusing
@@ -102,6 +104,10 @@ class Settings(BaseModel):
     # request path
     fence_retries: int = Field(3, ge=0)
     fence_wait_ms: int = Field(5000, ge=1)
+    # a tenant whose fence stays ahead of the directory this long has a move whose mover
+    # stopped past its commit point: the host switches the directory itself (keep it
+    # under fence_wait_ms; a cutover's directory update normally follows in milliseconds)
+    move_finish_after_ms: int = Field(1000, ge=1)
     # a host closes its connections and pool to a shard no tenant transaction of its own
     # started on for this long (e.g. drained), or at once to one set offline or removed
     idle_shard_close_s: float = Field(60.0, gt=0)

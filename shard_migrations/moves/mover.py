@@ -28,8 +28,11 @@ Each move is a run (``fleet_runs`` kind ``move``) with a ``tenant_moves`` row wh
    wait), a marker proves the final catch-up, sequences are set on the target, undelivered
    outbox events move, the target's fence gets the next epoch, then the source's fence
    (the commit point: from then on the source refuses the tenant), then the directory,
-   and the invalidation is published. If the catch-up doesn't finish within
-   ``cutover_timeout_ms`` the fence is let go and the cutover is tried again later.
+   and the invalidation is published. If the in-flight transactions don't finish within
+   ``cutover_lock_wait_ms``, or the catch-up within ``cutover_timeout_ms``, the fence is
+   let go, the target catches up again unfenced, and the cutover is tried again with
+   both budgets doubled (``cutover_attempts`` in all): a stall of the replication stream
+   (seen: ~200 ms now and then) costs writers one short attempt, not the stall.
 6. *cleanup*: subscription, publication, slot and markers dropped; the source schema
    renamed out of the way (``r_<hex>_<run>``, dropped by `gc` after the grace period).
 
@@ -498,12 +501,13 @@ class Mover:
             try:
                 for attempt in range(self.settings.cutover_attempts):
                     try:
-                        await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms)
+                        await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
                     except FenceBusy:
                         await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                         continue
                     try:
-                        caught = await self._marker_round(info, ends, self.settings.cutover_timeout_ms / 1000)
+                        caught = await self._marker_round(
+                            info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000)
                         if caught:
                             for c in (s_snap, d_snap):
                                 await c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -512,7 +516,7 @@ class Mover:
                         await ends.src.execute("ROLLBACK")
                     if caught:
                         break
-                    await asyncio.sleep(min(2 ** attempt * 0.1, 2))
+                    await self._marker_round(info, ends, self.settings.catchup_timeout_s)  # unfenced
                 else:
                     raise MoveFailed(f"move {info.run_id}: no consistent point to verify at (the target lags)",
                                      runId=info.run_id)
@@ -534,23 +538,29 @@ class Mover:
             t0 = time.monotonic() if info.mode == "online" or info.fenced_at is None else info.fenced_at
             if info.mode == "online":
                 try:
-                    await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms)
+                    await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
+                    info.detail["fenceWaitMs"] = round((time.monotonic() - t0) * 1000, 2)
                 except FenceBusy:
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: a transaction of the tenant outlasted the fence's %s ms; trying again",
-                             info.run_id, self.settings.cutover_lock_wait_ms)
+                             info.run_id, self.settings.cutover_lock_wait_ms << attempt)
                     await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                     continue
             try:
                 if info.mode == "online" and not await self._marker_round(
-                        info, ends, self.settings.cutover_timeout_ms / 1000):
+                        info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000):
                     await ends.src.execute("ROLLBACK")
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: cutover catch-up took longer than %s ms; released, trying again",
-                             info.run_id, self.settings.cutover_timeout_ms)
-                    await asyncio.sleep(min(2 ** attempt * 0.1, 2))
+                             info.run_id, self.settings.cutover_timeout_ms << attempt)
+                    if not await self._marker_round(info, ends, self.settings.catchup_timeout_s):  # unfenced
+                        raise MoveFailed(f"move {info.run_id}: the target did not catch up within "
+                                         f"{self.settings.catchup_timeout_s:.0f} s", runId=info.run_id)
                     continue
+                t_switch = time.monotonic()
+                info.detail["catchUpMs"] = round((t_switch - t0) * 1000 - info.detail.get("fenceWaitMs", 0), 2)
                 await self._switch(info, ends)
+                info.detail["switchMs"] = round((time.monotonic() - t_switch) * 1000, 2)
                 pauses.append(time.monotonic() - t0)
                 break
             except BaseException:
@@ -562,10 +572,10 @@ class Mover:
                 raise
         else:
             raise MoveFailed(f"move {info.run_id}: the cutover's fence or catch-up did not finish within "
-                             f"{self.settings.cutover_lock_wait_ms} + {self.settings.cutover_timeout_ms} ms in "
+                             f"{self.settings.cutover_lock_wait_ms} + {self.settings.cutover_timeout_ms} ms (doubling) in "
                              f"{self.settings.cutover_attempts} attempts; the tenant stays on {info.source} (resume "
                              "to try again)", runId=info.run_id)
-        info.detail["pauseMs"] = round(pauses[-1] * 1000, 2)
+        info.detail["pauseMs"] = round(max(pauses) * 1000, 2)  # the longest hold a writer saw
         info.detail["cutoverAttempts"] = len(pauses)
         rec = await self.directory.cutover(info.tenant_id, info.source, info.target, info.epoch_before)
         info.detail["epochAfter"] = rec.epoch
@@ -628,9 +638,11 @@ class Mover:
         """Write this move's marker on the source (in a transaction of its own, beside a
         fence the caller may hold) and wait until the target has it: every change the
         source committed before it is then applied on the target."""
+        t0 = time.monotonic()
         seq = await ends.mark.fetchval(
             "INSERT INTO fleet.move_markers (run_id, seq) VALUES ($1, 1) ON CONFLICT (run_id) DO UPDATE "
             "SET seq = fleet.move_markers.seq + 1, updated_at = now() RETURNING seq", info.run_id)
+        info.detail["markerCommitMs"] = round((time.monotonic() - t0) * 1000, 2)
         deadline = time.monotonic() + timeout_s
         while True:
             got = await ends.dst.fetchval("SELECT seq FROM fleet.move_markers WHERE run_id = $1", info.run_id)
@@ -659,10 +671,10 @@ class Mover:
             raise
 
     async def _fence_retrying(self, conn: Conn, info: MoveInfo) -> None:
-        """`_fence` with the cutover's lock wait, tried ``cutover_attempts`` times with backoff."""
+        """`_fence` with the cutover's lock wait (doubling), tried ``cutover_attempts`` times with backoff."""
         for attempt in range(self.settings.cutover_attempts):
             try:
-                await self._fence(conn, info, self.settings.cutover_lock_wait_ms)
+                await self._fence(conn, info, self.settings.cutover_lock_wait_ms << attempt)
                 return
             except FenceBusy:
                 if attempt + 1 == self.settings.cutover_attempts:
