@@ -34,7 +34,13 @@ async def host(fleet: Fleet) -> AsyncIterator[Host]:
 
 
 async def _online_capable(fleet: Fleet) -> bool:
-    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    return await _online_capable_dsn(fleet.shard_dsns["shard1"])
+
+
+async def _online_capable_dsn(dsn: str) -> bool:
+    """Whether the server can be an online move's source (the embedded fleet can; an
+    external server may run without wal_level=logical)."""
+    conn = await asyncpg.connect(dsn)
     try:
         return bool(await conn.fetchval("SELECT current_setting('wal_level') = 'logical'"))
     finally:

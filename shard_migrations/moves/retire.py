@@ -32,6 +32,7 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
             continue
         try:
             out += await _stale_subscriptions(directory, conn, shard.shard_id, dry_run)
+            out += await _aborted_copies(directory, conn, shard.shard_id, dry_run)
             rows = await conn.fetch(
                 "SELECT schema_name, tenant_id::text AS tenant_id, run_id, retired_at FROM fleet.retired_schemas "
                 "WHERE retired_at < now() - make_interval(secs => $1) ORDER BY retired_at", grace_s)
@@ -68,18 +69,47 @@ async def _stale_subscriptions(directory: Directory, conn: Any, shard_id: str, d
             continue
         if not dry_run:
             await drop_subscription(conn, name)
-            # the copy, only while no other move of the tenant is at work here (its hold key)
-            # and the tenant isn't served here (no fence row)
-            if row["phase"] == "aborted" and await conn.fetchval(
-                    "SELECT pg_try_advisory_lock(fleet.tenant_hold_key($1::uuid))", row["tenant_id"]):
-                try:
-                    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fleet.tenant_fence "
-                                               "WHERE tenant_id = $1::uuid)", row["tenant_id"]):
-                        await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid",
-                                           row["tenant_id"])
-                        await conn.execute("SELECT fleet.drop_tenant_schema($1)", row["schema_name"])
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock(fleet.tenant_hold_key($1::uuid))", row["tenant_id"])
+            if row["phase"] == "aborted":
+                await _drop_copy(conn, row["tenant_id"], row["schema_name"])
         out.append({"shardId": shard_id, "schemaName": f"subscription {name}", "tenantId": row["tenant_id"],
                     "runId": row["run_id"], "retiredAt": None, "dropped": not dry_run})
     return out
+
+
+async def _aborted_copies(directory: Directory, conn: Any, shard_id: str, dry_run: bool) -> list[dict[str, Any]]:
+    """The copies of moves aborted while this shard (their target) was unreachable, found
+    by the abort's record (an offline move leaves no subscription to find them by)."""
+    rows = await directory.control.fetch(
+        "SELECT m.run_id, m.tenant_id::text AS tenant_id, t.schema_name FROM tenant_moves m "
+        "JOIN tenants t USING (tenant_id) WHERE m.phase = 'aborted' AND m.target_shard = $1 "
+        "AND m.detail ? 'targetLeftovers' ORDER BY m.run_id", shard_id)
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        dropped = False
+        if not dry_run:
+            dropped = await _drop_copy(conn, r["tenant_id"], r["schema_name"])
+            if dropped:
+                await directory.control.execute(
+                    "UPDATE tenant_moves SET detail = detail - 'targetLeftovers' || jsonb_build_object("
+                    "'targetCleanedAt', now()::text), updated_at = now() WHERE run_id = $1", r["run_id"])
+        out.append({"shardId": shard_id, "schemaName": r["schema_name"], "tenantId": r["tenant_id"],
+                    "runId": r["run_id"], "retiredAt": None, "dropped": dropped})
+    return out
+
+
+async def _drop_copy(conn: Any, tenant_id: str, schema_name: str) -> bool:
+    """Drop an aborted move's copy of the tenant here (schema and ledger rows), only while
+    no other move of the tenant is at work here (its hold key) and the tenant isn't served
+    here (no fence row). True when nothing of it is left (also when the tenant is served
+    here now: the move that brought it dropped the old copy first)."""
+    if not await conn.fetchval("SELECT pg_try_advisory_lock(fleet.tenant_hold_key($1::uuid))", tenant_id):
+        return False
+    try:
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fleet.tenant_fence WHERE tenant_id = $1::uuid)",
+                               tenant_id):
+            return True
+        await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid", tenant_id)
+        await conn.execute("SELECT fleet.drop_tenant_schema($1)", schema_name)
+        return True
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(fleet.tenant_hold_key($1::uuid))", tenant_id)
