@@ -303,6 +303,12 @@ async def bench_drain(rt: Any, api: Api, args: argparse.Namespace) -> dict[str, 
     for m in data["moves"]:
         modes[m.get("mode", "?")] = modes.get(m.get("mode", "?"), 0) + 1
     pauses = sorted(m["pauseMs"] for m in data["moves"] if m.get("pauseMs") is not None)
+    steps: dict[str, list[float]] = {}
+    for m in data["moves"]:
+        for k, v in (m.get("stepsMs") or {}).items():
+            steps.setdefault(k, []).append(v)
+    print("  offline pause by step, median ms: " + ", ".join(
+        f"{k} {statistics.median(v):.1f}" for k, v in steps.items()), flush=True)
     return {"tenants": args.drain_tenants, "setup_s": round(setup_s, 1), "drain_s": round(d1 - d0, 2),
             "moves_per_s": round(data["done"] / (d1 - d0), 2), "done": data["done"], "failed": data["failed"],
             "remaining": data["remaining"], "modes": modes, "p95_before_ms": round(p95(before), 2),

@@ -341,3 +341,43 @@ async def test_abort_after_the_commit_point_is_refused_and_resume_finishes(fleet
     finally:
         await conn.close()
     assert await _leftovers(fleet) == []
+
+
+async def test_a_small_tenant_moved_offline_gets_its_schema_first_and_no_trigger_fires_twice(
+        fleet: Fleet, host: Host) -> None:
+    """Offline, a small tenant's whole schema (indexes, foreign keys, triggers) is built and
+    checked before the fence; its rows are copied in with triggers and foreign-key checks
+    off, as logical replication applies rows: an insert trigger must not run again for the
+    copied rows, and the target's constraints and triggers work for new writes."""
+    rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    s = rec.schema
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        await conn.execute(f"""
+            CREATE TABLE {s}.parent (id int PRIMARY KEY);
+            CREATE TABLE {s}.child (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES {s}.parent (id));
+            CREATE TABLE {s}.audit (id bigserial PRIMARY KEY, child_id int NOT NULL);
+            CREATE FUNCTION {s}.audit_child() RETURNS trigger LANGUAGE plpgsql AS $$
+              BEGIN INSERT INTO {s}.audit (child_id) VALUES (NEW.id); RETURN NEW; END $$;
+            CREATE TRIGGER child_audit AFTER INSERT ON {s}.child FOR EACH ROW EXECUTE FUNCTION {s}.audit_child();
+            INSERT INTO {s}.parent SELECT generate_series(1, 3);
+            -- children copied before their parents would fail a foreign-key check
+            INSERT INTO {s}.child SELECT g, 1 + g % 3 FROM generate_series(1, 5) g;""")
+    finally:
+        await conn.close()
+    info = await Mover(fleet.directory, fleet.settings).start(rec, "shard2", "offline")
+    assert info.detail["schemaFirst"] is True and info.phase == "done"
+    assert set(info.detail["stepsMs"]) >= {"copy", "verify", "switch"}
+    assert "postDdl" not in info.detail["stepsMs"]  # built before the fence
+    conn = await asyncpg.connect(fleet.shard_dsns["shard2"])
+    try:
+        assert await conn.fetchval(f"SELECT count(*) FROM {s}.audit") == 5  # not 10: the copy fired nothing
+        assert await conn.fetchval(f"SELECT count(*) FROM {s}.child") == 5
+        await conn.execute(f"INSERT INTO {s}.child VALUES (6, 2)")  # the trigger works for new writes
+        assert await conn.fetchval(f"SELECT count(*) FROM {s}.audit") == 6
+        assert await conn.fetchval(f"SELECT max(id) FROM {s}.audit") == 6  # the sequence followed
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(f"INSERT INTO {s}.child VALUES (7, 99)")
+        assert await conn.fetchval("SHOW session_replication_role") == "origin"
+    finally:
+        await conn.close()

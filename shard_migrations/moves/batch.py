@@ -74,7 +74,7 @@ class MoveOutcome:
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.move.to_api(), "state": self.state, "runId": self.run_id,
                                "attempts": self.attempts}
-        for k in ("mode", "pauseMs", "bytesCopied", "copyMBps", "epochAfter"):
+        for k in ("mode", "pauseMs", "bytesCopied", "copyMBps", "epochAfter", "stepsMs"):
             if k in self.info:
                 out[k] = self.info[k]
         if self.error:

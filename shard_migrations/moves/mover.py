@@ -116,6 +116,7 @@ class MoveInfo:
     epoch_before: int
     detail: dict[str, Any] = field(default_factory=dict)
     fenced_at: float | None = None   # offline: when the source's fence was taken (not recorded)
+    stepped_at: float | None = None  # offline: when the last step under the fence ended (not recorded)
 
     @property
     def slot(self) -> str:
@@ -415,12 +416,28 @@ class Mover:
         ts = await schema_copy.read_tenant_schema(ends.src, info.schema)
         started = time.monotonic()
         copied = 0
+        # offline, a small tenant's whole schema is built and checked before the fence and
+        # its rows copied into it with triggers and foreign-key checks off (as logical
+        # replication applies rows): writes wait for the rows only
+        schema_first = info.mode == "offline" and await self._schema_first(info, ends, ts)
+        info.detail["schemaFirst"] = schema_first
+        if schema_first:
+            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
+            await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
+            await self._check_fingerprint(info, ends, ts)
         if info.mode == "offline":
             await self._fence(ends.src, info, self.settings.move_hold_wait_ms)
             info.fenced_at = time.monotonic()
-            for t in ts.tables:
-                copied += await copy_table(ends.src, ends.dst, info.schema, t.name, t.columns)
-                self.progress("copying", {"table": t.name, "bytesCopied": copied})
+            if schema_first:
+                await ends.dst.execute("SELECT set_config('session_replication_role', 'replica', false)")
+            try:
+                for t in ts.tables:
+                    copied += await copy_table(ends.src, ends.dst, info.schema, t.name, t.columns)
+                    self.progress("copying", {"table": t.name, "bytesCopied": copied})
+            finally:
+                if schema_first and not ends.dst.is_closed():
+                    await ends.dst.execute("SELECT set_config('session_replication_role', 'origin', false)")
+            self._step(info, "copy")
         else:
             snap = await self._connect(info.source)
             try:
@@ -437,10 +454,37 @@ class Mover:
                 await snap.execute("COMMIT")
             finally:
                 await self._release(snap)
-        await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
-        await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
-        # the target's definition of the schema must be the source's (a fingerprint over
-        # every object's definition, independent of OIDs and creation order)
+        if not schema_first:
+            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
+            await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
+            self._step(info, "postDdl")
+            await self._check_fingerprint(info, ends, ts)
+            self._step(info, "fingerprint")
+        secs = time.monotonic() - started
+        info.detail.update({"bytesCopied": copied, "copySeconds": round(secs, 3),
+                            "copyMBps": round(copied / 1e6 / secs, 2) if secs > 0 else None})
+        await self._set_phase(info, "copied")
+        return ts
+
+    async def _schema_first(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> bool:
+        """Whether an offline move can build the whole schema before copying the rows: a
+        small tenant (the rows' index upkeep costs little), no trigger that fires in
+        replica mode (``ENABLE ALWAYS``/``REPLICA``), and a target session allowed to set
+        ``session_replication_role`` (a superuser, or granted SET on it)."""
+        if sum(t.bytes for t in ts.tables) > self.settings.move_offline_max_bytes:
+            return False
+        if any(" ENABLE ALWAYS TRIGGER " in q or " ENABLE REPLICA TRIGGER " in q for q in ts.post_copy):
+            return False
+        try:
+            async with ends.dst.transaction():
+                await ends.dst.execute("SELECT set_config('session_replication_role', 'replica', true)")
+        except asyncpg.InsufficientPrivilegeError:
+            return False
+        return True
+
+    async def _check_fingerprint(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> None:
+        """The target's definition of the schema must be the source's (a fingerprint over
+        every object's definition, independent of OIDs and creation order)."""
         theirs = await schema_copy.fingerprint(ends.dst, info.schema)
         info.detail.update({"sourceFingerprint": ts.fingerprint, "targetFingerprint": theirs})
         # definitions are read back as the server prints them, and majors print some
@@ -450,11 +494,6 @@ class Mover:
         if same_major and theirs != ts.fingerprint:
             raise MoveFailed(f"move {info.run_id}: the schema made on {info.target} differs from the source's "
                              f"(fingerprint {theirs[:12]} vs {ts.fingerprint[:12]})", runId=info.run_id)
-        secs = time.monotonic() - started
-        info.detail.update({"bytesCopied": copied, "copySeconds": round(secs, 3),
-                            "copyMBps": round(copied / 1e6 / secs, 2) if secs > 0 else None})
-        await self._set_phase(info, "copied")
-        return ts
 
     async def _advance_slot(self, info: MoveInfo, ends: _Ends, lsn: str) -> None:
         """Move the slot to ``lsn`` (read under the fence): the stream then holds exactly
@@ -498,7 +537,9 @@ class Mover:
     async def _verify(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> None:
         self.progress("verifying", {})
         if info.mode == "offline":  # the source is fenced since the copy began
+            self._step(info, "phaseCopied")
             mismatch = await _compare(ends.src, ends.dst, info.schema, ts)
+            self._step(info, "verify")
         else:
             s_snap = await self._connect(info.source)
             d_snap = await self._connect(info.target)
@@ -561,10 +602,13 @@ class Mover:
                         raise MoveFailed(f"move {info.run_id}: the target did not catch up within "
                                          f"{self.settings.catchup_timeout_s:.0f} s", runId=info.run_id)
                     continue
+                if info.mode == "offline":
+                    self._step(info, "phaseVerified")
                 t_switch = time.monotonic()
                 info.detail["catchUpMs"] = round((t_switch - t0) * 1000 - info.detail.get("fenceWaitMs", 0), 2)
                 await self._switch(info, ends)
                 info.detail["switchMs"] = round((time.monotonic() - t_switch) * 1000, 2)
+                self._step(info, "switch")
                 pauses.append(time.monotonic() - t0)
                 break
             except BaseException:
@@ -597,24 +641,27 @@ class Mover:
             "SELECT event_id, tenant_id, source, name, payload, created_at, attempts, next_attempt_at, last_error, "
             "handled_by FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND delivered_at IS NULL FOR UPDATE",
             info.tenant_id)
+        # (round trips kept few: every one of them holds the tenant's writes)
         async with ends.dst.transaction():
-            for s in seqs:
-                await ends.dst.execute("SELECT setval(format('%I.%I', $1::text, $2::text)::regclass, $3, true)",
-                                       info.schema, s["sequencename"], s["last_value"])
-            await ends.dst.executemany(
-                "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, created_at, attempts, "
-                "next_attempt_at, last_error, handled_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-                "ON CONFLICT (event_id) DO NOTHING",
-                [tuple(e) for e in events])
+            if seqs:
+                await ends.dst.execute(
+                    "SELECT setval(format('%I.%I', $1::text, q.name)::regclass, q.v, true) "
+                    "FROM unnest($2::text[], $3::bigint[]) q(name, v)",
+                    info.schema, [s["sequencename"] for s in seqs], [s["last_value"] for s in seqs])
+            if events:
+                await ends.dst.executemany(
+                    "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, created_at, attempts, "
+                    "next_attempt_at, last_error, handled_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                    "ON CONFLICT (event_id) DO NOTHING",
+                    [tuple(e) for e in events])
             await ends.dst.execute(
                 "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1::uuid, $2, $3) "
                 "ON CONFLICT (tenant_id) DO UPDATE SET schema_name = EXCLUDED.schema_name, epoch = EXCLUDED.epoch, "
                 "updated_at = now()", info.tenant_id, info.schema, new_epoch)
         await ends.src.execute(
+            "WITH gone AS (DELETE FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND delivered_at IS NULL) "
             "UPDATE fleet.tenant_fence SET epoch = $2, updated_at = now() WHERE tenant_id = $1::uuid",
             info.tenant_id, new_epoch)
-        await ends.src.execute("DELETE FROM fleet.event_outbox WHERE tenant_id = $1::uuid AND delivered_at IS NULL",
-                               info.tenant_id)
         await ends.src.execute("COMMIT")  # the commit point: the source refuses the tenant from here
         info.detail["eventsMoved"] = len(events)
         self.progress("committed", {})
@@ -655,6 +702,16 @@ class Mover:
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(MARKER_POLL_S)
+
+    @staticmethod
+    def _step(info: MoveInfo, name: str) -> None:
+        """Offline: how long each step under the fence took (``detail.stepsMs``)."""
+        if info.fenced_at is None:
+            return
+        now = time.monotonic()
+        steps = info.detail.setdefault("stepsMs", {})
+        steps[name] = round((now - (info.stepped_at or info.fenced_at)) * 1000, 2)
+        info.stepped_at = now
 
     async def _fence(self, conn: Conn, info: MoveInfo, wait_ms: int) -> None:
         """Open a transaction on ``conn`` holding the tenant's lock exclusive: in-flight
@@ -831,6 +888,12 @@ class Mover:
 
     async def _set_phase(self, info: MoveInfo, phase: str) -> None:
         info.phase = phase
+        if info.fenced_at is not None and info.mode == "offline" and phase in ("copied", "verified"):
+            # offline, under the fence: announced only, not written (two control-plane
+            # round trips each, while the tenant's writes wait); a crash here rolls the
+            # fence back and a resume starts over, so the record loses nothing
+            self.progress(phase, info.detail)
+            return
         await self.control.execute(
             "UPDATE tenant_moves SET phase = $2, detail = $3::jsonb, updated_at = now() WHERE run_id = $1",
             info.run_id, phase, info.detail)
@@ -891,8 +954,12 @@ async def _compare(src: Conn, dst: Conn, schema: str, ts: schema_copy.TenantSche
         sql = await src.fetchval(
             "SELECT format('SELECT count(*), coalesce(sum(hashtextextended(x::text, 0)::numeric), 0)::text "
             "FROM ONLY %I.%I x', $1::text, $2::text)", schema, t.name)
-        a = tuple(await src.fetchrow(sql) or ())
-        b = tuple(await dst.fetchrow(sql) or ())
+        ga, gb = await asyncio.gather(src.fetchrow(sql), dst.fetchrow(sql), return_exceptions=True)
+        for g in (ga, gb):
+            if isinstance(g, BaseException):
+                raise g  # after both ended: neither connection is left mid-query
+        assert not isinstance(ga, BaseException) and not isinstance(gb, BaseException)
+        a, b = tuple(ga or ()), tuple(gb or ())
         if a != b:
             out.append(f"{t.name}: source {a[0]} rows, target {b[0]} rows"
                        + ("" if a[0] != b[0] else " (content differs)"))
