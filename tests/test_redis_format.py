@@ -71,10 +71,14 @@ async def test_a_cached_tenant_costs_at_most_300_bytes_of_redis(fleet: Fleet) ->
             assert client.stats.redis == 2 and client.stats.control == 1
         sizes = [await redis.memory_usage(k, samples=0) for k in keys]
         assert all(sizes), sizes  # all three keys are there
-        # 296 bytes when this test runs alone; in the full suite the domain alias has been
-        # seen one allocator size class up (112 instead of 96 bytes: 312), so the guard is
-        # 320. The per-tenant figure is bench/resolve.py's average over 100,000 tenants.
-        assert sum(sizes) <= 320, sizes
+        # On Valkey (the embedded default): 296 bytes when this test runs alone; in the full
+        # suite the domain alias has been seen one allocator size class up (112 instead of
+        # 96 bytes: 312), so the guard is 320. Redis 7.0 keeps ~25 bytes more per key for
+        # the same three keys (376 with `make test-external`): its own guard is 400. The
+        # per-tenant figure is bench/resolve.py's average over 100,000 tenants.
+        server = await redis.info("server")
+        limit = 320 if "valkey_version" in server else 400
+        assert sum(sizes) <= limit, (sizes, "valkey" if limit == 320 else "redis")
     finally:
         await redis.delete(*keys)
         await redis.aclose()
