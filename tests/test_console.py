@@ -38,9 +38,9 @@ async def console(servers: Servers) -> AsyncIterator[Console]:
         yield Console(fleet, host, browser)
 
 
-async def _tenant(c: Console, *, plugins: tuple[str, ...] = ("inventory",), domain: bool = True) -> TenantRecord:
+async def _tenant(c: Console, *, plugins: tuple[str, ...] = ("inventory",), shard_id: str | None = None) -> TenantRecord:
     code = "c-" + uuid.uuid4().hex[:10]
-    rec = await c.fleet.directory.create_tenant(code, [f"{code}.example.com"] if domain else [])
+    rec = await c.fleet.directory.create_tenant(code, [f"{code}.example.com"], shard_id=shard_id)
     for pid in plugins:
         await c.host.admin("POST", f"/admin/plugins/{pid}/enable")
         await c.host.admin("POST", f"/admin/tenants/{rec.tenant_id}/plugins/{pid}/enable")
@@ -309,5 +309,116 @@ async def test_keys_are_created_with_roles_shown_once_and_revoked(console: Conso
         await page.fill("#create-key input[name=roles]", "NO_SUCH_ROLE")
         resp = await _submit(page, "#create-key button")
         assert resp.status == 404 and "NO_SUCH_ROLE" in await page.inner_text(".error")
+    finally:
+        await ctx.close()
+
+
+async def _one_behind(c: Console) -> TenantRecord:
+    """A tenant with inventory one version behind (its upgrade has a file to apply)."""
+    rec = await _tenant(c, plugins=())
+    await c.host.admin("POST", "/admin/plugins/inventory/enable")
+    await runtime(c.host).registry.enable_for_tenant("inventory", rec, to=semver.Version(1, 0, 0))
+    return rec
+
+
+async def test_a_failed_run_shows_its_errors_and_resume_finishes_it_from_any_host(console: Console) -> None:
+    """A second host, whose runs give up on a busy tenant after a second: the run fails with
+    the tenant's item and its error on the page; once the tenant is free, Resume finishes
+    it. The session signed in on the first host is good on the second (sessions are in
+    the control plane, shared by every host)."""
+    rec = await _one_behind(console)
+    lock = await asyncpg.connect(console.fleet.shard_dsns[rec.shard_id])
+    try:
+        async with running_host(host_settings(console.fleet, shard_give_up_s=1.0)) as other:
+            await _fail_then_resume(console, rec, lock, other)
+    finally:
+        await lock.close()
+
+
+async def _fail_then_resume(console: Console, rec: TenantRecord, lock: asyncpg.Connection, other: Host) -> None:
+    ctx, page = await _signed_in(console)
+    try:
+        await lock.execute("SELECT pg_advisory_lock($1)", advisory_key("inventory", "tenant", rec.tenant_id))
+        await page.goto(f"{other.url}/console/plugins")
+        assert "/console/plugins" in page.url  # no second sign-in
+
+        await _submit(page, "#plugin-inventory button.upgrade")
+
+        run_id = int(page.url.rsplit("/", 1)[1])
+        await expect(page.locator("#run-state")).to_have_text("failed", timeout=30_000)
+        failures = await page.inner_text("#run-failures")
+        assert f"tenant:{rec.tenant_id}" in failures and rec.shard_id in failures
+        await lock.execute("SELECT pg_advisory_unlock_all()")
+
+        await _submit(page, "#run-progress form[action$='/resume'] button")
+
+        await expect(page.locator("#run-state")).to_have_text("done", timeout=30_000)
+        await expect(page.locator("#run-percent")).to_have_text("100%")
+        status = await console.host.admin("GET", f"/admin/runs/{run_id}")
+        assert status["state"] == "done" and status["failed"] == 0
+        await page.goto(f"{other.url}/console/audit")
+        assert "run.resume" in await page.inner_text("#audit")
+    finally:
+        await ctx.close()
+
+
+async def test_a_migration_run_stopped_from_the_console_is_cancelled_and_resumes(console: Console) -> None:
+    rec = await _one_behind(console)
+    lock = await asyncpg.connect(console.fleet.shard_dsns[rec.shard_id])
+    ctx, page = await _signed_in(console)
+    try:
+        await lock.execute("SELECT pg_advisory_lock($1)", advisory_key("inventory", "tenant", rec.tenant_id))
+        await page.goto("/console/plugins")
+        await _submit(page, "#plugin-inventory button.upgrade")
+        run_id = int(page.url.rsplit("/", 1)[1])
+        await expect(page.locator("#run-progress form[action$='/abort'] button")).to_have_text("Stop")
+
+        await _submit(page, "#run-progress form[action$='/abort'] button")
+
+        await expect(page.locator("#run-state")).to_have_text("cancelled")
+        assert (await console.host.admin("GET", f"/admin/runs/{run_id}"))["state"] == "cancelled"
+        await lock.execute("SELECT pg_advisory_unlock_all()")
+        await _submit(page, "#run-progress form[action$='/resume'] button")
+        await expect(page.locator("#run-state")).to_have_text("done", timeout=30_000)
+        version = await console.fleet.control.fetchval(
+            "SELECT version_installed FROM sys_tenant_plugins WHERE tenant_id = $1 AND plugin_id = 'inventory'",
+            uuid.UUID(rec.tenant_id))
+        assert version == "1.1.0"
+    finally:
+        await lock.close()
+        await ctx.close()
+
+
+async def test_moves_show_on_the_runs_page_and_an_open_move_is_aborted_there(console: Console) -> None:
+    from shard_migrations.moves.mover import Mover
+
+    rec = await _tenant(console)
+    target = next(s for s in console.fleet.shard_dsns if s != rec.shard_id)
+    await _tenant(console, shard_id=target)  # the target has inventory's public files too (a move checks)
+    moved = await Mover(console.fleet.directory, console.fleet.settings).start(rec, target, "offline")
+    stuck = await _tenant(console)  # a move recorded and never driven (as a killed mover leaves one)
+    run_id = await console.fleet.control.fetchval(
+        "INSERT INTO fleet_runs (kind, params, state) VALUES ('move', '{}'::jsonb, 'failed') RETURNING run_id")
+    await console.fleet.control.execute(
+        "INSERT INTO tenant_moves (run_id, tenant_id, source_shard, target_shard, mode, phase, epoch_before) "
+        "VALUES ($1, $2::uuid, $3, $4, 'offline', 'planned', $5)", run_id, stuck.tenant_id, stuck.shard_id,
+        next(s for s in console.fleet.shard_dsns if s != stuck.shard_id), stuck.epoch)
+    ctx, page = await _signed_in(console)
+    try:
+        await page.goto("/console/runs?kind=move")
+        runs = await page.inner_text("#runs")
+        assert f"{rec.code}: {rec.shard_id} → {target}" in runs and stuck.code in runs
+        await page.goto(f"/console/runs/{moved.run_id}")
+        assert await page.inner_text("#run-percent") == "100%" and await page.inner_text("#run-state") == "done"
+        assert await page.locator("#run-progress form[action$='/abort']").count() == 0  # done: nothing to undo
+        await page.goto(f"/console/runs/{run_id}")
+
+        await _submit(page, "#run-progress form[action$='/abort'] button")
+
+        assert await page.inner_text("#run-state") == "cancelled"
+        assert await console.fleet.control.fetchval("SELECT phase FROM tenant_moves WHERE run_id = $1", run_id) \
+            == "aborted"
+        after = await console.fleet.directory.get(id=stuck.tenant_id)
+        assert (after.shard_id, after.state) == (stuck.shard_id, "active")
     finally:
         await ctx.close()
