@@ -4,9 +4,11 @@ role templates, an upgrade watched live, CSRF, expiry, escaping, config validati
 The run writes a screenshot of each page to docs/screenshots/ (the README shows them)."""
 from __future__ import annotations
 
+import json
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import asyncpg
@@ -18,7 +20,7 @@ from router.models import TenantRecord
 from shard_migrations.keys import advisory_key
 from tests.browserkit import SCREENSHOTS, chromium
 from tests.fleetkit import Fleet, Servers, open_fleet
-from tests.hostkit import ADMIN_KEY, Host, host_settings, running_host, runtime
+from tests.hostkit import ADMIN_KEY, Host, discovery_with, host_settings, plugin_package, running_host, runtime
 
 
 @dataclass
@@ -422,3 +424,29 @@ async def test_moves_show_on_the_runs_page_and_an_open_move_is_aborted_there(con
         assert (after.shard_id, after.state) == (stuck.shard_id, "active")
     finally:
         await ctx.close()
+
+
+PLAIN_PLUGIN = '''
+from plugins.api import PluginContext
+
+
+def setup(ctx: PluginContext) -> None:
+    return None
+'''
+
+
+async def test_a_plugins_own_strings_are_shown_escaped(console: Console, tmp_path: Path) -> None:
+    """A role template's display name is the plugin's text: shown as text, never as markup."""
+    markup = '<img src=x onerror="window.__pwned = 3"><script>window.__pwned = 4</script>'
+    roles = [{"role_key": "MARKUP_ROLE", "display_name": markup, "permissions": ["markup.view"]}]
+    pid, pkg = plugin_package(tmp_path, PLAIN_PLUGIN, extra_files={"roles.json": json.dumps(roles)})
+    rec = await _tenant(console)
+    async with running_host(host_settings(console.fleet), discovery=discovery_with(pkg)) as other:
+        ctx, page = await _signed_in(console)
+        try:
+            await page.goto(f"{other.url}/console/roles?tenant={rec.code}")
+            assert markup in await page.inner_text(f"#diff-{pid}")
+            assert await page.evaluate("window.__pwned === undefined")
+            assert await page.locator("main img").count() == 0 and await page.locator("main script").count() == 0
+        finally:
+            await ctx.close()
