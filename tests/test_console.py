@@ -20,7 +20,9 @@ from router.models import TenantRecord
 from shard_migrations.keys import advisory_key
 from tests.browserkit import SCREENSHOTS, chromium
 from tests.fleetkit import Fleet, Servers, open_fleet
-from tests.hostkit import ADMIN_KEY, Host, discovery_with, host_settings, plugin_package, running_host, runtime
+from tests.hostkit import (
+    ADMIN_KEY, Host, auth, discovery_with, host_settings, plugin_package, running_host, runtime, tenant_with_key,
+)
 
 
 @dataclass
@@ -81,10 +83,16 @@ async def _enabled_tenants(c: Console, plugin: str) -> int:
 async def test_sign_in_toggle_a_plugin_for_a_tenant_and_the_admin_api_reports_it(console: Console) -> None:
     rec = await _tenant(console, plugins=())
     await console.host.admin("POST", "/admin/plugins/restock/enable")
+    served, key = await tenant_with_key(console.fleet, console.host)
+    for _ in range(5):  # plugin requests this host served on the tenant's shard: its p95 on the Fleet page
+        async with console.host.http.get("/api/plugins/inventory/items", headers=auth(key, served.code)) as r:
+            assert r.status == 200
     ctx, page = await _signed_in(console)
     try:
         assert await page.locator("#shards tbody tr").count() == 2
         assert "ready" in await page.inner_text("#shards")
+        row = await page.inner_text(f"#shard-{served.shard_id}")
+        assert " ms (5 requests)" in row, row
         await _shot(page, "fleet")
         await page.goto(f"/console/tenants?q={rec.code[:6]}")
         assert rec.code in await page.inner_text("#tenants")

@@ -14,7 +14,6 @@ this origin's scripts and styles, no inline script, no framing).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Final
 
@@ -24,8 +23,6 @@ from aiohttp import web
 
 from host.console import actions, pages
 from host.console.plumbing import console_middleware, filters
-
-log = logging.getLogger("tenantfleet.console")
 
 HERE = Path(__file__).resolve().parent
 STATIC: Final = HERE / "static"
