@@ -4,7 +4,9 @@ role templates, an upgrade watched live, CSRF, expiry, escaping, config validati
 The run writes a screenshot of each page to docs/screenshots/ (the README shows them)."""
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -458,3 +460,35 @@ async def test_a_plugins_own_strings_are_shown_escaped(console: Console, tmp_pat
             assert await page.locator("main img").count() == 0 and await page.locator("main script").count() == 0
         finally:
             await ctx.close()
+
+
+async def test_the_admin_api_behind_the_runs_refuses_bad_input_clearly(console: Console) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    await _one_behind(console)
+    async with console.host.http.post("/admin/plugins/inventory/upgrade", headers=admin) as r:
+        assert r.status == 202
+        done = (await r.json())["runId"]
+    deadline = time.monotonic() + 30
+    while (await console.host.admin("GET", f"/admin/runs/{done}"))["state"] != "done":
+        assert time.monotonic() < deadline, "the upgrade started through the admin API did not finish"
+        await asyncio.sleep(0.05)
+    cases = [("GET", "/admin/runs/abc", None, 400, "VALIDATION_FAILED"),
+             ("GET", "/admin/runs/0", None, 400, "VALIDATION_FAILED"),
+             ("GET", "/admin/runs/99999999", None, 404, "RUN_NOT_FOUND"),
+             ("GET", "/admin/runs?kind=sideways", None, 400, "VALIDATION_FAILED"),
+             ("POST", "/admin/plugins/nosuch/upgrade", None, 404, "PLUGIN_NOT_FOUND"),
+             ("POST", "/admin/plugins/inventory/upgrade", b"[1]", 400, "VALIDATION_FAILED"),
+             ("POST", f"/admin/runs/{done}/resume", None, 409, "RUN_BUSY"),
+             ("POST", f"/admin/runs/{done}/abort", None, 409, "RUN_BUSY"),
+             ("POST", "/admin/runs/99999999/abort", None, 404, "RUN_NOT_FOUND")]
+    before = await console.fleet.control.fetchval("SELECT count(*) FROM fleet_runs")
+    for method, path, body, status, code in cases:
+        headers = {**admin, "Content-Type": "application/json"} if body is not None else admin
+        async with console.host.http.request(method, path, data=body, headers=headers) as r:
+            got = await r.json()
+            assert (r.status, got["error"]["code"]) == (status, code), (path, got)
+    assert await console.fleet.control.fetchval("SELECT count(*) FROM fleet_runs") == before  # nothing started
+    async with console.host.http.get("/admin/runs") as r:
+        assert r.status == 401
+    overview = await console.host.admin("GET", "/admin/overview")
+    assert overview["counts"]["runs"]["done"] >= 1 and len(overview["shards"]) == 2
