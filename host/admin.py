@@ -22,6 +22,7 @@ from typing import Annotated, Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import Field
 
+from host import operations
 from host.context import PLUGIN_HOST, PluginHost
 from host.keys import REQ_TENANT
 from host.runtime import HostRuntime
@@ -89,12 +90,7 @@ async def list_plugins(request: web.Request) -> web.Response:
 @routes.post("/admin/plugins/{plugin}/{action:enable|disable|kill|revive}")
 async def set_global(request: web.Request) -> web.Response:
     rt = await _rt(request)
-    pid, action = request.match_info["plugin"], request.match_info["action"]
-    if action in ("enable", "disable"):
-        await rt.registry.set_global(pid, enabled=action == "enable")
-    else:
-        await rt.registry.set_global(pid, killed=action == "kill")
-    return _json({"pluginId": pid, "action": action})
+    return _json(await operations.set_global(rt, request.match_info["plugin"], request.match_info["action"]))
 
 
 @routes.get("/admin/plugins/{plugin}/role-templates")
@@ -107,10 +103,8 @@ async def role_templates(request: web.Request) -> web.Response:
 async def set_tenant(request: web.Request) -> web.Response:
     rt = await _rt(request)
     rec = await _tenant(rt, request)
-    pid = request.match_info["plugin"]
-    if request.match_info["action"] == "enable":
-        return _json(await rt.registry.enable_for_tenant(pid, rec))
-    return _json(await rt.registry.disable_for_tenant(pid, rec.tenant_id))
+    return _json(await operations.set_tenant_plugin(rt, request.match_info["plugin"], rec,
+                                                    enabled=request.match_info["action"] == "enable"))
 
 
 @routes.get("/admin/tenants/{tenant}/plugins/{plugin}/config")
@@ -148,11 +142,8 @@ async def put_role(request: web.Request) -> web.Response:
     rt = await _rt(request)
     rec = await _tenant(rt, request)
     body = parse_body(RoleBody, await read_json_object(request))
-    role = await rt.rbac.upsert_role(rec.tenant_id, request.match_info["role"],
-                                     body.display_name or request.match_info["role"],
-                                     body.permissions, namespaces=rt.registry.discovery.plugins.keys())
-    await rt.registry.announce("roles", None, rec.tenant_id)
-    return _json(role)
+    return _json(await operations.put_role(rt, rec.tenant_id, request.match_info["role"], body.display_name,
+                                           body.permissions))
 
 
 @routes.post("/admin/principals")
@@ -177,7 +168,4 @@ async def list_principals(request: web.Request) -> web.Response:
 async def revoke_principal(request: web.Request) -> web.Response:
     """Revoke a key: refused on this host at once, on every other host within about a second."""
     rt = await _rt(request)
-    revoked = await rt.rbac.revoke_principal(request.match_info["principal"])
-    rt.auth.clear()
-    await rt.registry.announce("principals", None, revoked["tenantId"])
-    return _json(revoked)
+    return _json(await operations.revoke_key(rt, request.match_info["principal"]))

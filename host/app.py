@@ -21,14 +21,16 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from host import admin
+from host import admin, admin_runs
+from host.console import console_app
 from host.context import PLUGIN_HOST, PluginHost
-from host.keys import DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
+from host.keys import CONSOLE_PATH, DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
 from host.loader import load_plugins, mount
 from host.manifest import manifest
 from host.metrics import METRICS, HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
+from host.runner import RUNNER, Runner
 from host.runtime import RUNTIME, HostRuntime, open_host_runtime
 from router.http import BODY_TIMEOUT, EdgeRunner, http_settings, json_response
 from router.models import ShardRecord
@@ -74,6 +76,9 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app.router.add_get("/openapi.json", openapi_view)
     app.router.add_get("/api/manifest", manifest)
     app.router.add_routes(admin.routes)
+    app.router.add_routes(admin_runs.routes)
+    app[RUNNER] = Runner()
+    app.add_subapp(CONSOLE_PATH, console_app())
     mount(app, host, found)
     return app
 

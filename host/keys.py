@@ -55,6 +55,19 @@ SUBSCRIPTIONS_EVERY_S: Final = 5.0     # each host refreshes its event subscript
 SUBSCRIPTION_TTL_S: Final = 120.0      # a subscription not refreshed for this long is gone (longer than a host's restart)
 SUBSCRIPTIONS_FORGET_S: Final = 86400.0  # rows of hosts gone this long are deleted
 
+# The console's live p95 per shard (host.metrics.ShardLatency): plugin requests kept per
+# shard, and the window the percentile is taken over.
+SHARD_WINDOW_KEEP: Final = 2048
+SHARD_WINDOW_S: Final = 60.0
+
+# The console (host/console): its session cookie (the admin key exchanged at sign-in, see
+# settings.console_session_s) and the sign-in form's own CSRF cookie.
+CONSOLE_COOKIE: Final = "tf_console"
+CONSOLE_LOGIN_COOKIE: Final = "tf_console_login"
+CONSOLE_PATH: Final = "/console"
+CSRF_HEADER: Final = "X-CSRF-Token"
+AUDIT_PAGE: Final = 200              # audit entries the console shows
+
 # Shutdown: how long in-flight requests get to finish after the listener closes.
 DRAIN_TIMEOUT_S: Final = 10.0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections import deque
 from typing import Callable, Final, Iterable, Mapping
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from host.keys import SHARD_WINDOW_KEEP, SHARD_WINDOW_S
 from host.leases import PoolFigures
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -90,6 +92,29 @@ class _RequestCollector(Collector):
         return [requests, errors, latency]
 
 
+class ShardLatency:
+    """The latest plugin request latencies per shard (the console's "live p95"): a bounded
+    window per shard of (when, seconds), read when a page asks. This host's requests only."""
+
+    def __init__(self, keep: int = SHARD_WINDOW_KEEP) -> None:
+        self._windows: dict[str, deque[tuple[float, float]]] = {}
+        self._keep = keep
+
+    def record(self, shard_id: str, seconds: float) -> None:
+        w = self._windows.get(shard_id)
+        if w is None:
+            w = self._windows[shard_id] = deque(maxlen=self._keep)
+        w.append((time.monotonic(), seconds))
+
+    def p95(self, shard_id: str, window_s: float = SHARD_WINDOW_S) -> tuple[float | None, int]:
+        """(p95 in seconds, requests counted) over the last ``window_s``; (None, 0) without any."""
+        since = time.monotonic() - window_s
+        values = sorted(v for t, v in self._windows.get(shard_id, ()) if t >= since)
+        if not values:
+            return None, 0
+        return values[min(len(values) - 1, int(0.95 * len(values)))], len(values)
+
+
 class HostMetrics:
     """The host's collectors, registered on ``registry``."""
 
@@ -125,6 +150,7 @@ class HostMetrics:
             registry=self.registry)
         self.cron_runs = Counter("tenantfleet_cron_runs", "Cron ticks this host ran", ["plugin", "job"],
                                  registry=self.registry)
+        self.shard_latency = ShardLatency()
 
     def watch_pools(self, source: PoolSource) -> None:
         self.registry.register(_PoolCollector(source))

@@ -16,6 +16,7 @@ from aiohttp import web
 from host.keys import REQ_PLUGIN, REQ_TENANT
 from host.logs import access_json, direct_handler
 from host.metrics import METRICS
+from host.tenancy import REQUEST_TENANT
 from router.http import envelope_middleware_with
 
 access_log = logging.getLogger("tenantfleet.access")
@@ -36,7 +37,11 @@ def _record(request: web.Request, rid: str, status: int, seconds: float) -> None
     plugin = request.get(REQ_PLUGIN)
     route = _route(request)
     if plugin is not None:
-        request.app[METRICS].observe(plugin, route, status, seconds)
+        metrics = request.app[METRICS]
+        metrics.observe(plugin, route, status, seconds)
+        rec = REQUEST_TENANT.get()
+        if rec is not None and rec.tenant_id == request.get(REQ_TENANT):  # this request's tenant, not an earlier one's
+            metrics.shard_latency.record(rec.shard_id, seconds)
     if access_log.isEnabledFor(logging.INFO):
         fields: dict[str, Any] = {"pluginId": plugin, "tenantId": request.get(REQ_TENANT), "route": route,
                                   "method": request.method, "status": status, "ms": round(seconds * 1000, 3),

@@ -15,7 +15,9 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from host.admin import BODIES, TENANT_REF_PATTERN, NewPrincipal, RoleBody
+from host.admin_runs import RUN_ID_PATTERN
 from host.context import PLUGIN_HOST
+from host.keys import CONSOLE_PATH
 from host.rbac import ROLE_KEY_RE
 from router.http import json_response
 from router.models import UUID_PATTERN
@@ -38,6 +40,8 @@ _WHY = {
     503: "SHARD_UNREACHABLE, TENANT_MOVING, TENANT_NOT_READY, FENCE_STALE, or not ready; see Retry-After",
 }
 _RID = REQUEST_ID_DOC
+# admin operations answered 202: a recorded run started (host.admin_runs)
+ASYNC_ADMIN = ("/admin/plugins/{plugin}/upgrade", "/admin/runs/{run}/resume")
 
 
 def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[str, Any]:
@@ -52,6 +56,8 @@ def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[s
         return {"type": "string", "pattern": ROLE_KEY_RE.pattern}
     if name == "principal":
         return {"type": "string", "format": "uuid", "pattern": UUID_PATTERN}
+    if name == "run":
+        return {"type": "string", "pattern": RUN_ID_PATTERN, "description": "run id"}
     return {"type": "string"}
 
 
@@ -82,6 +88,8 @@ def document(app: web.Application) -> dict[str, Any]:
         if resource is None or route.method in ("HEAD", "*"):
             continue
         template = resource.canonical
+        if template == CONSOLE_PATH or template.startswith(CONSOLE_PATH + "/"):
+            continue  # the console's HTML pages and forms are not part of the API
         path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", template)
         kind = _kind(path)
         doc = (getattr(route.handler, "__doc__", None) or "").strip().splitlines()
@@ -117,6 +125,7 @@ def document(app: web.Application) -> dict[str, Any]:
             statuses |= {408, 413, 415}
         # a plugin's handler picks its own success status (inventory answers 201 on create)
         ok = ("201" if route.method == "POST" and path == "/admin/principals"
+              else "202" if route.method == "POST" and path in ASYNC_ADMIN
               else "2XX" if kind == "plugin" and path != "/api/manifest" else "200")
         content = ({"text/plain": {"schema": {"type": "string"}}} if path == "/metrics"
                    else {"application/json": {"schema": {}}})

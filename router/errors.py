@@ -198,6 +198,14 @@ class RunNotFound(TenantFleetError):
     status = 404
 
 
+class RunBusy(TenantFleetError):
+    """A run can't take that action in its state: resume of a run that is done or running
+    (here or in another process), stop of a run that isn't running here."""
+    code = "RUN_BUSY"
+    status = 409
+    exit_code = 3
+
+
 class FleetError(TenantFleetError):
     """The embedded fleet could not be started, stopped or reached."""
     code = "FLEET_ERROR"

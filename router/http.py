@@ -341,20 +341,31 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
                                field="body") from None
     if not raw:
         raise ValidationFailed("a JSON object body is required", field="body")
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes, what: str = "body") -> dict[str, Any]:
+    """``raw`` as a JSON object, with `read_json_object`'s checks (``what`` names it in the
+    errors: the console's config form says ``config``). VALIDATION_FAILED for malformed
+    JSON (with ``at``: line and column, unless ``what`` is the body), anything but an
+    object, JSON nested deeper than `MAX_JSON_DEPTH`, a NUL character in a string or an
+    integer outside the signed 64-bit range."""
     try:
         data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        _check_int64(raw)  # an integer too long even for a double (1e309) is refused by its name
-        raise ValidationFailed("body is not valid JSON", field="body") from None
+    except orjson.JSONDecodeError as exc:
+        _check_int64(raw, what)  # an integer too long even for a double (1e309) is refused by its name
+        at = {} if what == "body" else {"at": f"line {exc.lineno} column {exc.colno}"}
+        raise ValidationFailed(f"{what} is not valid JSON" + (f" ({exc.msg} at line {exc.lineno} column {exc.colno})"
+                                                              if at else ""), field=what, **at) from None
     if not isinstance(data, dict):
-        raise ValidationFailed("body must be a JSON object", field="body")
+        raise ValidationFailed(f"{what} must be a JSON object", field=what)
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(data, MAX_JSON_DEPTH):
-        raise ValidationFailed(f"body nests deeper than {MAX_JSON_DEPTH} levels", field="body")
-    _check_int64(raw)
+        raise ValidationFailed(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", field=what)
+    _check_int64(raw, what)
     if b"\\u0000" in raw:  # the only way JSON text spells NUL; walk only then
         where = _nul_at(data, "")
         if where is not None:
-            raise ValidationFailed(f"{where or 'body'} contains a NUL character (\\u0000)", field=where or "body")
+            raise ValidationFailed(f"{where or what} contains a NUL character (\\u0000)", field=where or what)
     return data
 
 
@@ -372,13 +383,13 @@ def check_json_media_type(request: web.Request) -> None:
                                field="Content-Type")
 
 
-def _check_int64(raw: bytes) -> None:
+def _check_int64(raw: bytes, what: str = "body") -> None:
     """VALIDATION_FAILED naming the first integer of the JSON text ``raw`` outside int64."""
     if _LONG_DIGITS.search(raw):  # only then can an integer be out of range: look closer
         where = _int_out_of_range_at(raw)
         if where is not None:
-            raise ValidationFailed(f"{where or 'body'} is an integer outside the signed 64-bit range "
-                                   f"({INT64_MIN}..{INT64_MAX})", field=where or "body")
+            raise ValidationFailed(f"{where or what} is an integer outside the signed 64-bit range "
+                                   f"({INT64_MIN}..{INT64_MAX})", field=where or what)
 
 
 class _Int64Overflow:

@@ -22,24 +22,26 @@ from router.tables import SCHEMA_VERSION
 from tests.fleetkit import Fleet, Servers, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
+# the control plane's head: the console's sessions and audit log (router/revisions/control/versions/r0006_console.py)
+CONTROL_HEAD = "0006"
 
-REVISION_0006 = '''"""Shards get a note.
+REVISION_0007 = '''"""Shards get a note.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
     op.add_column("shards", sa.Column("note", sa.Text(), nullable=True))
-    op.execute("UPDATE shards SET note = 'from 0006'")
+    op.execute("UPDATE shards SET note = 'from 0007'")
 '''
 
 
@@ -47,6 +49,7 @@ async def _previous_release_control(conn: asyncpg.Connection) -> None:
     """Turn a fresh control plane into what the release before revisions (schema version 4)
     left: no Alembic version table, no per-shard tenant counter, version 4 recorded."""
     await conn.execute("DROP TABLE alembic_version")
+    await conn.execute("DROP TABLE console_sessions, console_audit")  # revision 0006's, after that release
     await conn.execute("DROP TRIGGER tenants_count_insert ON tenants; DROP TRIGGER tenants_count_delete ON tenants; "
                        "DROP TRIGGER tenants_count_move ON tenants")
     await conn.execute("ALTER TABLE shards DROP COLUMN tenant_count CASCADE")
@@ -70,7 +73,7 @@ async def test_a_control_plane_of_the_previous_release_is_upgraded_in_place_with
 
             await schema.ensure_control(conn)
 
-            assert await revisions.current(conn, "control") == revisions.head("control") == revisions.BASELINE
+            assert await revisions.current(conn, "control") == revisions.head("control") == CONTROL_HEAD
             assert await conn.fetchval("SELECT version FROM tenantfleet_schema WHERE component = 'control'") \
                 == SCHEMA_VERSION
             rows = await conn.fetch("SELECT tenant_id, code FROM tenants ORDER BY code")
@@ -109,7 +112,7 @@ async def test_a_shard_of_the_previous_release_is_stamped_with_its_ledger_kept(s
 async def test_a_revision_after_the_baseline_runs_once_and_an_older_tenantfleet_then_refuses(
         servers: Servers, tmp_path: Path) -> None:
     shutil.copytree(revisions.HERE / "control", tmp_path / "control", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "control" / "versions" / "r0006_note.py").write_text(REVISION_0006)
+    (tmp_path / "control" / "versions" / "r0007_note.py").write_text(REVISION_0007)
     name = f"tf_{uuid.uuid4().hex[:12]}_rev"
     dsn = await create_database(servers.control_admin_dsn, name)
     try:
@@ -120,16 +123,16 @@ async def test_a_revision_after_the_baseline_runs_once_and_an_older_tenantfleet_
             async with conn.transaction():  # as router.schema runs it: under the bootstrap lock
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK)
                 recorded = await revisions.check_known(conn, "control", root=tmp_path)
-                assert await revisions.upgrade(conn, "control", recorded, root=tmp_path) == ["0006"]
-            assert await conn.fetchval("SELECT note FROM shards") == "from 0006"
-            assert await revisions.current(conn, "control") == "0006"
-            assert await revisions.upgrade(conn, "control", "0006", root=tmp_path) == []
-            # this tenantfleet knows up to 0005: it changes nothing on a database at 0006
+                assert await revisions.upgrade(conn, "control", recorded, root=tmp_path) == ["0007"]
+            assert await conn.fetchval("SELECT note FROM shards") == "from 0007"
+            assert await revisions.current(conn, "control") == "0007"
+            assert await revisions.upgrade(conn, "control", "0007", root=tmp_path) == []
+            # this tenantfleet knows up to 0006: it changes nothing on a database at 0007
             await conn.execute("DROP INDEX tenants_state_code_idx")
-            with pytest.raises(SchemaTooNew, match="revision 0006"):
+            with pytest.raises(SchemaTooNew, match="revision 0007"):
                 await schema.ensure_control(conn)
             assert await conn.fetchval("SELECT to_regclass('tenants_state_code_idx')") is None
-            assert await revisions.current(conn, "control") == "0006"
+            assert await revisions.current(conn, "control") == "0007"
         finally:
             await conn.close()
     finally:
@@ -149,11 +152,12 @@ def test_db_current_upgrade_and_history_on_the_cli(fleet: Fleet) -> None:
     rows = orjson.loads(current.stdout)
     assert rows[0]["database"] == "control" and {r["component"] for r in rows} == {"control", "shard"}
     assert len(rows) == 1 + len(fleet.shard_dsns)
-    assert all(r["revision"] == r["head"] == "0005" and r["state"] == "up to date" for r in rows), rows
+    assert all(r["revision"] == r["head"] == (CONTROL_HEAD if r["component"] == "control" else "0005")
+               and r["state"] == "up to date" for r in rows), rows
     upgraded = _tf(fleet, "--json", "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert all(r["from"] == r["revision"] == "0005" for r in orjson.loads(upgraded.stdout))
+    assert all(r["from"] == r["revision"] == r["head"] for r in orjson.loads(upgraded.stdout))
     history = _tf(fleet, "--json", "db", "history")
     assert history.returncode == 0, history.stderr
-    assert [(r["component"], r["revision"]) for r in orjson.loads(history.stdout)] == [("control", "0005"),
-                                                                                       ("shard", "0005")]
+    assert [(r["component"], r["revision"]) for r in orjson.loads(history.stdout)] == [
+        ("control", CONTROL_HEAD), ("control", "0005"), ("shard", "0005")]

@@ -63,6 +63,7 @@ def _print_tour(state: CliState, settings: Settings, demo: DemoInfo, router_port
     lines = [
         f"\nrouter  {base}   (OpenAPI: {base}/v1/openapi.json, metrics: {base}/metrics)",
         f"host    {host}   (metrics: {host}/metrics)",
+        f"console {host}/console   (sign in with the admin key)",
         f"admin key: {demo.admin_key}  (kept in {settings.fleet_dir}/admin.key)",
         f"read key:  {demo.read_key}  (the router's reads; kept in {settings.fleet_dir}/read.key)",
         f"API keys: acme {acme}, globex {globex}  (kept in {settings.fleet_dir}/demo-keys.json)",
