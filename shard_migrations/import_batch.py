@@ -6,8 +6,9 @@ whatever the batch's size:
 1. the local ``lock_timeout``/``statement_timeout``, every tenant unit's advisory lock and
    every tenant's hold key (shared) in ONE statement, as the migrator's engine takes them
    one unit at a time (a busy one: `BatchFallback`);
-2. the schemas with their roles and grants (``fleet.create_tenant_schema`` over the
-   array of names) and the fences (one INSERT over arrays);
+2. the schemas (one script), their roles and grants (``fleet.ensure_tenant_roles`` over
+   the array of names: one GRANT of them all to the login role) and the fences (one
+   INSERT over arrays);
 3. each plugin's public files (the engine's `apply_unit`, once per shard: a no-op once
    the shard has them);
 4. the ledger of the batch's tenants, read in one query: drift stops the batch as the
@@ -17,7 +18,7 @@ whatever the batch's size:
    ``SET LOCAL search_path`` to its schema, then ``public``;
 6. their ledger rows in one INSERT over arrays.
 
-The script is the one place SQL text carries a name: the tenant schemas are generated
+The scripts are the places SQL text carries a name: the tenant schemas are generated
 by the system (``t_<32 hex>``, never user text) and checked against that pattern right
 before, so quoting them as identifiers is exact; every value still goes as a parameter.
 A file the script can't run (its SQL fails) raises `BatchFallback`: the caller rolls the
@@ -89,8 +90,14 @@ async def create_batch(conn: Conn, shard_id: str, tenants: Sequence[NewTenant], 
         raise BatchFallback("a tenant unit's lock is busy")
     # A new tenant is provisioning: no fleet run targets it and no move holds it, so the
     # engine's check that this shard serves it (the fence) is the INSERT below.
-    await conn.execute("SELECT fleet.create_tenant_schema(n) FROM unnest($1::text[]) n",
-                       [t.record.schema for t in tenants])
+    names = [t.record.schema for t in tenants]
+    # a schema that exists already is a resumed batch's: its tables get their grants too
+    existed = await conn.fetchval("SELECT count(*) FROM pg_catalog.pg_namespace WHERE nspname = ANY($1::text[])",
+                                  names)
+    # the names matched TENANT_SCHEMA_RE above: no character of them needs escaping
+    await conn.execute("".join(f'CREATE SCHEMA IF NOT EXISTS "{n}";' for n in names))
+    # the roles, their grants and ONE grant of them all to the login role
+    await conn.execute("SELECT fleet.ensure_tenant_roles($1::text[], $2)", names, existed > 0)
     await conn.execute(
         "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) "
         "SELECT t, n, 1 FROM unnest($1::uuid[], $2::text[]) AS x(t, n) ON CONFLICT (tenant_id) DO NOTHING",
