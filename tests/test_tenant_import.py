@@ -10,6 +10,7 @@ import hashlib
 import json
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import asyncpg
 import pytest
 
 from router.errors import ValidationFailed
+from router.models import TenantRecord
+from shard_migrations.import_batch import NewTenant, create_batch
 from shard_migrations.packages import MigrationFile, discover
 from shard_migrations.tenant_import import TenantImporter
 from tests.conftest import FleetFactory
@@ -232,3 +235,33 @@ async def test_a_tenant_whose_plugin_file_fails_is_refused_alone_and_its_batch_l
     assert await f.control.fetchval("SELECT count(*) FROM tenant_domains") == 24 - len(bad)
     ledger = [r for r in await ledger_rows(f, "inventory") if r["scope"] == "tenant"]
     assert len(ledger) == 3 * (24 - len(bad))
+
+
+async def test_a_batch_made_again_after_its_commit_is_found_done(fresh_fleet: FleetFactory) -> None:
+    """What a resume does when a crash came between the shard's commit and the activation."""
+    f = await fresh_fleet()
+    inv = discover().get("inventory")
+    new = []
+    for i in range(3):
+        tid = str(uuid.uuid4())
+        rec = TenantRecord(tenant_id=tid, code=f"again-{i}", schema="t_" + uuid.UUID(tid).hex, shard_id="shard1",
+                           state="provisioning", epoch=1)
+        new.append(NewTenant(rec, ("inventory",)))
+    pool = await f.shard_pools.get("shard1")
+    runs = []
+    for _ in range(2):
+        async with pool.acquire() as conn, conn.transaction():
+            runs.append(await create_batch(conn, "shard1", new, [inv], f.settings))
+    assert runs == [2 * 3, 0]  # inventory's two tenant files per tenant, then nothing left to run
+    ledger = [r for r in await ledger_rows(f, "inventory") if r["scope"] == "tenant"]
+    assert sorted((r["tenant_id"], r["name"]) for r in ledger) == sorted(
+        (t.record.tenant_id, n) for t in new for n in ("001_init.sql", "002_location.sql"))
+    conn = await asyncpg.connect(f.shard_dsns["shard1"])
+    try:
+        for t in new:  # the tenant's own role may use its table, once each
+            assert await conn.fetchval("SELECT has_table_privilege(fleet.tenant_role($1), $2, 'INSERT')",
+                                       t.record.schema, t.record.schema + ".items")
+        assert await conn.fetchval("SELECT count(*) FROM fleet.tenant_fence WHERE tenant_id = ANY($1::uuid[])",
+                                   [t.record.tenant_id for t in new]) == 3
+    finally:
+        await conn.close()
