@@ -347,6 +347,7 @@ DECLARE
   v_login name := fleet.login_role();
   v_pg16 boolean := pg_catalog.current_setting('server_version_num')::int >= 160000;
   v_switch name[] := '{}';
+  v_new boolean;
 BEGIN
   PERFORM pg_catalog.pg_advisory_xact_lock({bootstrap_lock});  -- router.keys.BOOTSTRAP_LOCK
   FOREACH v_name IN ARRAY names LOOP
@@ -354,11 +355,12 @@ BEGIN
       RAISE EXCEPTION 'not a tenant schema name: %', v_name USING ERRCODE = '22023';
     END IF;
     v_role := fleet.tenant_role(v_name);
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role) THEN
+    v_new := NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = v_role);
+    IF v_new THEN
       BEGIN
         EXECUTE format('CREATE ROLE %I NOLOGIN INHERIT', v_role);
       EXCEPTION WHEN duplicate_object OR unique_violation THEN
-        NULL;  -- another database on this server created it first
+        v_new := false;  -- another database on this server created it first
       END;
     END IF;
     -- A role of that name made by someone else with more power or other memberships
@@ -386,7 +388,10 @@ BEGIN
     -- of no tenant role: the request path's login role (granted below, for the batch) and
     -- the owner (who may run the old fence, or switch for a test or a repair).
     PERFORM fleet.grant_role_to_owner(v_role);
-    IF NOT pg_catalog.pg_has_role(v_login, v_role, CASE WHEN v_pg16 THEN 'SET' ELSE 'MEMBER' END) THEN
+    -- A role made just now has no members: no need to ask. pg_has_role(v_login, ...) walks
+    -- every membership of the login role (one per tenant of the shard) again after each
+    -- CREATE ROLE, which made creating N tenants quadratic (issue 12).
+    IF v_new OR NOT pg_catalog.pg_has_role(v_login, v_role, CASE WHEN v_pg16 THEN 'SET' ELSE 'MEMBER' END) THEN
       v_switch := v_switch || v_role;
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', v_name, v_role);

@@ -41,13 +41,15 @@ from typing import Any, Callable, Mapping, Sequence
 import asyncpg
 import orjson
 
-from router.errors import NoShardAvailable, RunNotFound, ShardUnreachable, ValidationFailed
+from router.errors import MigrationFailed, NoShardAvailable, RunNotFound, ShardUnreachable, ValidationFailed
 from router.keys import PLACEMENT_LOCK
 from router.models import TenantRecord, check_code, check_domains, check_shard_id
 from router.pools import ShardPools
 from router.settings import Settings
-from shard_migrations.engine import Unit, apply_unit
+from shard_migrations.engine import LockBusy, LockTimedOut, Unit, apply_unit
+from shard_migrations.import_batch import BatchFallback, NewTenant, create_batch
 from shard_migrations.packages import Discovery, PluginPackage
+from shard_migrations.limiter import ShardLimiters
 from shard_migrations.runs import owner_tag
 
 log = logging.getLogger("tenantfleet.import")
@@ -336,10 +338,26 @@ class TenantImporter:
         if self.progress:
             self.progress(state["done"], state["total"])
 
+        limiters = ShardLimiters(self.settings, concurrency=1)
+
         async def shard_worker(shard_id: str, work: list[tuple[Row, str]]) -> None:
+            # every shard-wide action goes through the shard's limiter: a shard that fails
+            # backs off alone (a batch is idempotent, so it is simply made again) until
+            # it has failed for shard_give_up_s; the other shards go on meanwhile
+            limiter = limiters.get(shard_id)
             for start in range(0, len(work), self.batch_size):
                 batch = work[start:start + self.batch_size]
-                made = await self._batch(run_id, shard_id, batch)
+                while True:
+                    async with limiter.slot():
+                        try:
+                            made = await self._batch(run_id, shard_id, batch)
+                        except (ShardUnreachable, LockBusy, LockTimedOut) as exc:
+                            limiter.failure(exc)
+                            if limiter.down:
+                                raise
+                            continue
+                        limiter.success()
+                        break
                 created[shard_id] += made
                 state["done"] += len(batch)
                 if self.progress:
@@ -368,35 +386,63 @@ class TenantImporter:
 
     async def _batch(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]]) -> int:
         """One batch on one shard: directory rows, the shard's transaction, then activation.
-        Returns how many tenants it created (a line whose code or domain was taken meanwhile
-        is refused, recorded as failed with the reason)."""
+        Returns how many tenants it created (a line whose code or domain was taken meanwhile,
+        or whose plugin files fail, is refused, recorded as failed with the reason)."""
         batch = await self._reserve(run_id, shard_id, batch)
         if not batch:
             return 0
         pool = await self.pools.get(shard_id)
         plugin_ids = sorted({p for row, _ in batch for p in row.plugins})
         packages = [self.packages.get(p) for p in plugin_ids]
+        new = [NewTenant(_record(row, tid, "t_" + uuid.UUID(tid).hex, shard_id), row.plugins) for row, tid in batch]
         try:
-            async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn, conn.transaction():
-                names = ["t_" + uuid.UUID(tid).hex for _, tid in batch]
-                for name in names:  # the schema and its role (created IF NOT EXISTS: a resumed batch redoes it)
-                    await conn.execute("SELECT fleet.create_tenant_schema($1)", name)
-                await conn.executemany(
-                    "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1::uuid, $2, 1) "
-                    "ON CONFLICT (tenant_id) DO NOTHING", [(tid, n) for (_, tid), n in zip(batch, names)])
-                for pkg in packages:
-                    await apply_unit(conn, pkg.id, Unit(shard_id, "public", None,
-                                                        tuple(pkg.files("public", pkg.version))), self.settings)
-                    for (row, tid), name in zip(batch, names):
-                        if pkg.id in row.plugins:
-                            rec = _record(row, tid, name, shard_id)
-                            await apply_unit(conn, pkg.id, Unit(shard_id, "tenant", rec,
-                                                                tuple(pkg.files("tenant", pkg.version))), self.settings)
+            try:
+                async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn, conn.transaction():
+                    await create_batch(conn, shard_id, new, packages, self.settings)
+            except BatchFallback as why:
+                log.info("import run %s, shard %s: batch of %d made one by one (%s)", run_id, shard_id,
+                         len(batch), why)
+                batch = await self._one_by_one(run_id, shard_id, batch, packages)
         except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
                                    shardId=shard_id) from exc
         await self._activate(run_id, batch, packages)
         return len(batch)
+
+    async def _one_by_one(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]],
+                          packages: Sequence[PluginPackage]) -> list[tuple[Row, str]]:
+        """The batch's tenants each in a shard transaction of its own, through the engine
+        (a no-transaction file, a busy lock, or a file that failed in the batch's script).
+        A tenant whose files fail is refused (its line failed with the engine's message
+        naming file, shard and tenant; its directory rows removed) and the others go on.
+        Returns the lines made."""
+        pool = await self.pools.get(shard_id)
+        made: list[tuple[Row, str]] = []
+        for row, tid in batch:
+            name = "t_" + uuid.UUID(tid).hex
+            try:
+                async with pool.acquire(timeout=self.settings.connect_timeout_s) as conn, conn.transaction():
+                    await conn.execute("SELECT fleet.create_tenant_schema($1)", name)
+                    await conn.execute(
+                        "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1::uuid, $2, 1) "
+                        "ON CONFLICT (tenant_id) DO NOTHING", tid, name)
+                    for pkg in packages:
+                        await apply_unit(conn, pkg.id, Unit(shard_id, "public", None,
+                                                            tuple(pkg.files("public", pkg.version))), self.settings)
+                        if pkg.id in row.plugins:
+                            await apply_unit(conn, pkg.id, Unit(shard_id, "tenant", _record(row, tid, name, shard_id),
+                                                                tuple(pkg.files("tenant", pkg.version))), self.settings)
+            except MigrationFailed as exc:
+                async with self.control.acquire() as conn, conn.transaction():
+                    await conn.execute("DELETE FROM tenants WHERE tenant_id = $1::uuid AND state = 'provisioning'",
+                                       tid)
+                    await conn.execute("UPDATE fleet_run_items SET status = 'failed', last_error = $3, "
+                                       "attempts = attempts + 1, updated_at = now() "
+                                       "WHERE run_id = $1 AND item_key = $2", run_id, f"line:{row.line}",
+                                       exc.message)
+                continue
+            made.append((row, tid))
+        return made
 
     async def _reserve(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]]) -> list[tuple[Row, str]]:
         """The batch's directory rows (provisioning), idempotently: a row already there with

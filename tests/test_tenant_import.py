@@ -5,9 +5,12 @@ without duplicates."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,9 @@ import asyncpg
 import pytest
 
 from router.errors import ValidationFailed
-from shard_migrations.packages import discover
+from router.models import TenantRecord
+from shard_migrations.import_batch import NewTenant, create_batch
+from shard_migrations.packages import MigrationFile, discover
 from shard_migrations.tenant_import import TenantImporter
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
@@ -194,3 +199,69 @@ async def test_an_import_killed_with_sigkill_resumes_without_duplicates(
     assert await f.control.fetchval(
         "SELECT count(*) FROM sys_tenant_plugins WHERE plugin_id = 'inventory' AND enabled") == 300
     assert await f.control.fetchval("SELECT state FROM fleet_runs WHERE run_id = $1", run_id) == "done"
+
+
+# A tenant file that fails in some schemas only: those whose name ends in 0-7 (about half).
+PROBE_SQL = ("-- fleet:version {v}\nDO $$ BEGIN IF right(current_schema(), 1) < '8' THEN "
+             "RAISE EXCEPTION 'probe refuses %', current_schema(); END IF; END $$;\n")
+
+
+async def test_a_tenant_whose_plugin_file_fails_is_refused_alone_and_its_batch_lands(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    found = discover()
+    inv = found.get("inventory")
+    probe = tmp_path / "003_probe.sql"
+    probe.write_text(PROBE_SQL.format(v=inv.version))
+    extra = MigrationFile(plugin_id=inv.id, scope="tenant", name=probe.name, path=probe, sql=probe.read_text(),
+                          checksum=hashlib.sha256(probe.read_bytes()).hexdigest(), since=inv.version,
+                          no_transaction=False)
+    found.plugins["inventory"] = dataclasses.replace(inv, migrations=(*inv.migrations, extra))
+    path = tmp_path / "tenants.csv"
+    path.write_text("code,domains,plugins\n" + "".join(f"p-{i:02d},p{i}.example.com,inventory\n" for i in range(24)))
+    report = await TenantImporter(f.control, f.shard_pools, f.settings, found, batch_size=8).start(path)
+
+    items = {int(r["item_key"].split(":")[1]): dict(r) for r in await f.control.fetch(
+        "SELECT item_key, tenant_id::text AS tenant_id, status, last_error FROM fleet_run_items WHERE run_id = $1",
+        report.run_id)}
+    bad = {line for line, it in items.items() if it["tenant_id"].replace("-", "")[-1] < "8"}
+    assert 0 < len(bad) < 24  # both kinds: 2^-23 that the ids say otherwise
+    assert {r.line for r in report.refused} == bad and report.created == 24 - len(bad)
+    for r in report.refused:
+        assert "003_probe.sql" in r.reason and items[r.line]["status"] == "failed"
+    # nothing half-made: the refused tenants are in no directory table and on no shard
+    tenants = await check_whole(f)
+    assert sorted(t["code"] for t in tenants) == sorted(f"p-{line - 2:02d}" for line in items if line not in bad)
+    assert await f.control.fetchval("SELECT count(*) FROM tenant_domains") == 24 - len(bad)
+    ledger = [r for r in await ledger_rows(f, "inventory") if r["scope"] == "tenant"]
+    assert len(ledger) == 3 * (24 - len(bad))
+
+
+async def test_a_batch_made_again_after_its_commit_is_found_done(fresh_fleet: FleetFactory) -> None:
+    """What a resume does when a crash came between the shard's commit and the activation."""
+    f = await fresh_fleet()
+    inv = discover().get("inventory")
+    new = []
+    for i in range(3):
+        tid = str(uuid.uuid4())
+        rec = TenantRecord(tenant_id=tid, code=f"again-{i}", schema="t_" + uuid.UUID(tid).hex, shard_id="shard1",
+                           state="provisioning", epoch=1)
+        new.append(NewTenant(rec, ("inventory",)))
+    pool = await f.shard_pools.get("shard1")
+    runs = []
+    for _ in range(2):
+        async with pool.acquire() as conn, conn.transaction():
+            runs.append(await create_batch(conn, "shard1", new, [inv], f.settings))
+    assert runs == [2 * 3, 0]  # inventory's two tenant files per tenant, then nothing left to run
+    ledger = [r for r in await ledger_rows(f, "inventory") if r["scope"] == "tenant"]
+    assert sorted((r["tenant_id"], r["name"]) for r in ledger) == sorted(
+        (t.record.tenant_id, n) for t in new for n in ("001_init.sql", "002_location.sql"))
+    conn = await asyncpg.connect(f.shard_dsns["shard1"])
+    try:
+        for t in new:  # the tenant's own role may use its table, once each
+            assert await conn.fetchval("SELECT has_table_privilege(fleet.tenant_role($1), $2, 'INSERT')",
+                                       t.record.schema, t.record.schema + ".items")
+        assert await conn.fetchval("SELECT count(*) FROM fleet.tenant_fence WHERE tenant_id = ANY($1::uuid[])",
+                                   [t.record.tenant_id for t in new]) == 3
+    finally:
+        await conn.close()
