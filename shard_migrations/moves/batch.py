@@ -35,6 +35,7 @@ from router.settings import Settings
 from shard_migrations.limiter import ShardLimiter
 from shard_migrations.moves.mover import OPEN, MoveInfo, Mover, mover_pools
 from shard_migrations.runs import owner_tag
+from shard_migrations.slo_throttle import SloThrottle
 
 log = logging.getLogger("tenantfleet.moves")
 
@@ -107,6 +108,7 @@ class MoveBatch:
         self._overall = asyncio.Semaphore(settings.moves_concurrency)
         self._pools: ShardPools | None = None
         self.peak_in_flight = 0          # the most moves seen at once on one shard
+        self.throttle: SloThrottle | None = None
         self._started = time.monotonic()
 
     def mode_for(self, move: PlannedMove) -> str:
@@ -131,8 +133,11 @@ class MoveBatch:
         for m in moves:
             todo.append((MoveOutcome(m), None))
         self.outcomes.extend(o for o, _ in todo)
-        async with mover_pools(self.directory, self.settings) as pools:
+        async with mover_pools(self.directory, self.settings) as pools, \
+                SloThrottle(self.settings, lambda: list(self.limiters.values()),
+                            registry=self.metrics.registry if self.metrics else None) as throttle:
             self._pools = pools
+            self.throttle = throttle
             try:
                 await asyncio.gather(*(self._one(o, info) for o, info in todo), return_exceptions=True)
             finally:
@@ -243,7 +248,8 @@ class MoveBatch:
             left = len(mine) - done - failed
             rows.append({"shardId": source, "done": done, "total": len(mine), "failed": failed,
                          "deferred": sum(o.state == "queued" for o in mine),
-                         "state": phases or lim.state, "backoffS": lim.backoff_s, "rate": rate,
+                         "state": ", ".join(x for x in (lim.throttled, phases) if x) or lim.state,
+                         "backoffS": lim.backoff_s, "rate": rate,
                          "etaS": (left / rate) if rate > 0 and left else None})
         return rows
 
