@@ -37,7 +37,8 @@ __all__ = ["PinnedWriter", "TenantStaff"]
 
 ABORT_WINDOW_S = 10.0      # the abort check looks at the last 10 s of requests
 AFTER_MIN_S = 3.0          # a run whose event outlasts --duration goes on this long after it
-OUTPUT_TAIL = 4000         # characters of the event command's output kept in the summary
+OUTPUT_TAIL = 4000
+CUTOVER_SLACK_S = 1.0      # move: a pinned tenant's write pause is the longest gap within 1 s of its commit         # characters of the event command's output kept in the summary
 
 
 class Run:
@@ -143,14 +144,15 @@ def _run_event(run: Run) -> None:
     run.event = {"command": argv, "startS": run.now_s(), "endS": None, "exitCode": None, "output": ""}
     run.recording.event_start_s = run.event["startS"]
     try:
-        run.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        run.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         run.event.update(endS=run.now_s(), exitCode=-1, output=f"could not start: {exc}")
         run.recording.event_end_s = run.event["endS"]
         return
-    out, _ = run.proc.communicate()
-    run.event_output = out.decode("utf-8", "replace")
-    run.event.update(endS=run.now_s(), exitCode=run.proc.returncode, output=run.event_output[-OUTPUT_TAIL:])
+    out, err = run.proc.communicate()
+    run.event_output = out.decode("utf-8", "replace")     # the command's --json document
+    text = (run.event_output + err.decode("utf-8", "replace"))[-OUTPUT_TAIL:]
+    run.event.update(endS=run.now_s(), exitCode=run.proc.returncode, output=text)
     run.recording.event_end_s = run.event["endS"]
 
 
@@ -253,6 +255,7 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                      "eventMinS": t.event_min_s, "eventEndS": run.recording.event_end_s,
                      "endS": run.now_s()},
         "event": run.event or None, "aborted": run.aborted, "writePause": pause,
+        "sloThrottle": run.plan.get("sloThrottle"), "throttle": _throttle_record(run),
         "rows": [r.to_api() for r in rows],
         "phases": {p: {route: st.summary() for route, st in routes.items()} for p, routes in phases.items() if routes},
         "timeseries": run.recording.timeseries(),
@@ -264,6 +267,16 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
     }
 
 
+def _throttle_record(run: Run) -> dict[str, Any] | None:
+    """What the fleet operation's SLO throttle did (its JSON output's ``sloThrottle``)."""
+    try:
+        doc = json.loads(run.event_output) if run.event_output else {}
+    except ValueError:
+        return None
+    out = doc.get("sloThrottle") if isinstance(doc, dict) else None
+    return out if isinstance(out, dict) else None
+
+
 def write_pause(run: Run) -> dict[str, Any]:
     """The pinned tenants' client-side write pause around the event (see `gate.write_pauses`),
     with p50/p99/max, and each tenant's server-side cutover pause from the drain's output."""
@@ -272,17 +285,28 @@ def write_pause(run: Run) -> dict[str, Any]:
     if start is None:
         return {"n": 0, "tenants": {}}
     run_end = run.now_s()
-    pauses = write_pauses({code: run.recording.acks.get(code, []) for code in run.plan["pinned"]},
-                          start, end if end is not None else run_end, run_end)
     by_id = {t["tenantId"]: t["code"] for t in run.plan["targets"]["tenants"]}
     try:
         moves = json.loads(run.event_output).get("moves", [])
-    except ValueError:
+    except (ValueError, AttributeError):
         moves = []
-    for m in moves if isinstance(moves, list) else []:
-        code = by_id.get(str(m.get("tenantId")))
-        if code in pauses:
-            pauses[code].update(moved=m.get("state") == "done", mode=m.get("mode"), serverPauseMs=m.get("pauseMs"))
+    moved = {by_id.get(str(m.get("tenantId"))): m for m in (moves if isinstance(moves, list) else [])
+             if isinstance(m, dict)}
+    pauses: dict[str, dict[str, Any]] = {}
+    for code in run.plan["pinned"]:
+        m = moved.get(code) or {}
+        acks = {code: run.recording.acks.get(code, [])}
+        committed = m.get("committedAt")
+        if isinstance(committed, (int, float)) and run.start is not None:
+            # the gap around the tenant's own commit point (the mover's wall clock, this machine's)
+            at = committed - run.start
+            p: dict[str, Any] = dict(write_pauses(acks, at - CUTOVER_SLACK_S, at + CUTOVER_SLACK_S, run_end)[code])
+            p["window"] = "cutover"
+        else:   # no cutover time (the move failed, or an older CLI): the whole event
+            p = dict(write_pauses(acks, start, end if end is not None else run_end, run_end)[code])
+            p["window"] = "event"
+        p.update(moved=m.get("state") == "done", mode=m.get("mode"), serverPauseMs=m.get("pauseMs"))
+        pauses[code] = p
     return {**pause_summary(pauses), "tenants": pauses}
 
 

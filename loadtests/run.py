@@ -59,6 +59,7 @@ class Options:
     move_shard: str | None = None
     pinned: int = 5
     pinned_rate: float = 20.0
+    slo_throttle: bool = True
     cli: tuple[str, ...] = ()
     json: bool = False
     env: Mapping[str, str] | None = None     # for the CLI and Locust processes (None: this process's)
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move: users pinned to the drained shard's tenants, one tenant each (default 5)")
     p.add_argument("--pinned-rate", type=float, default=20.0,
                    help="move: writes per second of each pinned user (default 20)")
+    p.add_argument("--no-slo-throttle", action="store_true",
+                   help="upgrade, move: run the fleet operation without the SLO-aware throttle (to compare)")
     p.add_argument("--event-timeout", type=float, default=300.0,
                    help="an event still running at --duration is waited for this many more seconds, then stopped "
                         "(default 300)")
@@ -212,7 +215,7 @@ def event_command(o: Options, targets: Targets) -> list[str]:
             raise LoadtestError("NOTHING_PENDING",
                                 f"plugin {o.plugin} has nothing pending on this fleet, so there is no upgrade to run: "
                                 "prepare tenants at its previous version (`tenantfleet loadtest prepare --prefix NEW`)")
-        return [*o.cli, "--json", "migrate", "apply", o.plugin]
+        return [*o.cli, "--json", "migrate", "apply", o.plugin, *_throttle_flag(o)]
     if o.scenario == "shard-slow":
         shards = sorted({t.shardId for t in targets.tenants})
         slow = o.slow_shard or shards[-1]
@@ -229,8 +232,12 @@ def event_command(o: Options, targets: Targets) -> list[str]:
                                                      f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
         if not json.loads(out).get("moves"):
             raise LoadtestError("NOTHING_PENDING", f"shard {shard} has no tenant to move off")
-        return [*o.cli, "--json", "drain", shard]
+        return [*o.cli, "--json", "drain", shard, *_throttle_flag(o)]
     return []
+
+
+def _throttle_flag(o: Options) -> list[str]:
+    return [] if o.slo_throttle else ["--no-slo-throttle"]
 
 
 def move_shard(o: Options, targets: Targets) -> str:
@@ -267,11 +274,11 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     check_fleet(targets)
     command = event_command(o, targets)
     slow = command[command.index("slow-shard") + 1] if o.scenario == "shard-slow" else None
-    pinned = pinned_tenants(o, targets, command[-1]) if o.scenario == "move" else []
+    pinned = pinned_tenants(o, targets, move_shard(o, targets)) if o.scenario == "move" else []
     plan = {"scenario": o.scenario, "targets": targets.to_api(), "slo": slo.to_dict(), "timeline": tl,
             "users": o.users, "workers": o.workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
             "slowShard": slow, "pinned": pinned, "pinnedRate": o.pinned_rate,
-            "eventCommand": command, "out": str(o.out.resolve())}
+            "sloThrottle": o.slo_throttle if o.scenario in ("upgrade", "move") else None, "eventCommand": command, "out": str(o.out.resolve())}
     return plan, targets
 
 
@@ -336,7 +343,7 @@ def options_from(argv: Sequence[str] | None) -> Options:
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
                    event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard,
-                   pinned=a.pinned, pinned_rate=a.pinned_rate, cli=cli, json=a.json)
+                   pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle, cli=cli, json=a.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

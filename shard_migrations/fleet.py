@@ -41,7 +41,7 @@ from shard_migrations.engine import (
 )
 from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
 from shard_migrations.limiter import ShardLimiters, backoff_delay
-from shard_migrations.slo_throttle import SloThrottle
+from shard_migrations.slo_throttle import SloThrottle, throttle_api
 from shard_migrations.metrics import MigrateMetrics
 from shard_migrations.packages import MigrationFile, PluginPackage
 from shard_migrations.plan import Plan, ShardPlan, Target, build_plan, check_not_downgrade, resolve_target
@@ -98,6 +98,7 @@ class RunReport:
     failed_items: list[tuple[str, str]] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     drift_allowed: int = 0
+    throttle: dict[str, Any] | None = None   # what the SLO throttle did (None: it was off)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as `migrate apply --json` prints it (camelCase keys)."""
@@ -107,7 +108,8 @@ class RunReport:
                             "files": s.files, "rate": round(s.rate(), 1), "error": s.error}
                            for s in self.shards.values()],
                 "unreachable": runs.unreachable_list(self.unreachable),
-                "failedItems": [{"itemKey": k, "error": e} for k, e in self.failed_items[:50]]}
+                "failedItems": [{"itemKey": k, "error": e} for k, e in self.failed_items[:50]],
+                "sloThrottle": self.throttle}
 
     def raise_for_failure(self) -> None:
         """SHARD_UNREACHABLE naming the shards that stayed down, or MIGRATION_FAILED for failed items."""
@@ -268,7 +270,10 @@ class FleetMigrator:
                 async with SloThrottle(self.settings, limiters.all,
                                        registry=self.metrics.registry if self.metrics else None) as throttle:
                     self.throttle = throttle
-                    await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
+                    try:
+                        await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
+                    finally:
+                        report.throttle = throttle_api(throttle)
             except BaseException as exc:
                 report.state = "failed"
                 summary = self._summary(report) | {"error": getattr(exc, "message", None) or repr(exc)}

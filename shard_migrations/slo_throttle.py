@@ -198,3 +198,11 @@ class SloThrottle:
         if self._gauge is not None and self._flag is not None:
             self._gauge.labels(lim.shard_id).set(lim.allowed)
             self._flag.labels(lim.shard_id).set(1 if lim.throttled else 0)
+
+
+def throttle_api(throttle: "SloThrottle | None") -> dict[str, Any] | None:
+    """The SLO throttle's record of a run: each change of a shard's allowed concurrency."""
+    if throttle is None or not throttle.enabled:
+        return None
+    return {"decreases": throttle.throttled_total, "baselineP95Ms": dict(throttle.baseline),
+            "changes": [{"shardId": sid, "allowed": n, "why": why} for sid, n, why in throttle.decisions][-50:]}

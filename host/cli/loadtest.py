@@ -124,13 +124,16 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
               help="move: users pinned to the drained shard's busiest tenants, whose write pause is judged.")
 @click.option("--pinned-rate", type=float, default=20.0, show_default=True,
               help="move: writes per second of each pinned user.")
+@click.option("--no-slo-throttle", "no_slo_throttle", is_flag=True,
+              help="upgrade, move: run the fleet operation without the SLO-aware throttle (to compare verdicts).")
 @click.option("--event-timeout", type=float, default=300.0, show_default=True,
               help="An event still running at --duration is waited for this long, then stopped.")
 @pass_state
 def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | None, url: str | None,
             slo: Path | None, users: int, duration: float, warmup: float, steady: float | None, workers: int,
             rate: float, zipf: float, plugin: str, slow_shard: str | None, event_seconds: float,
-            move_shard: str | None, pinned: int, pinned_rate: float, event_timeout: float) -> None:
+            move_shard: str | None, pinned: int, pinned_rate: float, no_slo_throttle: bool,
+            event_timeout: float) -> None:
     """Run SCENARIO (steady, upgrade, move, shard-slow) headless and judge it against the SLO file.
 
     Phases: warm-up, steady, event (the scenario's fleet operation), after. Prints a table
@@ -150,6 +153,8 @@ def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | No
                         ("--move-shard", move_shard)):
         if value is not None:
             argv += [flag, value]
+    if no_slo_throttle:
+        argv.append("--no-slo-throttle")
     if state.json:
         argv.append("--json")
     proc = subprocess.Popen([str(a) for a in argv])
