@@ -38,6 +38,7 @@ __all__ = ["PinnedWriter", "TenantStaff"]
 ABORT_WINDOW_S = 10.0      # the abort check looks at the last 10 s of requests
 AFTER_MIN_S = 3.0          # a run whose event outlasts --duration goes on this long after it
 OUTPUT_TAIL = 4000
+PLAN_WAIT_S = 600.0        # a worker started before the master's run waits this long for its plan
 CUTOVER_SLACK_S = 1.0      # move: a pinned tenant's write pause is the longest gap within 1 s of its commit         # characters of the event command's output kept in the summary
 
 
@@ -76,7 +77,13 @@ def _init(environment: Environment, **_: Any) -> None:
     plan_path = getattr(environment.parsed_options, "tf_plan", "")
     if not plan_path:
         raise SystemExit("loadtests/locustfile.py is started by `tenantfleet loadtest run` (no --tf-plan given)")
-    RUN = Run(json.loads(Path(plan_path).read_text(encoding="utf-8")))
+    path = Path(plan_path)
+    if isinstance(environment.runner, WorkerRunner):
+        # a worker started on its own (compose's locust-worker) waits for the master's run to write the plan
+        deadline = time.monotonic() + PLAN_WAIT_S
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(1.0)
+    RUN = Run(json.loads(path.read_text(encoding="utf-8")))
     RUN.is_worker = isinstance(environment.runner, WorkerRunner)
     plan = RUN.plan
     TenantStaff.configure(plan["targets"]["tenants"], zipf_s=plan["zipfS"], rate_per_user=plan["ratePerUser"],

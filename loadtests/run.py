@@ -60,6 +60,8 @@ class Options:
     pinned: int = 5
     pinned_rate: float = 20.0
     slo_throttle: bool = True
+    expect_workers: int = 0          # Locust workers started elsewhere (compose's locust-worker), waited for
+    master_bind: str = "127.0.0.1"
     cli: tuple[str, ...] = ()
     json: bool = False
     env: Mapping[str, str] | None = None     # for the CLI and Locust processes (None: this process's)
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steady", type=float, default=None,
                    help="seconds of the steady phase before the event (default: a third of what follows warm-up)")
     p.add_argument("--workers", type=int, default=0, help="Locust worker processes (0: one process; default 0)")
+    p.add_argument("--expect-workers", type=int, default=0,
+                   help="run as a Locust master and wait for this many workers started elsewhere (compose's "
+                        "locust-worker service: `locust -f loadtests/locustfile.py --worker --tf-plan OUT/plan.json`)")
+    p.add_argument("--master-bind", default="127.0.0.1",
+                   help="with --expect-workers: the address the master listens on for workers (default 127.0.0.1)")
     p.add_argument("--rate", type=float, default=5.0, help="requests per second per user (default 5)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the tenant mix (default 1.1)")
     p.add_argument("--plugin", default="inventory", help="upgrade: the plugin to migrate (default inventory)")
@@ -122,6 +129,10 @@ def check_options(o: Options) -> None:
         raise _bad(f"--warmup must be at least 0 and shorter than --duration, not {o.warmup_s:g}", "USAGE")
     if not 0 <= o.workers <= 64:
         raise _bad(f"--workers must be between 0 and 64, not {o.workers}", "USAGE")
+    if not 0 <= o.expect_workers <= 64:
+        raise _bad(f"--expect-workers must be between 0 and 64, not {o.expect_workers}", "USAGE")
+    if o.expect_workers and o.workers:
+        raise _bad("--workers (local processes) and --expect-workers (workers elsewhere) exclude each other", "USAGE")
     if not 0 < o.rate_per_user <= 1000:
         raise _bad(f"--rate must be above 0 and at most 1000, not {o.rate_per_user:g}", "USAGE")
     if not 0 <= o.zipf_s <= 10:
@@ -276,7 +287,7 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     slow = command[command.index("slow-shard") + 1] if o.scenario == "shard-slow" else None
     pinned = pinned_tenants(o, targets, move_shard(o, targets)) if o.scenario == "move" else []
     plan = {"scenario": o.scenario, "targets": targets.to_api(), "slo": slo.to_dict(), "timeline": tl,
-            "users": o.users, "workers": o.workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
+            "users": o.users, "workers": o.workers or o.expect_workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
             "slowShard": slow, "pinned": pinned, "pinnedRate": o.pinned_rate,
             "sloThrottle": o.slo_throttle if o.scenario in ("upgrade", "move") else None, "eventCommand": command, "out": str(o.out.resolve())}
     return plan, targets
@@ -293,6 +304,8 @@ def locust_argv(o: Options, plan: dict[str, Any], plan_path: Path, url: str) -> 
             "--html", str(o.out / "report.html"), "--csv", str(o.out / "locust"), "--tf-plan", str(plan_path)]
     if o.workers:
         argv += ["--processes", str(o.workers)]
+    elif o.expect_workers:
+        argv += ["--master", "--expect-workers", str(o.expect_workers), "--master-bind-host", o.master_bind]
     # the user classes: PinnedWriter (a fixed count, set from the plan) only in `move`
     argv += ["TenantStaff", "PinnedWriter"] if plan.get("pinned") else ["TenantStaff"]
     return argv
@@ -343,7 +356,8 @@ def options_from(argv: Sequence[str] | None) -> Options:
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
                    event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard,
-                   pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle, cli=cli, json=a.json)
+                   pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle,
+                   expect_workers=a.expect_workers, master_bind=a.master_bind, cli=cli, json=a.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
