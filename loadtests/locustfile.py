@@ -92,7 +92,8 @@ def _init(environment: Environment, **_: Any) -> None:
     if pinned:
         tenants = [t for t in plan["targets"]["tenants"] if t["code"] in pinned]
         index = getattr(environment.runner, "worker_index", 0) if RUN.is_worker else 0
-        PinnedWriter.configure(tenants, rate=float(plan.get("pinnedRate", 20.0)), offset=int(index))
+        PinnedWriter.configure(tenants, rate=float(plan.get("pinnedRate", 20.0)), offset=int(index),
+                               stride=max(1, int(plan.get("workers") or 1)) if RUN.is_worker else 1)
 
 
 def _on_request(request_type: str, name: str, response_time: float, exception: BaseException | None,

@@ -112,19 +112,23 @@ class PinnedWriter(FastHttpUser):
     network_timeout = 30.0
     connection_timeout = 10.0
     _next_index: ClassVar[int] = 0
+    _stride: ClassVar[int] = 1
 
     @classmethod
-    def configure(cls, tenants: list[dict[str, Any]], *, rate: float, offset: int = 0) -> None:
+    def configure(cls, tenants: list[dict[str, Any]], *, rate: float, offset: int = 0, stride: int = 1) -> None:
+        """With W workers, worker w's k-th pinned user takes tenant w + k*W: Locust spreads
+        the fixed count evenly over the workers, so every tenant gets its writer."""
         cls.tenants = tenants
         cls.fixed_count = len(tenants)
         cls.wait_time = constant_throughput(rate)
-        cls._next_index = offset   # a worker's index: workers start on different tenants
+        cls._next_index = offset
+        cls._stride = max(1, stride)
 
     def on_start(self) -> None:
         assert self.tenants, "PinnedWriter.configure was not called"
         cls = type(self)
         self.tenant = self.tenants[cls._next_index % len(self.tenants)]
-        cls._next_index += 1
+        cls._next_index += cls._stride
         self.rng = random.Random()
         self.headers = {"Authorization": f"Bearer {self.tenant['apiKey']}", "X-Tenant": self.tenant["code"]}
 

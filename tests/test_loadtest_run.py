@@ -192,6 +192,8 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
 
         await refused("nosuch", *good, code="USAGE", named="unknown scenario 'nosuch'")
         await refused("move", *good, "--users", "3", "--pinned", "3", code="USAGE", named="--pinned")
+        await refused("steady", *good, "--workers", "2", "--expect-workers", "2", code="USAGE",
+                      named="exclude each other")
         await refused("move", *good, "--duration", "20", "--move-shard", "nosuch", code="VALIDATION_FAILED", named="--move-shard 'nosuch'")
         bad_slo = tmp_path / "bad.toml"
         bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
