@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Final, Mapping, Sequence
@@ -39,9 +42,32 @@ from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
+from router.shard_latency import ShardLatency
 from shard_migrations.packages import Discovery
 
 log = logging.getLogger("tenantfleet.host.runtime")
+
+LATENCY_PUBLISH_S = 1.0
+
+
+async def publish_shard_latency(redis: aioredis.Redis, namespace: str, latency: ShardLatency) -> None:
+    """Publish this host's rolling p95 per shard about once a second (the SLO throttle reads
+    it); Redis down: logged once per outage, tried again next second."""
+    from router.shard_latency import publish_latency
+
+    host_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    failing = False
+    while True:
+        await asyncio.sleep(LATENCY_PUBLISH_S)
+        try:
+            await publish_latency(redis, namespace, host_id, latency.p95())
+        except (aioredis.RedisError, OSError, asyncio.TimeoutError) as exc:
+            if not failing:
+                log.warning("shard latency not published (Redis: %s); the SLO throttle sees no figures from this "
+                            "host until it is back", exc.__class__.__name__)
+            failing = True
+        else:
+            failing = False
 
 
 @dataclass
@@ -137,7 +163,9 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         stack.push_async_callback(queue_redis.aclose)
         sub_redis = aioredis.Redis(**address, socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
         stack.push_async_callback(sub_redis.aclose)
-        tx = TenantTx(settings, resolver, pools, metrics, finish_move=directory.finish_committed_move)
+        latency = ShardLatency()
+        tx = TenantTx(settings, resolver, pools, metrics, finish_move=directory.finish_committed_move,
+                      latency=latency)
         stack.push_async_callback(tx.close)  # its connections go back before the pools close
         tasks = TaskOwner()
         stack.push_async_callback(tasks.close)  # closes before Redis and the pools
@@ -189,6 +217,7 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
             async def shard_states() -> dict[str, str]:
                 return {s.shard_id: s.state for s in await directory.list_shards()}
             tasks.spawn(close_unserved_shards(tx, shard_states, settings), name="shard-sweeper")
+            tasks.spawn(publish_shard_latency(redis, settings.redis_namespace, latency), name="shard-latency")
             subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
             tasks.spawn(subscriber.run(), name="pubsub")
             try:

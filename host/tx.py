@@ -97,6 +97,7 @@ from router.errors import ShardUnreachable, TenantFleetError, TenantMoving
 from router.models import TenantRecord, parse_tenant_id
 from router.pools import ShardPools
 from router.settings import Settings
+from router.shard_latency import ShardLatency
 
 log = logging.getLogger("tenantfleet.host.tx")
 
@@ -194,13 +195,14 @@ class TenantTx:
     """
 
     def __init__(self, settings: Settings, resolver: Resolver, pools: ShardPools, metrics: HostMetrics,
-                 finish_move: FinishMove | None = None) -> None:
+                 finish_move: FinishMove | None = None, latency: ShardLatency | None = None) -> None:
         self._settings = settings
         self._resolver = resolver
         self._pools = pools
         self._metrics = metrics
         # `Directory.finish_committed_move`: a move whose mover stopped past its commit point
         self._finish_move = finish_move
+        self.latency = latency   # each committed transaction's time per shard (the SLO throttle's figure)
         self._finishing: dict[str, asyncio.Task[TenantRecord | None]] = {}  # one call per tenant at a time
         self._leased: dict[str, Leases] = {}
         self._used: dict[str, float] = {}   # shard id -> when a tenant transaction last started there
@@ -214,6 +216,18 @@ class TenantTx:
         await self.close()
 
     async def run(self, tenant_id: str, fn: TxFn[T]) -> T:
+        """See `_run`; its time, retries and failures included, is the shard's latency figure."""
+        if self.latency is None:
+            return await self._run(tenant_id, fn)
+        started = time.monotonic()
+        shard: list[str] = []
+        try:
+            return await self._run(tenant_id, fn, shard)
+        finally:
+            if shard:
+                self.latency.observe(shard[-1], time.monotonic() - started)
+
+    async def _run(self, tenant_id: str, fn: TxFn[T], shard: list[str] | None = None) -> T:
         """Run ``fn(conn)`` in a transaction scoped to the tenant; return its result.
 
         Inside a plugin route, the tenant the request resolved to is reused. On a stale
@@ -235,6 +249,8 @@ class TenantTx:
             check_servable(rec)
             leases = await self._leases(rec.shard_id)
             self._used[rec.shard_id] = time.monotonic()
+            if shard is not None:
+                shard.append(rec.shard_id)
             try:
                 return await self._attempt(leases, rec, fn)
             except _Stale:

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
-from loadtests.scenarios import ALL_ROUTES, JUDGED_PHASES, PHASES, SLOW_PREFIX, Timeline, phase_at
+from loadtests.scenarios import ALL_ROUTES, JUDGED_PHASES, PHASES, PINNED_ROUTE, SLOW_PREFIX, Timeline, phase_at
 from loadtests.slo import Slo
 
 FIGURES = {"p95_ms": "p95 ms", "p99_ms": "p99 ms", "error_ratio": "error ratio",
@@ -57,6 +57,8 @@ class Recording:
     The event's window (``event_start_s``/``event_end_s``) and outcome come from the
     phase controller in the Locust process."""
     samples: list[tuple[float, str, float, bool]] = field(default_factory=list)
+    # `move`: when each pinned tenant's writes were acknowledged (seconds from the start)
+    acks: dict[str, list[float]] = field(default_factory=dict)
     event_start_s: float | None = None
     event_end_s: float | None = None
 
@@ -65,6 +67,9 @@ class Recording:
 
     def extend(self, rows: Iterable[Sequence[Any]]) -> None:
         self.samples.extend((float(r[0]), str(r[1]), float(r[2]), bool(r[3])) for r in rows)
+
+    def ack(self, t: float, tenant: str) -> None:
+        self.acks.setdefault(tenant, []).append(t)
 
     def by_phase(self, timeline: Timeline, has_event: bool) -> dict[str, dict[str, Stats]]:
         """``{phase: {route: Stats}}``, with ``all routes`` per phase (judged requests only)."""
@@ -170,6 +175,47 @@ def live_breaches(window: Sequence[tuple[float, str, float, bool]], limits: dict
     if ratio is not None and steady_p95 and p95 / steady_p95 > ratio:
         out.append(f"p95 / steady p95 {p95 / steady_p95:.2f} > {ratio:g}")
     return out
+
+
+def write_pauses(acks: dict[str, list[float]], start_s: float, end_s: float,
+                 run_end_s: float) -> dict[str, dict[str, float]]:
+    """Per pinned tenant, the longest gap (ms) between consecutive acknowledged writes that
+    reaches into the event window ``[start_s, end_s]`` (its cutover is in there): ``{tenant:
+    {"pauseMs", "atS"}}`` with ``atS`` the end of the gap. A tenant whose writes stopped being
+    acknowledged counts the gap up to ``run_end_s``; one never acknowledged, the whole window."""
+    out: dict[str, dict[str, float]] = {}
+    for tenant, times in acks.items():
+        ts = sorted(times)
+        best, at = 0.0, start_s
+        prev: float | None = None
+        for t in [*ts, run_end_s]:
+            if prev is not None and t >= start_s and prev <= end_s and t - prev > best:
+                best, at = t - prev, t
+            prev = t
+        if not ts:
+            best, at = run_end_s - start_s, run_end_s
+        out[tenant] = {"pauseMs": round(best * 1000, 1), "atS": round(at, 3)}
+    return out
+
+
+def pause_summary(pauses: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """p50/p99/max of the pinned tenants' write pauses (nearest rank; few tenants: p99 = max)."""
+    s = sorted(p["pauseMs"] for p in pauses.values())
+    if not s:
+        return {"n": 0}
+    return {"n": len(s), "p50": percentile(s, 0.5), "p99": percentile(s, 0.99), "max": s[-1]}
+
+
+def pause_row(summary: dict[str, Any], slo: Slo) -> Row:
+    """The ``move`` scenario's verdict on the write pause: p99 over the pinned tenants against
+    ``write_pause_p99_ms`` (judged from any number of tenants: it is one figure per tenant)."""
+    limit = slo.limits_for("event", PINNED_ROUTE).get("write_pause_p99_ms")
+    value = summary.get("p99")
+    n = int(summary.get("n", 0))
+    if value is None:
+        return Row("event", PINNED_ROUTE, FIGURES["write_pause_p99_ms"], None, limit, n, "few")
+    verdict = "info" if limit is None else "pass" if value <= limit else "FAIL"
+    return Row("event", PINNED_ROUTE, FIGURES["write_pause_p99_ms"], float(value), limit, n, verdict)
 
 
 def passed(rows: Iterable[Row]) -> bool:

@@ -26,16 +26,20 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 
 from loadtests.errors import EXIT_ABORTED, EXIT_PASS, EXIT_SLO_FAILED
-from loadtests.gate import Recording, Row, judge, live_breaches, passed, percentile
+from loadtests.gate import (
+    Recording, Row, judge, live_breaches, passed, pause_row, pause_summary, percentile, write_pauses,
+)
 from loadtests.scenarios import ALL_ROUTES, JUDGED_PHASES, SCENARIOS, SLOW_PREFIX, Timeline, phase_at
 from loadtests.slo import Slo
-from loadtests.users import TenantStaff
+from loadtests.users import PinnedWriter, TenantStaff
 
-__all__ = ["TenantStaff"]
+__all__ = ["PinnedWriter", "TenantStaff"]
 
 ABORT_WINDOW_S = 10.0      # the abort check looks at the last 10 s of requests
 AFTER_MIN_S = 3.0          # a run whose event outlasts --duration goes on this long after it
-OUTPUT_TAIL = 4000         # characters of the event command's output kept in the summary
+OUTPUT_TAIL = 4000
+PLAN_WAIT_S = 600.0        # a worker started before the master's run waits this long for its plan
+CUTOVER_SLACK_S = 1.0      # move: a pinned tenant's write pause is the longest gap within 1 s of its commit         # characters of the event command's output kept in the summary
 
 
 class Run:
@@ -49,6 +53,8 @@ class Run:
         self.timeline = Timeline(t["durationS"], t["warmupS"], t["steadyS"], self.slo.event_min_s)
         self.recording = Recording()
         self.pending: list[list[Any]] = []      # a worker's samples not yet sent (absolute times)
+        self.pending_acks: list[list[Any]] = []  # a worker's pinned-write acknowledgements not yet sent
+        self.event_output = ""                    # the event command's whole output (moves: parsed)
         self.start: float | None = None
         self.event: dict[str, Any] = {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,15 +77,27 @@ def _init(environment: Environment, **_: Any) -> None:
     plan_path = getattr(environment.parsed_options, "tf_plan", "")
     if not plan_path:
         raise SystemExit("loadtests/locustfile.py is started by `tenantfleet loadtest run` (no --tf-plan given)")
-    RUN = Run(json.loads(Path(plan_path).read_text(encoding="utf-8")))
+    path = Path(plan_path)
+    if isinstance(environment.runner, WorkerRunner):
+        # a worker started on its own (compose's locust-worker) waits for the master's run to write the plan
+        deadline = time.monotonic() + PLAN_WAIT_S
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(1.0)
+    RUN = Run(json.loads(path.read_text(encoding="utf-8")))
     RUN.is_worker = isinstance(environment.runner, WorkerRunner)
     plan = RUN.plan
     TenantStaff.configure(plan["targets"]["tenants"], zipf_s=plan["zipfS"], rate_per_user=plan["ratePerUser"],
                           slow_shard=plan.get("slowShard"))
+    pinned = set(plan.get("pinned") or [])
+    if pinned:
+        tenants = [t for t in plan["targets"]["tenants"] if t["code"] in pinned]
+        index = getattr(environment.runner, "worker_index", 0) if RUN.is_worker else 0
+        PinnedWriter.configure(tenants, rate=float(plan.get("pinnedRate", 20.0)), offset=int(index),
+                               stride=max(1, int(plan.get("workers") or 1)) if RUN.is_worker else 1)
 
 
 def _on_request(request_type: str, name: str, response_time: float, exception: BaseException | None,
-                **_: Any) -> None:
+                context: dict[str, Any] | None = None, **_: Any) -> None:
     run = RUN
     if run is None:
         return
@@ -87,16 +105,23 @@ def _on_request(request_type: str, name: str, response_time: float, exception: B
         route = f"{SLOW_PREFIX}{request_type} {name[len(SLOW_PREFIX):]}"
     else:
         route = f"{request_type} {name}"
+    pinned = (context or {}).get("pinned")
     if run.is_worker:
         run.pending.append([time.time(), route, float(response_time), exception is None])
+        if pinned and exception is None:
+            run.pending_acks.append([time.time(), pinned])
     elif run.start is not None:
         run.recording.add(run.now_s(), route, float(response_time), exception is None)
+        if pinned and exception is None:
+            run.recording.ack(run.now_s(), str(pinned))
 
 
 def _send(client_id: str, data: dict[str, Any]) -> None:
     run = RUN
     if run is not None and run.pending:
         data["tf_samples"], run.pending = run.pending, []
+    if run is not None and run.pending_acks:
+        data["tf_acks"], run.pending_acks = run.pending_acks, []
 
 
 def _receive(client_id: str, data: dict[str, Any]) -> None:
@@ -105,6 +130,8 @@ def _receive(client_id: str, data: dict[str, Any]) -> None:
         return
     start = run.start
     run.recording.extend([s[0] - start, s[1], s[2], s[3]] for s in data.get("tf_samples", []))
+    for t, tenant in data.get("tf_acks", []):
+        run.recording.ack(float(t) - start, str(tenant))
 
 
 def _start(environment: Environment, **_: Any) -> None:
@@ -125,14 +152,15 @@ def _run_event(run: Run) -> None:
     run.event = {"command": argv, "startS": run.now_s(), "endS": None, "exitCode": None, "output": ""}
     run.recording.event_start_s = run.event["startS"]
     try:
-        run.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        run.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         run.event.update(endS=run.now_s(), exitCode=-1, output=f"could not start: {exc}")
         run.recording.event_end_s = run.event["endS"]
         return
-    out, _ = run.proc.communicate()
-    run.event.update(endS=run.now_s(), exitCode=run.proc.returncode,
-                     output=out.decode("utf-8", "replace")[-OUTPUT_TAIL:])
+    out, err = run.proc.communicate()
+    run.event_output = out.decode("utf-8", "replace")     # the command's --json document
+    text = (run.event_output + err.decode("utf-8", "replace"))[-OUTPUT_TAIL:]
+    run.event.update(endS=run.now_s(), exitCode=run.proc.returncode, output=text)
     run.recording.event_end_s = run.event["endS"]
 
 
@@ -218,6 +246,12 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
         verdict, exit_code = "pass", EXIT_PASS
     else:
         verdict, exit_code = "fail", EXIT_SLO_FAILED
+    pause: dict[str, Any] | None = None
+    if run.plan.get("pinned"):
+        pause = write_pause(run)
+        rows.append(pause_row(pause, run.slo))
+        if run.aborted is None and verdict == "pass" and not passed(rows):
+            verdict, exit_code = "fail", EXIT_SLO_FAILED
     total = environment.stats.total
     t = run.timeline
     return {
@@ -228,7 +262,8 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                      "eventAtS": t.event_at_s if run.scenario.has_event else None,
                      "eventMinS": t.event_min_s, "eventEndS": run.recording.event_end_s,
                      "endS": run.now_s()},
-        "event": run.event or None, "aborted": run.aborted,
+        "event": run.event or None, "aborted": run.aborted, "writePause": pause,
+        "sloThrottle": run.plan.get("sloThrottle"), "throttle": _throttle_record(run),
         "rows": [r.to_api() for r in rows],
         "phases": {p: {route: st.summary() for route, st in routes.items()} for p, routes in phases.items() if routes},
         "timeseries": run.recording.timeseries(),
@@ -238,6 +273,49 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                    "p95RoundedMs": total.get_response_time_percentile(0.95) if total.num_requests else None},
         "recordedRequests": len(run.recording.samples),
     }
+
+
+def _throttle_record(run: Run) -> dict[str, Any] | None:
+    """What the fleet operation's SLO throttle did (its JSON output's ``sloThrottle``)."""
+    try:
+        doc = json.loads(run.event_output) if run.event_output else {}
+    except ValueError:
+        return None
+    out = doc.get("sloThrottle") if isinstance(doc, dict) else None
+    return out if isinstance(out, dict) else None
+
+
+def write_pause(run: Run) -> dict[str, Any]:
+    """The pinned tenants' client-side write pause around the event (see `gate.write_pauses`),
+    with p50/p99/max, and each tenant's server-side cutover pause from the drain's output."""
+    start = run.recording.event_start_s
+    end = run.recording.event_end_s
+    if start is None:
+        return {"n": 0, "tenants": {}}
+    run_end = run.now_s()
+    by_id = {t["tenantId"]: t["code"] for t in run.plan["targets"]["tenants"]}
+    try:
+        moves = json.loads(run.event_output).get("moves", [])
+    except (ValueError, AttributeError):
+        moves = []
+    moved = {by_id.get(str(m.get("tenantId"))): m for m in (moves if isinstance(moves, list) else [])
+             if isinstance(m, dict)}
+    pauses: dict[str, dict[str, Any]] = {}
+    for code in run.plan["pinned"]:
+        m = moved.get(code) or {}
+        acks = {code: run.recording.acks.get(code, [])}
+        committed = m.get("committedAt")
+        if isinstance(committed, (int, float)) and run.start is not None:
+            # the gap around the tenant's own commit point (the mover's wall clock, this machine's)
+            at = committed - run.start
+            p: dict[str, Any] = dict(write_pauses(acks, at - CUTOVER_SLACK_S, at + CUTOVER_SLACK_S, run_end)[code])
+            p["window"] = "cutover"
+        else:   # no cutover time (the move failed, or an older CLI): the whole event
+            p = dict(write_pauses(acks, start, end if end is not None else run_end, run_end)[code])
+            p["window"] = "event"
+        p.update(moved=m.get("state") == "done", mode=m.get("mode"), serverPauseMs=m.get("pauseMs"))
+        pauses[code] = p
+    return {**pause_summary(pauses), "tenants": pauses}
 
 
 # Registered here rather than by decorator (an untyped decorator would untype each function).

@@ -39,7 +39,12 @@ def headline(summary: dict[str, Any]) -> str:
     text = {"pass": "PASS: every SLO limit held",
             "fail": f"FAIL: {len(fails)} limit(s) broken",
             "aborted": f"ABORTED: {(summary.get('aborted') or {}).get('reason', '')}"}[verdict]
-    return f"{summary['scenario']}: {text} (exit {summary['exitCode']})"
+    line = f"{summary['scenario']}: {text} (exit {summary['exitCode']})"
+    pause = summary.get("writePause") or {}
+    if pause.get("n"):
+        line += (f"\nwrite pause of {pause['n']} pinned tenants: p50 {pause['p50']:.0f} ms, p99 {pause['p99']:.0f} ms, "
+                 f"max {pause['max']:.0f} ms")
+    return line
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path | None:
@@ -72,6 +77,15 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     if ratio is not None and steady.get("p95") is not None:
         ax.axhline(steady["p95"] * ratio, color="tab:red", linestyle=":", linewidth=1,
                    label=f"{ratio:g}x steady p95 (event limit)")
+    pause = summary.get("writePause") or {}
+    if pause.get("tenants"):
+        marks = sorted(pause["tenants"].values(), key=lambda p: p["atS"])
+        ax.scatter([p["atS"] for p in marks], [p["pauseMs"] for p in marks], marker="x", color="tab:purple",
+                   zorder=5, label=f"pinned tenant write pause (ms): p50 {pause['p50']:.0f}, p99 {pause['p99']:.0f}, "
+                                   f"max {pause['max']:.0f}")
+        limit = {**limits, **slo["phases"].get("event", {})}.get("write_pause_p99_ms")
+        if limit is not None:
+            ax.axhline(limit, color="tab:purple", linestyle="--", linewidth=1, label="SLO write pause p99 limit")
     ax.set_xlabel("seconds since the start of the load")
     ax.set_ylabel("response time (ms)")
     ax.set_ylim(bottom=0)

@@ -4,7 +4,8 @@ process, judge, report. What ``tenantfleet loadtest run`` runs.
 Before any load is sent: the scenario must exist (and be available), the SLO file and the
 targets file must be valid, the URL must be loopback or given with ``--url``, answer
 ``/healthz``, and know every tenant of the targets with its key (``/api/manifest``); for
-``upgrade`` the plugin must have something pending. Any failure is one line ``error:
+``upgrade`` the plugin must have something pending; for ``move`` the shard to drain must hold
+target tenants and another active shard must exist. Any failure is one line ``error:
 CODE: message`` and exit 2. Then Locust runs (``python -m locust -f loadtests/locustfile.py``,
 ``--processes N`` with ``--workers N``) for exactly ``--duration`` seconds; the output
 folder gets Locust's HTML and CSV, ``summary.json``, ``plot.png`` and ``locust.log``.
@@ -55,6 +56,12 @@ class Options:
     slow_shard: str | None = None
     event_s: float = 10.0
     event_timeout_s: float = 300.0
+    move_shard: str | None = None
+    pinned: int = 5
+    pinned_rate: float = 20.0
+    slo_throttle: bool = True
+    expect_workers: int = 0          # Locust workers started elsewhere (compose's locust-worker), waited for
+    master_bind: str = "127.0.0.1"
     cli: tuple[str, ...] = ()
     json: bool = False
     env: Mapping[str, str] | None = None     # for the CLI and Locust processes (None: this process's)
@@ -78,11 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steady", type=float, default=None,
                    help="seconds of the steady phase before the event (default: a third of what follows warm-up)")
     p.add_argument("--workers", type=int, default=0, help="Locust worker processes (0: one process; default 0)")
+    p.add_argument("--expect-workers", type=int, default=0,
+                   help="run as a Locust master and wait for this many workers started elsewhere (compose's "
+                        "locust-worker service: `locust -f loadtests/locustfile.py --worker --tf-plan OUT/plan.json`)")
+    p.add_argument("--master-bind", default="127.0.0.1",
+                   help="with --expect-workers: the address the master listens on for workers (default 127.0.0.1)")
     p.add_argument("--rate", type=float, default=5.0, help="requests per second per user (default 5)")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the tenant mix (default 1.1)")
     p.add_argument("--plugin", default="inventory", help="upgrade: the plugin to migrate (default inventory)")
     p.add_argument("--slow-shard", default=None, help="shard-slow: the shard to slow (default: the targets' last)")
     p.add_argument("--event-seconds", type=float, default=10.0, help="shard-slow: seconds the shard stays slow")
+    p.add_argument("--move-shard", default=None, help="move: the shard to drain (default: the targets' last)")
+    p.add_argument("--pinned", type=int, default=5,
+                   help="move: users pinned to the drained shard's tenants, one tenant each (default 5)")
+    p.add_argument("--pinned-rate", type=float, default=20.0,
+                   help="move: writes per second of each pinned user (default 20)")
+    p.add_argument("--no-slo-throttle", action="store_true",
+                   help="upgrade, move: run the fleet operation without the SLO-aware throttle (to compare)")
     p.add_argument("--event-timeout", type=float, default=300.0,
                    help="an event still running at --duration is waited for this many more seconds, then stopped "
                         "(default 300)")
@@ -110,12 +129,21 @@ def check_options(o: Options) -> None:
         raise _bad(f"--warmup must be at least 0 and shorter than --duration, not {o.warmup_s:g}", "USAGE")
     if not 0 <= o.workers <= 64:
         raise _bad(f"--workers must be between 0 and 64, not {o.workers}", "USAGE")
+    if not 0 <= o.expect_workers <= 64:
+        raise _bad(f"--expect-workers must be between 0 and 64, not {o.expect_workers}", "USAGE")
+    if o.expect_workers and o.workers:
+        raise _bad("--workers (local processes) and --expect-workers (workers elsewhere) exclude each other", "USAGE")
     if not 0 < o.rate_per_user <= 1000:
         raise _bad(f"--rate must be above 0 and at most 1000, not {o.rate_per_user:g}", "USAGE")
     if not 0 <= o.zipf_s <= 10:
         raise _bad(f"--zipf must be between 0 and 10, not {o.zipf_s:g}", "USAGE")
     if not 0 <= o.event_timeout_s <= MAX_DURATION_S:
         raise _bad(f"--event-timeout must be between 0 and {MAX_DURATION_S}, not {o.event_timeout_s:g}", "USAGE")
+    if o.scenario == "move":
+        if not 1 <= o.pinned < o.users:
+            raise _bad(f"--pinned must be at least 1 and fewer than --users ({o.users}), not {o.pinned}", "USAGE")
+        if not 0 < o.pinned_rate <= 1000:
+            raise _bad(f"--pinned-rate must be above 0 and at most 1000, not {o.pinned_rate:g}", "USAGE")
     if not 1 <= o.event_s <= MAX_DURATION_S:
         raise _bad(f"--event-seconds must be between 1 and {MAX_DURATION_S}, not {o.event_s:g}", "USAGE")
 
@@ -198,7 +226,7 @@ def event_command(o: Options, targets: Targets) -> list[str]:
             raise LoadtestError("NOTHING_PENDING",
                                 f"plugin {o.plugin} has nothing pending on this fleet, so there is no upgrade to run: "
                                 "prepare tenants at its previous version (`tenantfleet loadtest prepare --prefix NEW`)")
-        return [*o.cli, "--json", "migrate", "apply", o.plugin]
+        return [*o.cli, "--json", "migrate", "apply", o.plugin, *_throttle_flag(o)]
     if o.scenario == "shard-slow":
         shards = sorted({t.shardId for t in targets.tenants})
         slow = o.slow_shard or shards[-1]
@@ -207,7 +235,34 @@ def event_command(o: Options, targets: Targets) -> list[str]:
         if len(shards) < 2:
             raise _bad("shard-slow needs target tenants on at least two shards (the others are judged)")
         return [*o.cli, "--json", "loadtest", "slow-shard", slow, "--seconds", f"{o.event_s:g}"]
+    if o.scenario == "move":
+        shard = move_shard(o, targets)
+        rc, out, err = _cli(o, "--json", "drain", shard, "--plan")
+        if rc != 0:
+            raise LoadtestError("VALIDATION_FAILED", f"`drain {shard} --plan` failed: "
+                                                     f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+        if not json.loads(out).get("moves"):
+            raise LoadtestError("NOTHING_PENDING", f"shard {shard} has no tenant to move off")
+        return [*o.cli, "--json", "drain", shard, *_throttle_flag(o)]
     return []
+
+
+def _throttle_flag(o: Options) -> list[str]:
+    return [] if o.slo_throttle else ["--no-slo-throttle"]
+
+
+def move_shard(o: Options, targets: Targets) -> str:
+    shards = sorted({t.shardId for t in targets.tenants})
+    shard = o.move_shard or shards[-1]
+    if shard not in shards:
+        raise _bad(f"--move-shard {shard!r}: no target tenant lives there (targets' shards: {', '.join(shards)})")
+    return shard
+
+
+def pinned_tenants(o: Options, targets: Targets, shard: str) -> list[str]:
+    """The first ``--pinned`` target tenants on ``shard`` (the targets are in Zipf rank order:
+    the busiest first), one per pinned user."""
+    return [t.code for t in targets.tenants if t.shardId == shard][:o.pinned]
 
 
 def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
@@ -230,9 +285,11 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     check_fleet(targets)
     command = event_command(o, targets)
     slow = command[command.index("slow-shard") + 1] if o.scenario == "shard-slow" else None
+    pinned = pinned_tenants(o, targets, move_shard(o, targets)) if o.scenario == "move" else []
     plan = {"scenario": o.scenario, "targets": targets.to_api(), "slo": slo.to_dict(), "timeline": tl,
-            "users": o.users, "workers": o.workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
-            "slowShard": slow, "eventCommand": command, "out": str(o.out.resolve())}
+            "users": o.users, "workers": o.workers or o.expect_workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
+            "slowShard": slow, "pinned": pinned, "pinnedRate": o.pinned_rate,
+            "sloThrottle": o.slo_throttle if o.scenario in ("upgrade", "move") else None, "eventCommand": command, "out": str(o.out.resolve())}
     return plan, targets
 
 
@@ -247,6 +304,10 @@ def locust_argv(o: Options, plan: dict[str, Any], plan_path: Path, url: str) -> 
             "--html", str(o.out / "report.html"), "--csv", str(o.out / "locust"), "--tf-plan", str(plan_path)]
     if o.workers:
         argv += ["--processes", str(o.workers)]
+    elif o.expect_workers:
+        argv += ["--master", "--expect-workers", str(o.expect_workers), "--master-bind-host", o.master_bind]
+    # the user classes: PinnedWriter (a fixed count, set from the plan) only in `move`
+    argv += ["TenantStaff", "PinnedWriter"] if plan.get("pinned") else ["TenantStaff"]
     return argv
 
 
@@ -294,7 +355,9 @@ def options_from(argv: Sequence[str] | None) -> Options:
     return Options(scenario=a.scenario, targets=a.targets, out=a.out, url=a.url, slo=a.slo, users=a.users,
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
-                   event_s=a.event_seconds, event_timeout_s=a.event_timeout, cli=cli, json=a.json)
+                   event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard,
+                   pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle,
+                   expect_workers=a.expect_workers, master_bind=a.master_bind, cli=cli, json=a.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,10 @@ A run's timeline (seconds from the start of the load):
 scenario does to the fleet under load: ``upgrade`` runs ``tenantfleet migrate apply
 PLUGIN`` (the plugin's next version across the fleet); ``shard-slow`` runs ``tenantfleet
 loadtest slow-shard SHARD`` (a bounded lock holder on one shard's tenants); ``move``
-is not built yet (its next slice) and is refused before any load.
+runs ``tenantfleet drain SHARD`` (every tenant of one shard moved to the others, online or
+offline per the mover's ``auto`` mode) while `PinnedWriter` users keep writing to the
+first tenants of that shard, whose client-side write pause (the longest gap between
+acknowledged writes around their cutover) is judged.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ ALL_ROUTES = "all routes"
 # In `shard-slow`, requests of the slow shard's tenants are recorded under this prefix:
 # reported, not judged (the SLO holds for the other shards' tenants).
 SLOW_PREFIX = "[slow shard] "
+# In `move`, the pinned writers' client-side write pause is judged as this route.
+PINNED_ROUTE = "pinned writes"
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                               "plugin's next version across the fleet under load"),
     Scenario("shard-slow", True, "after warm-up and steady, one shard's tenants are held by a bounded lock "
                                  "holder (`tenantfleet loadtest slow-shard`); the other shards' tenants are judged"),
-    Scenario("move", True, "a drain or rebalance under load with users pinned to the moving tenants",
-             available=False,
-             unavailable_reason="the move scenario is not built yet (its next slice runs `tenantfleet drain "
-                                "SHARD` / `rebalance --apply` / `move TENANT --to SHARD` under load and measures "
-                                "the pinned tenants' write pause)"),
+    Scenario("move", True, "after warm-up and steady, `tenantfleet drain SHARD` moves every tenant off one shard "
+                           "under load; users pinned to its tenants measure their write pause"),
 )}
 
 

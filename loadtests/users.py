@@ -97,3 +97,46 @@ class TenantStaff(FastHttpUser):
     def manifest(self) -> None:
         self.client.get("/api/manifest", headers=self.headers, name=self.prefix + "/manifest")
         self._next()
+
+
+class PinnedWriter(FastHttpUser):
+    """A user pinned to one tenant being moved (the `move` scenario): it only writes (PATCH an
+    item) at ``rate`` per second, so the gaps between its acknowledged writes show the
+    tenant's write pause at its cutover. Its requests are judged like everyone's (recorded
+    under ``PATCH /items/{id}``); `context` names the tenant so the gate can keep the
+    acknowledgement times per tenant. ``fixed_count`` is the number of tenants pinned."""
+
+    tenants: ClassVar[list[dict[str, Any]]] = []
+    fixed_count = 0
+    wait_time = constant_throughput(20.0)
+    network_timeout = 30.0
+    connection_timeout = 10.0
+    _next_index: ClassVar[int] = 0
+    _stride: ClassVar[int] = 1
+
+    @classmethod
+    def configure(cls, tenants: list[dict[str, Any]], *, rate: float, offset: int = 0, stride: int = 1) -> None:
+        """With W workers, worker w's k-th pinned user takes tenant w + k*W: Locust spreads
+        the fixed count evenly over the workers, so every tenant gets its writer."""
+        cls.tenants = tenants
+        cls.fixed_count = len(tenants)
+        cls.wait_time = constant_throughput(rate)
+        cls._next_index = offset
+        cls._stride = max(1, stride)
+
+    def on_start(self) -> None:
+        assert self.tenants, "PinnedWriter.configure was not called"
+        cls = type(self)
+        self.tenant = self.tenants[cls._next_index % len(self.tenants)]
+        cls._next_index += cls._stride
+        self.rng = random.Random()
+        self.headers = {"Authorization": f"Bearer {self.tenant['apiKey']}", "X-Tenant": self.tenant["code"]}
+
+    def context(self) -> dict[str, Any]:
+        return {"pinned": self.tenant["code"]}
+
+    @task
+    def write(self) -> None:
+        item = self.rng.randint(1, int(self.tenant["items"]))
+        self.client.request("PATCH", f"{ITEMS}/{item}", headers=self.headers,
+                            json={"qty": self.rng.randint(0, 1000)}, name="/items/{id}")

@@ -72,6 +72,16 @@ class Settings(BaseModel):
     shard_concurrency: int = Field(4, ge=1)
     backoff_max_s: float = Field(30.0, gt=0)
     probe_slow_ms: float = Field(500.0, gt=0)
+    # the SLO throttle of migrations and moves (shard_migrations/slo_throttle.py): a shard
+    # whose request p95 (published by the hosts) nears its limit gets fewer concurrent
+    # operations, down to none, and more again when there is room. The limit: this p95 in ms
+    # when set, else the shard's p95 when the run starts times the ratio; or an SLO file's
+    # (p95_ms and p95_ratio_to_steady). A paused shard gets one slot back after max_pause_s.
+    slo_throttle: bool = True
+    slo_throttle_p95_ms: float = Field(0.0, ge=0)
+    slo_throttle_ratio: float = Field(1.25, gt=1, le=100)
+    slo_throttle_file: str = ""
+    slo_throttle_max_pause_s: float = Field(30.0, ge=0, le=3600)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
     # how long a run keeps coming back to a tenant a move holds before it reports that

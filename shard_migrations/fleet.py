@@ -41,6 +41,7 @@ from shard_migrations.engine import (
 )
 from shard_migrations.keys import UNIT_BACKOFF_INITIAL_S, UNIT_BACKOFF_MAX_S
 from shard_migrations.limiter import ShardLimiters, backoff_delay
+from shard_migrations.slo_throttle import SloThrottle, throttle_api
 from shard_migrations.metrics import MigrateMetrics
 from shard_migrations.packages import MigrationFile, PluginPackage
 from shard_migrations.plan import Plan, ShardPlan, Target, build_plan, check_not_downgrade, resolve_target
@@ -97,6 +98,7 @@ class RunReport:
     failed_items: list[tuple[str, str]] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     drift_allowed: int = 0
+    throttle: dict[str, Any] | None = None   # what the SLO throttle did (None: it was off)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as `migrate apply --json` prints it (camelCase keys)."""
@@ -106,7 +108,8 @@ class RunReport:
                             "files": s.files, "rate": round(s.rate(), 1), "error": s.error}
                            for s in self.shards.values()],
                 "unreachable": runs.unreachable_list(self.unreachable),
-                "failedItems": [{"itemKey": k, "error": e} for k, e in self.failed_items[:50]]}
+                "failedItems": [{"itemKey": k, "error": e} for k, e in self.failed_items[:50]],
+                "sloThrottle": self.throttle}
 
     def raise_for_failure(self) -> None:
         """SHARD_UNREACHABLE naming the shards that stayed down, or MIGRATION_FAILED for failed items."""
@@ -153,6 +156,7 @@ class FleetMigrator:
         self.package = package
         self.metrics = metrics
         self.limiters = limiters
+        self.throttle: SloThrottle | None = None   # the SLO throttle of the current run
         self.progress: dict[str, ShardProgress] = {}
         self.run_id: int | None = None
         self._seq = itertools.count()
@@ -263,7 +267,13 @@ class FleetMigrator:
                         else:  # the ledger says it's there (applied before the kill, or by another migrator)
                             rec.done(item.key, item.attempts, item.tenant_id)
                 rec.flip(t.tenant_id for s in plan.shards.values() if s.reachable for t in s.up_to_date)
-                await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
+                async with SloThrottle(self.settings, limiters.all,
+                                       registry=self.metrics.registry if self.metrics else None) as throttle:
+                    self.throttle = throttle
+                    try:
+                        await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
+                    finally:
+                        report.throttle = throttle_api(throttle)
             except BaseException as exc:
                 report.state = "failed"
                 summary = self._summary(report) | {"error": getattr(exc, "message", None) or repr(exc)}
@@ -498,7 +508,7 @@ class FleetMigrator:
         out: list[dict[str, Any]] = []
         for sid, p in sorted(self.progress.items()):
             lim = lims.get(sid)
-            state = "down" if p.error else lim.state if lim else "waiting"
+            state = "down" if p.error else (lim.throttled or lim.state) if lim else "waiting"
             backoff = lim.backoff_s if lim else 0.0
             out.append({"shardId": sid, "total": p.total, "done": p.done, "failed": p.failed, "files": p.files,
                         "deferred": p.deferred, "state": state, "backoffS": round(backoff, 2),

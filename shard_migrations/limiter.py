@@ -6,7 +6,9 @@ capped at ``settings.backoff_max_s``, with full jitter (tenacity's
 ``wait_random_exponential``). Other shards are not affected. A shard that keeps failing
 for ``settings.shard_give_up_s`` is marked down; the caller reports it and moves on.
 `ShardLimiters` hands out one limiter per shard id and snapshots them all for progress
-displays and metrics.
+displays and metrics. The SLO throttle (`shard_migrations.slo_throttle`) lowers and raises
+a limiter's ``allowed`` concurrency (0 pauses the shard's new operations) from the live
+request latency the hosts publish; it never goes above ``concurrency``.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class LimiterState:
     failures: int           # consecutive
     backoff_s: float        # remaining
     last_error: str | None
+    allowed: int = 0          # the concurrency the SLO throttle allows now (= concurrency when not throttled)
+    throttled: str | None = None   # why, when the SLO throttle holds the shard below its concurrency
 
 
 class ShardLimiter:
@@ -52,6 +56,9 @@ class ShardLimiter:
         self.shard_id = shard_id
         self.concurrency = concurrency or settings.shard_concurrency
         self._sem = asyncio.Semaphore(self.concurrency)
+        self.allowed = self.concurrency
+        self.throttled: str | None = None
+        self._room = asyncio.Condition()
         self._wait = wait_random_exponential(multiplier=SHARD_BACKOFF_INITIAL_S, max=settings.backoff_max_s)
         self._give_up_s = settings.shard_give_up_s
         self._probe_slow_s = settings.probe_slow_ms / 1000
@@ -76,11 +83,24 @@ class ShardLimiter:
         """One of the shard's ``concurrency`` slots, taken once the shard is out of backoff."""
         async with self._sem:
             await self.wait_clear()
-            self.in_flight += 1
+            async with self._room:
+                await self._room.wait_for(lambda: self.in_flight < self.allowed or self.down)
+                self.in_flight += 1
             try:
                 yield
             finally:
-                self.in_flight -= 1
+                async with self._room:
+                    self.in_flight -= 1
+                    self._room.notify_all()
+
+    async def set_allowed(self, allowed: int, reason: str | None = None) -> None:
+        """The SLO throttle's concurrency for this shard (clamped to 0..concurrency; 0 pauses
+        new operations, running ones finish); ``reason`` is shown while it is below
+        ``concurrency``."""
+        async with self._room:
+            self.allowed = max(0, min(self.concurrency, allowed))
+            self.throttled = reason if self.allowed < self.concurrency else None
+            self._room.notify_all()
 
     def success(self) -> None:
         self.failures = 0
@@ -118,7 +138,8 @@ class ShardLimiter:
     def snapshot(self) -> LimiterState:
         left = max(0.0, self.backoff_until - time.monotonic())
         state = "down" if self.down else "backing_off" if left > 0 else "ok"
-        return LimiterState(self.shard_id, state, self.in_flight, self.failures, left, self.last_error)
+        return LimiterState(self.shard_id, state, self.in_flight, self.failures, left, self.last_error,
+                            self.allowed, self.throttled)
 
 
 class ShardLimiters:
@@ -137,3 +158,6 @@ class ShardLimiters:
 
     def snapshot(self) -> dict[str, LimiterState]:
         return {sid: lim.snapshot() for sid, lim in sorted(self._limiters.items())}
+
+    def all(self) -> list[ShardLimiter]:
+        return list(self._limiters.values())

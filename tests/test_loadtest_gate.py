@@ -185,3 +185,27 @@ def test_a_bad_targets_file_is_refused_naming_the_fault(doc: object, named: str)
     with pytest.raises(LoadtestError) as err:
         parse_targets(json.loads(json.dumps(doc)), "t.json")
     assert err.value.code == "VALIDATION_FAILED" and named in err.value.message
+
+
+def test_write_pause_is_the_longest_acknowledged_gap_reaching_into_the_event_and_is_judged() -> None:
+    from loadtests.gate import pause_row, pause_summary, write_pauses
+
+    every_50ms = [i * 0.05 for i in range(400)]                       # 0 .. 19.95 s
+    cut = [t for t in every_50ms if not 12.0 < t < 12.3]               # 12.0 -> 12.3: a 300 ms gap
+    gap_before_event = [t for t in every_50ms if not 2.0 < t < 3.0]   # a 1 s gap, but before the event
+    pauses = write_pauses({"a": cut, "b": gap_before_event, "c": every_50ms[:220], "d": []},
+                          start_s=10.0, end_s=15.0, run_end_s=20.0)
+    assert pauses["a"] == {"pauseMs": 300.0, "atS": 12.3}
+    assert pauses["b"]["pauseMs"] == 50.0                              # only gaps touching [10, 15] count
+    assert pauses["c"]["pauseMs"] == pytest.approx(9050.0)            # writes stopped at 10.95: to the run's end
+    assert pauses["d"]["pauseMs"] == 10000.0                           # never acknowledged: the whole window
+    summary = pause_summary({k: pauses[k] for k in ("a", "b")})
+    assert summary == {"n": 2, "p50": 50.0, "p99": 300.0, "max": 300.0}
+    limits = slo(phases={"event": {"write_pause_p99_ms": 250}})
+    failed = pause_row(summary, limits)
+    assert (failed.route, failed.figure, failed.value, failed.limit, failed.verdict) == (
+        "pinned writes", "write pause p99 ms", 300.0, 250.0, "FAIL")
+    assert not passed([failed])
+    ok = pause_row(pause_summary({"b": pauses["b"]}), limits)
+    assert ok.verdict == "pass" and ok.value == 50.0
+    assert pause_row(pause_summary({}), limits).verdict == "few"

@@ -191,7 +191,10 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
             assert not (out / "plan.json").exists() and not (out / "report.html").exists()
 
         await refused("nosuch", *good, code="USAGE", named="unknown scenario 'nosuch'")
-        await refused("move", *good, code="NOT_AVAILABLE", named="move scenario is not built yet")
+        await refused("move", *good, "--users", "3", "--pinned", "3", code="USAGE", named="--pinned")
+        await refused("steady", *good, "--workers", "2", "--expect-workers", "2", code="USAGE",
+                      named="exclude each other")
+        await refused("move", *good, "--duration", "20", "--move-shard", "nosuch", code="VALIDATION_FAILED", named="--move-shard 'nosuch'")
         bad_slo = tmp_path / "bad.toml"
         bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
         await refused("steady", *good, "--slo", str(bad_slo), code="VALIDATION_FAILED", named="limits.p95_ms")
@@ -266,3 +269,48 @@ async def test_shard_slow_judges_only_the_other_shards_and_fails_them_with_exit_
         failed = [r for r in summary["rows"] if r["verdict"] == "FAIL"]
         assert failed and all(r["phase"] == "event" and r["figure"] == "p95 ms" and "[slow shard]" not in r["route"]
                               for r in failed), failed
+
+
+async def test_move_drains_a_shard_under_load_and_judges_the_pinned_tenants_write_pause(
+        fresh_fleet: FleetFactory, tmp_path: Path) -> None:
+    f = await fresh_fleet()
+    slo = tmp_path / "loose.toml"
+    slo.write_text(LOOSE_SLO + "write_pause_p99_ms = 60000\n")
+    async with running_host(host_settings(f)) as host:
+        doc = await prepare_here(f, host, tmp_path, n=6)
+        drained = sorted({t["shardId"] for t in doc["tenants"]})[-1]
+        on_it = [t for t in doc["tenants"] if t["shardId"] == drained]
+        out = tmp_path / "move"
+        rc, stdout, err = await loadtest(f, "move", "--targets", doc["path"], "--out", str(out), "--slo", str(slo),
+                                         "--users", "5", "--pinned", "2", "--duration", "8", "--warmup", "1",
+                                         "--steady", "2")
+        assert rc == 0, stdout + err
+        summary = report_files(out)
+        event = summary["event"]
+        assert event["exitCode"] == 0 and event["command"][-2:] == ["drain", drained], event
+        # the drained shard's tenants all moved; the pinned ones (its first two) were written
+        # to throughout and each has a measured pause
+        left = await f.control.fetchval("SELECT count(*) FROM tenants WHERE shard_id = $1", drained)
+        assert left == 0
+        pause = summary["writePause"]
+        pinned = [t["code"] for t in on_it[:2]]
+        assert sorted(pause["tenants"]) == sorted(pinned) and pause["n"] == 2
+        for code in pinned:
+            p = pause["tenants"][code]
+            assert p["moved"] is True and p["pauseMs"] > 0 and p["serverPauseMs"] is not None, p
+            assert p["window"] == "cutover", p     # measured around its own commit point
+        assert pause["max"] >= pause["p99"] >= pause["p50"] > 0
+        row = [r for r in summary["rows"] if r["route"] == "pinned writes"]
+        assert row == [{"phase": "event", "route": "pinned writes", "figure": "write pause p99 ms",
+                        "value": pause["p99"], "limit": 60000.0, "n": 2, "verdict": "pass"}]
+        assert "write pause of 2 pinned tenants" in stdout and "pinned writes" in stdout
+        # the drain ran with the SLO throttle (on by default) and said what it did
+        assert summary["sloThrottle"] is True and "decreases" in summary["throttle"], summary["throttle"]
+
+        # a limit no pause can meet fails the gate (exit 3) on that row; nothing left to drain is refused
+        strict = tmp_path / "strict.toml"
+        strict.write_text(LOOSE_SLO + "write_pause_p99_ms = 0\n")
+        rc, stdout, err = await loadtest(f, "move", "--targets", doc["path"], "--out", str(tmp_path / "again"),
+                                         "--slo", str(strict), "--users", "3", "--pinned", "1", "--duration", "8",
+                                         "--warmup", "1", "--steady", "2", "--move-shard", drained)
+        assert rc == 2 and "NOTHING_PENDING" in err and f"shard {drained} has no tenant" in err, stdout + err

@@ -49,6 +49,10 @@ class CliState:
             self._settings = Settings.load()
         return self._settings
 
+    def replace_settings(self, **changes: Any) -> None:
+        """This command's settings with ``changes`` (e.g. a flag that overrides a setting)."""
+        self._settings = self.settings.model_copy(update=changes)
+
     @property
     def console(self) -> Console:
         if self._console is None:

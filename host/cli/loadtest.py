@@ -48,6 +48,7 @@ def loadtest() -> None:
     tenantfleet loadtest run steady --users 20 --duration 60
     tenantfleet loadtest run upgrade                     # migrate apply inventory under load
     tenantfleet loadtest run shard-slow                  # one shard held by a lock; the others judged
+    tenantfleet loadtest run move                        # drain a shard under load; pinned writers' pause
 
     Needs the `load` extra (Locust, matplotlib): pip install -e '.[load]'.
     """
@@ -118,12 +119,20 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
 @click.option("--slow-shard", default=None, help="shard-slow: the shard to slow (default: the targets' last).")
 @click.option("--event-seconds", type=float, default=10.0, show_default=True,
               help="shard-slow: seconds the shard stays slow.")
+@click.option("--move-shard", default=None, help="move: the shard to drain (default: the targets' last).")
+@click.option("--pinned", type=int, default=5, show_default=True,
+              help="move: users pinned to the drained shard's busiest tenants, whose write pause is judged.")
+@click.option("--pinned-rate", type=float, default=20.0, show_default=True,
+              help="move: writes per second of each pinned user.")
+@click.option("--no-slo-throttle", "no_slo_throttle", is_flag=True,
+              help="upgrade, move: run the fleet operation without the SLO-aware throttle (to compare verdicts).")
 @click.option("--event-timeout", type=float, default=300.0, show_default=True,
               help="An event still running at --duration is waited for this long, then stopped.")
 @pass_state
 def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | None, url: str | None,
             slo: Path | None, users: int, duration: float, warmup: float, steady: float | None, workers: int,
             rate: float, zipf: float, plugin: str, slow_shard: str | None, event_seconds: float,
+            move_shard: str | None, pinned: int, pinned_rate: float, no_slo_throttle: bool,
             event_timeout: float) -> None:
     """Run SCENARIO (steady, upgrade, move, shard-slow) headless and judge it against the SLO file.
 
@@ -139,10 +148,13 @@ def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | No
                        "--targets", targets or _default_targets(state), "--out", folder,
                        "--users", users, "--duration", duration, "--warmup", warmup, "--workers", workers,
                        "--rate", rate, "--zipf", zipf, "--plugin", plugin, "--event-seconds", event_seconds,
-                       "--event-timeout", event_timeout]
-    for flag, value in (("--url", url), ("--slo", slo), ("--steady", steady), ("--slow-shard", slow_shard)):
+                       "--event-timeout", event_timeout, "--pinned", pinned, "--pinned-rate", pinned_rate]
+    for flag, value in (("--url", url), ("--slo", slo), ("--steady", steady), ("--slow-shard", slow_shard),
+                        ("--move-shard", move_shard)):
         if value is not None:
             argv += [flag, value]
+    if no_slo_throttle:
+        argv.append("--no-slo-throttle")
     if state.json:
         argv.append("--json")
     proc = subprocess.Popen([str(a) for a in argv])

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import click
 
+from host.cli import throttle
 from host.cli.base import CliState, cli, emit, pass_state, router_runtime, run
 from router.errors import MigrationFailed, ShardUnreachable
 
@@ -107,11 +108,13 @@ def _raise_unreachable(plan: dict[str, Any]) -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Tenants at once per shard (default: settings).")
 @click.option("--allow-drift", is_flag=True, help="Go on although recorded files changed since they were applied.")
 @click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@throttle.option
 @pass_state
 def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | None, tenants: tuple[str, ...],
               dry_run: bool, resume: int | None, batch_size: int | None, concurrency: int | None, allow_drift: bool,
-              metrics_file: str | None) -> None:
+              metrics_file: str | None, no_slo_throttle: bool = False) -> None:
     """Apply PLUGIN's pending files across the fleet (or --resume RUN). Exit 0 only if everything is done."""
+    throttle.apply(state, no_slo_throttle)
     opts = _options(to, from_file, tenants, allow_drift, batch_size, concurrency)
     if dry_run:
         _dry_run(state, plugin, opts)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from host.cli import throttle
 from host.cli.base import CliState, cli, emit, pass_state, router_runtime, run
 from router.errors import MoveFailed, ValidationFailed
 from router.placement import BY_CHOICES, MODES
@@ -186,8 +187,10 @@ def _show(state: CliState, report: BatchReport, *, planned_only: bool) -> None:
               help="Fill the other shards evenly by tenant count or by bytes.")
 @click.option("--plan", "plan_only", is_flag=True, help="Show the moves only; change nothing (not even the state).")
 @click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@throttle.option
 @pass_state
-def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, metrics_file: str | None) -> None:
+def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, metrics_file: str | None,
+              no_slo_throttle: bool = False) -> None:
     """Empty SHARD: mark it `draining` (no new tenants) and move every tenant off it.
 
     Each tenant goes to the active shard with room and the lowest load at that point,
@@ -196,6 +199,7 @@ def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, 
     Run the same command again to resume after a failure or a crash: the shard's open
     moves are finished first. Exit 0 only when the shard is empty.
     """
+    throttle.apply(state, no_slo_throttle)
     from shard_migrations.moves.batch import drain
 
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
@@ -213,15 +217,17 @@ def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, 
               help="How far from the mean load a shard may stay, as a fraction (0.1 = 10%).")
 @click.option("--mode", type=click.Choice(MODES), default="auto", show_default=True, help=_MODE_HELP)
 @click.option("--metrics-file", default=None, help="Write Prometheus text metrics to this file while running.")
+@throttle.option
 @pass_state
 def rebalance_cmd(state: CliState, by: str, plan_only: bool, tolerance: float, mode: str,
-                  metrics_file: str | None) -> None:
+                  metrics_file: str | None, no_slo_throttle: bool = False) -> None:
     """Even out the active shards: the fewest moves that bring every shard within
     --tolerance of the mean (tenant count or bytes, relative to each shard's capacity).
 
     Shows the plan and the shards' figures before and after; --apply runs it with the
     same limits and backoff as `drain`. Exit 0 only if every move finished.
     """
+    throttle.apply(state, no_slo_throttle)
     from shard_migrations.moves.batch import rebalance
 
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:

@@ -35,6 +35,7 @@ from router.settings import Settings
 from shard_migrations.limiter import ShardLimiter
 from shard_migrations.moves.mover import OPEN, MoveInfo, Mover, mover_pools
 from shard_migrations.runs import owner_tag
+from shard_migrations.slo_throttle import SloThrottle, throttle_api
 
 log = logging.getLogger("tenantfleet.moves")
 
@@ -74,7 +75,7 @@ class MoveOutcome:
     def to_api(self) -> dict[str, Any]:
         out: dict[str, Any] = {**self.move.to_api(), "state": self.state, "runId": self.run_id,
                                "attempts": self.attempts}
-        for k in ("mode", "pauseMs", "bytesCopied", "copyMBps", "epochAfter", "stepsMs"):
+        for k in ("mode", "pauseMs", "bytesCopied", "copyMBps", "epochAfter", "stepsMs", "committedAt"):
             if k in self.info:
                 out[k] = self.info[k]
         if self.error:
@@ -107,6 +108,7 @@ class MoveBatch:
         self._overall = asyncio.Semaphore(settings.moves_concurrency)
         self._pools: ShardPools | None = None
         self.peak_in_flight = 0          # the most moves seen at once on one shard
+        self.throttle: SloThrottle | None = None
         self._started = time.monotonic()
 
     def mode_for(self, move: PlannedMove) -> str:
@@ -131,8 +133,11 @@ class MoveBatch:
         for m in moves:
             todo.append((MoveOutcome(m), None))
         self.outcomes.extend(o for o, _ in todo)
-        async with mover_pools(self.directory, self.settings) as pools:
+        async with mover_pools(self.directory, self.settings) as pools, \
+                SloThrottle(self.settings, lambda: list(self.limiters.values()),
+                            registry=self.metrics.registry if self.metrics else None) as throttle:
             self._pools = pools
+            self.throttle = throttle
             try:
                 await asyncio.gather(*(self._one(o, info) for o, info in todo), return_exceptions=True)
             finally:
@@ -185,6 +190,8 @@ class MoveBatch:
 
         def progress(phase: str, figures: dict[str, Any]) -> None:
             marks.append((phase, round((time.monotonic() - t0) * 1000)))
+            if phase == "committed":   # wall clock: load tests find the tenant's cutover in their own timeline
+                o.info["committedAt"] = round(time.time(), 3)
             shown = _PHASE_SHOWN.get(phase)
             if shown is not None and shown != o.state:
                 o.state = shown
@@ -243,7 +250,8 @@ class MoveBatch:
             left = len(mine) - done - failed
             rows.append({"shardId": source, "done": done, "total": len(mine), "failed": failed,
                          "deferred": sum(o.state == "queued" for o in mine),
-                         "state": phases or lim.state, "backoffS": lim.backoff_s, "rate": rate,
+                         "state": ", ".join(x for x in (lim.throttled, phases) if x) or lim.state,
+                         "backoffS": lim.backoff_s, "rate": rate,
                          "etaS": (left / rate) if rate > 0 and left else None})
         return rows
 
@@ -266,6 +274,7 @@ class BatchReport:
     after: dict[str, ShardLoad]
     remaining: int = 0             # drain: tenants still on the shard afterwards
     seconds: float = 0.0
+    throttle: dict[str, Any] | None = None   # what the SLO throttle did (None: it was off)
 
     def to_api(self) -> dict[str, Any]:
         done = sum(o.state == "done" for o in self.outcomes)
@@ -274,7 +283,8 @@ class BatchReport:
                 "failed": len(failed), "remaining": self.remaining, "seconds": round(self.seconds, 2),
                 "movesPerSecond": round(done / self.seconds, 2) if self.seconds > 0 else None,
                 "shards": [_load_api(self.before[s], self.after.get(s)) for s in sorted(self.before)],
-                "moves": [o.to_api() for o in self.outcomes]}
+                "moves": [o.to_api() for o in self.outcomes], "sloThrottle": self.throttle}
+
 
 
 def _load_api(before: ShardLoad, after: ShardLoad | None) -> dict[str, Any]:
@@ -402,4 +412,5 @@ async def _run_batch(directory: Directory, settings: Settings, kind: str, params
     async with batch_view(batch) if batch_view is not None else nullcontext():
         outcomes = await batch.run(plan, resume)
     after_loads, _ = await fleet_loads(directory, settings)
-    return BatchReport(kind, run_id, plan, outcomes, before, after_loads, seconds=time.monotonic() - started)
+    return BatchReport(kind, run_id, plan, outcomes, before, after_loads, seconds=time.monotonic() - started,
+                       throttle=throttle_api(batch.throttle))

@@ -1,0 +1,22 @@
+"""`--no-slo-throttle`, shared by the commands that run shard-wide work (`migrate apply`,
+`drain`, `rebalance`): it switches off the SLO-aware throttle (settings.slo_throttle) for
+this run only."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from host.cli.base import CliState
+
+HELP = ("Don't slow down on a shard whose request p95 (published by the hosts) nears its SLO limit "
+        "(TENANTFLEET_SLO_THROTTLE=false does the same for every run).")
+
+
+def option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--no-slo-throttle", "no_slo_throttle", is_flag=True, help=HELP)(fn)
+
+
+def apply(state: CliState, no_slo_throttle: bool) -> None:
+    if no_slo_throttle:
+        state.replace_settings(slo_throttle=False)

@@ -1,0 +1,149 @@
+"""The SLO-aware throttle against real servers: a host publishes its per-shard p95 to
+Valkey while the test loads tenants of one shard; the shard is made slow on purpose
+(`host.loadprep.hold_shard`, what `tenantfleet loadtest slow-shard` runs); the throttle
+halves that shard's limiter down to a pause and, once the shard is quick again, raises it
+one step at a time back to its concurrency. Redis unreachable: no figures, full
+concurrency, and the tick returns. Nothing is timed: each step waits for the figure it needs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from host.fleet.embedded import free_port
+from host.loadprep import hold_shard, prepare_load_tenants
+from router.client import redis_address
+from router.shard_latency import ShardLatency, read_shard_p95
+from shard_migrations.limiter import ShardLimiter
+from shard_migrations.slo_throttle import SloThrottle, file_limits
+from tests.fleetkit import Fleet
+from tests.hostkit import host_settings, running_host
+from tests.migratekit import wait_for
+
+ITEMS = "/api/plugins/inventory/items"
+
+
+async def test_the_throttle_halves_a_slow_shard_down_to_a_pause_and_raises_it_again_step_by_step(
+        fleet: Fleet) -> None:
+    s = host_settings(fleet)
+    async with running_host(s) as host:
+        doc = await prepare_load_tenants(fleet.settings, tenants=6, url=host.url, prefix="th" + uuid.uuid4().hex[:6],
+                                         items=5, known_keys={})
+        slow = doc["tenants"][0]["shardId"]
+        mine = [t for t in doc["tenants"] if t["shardId"] == slow]
+        stop = asyncio.Event()
+        served = 0
+
+        async def load(t: dict[str, Any]) -> None:
+            nonlocal served
+            headers = {"Authorization": f"Bearer {t['apiKey']}", "X-Tenant": t["code"]}
+            while not stop.is_set():
+                async with host.http.get(f"{ITEMS}/1", headers=headers) as resp:
+                    await resp.read()
+                    served += 1
+
+        loaders = [asyncio.create_task(load(mine[i % len(mine)])) for i in range(4)]
+        redis = aioredis.Redis(**redis_address(s.redis_url))
+        lim = ShardLimiter(slow, s, concurrency=4)
+        throttle = SloThrottle(s.model_copy(update={"slo_throttle_p95_ms": 150.0}), lambda: [lim], redis=redis)
+        hold: asyncio.Task[Any] | None = None
+        try:
+            async def published() -> bool:
+                return slow in await read_shard_p95(redis, s.redis_namespace, [slow])
+            await wait_for(published, what="the host publishing the shard's p95")
+            # a quick shard: nothing throttled
+            await throttle.tick()
+            assert throttle.p95[slow] < 150 and lim.allowed == 4 and lim.throttled is None
+
+            hold = asyncio.create_task(hold_shard(s, slow, seconds=120, hold_ms=250, gap_ms=25))
+            seen = []
+            while lim.allowed > 0:
+                await asyncio.sleep(1)
+                await throttle.tick()
+                if not seen or seen[-1] != lim.allowed:
+                    seen.append(lim.allowed)
+                assert len(seen) < 60, seen
+            # multiplicative decrease, down to a pause; shown as "throttled by SLO"
+            assert [x for x in seen if x < 4] == [2, 1, 0], seen
+            assert lim.throttled is not None and lim.throttled.startswith("throttled by SLO") and "paused" in lim.throttled
+            assert throttle.p95[slow] >= 0.9 * 150, throttle.decisions
+            # paused: a new operation on the shard waits for a slot
+            entered = asyncio.Event()
+
+            async def operation() -> None:
+                async with lim.slot():
+                    entered.set()
+            op = asyncio.create_task(operation())
+            await asyncio.sleep(0)
+            assert not entered.is_set() and lim.in_flight == 0
+
+            hold.cancel()                       # the shard is quick again
+            rises = [0]
+            while lim.allowed < 4:
+                await asyncio.sleep(1)
+                await throttle.tick()
+                if lim.allowed != rises[-1]:
+                    rises.append(lim.allowed)
+                assert len(rises) < 100
+            assert rises == [0, 1, 2, 3, 4]     # additive increase, one step a tick
+            assert lim.throttled is None
+            await asyncio.wait_for(op, 10)      # the waiting operation got its slot
+            assert entered.is_set() and served > 0
+            assert [d[1] for d in throttle.decisions] == [2, 1, 0, 1, 2, 3, 4]
+        finally:
+            stop.set()
+            if hold is not None:
+                hold.cancel()
+            await asyncio.gather(*loaders, *(t for t in [hold] if t), return_exceptions=True)
+            await redis.aclose()
+
+
+async def test_without_redis_the_throttle_runs_at_the_configured_limits_and_says_so(
+        fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    s = fleet.settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    lim = ShardLimiter("shard1", s, concurrency=3)
+    await lim.set_allowed(1, "throttled by SLO: earlier")
+    caplog.set_level(logging.WARNING, logger="tenantfleet.slo_throttle")
+    async with SloThrottle(s, lambda: [lim]) as throttle:
+        await asyncio.wait_for(throttle.tick(), 10)   # returns: a dead Redis never hangs a run
+        assert lim.allowed == 3 and lim.throttled is None
+        async with lim.slot():                         # and operations go on
+            assert lim.in_flight == 1
+    assert "Redis unreachable" in caplog.text and "configured limits" in caplog.text
+
+
+async def test_the_throttle_is_off_by_setting_and_reads_its_limits_from_an_slo_file(fleet: Fleet, tmp_path: Any) -> None:
+    off = fleet.settings.model_copy(update={"slo_throttle": False})
+    lim = ShardLimiter("shard1", off, concurrency=2)
+    async with SloThrottle(off, lambda: [lim]) as throttle:
+        assert not throttle.enabled and throttle._task is None
+    assert lim.allowed == 2
+    slo = tmp_path / "slo.toml"
+    slo.write_text("[limits]\np95_ms = 500\n[phases.event]\np95_ratio_to_steady = 1.5\n")
+    assert file_limits(str(slo)) == (500.0, 1.5)
+    t = SloThrottle(fleet.settings.model_copy(update={"slo_throttle_file": str(slo)}), lambda: [lim])
+    t.baseline["shard1"] = 100.0
+    assert t.limit_for("shard1") == 150.0 and t.limit_for("shard2") == 500.0
+    slo.write_text("[limits]\np95_ms = 'fast'\n")
+    with pytest.raises(ValueError, match="p95_ms must be a positive number"):
+        file_limits(str(slo))
+
+
+def test_the_rolling_p95_per_shard_comes_from_the_last_window_only() -> None:
+    lat = ShardLatency(window_s=10)
+    for i in range(100):
+        lat.observe("shard1", 0.010 if i < 95 else 0.500, now=1000.0)
+    for i in range(10):
+        lat.observe("shard2", 0.010, now=1000.0)          # too few for a p95
+    p95, n = lat.p95(now=1000.0)["shard1"]
+    assert n == 100 and 10.0 <= p95 <= 10.5 and "shard2" not in lat.p95(now=1000.0)
+    for i in range(100):
+        lat.observe("shard1", 0.300, now=1005.0)
+    assert 300 <= lat.p95(now=1005.0)["shard1"][0] <= 315
+    assert lat.p95(now=1011.0)["shard1"][1] == 100       # the first second left the window
+    assert lat.p95(now=1020.0) == {}
