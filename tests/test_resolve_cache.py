@@ -100,11 +100,11 @@ def test_the_cache_stays_bounded_when_every_entry_is_in_use() -> None:
 def test_an_older_epoch_never_replaces_a_newer_entry() -> None:
     c = cache(FakeClock())
     new = record("acme", epoch=5)
-    old = dataclasses.replace(new, epoch=4, state="suspended")
+    old = dataclasses.replace(new, schema=new.schema, epoch=4, state="suspended")
     assert c.put(new)
     assert not c.put(old)
     assert c.get("code", "acme") is new
-    same = dataclasses.replace(new, state="active")
+    same = dataclasses.replace(new, schema=new.schema, state="active")
     assert c.put(same)  # an equal epoch refreshes
     assert c.get("id", new.tenant_id) is same
 
@@ -118,7 +118,7 @@ def test_an_invalidation_drops_an_older_entry_and_refuses_its_epoch_afterwards()
     assert c.is_stale(v1)
     assert not c.put(v1)  # a slow read of epoch 1 finishing now can't put it back
     assert c.get("id", v1.tenant_id) is None
-    v2 = dataclasses.replace(v1, epoch=2)
+    v2 = dataclasses.replace(v1, schema=v1.schema, epoch=2)
     assert c.put(v2) and c.get("code", "acme") is v2
 
 
@@ -145,7 +145,7 @@ def test_a_stale_drop_refuses_records_at_or_below_the_stale_epoch() -> None:
     c.put(v4)
     assert c.drop(v4.tenant_id, stale_epoch=4)
     assert not c.put(v4)
-    assert c.put(dataclasses.replace(v4, epoch=5))
+    assert c.put(dataclasses.replace(v4, schema=v4.schema, epoch=5))
 
 
 def test_a_name_that_moved_to_another_tenant_stops_answering_for_the_old_one() -> None:
@@ -166,7 +166,7 @@ def test_a_domain_removed_by_a_newer_epoch_no_longer_answers() -> None:
     c = cache(FakeClock())
     v1 = record("acme", domains=("a.example.com", "b.example.com"))
     c.put(v1)
-    v2 = dataclasses.replace(v1, epoch=2, domains=("a.example.com",))
+    v2 = dataclasses.replace(v1, schema=v1.schema, epoch=2, domains=("a.example.com",))
     c.put(v2)
     assert c.get("domain", "b.example.com") is None
     assert c.get("domain", "a.example.com") is v2
