@@ -217,3 +217,40 @@ def test_clear_forgets_entries_but_keeps_the_epoch_guard() -> None:
 def test_an_unknown_kind_is_refused() -> None:
     with pytest.raises(KeyError):
         cache(FakeClock()).get("schema", "t_x")
+
+
+# Bytes per cached tenant, everything the cache keeps alive included (the record, its id,
+# code and domain strings, the entry, the indexes), for records decoded from their Redis
+# form with the 16-byte id as the client does. Measured (Python 3.11, 5,000 tenants, one
+# domain each): 632 B before issue 12's in-process work (a stored schema string, an
+# OrderedDict, a float per entry), 488 B now. The issue's aim is 300; see the README's
+# Resolve section for why a retained record per tenant can't get there.
+MAX_BYTES_PER_CACHED_TENANT = 520
+
+
+def test_a_cached_tenant_costs_at_most_its_byte_budget() -> None:
+    import gc
+    import tracemalloc
+
+    from router.redis_format import decode_record, encode_record
+
+    n = 5_000
+    payloads = []
+    for i in range(n):
+        tid = uuid.uuid4()
+        code = f"bguard-{i:06d}"
+        rec = TenantRecord(tenant_id=str(tid), code=code, schema="t_" + tid.hex, shard_id="shard1", state="active",
+                           epoch=1, domains=(f"{code}.bench.example",))
+        payloads.append((tid.bytes, encode_record(rec)))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        c = TenantCache(n, 3600.0, 5.0)
+        for tid_bytes, raw in payloads:
+            assert c.put(decode_record(tid_bytes, raw))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(c) == n
+    per_tenant = held / n
+    assert per_tenant <= MAX_BYTES_PER_CACHED_TENANT, f"{per_tenant:.0f} B per cached tenant"
