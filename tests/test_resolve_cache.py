@@ -219,6 +219,42 @@ def test_an_unknown_kind_is_refused() -> None:
         cache(FakeClock()).get("schema", "t_x")
 
 
+
+def test_a_tenant_put_again_is_not_evicted_by_its_old_place_in_the_queue() -> None:
+    c = cache(FakeClock(), max_size=3)
+    a, b, d = record("a"), record("b"), record("d")
+    for r in (a, b, d):
+        c.put(r)
+    a2 = dataclasses.replace(a, schema=a.schema, epoch=2)
+    assert c.put(a2)  # a's old entry is still first in the eviction queue, now stale
+    c.put(record("e"))
+    assert c.evictions == 1
+    assert c.get("code", "a") is a2  # the stale item was skipped, not taken for a2
+    assert c.get("code", "b") is None  # the oldest live entry went instead
+    for i in range(500):  # drops and puts leave stale items; eviction still takes one per put
+        c.drop(a2.tenant_id)
+        c.put(a2)
+    assert len(c) == 3 and c.get("code", "a") is a2 and c.evictions == 1
+    c.put(record("f"))
+    assert len(c) == 3 and c.evictions == 2 and c.get("code", "d") is None
+
+
+def test_puts_close_together_share_an_expiry_that_is_never_late() -> None:
+    clock = FakeClock()
+    c = cache(clock)  # TTL 60 s: puts within 60 ms share the first one's expiry
+    first, second = record("first"), record("second")
+    c.put(first)
+    clock.advance(0.05)
+    c.put(second)
+    clock.advance(59.9)  # 59.95 s after `first`, 59.9 s after `second`
+    assert c.get("code", "second") is second
+    clock.advance(0.06)  # 60.01 s after `first`: `second` went with it, 0.04 s early
+    assert c.get("code", "first") is None and c.get("code", "second") is None
+    late = record("late")
+    c.put(late)  # a minute later: its own expiry, a full TTL
+    clock.advance(59.99)
+    assert c.get("code", "late") is late
+
 # Bytes per cached tenant, everything the cache keeps alive included (the record, its id,
 # code and domain strings, the entry, the indexes), for records decoded from their Redis
 # form with the 16-byte id as the client does. Measured (Python 3.11, 5,000 tenants, one
