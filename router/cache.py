@@ -13,6 +13,15 @@ in which case the bit is cleared and the entry goes to the back of the queue. Me
 with 100,000 tenants, reordering an OrderedDict on every hit (strict LRU) made a hit
 twice as slow (~480 vs ~245 ns), all of it memory traffic.
 
+Memory (issue 12, "costs that stay flat"): the id index is a plain dict and the eviction
+order a deque of entries beside it (an OrderedDict costs ~90 B per key against ~38 for a
+dict and ~8 for a deque slot); entries removed out of order stay in the deque as stale
+items that eviction skips, and the deque is rebuilt from the dict when they outnumber the
+live ones. Expiry times are floats shared by every entry put within `EXPIRY_QUANTUM` of the
+TTL of each other (an entry expires at most that much early, never late), so a burst of
+puts holds one float, not one each. tests/test_resolve_cache.py guards the bytes per
+cached tenant.
+
 Pure Python, no I/O, not thread-safe (one event loop owns it). Kinds are the ones
 `router.directory.normalise_query` returns: ``"id"``, ``"code"``, ``"domain"``; values
 must already be canonical (validated), since a hit on a value is trusted as-is.
@@ -20,7 +29,7 @@ must already be canonical (validated), since a hit on a value is trusted as-is.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable, Iterable
 
 from router.models import TenantRecord
@@ -31,6 +40,9 @@ Name = tuple[str, str]  # (kind, canonical value)
 
 # Second chances given per eviction at most, so one put never walks the whole cache.
 MAX_SECOND_CHANCES = 32
+# Entries put within this fraction of the TTL of each other share one expiry float (the
+# later ones expire up to ttl_s * EXPIRY_QUANTUM early).
+EXPIRY_QUANTUM = 1 / 1000
 
 
 class _Entry:
@@ -66,7 +78,10 @@ class TenantCache:
         self.negative_max = negative_max or max_size
         self.epoch_memory = epoch_memory or max_size
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # tenant_id -> entry, eviction order
+        self._entries: dict[str, _Entry] = {}  # tenant_id -> entry
+        self._queue: deque[_Entry] = deque()  # eviction order (CLOCK); may hold stale entries
+        self._quantum = ttl_s * EXPIRY_QUANTUM
+        self._expires = 0.0  # the expiry float new entries share, while it is recent enough
         self._codes: dict[str, _Entry] = {}
         self._domains: dict[str, _Entry] = {}
         self._index: dict[str, dict[str, _Entry]] = {"id": self._entries, "code": self._codes,
@@ -105,21 +120,34 @@ class TenantCache:
         old = self._entries.get(rec.tenant_id)
         if old is not None:
             self._remove(old)
-        entry = _Entry(rec, self._clock() + self.ttl_s)
+        expires = self._clock() + self.ttl_s
+        if expires - self._expires < self._quantum:
+            expires = self._expires  # the same object: one float for a burst of puts
+        else:
+            self._expires = expires
+        entry = _Entry(rec, expires)
         self._entries[rec.tenant_id] = entry
+        self._queue.append(entry)
         self._codes[rec.code] = entry
         for d in rec.domains:
             self._domains[d] = entry
         chances = MAX_SECOND_CHANCES
-        while len(self._entries) > self.max_size:
-            tid, victim = self._entries.popitem(last=False)
+        entries, queue = self._entries, self._queue
+        while len(entries) > self.max_size:
+            victim = queue.popleft()
+            tid = victim.rec.tenant_id
+            if entries.get(tid) is not victim:
+                continue  # removed or replaced since it was queued
             if victim.used and chances:
                 victim.used = False
-                self._entries[tid] = victim  # used since its last pass: back of the queue
+                queue.append(victim)  # used since its last pass: back of the queue
                 chances -= 1
                 continue
+            del entries[tid]
             self._unalias(victim)
             self.evictions += 1
+        if len(queue) > 2 * len(entries) + 64:
+            self._queue = deque(entries.values())  # drop the stale items (amortised O(1) a put)
         return True
 
     def floor(self, tenant_id: str) -> int:
@@ -171,6 +199,7 @@ class TenantCache:
         """Forget every positive entry (epoch memory and negatives stay); returns how many."""
         n = len(self._entries)
         self._entries.clear()
+        self._queue.clear()
         self._codes.clear()
         self._domains.clear()
         return n

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Mapping
+from dataclasses import InitVar, dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -15,20 +15,33 @@ from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE, SHARD_STATES, TENANT_ST
 
 @dataclass(frozen=True, slots=True)
 class TenantRecord:
-    """Where a tenant lives, as of ``epoch``. Every directory change bumps the epoch."""
+    """Where a tenant lives, as of ``epoch``. Every directory change bumps the epoch.
+
+    ``schema`` is the directory's name for every tenant's schema (``t_`` + the id's 32 hex
+    digits) unless the record was made with another: then that one is kept. The usual name
+    is computed when read, not stored (issue 12: the resolve cache holds 100k records, and
+    that string was 83 of their bytes). So ``dataclasses.replace`` needs ``schema=``.
+    """
     tenant_id: str
     code: str
-    schema: str
+    if TYPE_CHECKING:
+        schema: str  # readable like a field: the property set below the class
+    else:
+        schema: InitVar[str]
     shard_id: str
     state: str
     epoch: int
     domains: tuple[str, ...] = ()
+    other_schema: str | None = field(default=None, init=False, repr=False)  # None: the usual name
+
+    def __post_init__(self, schema: str = "") -> None:
+        if schema != "t_" + str(self.tenant_id).replace("-", ""):
+            object.__setattr__(self, "other_schema", schema)
 
     def to_dict(self) -> dict[str, Any]:
         """The cache format (Redis entries): field names as they are, read back by `from_dict`."""
-        d = asdict(self)
-        d["domains"] = list(self.domains)
-        return d
+        return {"tenant_id": self.tenant_id, "code": self.code, "schema": self.schema, "shard_id": self.shard_id,
+                "state": self.state, "epoch": self.epoch, "domains": list(self.domains)}
 
     def to_api(self) -> dict[str, Any]:
         """What the APIs and ``--json`` show (camelCase, as `TenantOut` documents)."""
@@ -39,6 +52,15 @@ class TenantRecord:
     def from_dict(cls, d: Mapping[str, Any]) -> "TenantRecord":
         return cls(tenant_id=str(d["tenant_id"]), code=d["code"], schema=d["schema"], shard_id=d["shard_id"],
                    state=d["state"], epoch=int(d["epoch"]), domains=tuple(d.get("domains") or ()))
+
+
+def _schema_of(rec: TenantRecord) -> str:
+    other = rec.other_schema
+    return "t_" + str(rec.tenant_id).replace("-", "") if other is None else other
+
+
+# Set after the class is made: a property in the class body would be taken as the InitVar's default.
+setattr(TenantRecord, "schema", property(_schema_of))
 
 
 @dataclass(frozen=True, slots=True)
