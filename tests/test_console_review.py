@@ -1,0 +1,136 @@
+"""The console's defences over plain HTTP against a real host on a real fleet (review of
+issue 11): what a browser can't easily send (header-breaking ``next=``, encoded paths),
+refusals written to the audit log, and runs started twice at once (a double click, two
+hosts resuming the same run)."""
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import aiohttp
+import asyncpg
+import pytest_asyncio
+import semver
+
+from router.models import TenantRecord
+from shard_migrations.keys import advisory_key
+from tests.fleetkit import Fleet, Servers, open_fleet
+from tests.hostkit import ADMIN_KEY, Host, exchange, host_settings, raw_request, running_host, runtime
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@dataclass
+class Console:
+    fleet: Fleet
+    host: Host
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def console(servers: Servers) -> AsyncIterator[Console]:
+    async with AsyncExitStack() as stack:
+        fleet = await open_fleet(servers, stack, shards=2)
+        host = await stack.enter_async_context(running_host(host_settings(fleet)))
+        yield Console(fleet, host)
+
+
+async def _sign_in(c: Console, *, next_: str = "/console/fleet",
+                   accept: str = "text/html") -> tuple[aiohttp.ClientSession, aiohttp.ClientResponse]:
+    """A client of its own (its own cookie jar) that signs in as a browser does; the answer."""
+    http = aiohttp.ClientSession(base_url=c.host.url, cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                 headers={"Accept": accept})
+    async with http.get("/console/login") as r:
+        csrf = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+        assert r.status == 200 and csrf
+    async with http.post("/console/login", data={"csrf": csrf.group(1), "key": ADMIN_KEY, "operator": "ops",
+                                                 "next": next_}, allow_redirects=False) as resp:
+        await resp.read()
+    return http, resp
+
+
+async def _session_csrf(http: aiohttp.ClientSession) -> str:
+    async with http.get("/console/fleet") as r:
+        found = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+        assert r.status == 200 and found
+        return found.group(1)
+
+
+async def _one_behind(c: Console) -> TenantRecord:
+    code = "r-" + uuid.uuid4().hex[:10]
+    rec = await c.fleet.directory.create_tenant(code, [f"{code}.example.com"])
+    await c.host.admin("POST", "/admin/plugins/inventory/enable")
+    await runtime(c.host).registry.enable_for_tenant("inventory", rec, to=semver.Version(1, 0, 0))
+    return rec
+
+
+async def _wait_state(c: Console, run_id: int, states: tuple[str, ...]) -> str:
+    for _ in range(600):
+        state = (await c.host.admin("GET", f"/admin/runs/{run_id}"))["state"]
+        if state in states:
+            return str(state)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never reached {states}")
+
+
+async def test_encoded_paths_do_not_pass_as_public_ones(console: Console) -> None:
+    """A path that decodes to one under /console/static/ (or to /console/login) but routes
+    elsewhere gets no page without a session."""
+    for path in ("/console/static/..%2Ffleet", "/console/static%2F..%2Ffleet", "/console/static/%2E%2E/fleet",
+                 "/console/static/../fleet", "/console/login/../fleet", "/console/static/..%2Faudit"):
+        status, headers, body = await exchange(console.host.url, raw_request("GET", path, "Accept: text/html"))
+        assert status in (303, 404, 400), (path, status)
+        assert b"Audit log" not in body or status != 200, path
+        assert b"tf_console=" not in body
+
+
+async def test_an_upgrade_double_clicked_starts_one_run(console: Console) -> None:
+    """Two upgrade requests at once (a double click; or two operators): one run starts, the
+    other is told RUN_BUSY with the run's id."""
+    rec = await _one_behind(console)
+    lock = await asyncpg.connect(console.fleet.shard_dsns[rec.shard_id])
+    try:  # the tenant's unit stays busy, so the first run is still running when the second asks
+        await lock.execute("SELECT pg_advisory_lock($1)", advisory_key("inventory", "tenant", rec.tenant_id))
+        before = await console.fleet.control.fetchval("SELECT count(*) FROM fleet_runs WHERE kind = 'migrate'")
+
+        async def upgrade() -> tuple[int, dict[str, object]]:
+            async with console.host.http.post("/admin/plugins/inventory/upgrade", headers=ADMIN) as r:
+                return r.status, await r.json()
+
+        answers = sorted(await asyncio.gather(upgrade(), upgrade()), key=lambda a: a[0])
+        assert [s for s, _ in answers] == [202, 409], answers
+        assert answers[1][1]["error"]["code"] == "RUN_BUSY"  # type: ignore[index]
+        after = await console.fleet.control.fetchval("SELECT count(*) FROM fleet_runs WHERE kind = 'migrate'")
+        assert after == before + 1
+        run_id = int(answers[0][1]["runId"])  # type: ignore[call-overload]
+        await lock.execute("SELECT pg_advisory_unlock_all()")
+        assert await _wait_state(console, run_id, ("done", "failed")) == "done"
+    finally:
+        await lock.close()
+
+
+async def test_a_run_resumed_on_two_hosts_at_once_runs_once(console: Console) -> None:
+    """A failed run resumed from two hosts at the same moment: one takes it (202), the other
+    is told RUN_BUSY; the run ends done, owned by one process."""
+    rec = await _one_behind(console)
+    lock = await asyncpg.connect(console.fleet.shard_dsns[rec.shard_id])
+    try:
+        async with running_host(host_settings(console.fleet, shard_give_up_s=1.0)) as quick:
+            await lock.execute("SELECT pg_advisory_lock($1)", advisory_key("inventory", "tenant", rec.tenant_id))
+            run_id = (await quick.admin("POST", "/admin/plugins/inventory/upgrade"))["runId"]
+            assert await _wait_state(console, run_id, ("done", "failed")) == "failed"
+            await lock.execute("SELECT pg_advisory_unlock_all()")
+
+            async def resume(h: Host) -> int:
+                async with h.http.post(f"/admin/runs/{run_id}/resume", headers=ADMIN) as r:
+                    await r.read()
+                    return r.status
+
+            statuses = sorted(await asyncio.gather(resume(console.host), resume(quick)))
+            assert statuses == [202, 409], statuses
+            assert await _wait_state(console, run_id, ("done", "failed")) == "done"
+    finally:
+        await lock.close()
