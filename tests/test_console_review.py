@@ -76,6 +76,19 @@ async def _wait_state(c: Console, run_id: int, states: tuple[str, ...]) -> str:
     raise AssertionError(f"run {run_id} never reached {states}")
 
 
+async def test_a_next_that_would_break_the_redirect_header_is_not_a_500(console: Console) -> None:
+    """``next`` with CR/LF (or other control characters) can't go into a Location header:
+    the sign-in still succeeds and goes to the Fleet page, never a 500 or a split header."""
+    for bad in ("/console/tenants\r\nSet-Cookie: tf_console=x", "/console/fleet\nX-Evil: 1", "/console/\x00"):
+        http, resp = await _sign_in(console, next_=bad)
+        try:
+            assert resp.status == 303, (bad, resp.status)
+            assert resp.headers["Location"] == "/console/fleet"
+            assert "X-Evil" not in resp.headers
+        finally:
+            await http.close()
+
+
 async def test_encoded_paths_do_not_pass_as_public_ones(console: Console) -> None:
     """A path that decodes to one under /console/static/ (or to /console/login) but routes
     elsewhere gets no page without a session."""

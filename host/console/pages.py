@@ -33,8 +33,10 @@ def run_id_of(text: str) -> int:
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a console path only (never another site)."""
-    if target and target.startswith(CONSOLE_PATH + "/") and not target.startswith("//") and "\\" not in target:
+    """Where to go after signing in: a console path only (never another site), without
+    whitespace or control characters (a CR/LF can't go into the Location header)."""
+    if target and target.startswith(CONSOLE_PATH + "/") and not target.startswith("//") and "\\" not in target \
+            and len(target) <= 2000 and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in target):
         return target
     return f"{CONSOLE_PATH}/fleet"
 
