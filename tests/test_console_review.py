@@ -100,6 +100,34 @@ async def test_encoded_paths_do_not_pass_as_public_ones(console: Console) -> Non
         assert b"tf_console=" not in body
 
 
+async def test_a_refused_action_is_in_the_audit_log(console: Console) -> None:
+    """A signed-in operator's action refused before it started (an unknown tenant, a bad run
+    id) is written to the audit log with its error code, as a failed one is; so is a sign-in
+    refused for its CSRF token."""
+    http, _ = await _sign_in(console)
+    try:
+        csrf = await _session_csrf(http)
+        nosuch = "nosuch-" + uuid.uuid4().hex[:8]
+        async with http.post(f"/console/tenants/{nosuch}/suspend", data={"csrf": csrf},
+                             allow_redirects=False) as r:
+            assert r.status == 404
+        async with http.post("/console/runs/0/resume", data={"csrf": csrf}, allow_redirects=False) as r:
+            assert r.status == 400
+        async with http.post("/console/login", data={"csrf": "forged", "key": ADMIN_KEY, "operator": "mallory"},
+                             allow_redirects=False) as r:
+            assert r.status == 403
+        rows = await console.fleet.control.fetch(
+            "SELECT actor, action, target, outcome, details FROM console_audit ORDER BY audit_id DESC LIMIT 3")
+        got = [(r["action"], r["target"], r["outcome"]) for r in rows]
+        assert got == [("console.sign-in", None, "FORBIDDEN"),
+                       ("console.refused", "/console/runs/0/resume", "VALIDATION_FAILED"),
+                       ("console.refused", f"/console/tenants/{nosuch}/suspend", "TENANT_NOT_FOUND")], got
+        assert rows[0]["actor"] == "mallory" and rows[1]["actor"].startswith("ops (session ")
+        assert rows[2]["details"]["route"] == "/console/tenants/{tenant}/{action}"
+    finally:
+        await http.close()
+
+
 async def test_an_upgrade_double_clicked_starts_one_run(console: Console) -> None:
     """Two upgrade requests at once (a double click; or two operators): one run starts, the
     other is told RUN_BUSY with the run's id."""

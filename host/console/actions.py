@@ -30,6 +30,8 @@ async def login(request: web.Request) -> web.Response:
     operator = data.get("operator", "")
     if not sessions.csrf_ok(request.cookies.get(CONSOLE_LOGIN_COOKIE) or "", data.get("csrf")):
         refused = Forbidden("missing or wrong CSRF token on the sign-in form: load it again", field="csrf")
+        await audit.record(rt.control, actor=operator[:80] or "?", action="console.sign-in", target=None,
+                           outcome=refused.code, details={"error": refused.message}, remote=request.remote)
         if not wants_html(request):
             raise refused
         return await login_form(request, error=refused.message, status=refused.status, operator=operator)

@@ -20,6 +20,7 @@ log = logging.getLogger("tenantfleet.console")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION: Final[web.RequestKey[sessions.Session]] = web.RequestKey("tenantfleet_console_session")
+AUDITED: Final[web.RequestKey[bool]] = web.RequestKey("tenantfleet_console_audited")
 PUBLIC: Final = (f"{CONSOLE_PATH}/login", f"{CONSOLE_PATH}/static/")
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -87,6 +88,7 @@ async def act(request: web.Request, action: str, target: str | None, work: Calla
               details: Mapping[str, Any] | None = None) -> Any:
     """Run one action and write its audit entry (``ok`` or the error's code) whatever happens."""
     rt = runtime(request)
+    request[AUDITED] = True
     try:
         result = await work()
     except TenantFleetError as exc:
@@ -145,7 +147,30 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
                                outcome=Forbidden.code, remote=request.remote)
             raise Forbidden("missing or wrong CSRF token: reload the page and try again; nothing was changed",
                             field="csrf")
+        try:
+            return await handler(request)
+        except Exception as exc:
+            if not request.get(AUDITED):  # refused before its action started (unknown tenant, bad id, a bug)
+                await _audit_refusal(request, found, exc)
+            raise
     return await handler(request)
+
+
+async def _audit_refusal(request: web.Request, found: sessions.Session, exc: Exception) -> None:
+    """The audit entry of an action refused before `act` ran: the path asked for, the error's code."""
+    if isinstance(exc, TenantFleetError):
+        outcome, message = exc.code, exc.message
+    elif isinstance(exc, web.HTTPException):
+        outcome, message = f"HTTP_{exc.status}", exc.reason
+    else:
+        outcome, message = "INTERNAL", exc.__class__.__name__
+    route = request.match_info.route.resource
+    try:
+        await audit.record(runtime(request).control, actor=found.actor, action="console.refused",
+                           target=request.path, outcome=outcome, remote=request.remote,
+                           details={"route": None if route is None else route.canonical, "error": message})
+    except Exception:  # the control plane is down: the refusal itself is what the operator sees
+        log.warning("console: the refusal of %s %s was not audited", request.method, request.path, exc_info=True)
 
 
 async def _error_page(request: web.Request, status: int, code: str, message: str) -> web.Response:
