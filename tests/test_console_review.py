@@ -19,7 +19,9 @@ import semver
 from router.models import TenantRecord
 from shard_migrations.keys import advisory_key
 from tests.fleetkit import Fleet, Servers, open_fleet
-from tests.hostkit import ADMIN_KEY, Host, exchange, host_settings, raw_request, running_host, runtime
+from tests.hostkit import (
+    ADMIN_KEY, Host, exchange, host_settings, raw_request, running_host, runtime, tenant_with_key,
+)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -175,3 +177,66 @@ async def test_a_run_resumed_on_two_hosts_at_once_runs_once(console: Console) ->
             assert await _wait_state(console, run_id, ("done", "failed")) == "done"
     finally:
         await lock.close()
+
+
+async def test_odd_input_to_every_page_and_action_is_never_a_500(console: Console) -> None:
+    """Control characters, NUL, overlong text and malformed ids in paths, queries and forms:
+    each answered with a 4xx (or the page), never a 500, for browsers and for scripts."""
+    rec = await _one_behind(console)
+    nul, long = "\x00", "x" * 5000
+    gets = [f"/console/tenants/{nul}", f"/console/tenants/{long}", "/console/tenants?q=%00", "/console/tenants?state=%00",
+            "/console/keys?tenant=%00", f"/console/keys?tenant={long}", "/console/roles?tenant=%00",
+            f"/console/roles?tenant={long}", "/console/runs/%00", "/console/runs/99999999999999999999",
+            "/console/runs/1/progress?x=%00", "/console/runs?kind=%00", "/console/login?next=%00"]
+    posts = [(f"/console/tenants/{rec.code}/plugins/inventory/config", {"config": '{"a": "\\u0000"}'}),
+             (f"/console/tenants/{rec.code}/plugins/inventory/config", {"config": '{"a": "' + nul + '"}'}),
+             (f"/console/tenants/{rec.code}/plugins/inventory/config", {"config": '{"\\u0000": 1}'}),
+             (f"/console/tenants/{rec.code}/plugins/{nul}/enable", {}),
+             (f"/console/tenants/{rec.code}/plugins/nosuch/disable", {}),
+             ("/console/plugins/nosuch/upgrade", {}), ("/console/plugins/inventory/upgrade", {"to": "not-a-version"}),
+             ("/console/plugins/inventory/upgrade", {"to": nul}),
+             (f"/console/roles/{rec.code}/inventory/{nul}/apply", {}), (f"/console/roles/{rec.code}/nosuch/x/apply", {}),
+             ("/console/keys", {"tenant": nul, "name": "a", "roles": ""}),
+             ("/console/keys", {"tenant": "", "name": nul, "roles": ""}),
+             ("/console/keys", {"tenant": rec.code, "name": "a", "roles": nul}),
+             ("/console/keys", {"tenant": rec.code, "name": long, "roles": long}),
+             (f"/console/keys/{nul}/revoke", {}), (f"/console/keys/{uuid.uuid4()}/revoke", {}),
+             ("/console/runs/99999999/resume", {}), ("/console/runs/99999999/abort", {})]
+    for accept in ("text/html", "application/json"):
+        http, _ = await _sign_in(console, accept=accept)
+        try:
+            csrf = await _session_csrf(http)
+            for path in gets:
+                async with http.get(path, allow_redirects=False) as r:
+                    assert r.status < 500, (accept, path, r.status, (await r.text())[:300])
+            for path, data in posts:
+                async with http.post(path, data={"csrf": csrf, **data}, allow_redirects=False) as r:
+                    assert r.status < 500, (accept, path, data, r.status, (await r.text())[:300])
+        finally:
+            await http.close()
+
+
+async def test_only_the_admin_key_gets_a_console_session(console: Console) -> None:
+    """A tenant's key (even one with every role) or any other key is refused at sign-in
+    (401, no session stored, the refusal audited); a key sent as a bearer token opens no page."""
+    _, tenant_key = await tenant_with_key(console.fleet, console.host)
+    before = await console.fleet.control.fetchval("SELECT count(*) FROM console_sessions")
+    for key in (tenant_key, ADMIN_KEY[:-1], ADMIN_KEY.upper(), "x" + ADMIN_KEY, ""):
+        http = aiohttp.ClientSession(base_url=console.host.url, cookie_jar=aiohttp.CookieJar(unsafe=True))
+        try:
+            async with http.get("/console/login") as r:
+                found = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+                assert found
+            async with http.post("/console/login", data={"csrf": found.group(1), "key": key, "operator": "t"},
+                                 allow_redirects=False) as r:
+                assert r.status == 401 and "tf_console" not in r.cookies, (key, r.status)
+            for bearer in (tenant_key, ADMIN_KEY):
+                async with http.get("/console/fleet", headers={"Authorization": f"Bearer {bearer}"},
+                                    allow_redirects=False) as r:
+                    assert r.status == 303 and r.headers["Location"].startswith("/console/login")
+        finally:
+            await http.close()
+    assert await console.fleet.control.fetchval("SELECT count(*) FROM console_sessions") == before
+    refused = await console.fleet.control.fetchval(
+        "SELECT count(*) FROM console_audit WHERE action = 'console.sign-in' AND outcome = 'UNAUTHORIZED' AND actor = 't'")
+    assert refused >= 5

@@ -88,16 +88,18 @@ async def act(request: web.Request, action: str, target: str | None, work: Calla
               details: Mapping[str, Any] | None = None) -> Any:
     """Run one action and write its audit entry (``ok`` or the error's code) whatever happens."""
     rt = runtime(request)
-    request[AUDITED] = True
     try:
         result = await work()
     except TenantFleetError as exc:
         await audit.record(rt.control, actor=session(request).actor, action=action, target=target,
                            outcome=exc.code, details={**(details or {}), "error": exc.message},
                            remote=request.remote)
+        request[AUDITED] = True
         raise
+    # (any other error is left to the middleware, which writes it as console.refused INTERNAL)
     await audit.record(rt.control, actor=session(request).actor, action=action, target=target, outcome="ok",
                        details=details, remote=request.remote)
+    request[AUDITED] = True
     return result
 
 
@@ -150,7 +152,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         try:
             return await handler(request)
         except Exception as exc:
-            if not request.get(AUDITED):  # refused before its action started (unknown tenant, bad id, a bug)
+            if not request.get(AUDITED):  # refused before `act` wrote it (unknown tenant, bad id, a bug)
                 await _audit_refusal(request, found, exc)
             raise
     return await handler(request)
