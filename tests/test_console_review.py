@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest_asyncio
 import semver
+from yarl import URL
 
 from router.models import TenantRecord
 from shard_migrations.keys import advisory_key
@@ -240,3 +241,26 @@ async def test_only_the_admin_key_gets_a_console_session(console: Console) -> No
     refused = await console.fleet.control.fetchval(
         "SELECT count(*) FROM console_audit WHERE action = 'console.sign-in' AND outcome = 'UNAUTHORIZED' AND actor = 't'")
     assert refused >= 5
+
+
+async def test_a_session_ends_when_the_admin_key_is_changed(console: Console) -> None:
+    """Sessions are bound to the admin key they were opened with: a host whose admin key has
+    been rotated (after a leak, say) signs out every session opened with the old one, and a
+    form sent with such a session and its CSRF token changes nothing."""
+    rec = await _one_behind(console)
+    http, _ = await _sign_in(console)
+    try:
+        csrf = await _session_csrf(http)
+        jar = http.cookie_jar.filter_cookies(URL(console.host.url + "/console/fleet"))
+        cookie = {"Cookie": f"tf_console={jar['tf_console'].value}"}
+        async with running_host(host_settings(console.fleet, admin_key="rotated-admin-key-" + "y" * 16)) as rotated:
+            async with rotated.http.get("/console/fleet", headers=cookie, allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"].startswith("/console/login"), r.status
+            async with rotated.http.post(f"/console/tenants/{rec.code}/suspend", data={"csrf": csrf}, headers=cookie,
+                                         allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == "/console/login"
+        assert (await console.fleet.directory.get(id=rec.tenant_id)).state == "active"
+        async with http.get("/console/fleet", allow_redirects=False) as r:
+            assert r.status == 200  # still good where the key is the one it was opened with
+    finally:
+        await http.close()

@@ -58,7 +58,8 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     rt = runtime(request)
     await act(request, "console.sign-out", None,
-              lambda: sessions.sign_out(rt.control, request.cookies.get(CONSOLE_COOKIE)))
+              lambda: sessions.sign_out(rt.control, request.cookies.get(CONSOLE_COOKIE),
+                                       admin_key=rt.settings.admin_key))
     resp = redirect(f"{CONSOLE_PATH}/login")
     resp.del_cookie(CONSOLE_COOKIE, path=CONSOLE_PATH)
     return resp

@@ -136,7 +136,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     if _public(request.path):
         return await handler(request)
     rt = runtime(request)
-    found = await sessions.load(rt.control, request.cookies.get(CONSOLE_COOKIE))
+    found = await sessions.load(rt.control, request.cookies.get(CONSOLE_COOKIE), admin_key=rt.settings.admin_key)
     if found is None:
         return to_sign_in(request)
     request[SESSION] = found
