@@ -264,3 +264,43 @@ async def test_a_session_ends_when_the_admin_key_is_changed(console: Console) ->
             assert r.status == 200  # still good where the key is the one it was opened with
     finally:
         await http.close()
+
+
+async def test_a_flood_of_refused_sign_ins_cannot_hide_an_action_from_the_audit_page(console: Console) -> None:
+    """Anyone who can reach the host can write refused sign-ins; past a page of them an
+    operator's action fell off the Audit page for good. Now the page hides them when asked
+    and pages back (``?before=``) to every entry."""
+    rec = await _one_behind(console)
+    http, _ = await _sign_in(console)
+    try:
+        csrf = await _session_csrf(http)
+        async with http.post(f"/console/tenants/{rec.code}/suspend", data={"csrf": csrf}, allow_redirects=False) as r:
+            assert r.status == 303
+        async with aiohttp.ClientSession(base_url=console.host.url, cookie_jar=aiohttp.CookieJar(unsafe=True)) as anyone:
+            for _ in range(3):  # the flood, as it comes over HTTP ...
+                async with anyone.get("/console/login") as r:
+                    found = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+                    assert found
+                async with anyone.post("/console/login", data={"csrf": found.group(1), "key": "guess"}) as r:
+                    assert r.status == 401
+        await console.fleet.control.execute(  # ... and a page more of it, written as those were
+            "INSERT INTO console_audit (actor, action, outcome, remote) "
+            "SELECT '?', 'console.sign-in', 'UNAUTHORIZED', '203.0.113.9' FROM generate_series(1, 250)")
+        target = f"{rec.code}</td>"
+        async with http.get("/console/audit") as r:
+            page = await r.text()
+            assert target not in page  # a page of the flood only
+        async with http.get("/console/audit?hide=refused-sign-ins") as r:
+            assert target in await r.text()
+        path, pages = "/console/audit", 0
+        while target not in page:
+            older = re.search(r'id="older" href="([^"]+)"', page)
+            assert older and pages < 5, "the action is not reachable by paging back"
+            async with http.get(older.group(1).replace("&amp;", "&")) as r:
+                page = await r.text()
+            pages += 1
+        for bad in ("/console/audit?before=x", "/console/audit?before=0", "/console/audit?hide=all"):
+            async with http.get(bad, allow_redirects=False) as r:
+                assert r.status == 400
+    finally:
+        await http.close()
