@@ -304,3 +304,16 @@ async def test_a_flood_of_refused_sign_ins_cannot_hide_an_action_from_the_audit_
                 assert r.status == 400
     finally:
         await http.close()
+
+
+async def test_a_poll_that_finds_the_session_gone_returns_to_the_page_not_the_fragment(console: Console) -> None:
+    """The run page's progress poll (htmx) with no session is sent to sign-in, and from there
+    back to the run's page, not to the bare progress fragment it was polling."""
+    headers = {"HX-Request": "true", "HX-Current-URL": f"{console.host.url}/console/runs/7"}
+    async with console.host.http.get("/console/runs/7/progress", headers=headers, allow_redirects=False) as r:
+        assert r.headers["HX-Redirect"] == "/console/login?next=%2Fconsole%2Fruns%2F7"
+    for current, expected in (("https://evil.example//evil.example/x", "/console/login"),
+                              ("https://evil.example/console/x y", "/console/login?next=%2Fconsole%2Fx%20y")):
+        hx = {"HX-Request": "true", "HX-Current-URL": current}  # only a console path of this host is kept
+        async with console.host.http.get("/console/runs/7/progress", headers=hx, allow_redirects=False) as r:
+            assert r.headers["HX-Redirect"] == expected

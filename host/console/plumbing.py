@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from typing import Any, Awaitable, Callable, Final, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -45,12 +45,17 @@ def redirect(location: str) -> web.Response:
 
 
 def to_sign_in(request: web.Request) -> web.Response:
-    """Back to the sign-in page (htmx requests: told to go there with ``HX-Redirect``)."""
+    """Back to the sign-in page (htmx requests: told to go there with ``HX-Redirect``, and
+    back afterwards to the page that polled, not to the fragment it polled)."""
     target = f"{CONSOLE_PATH}/login"
+    if request.headers.get("HX-Request") == "true":
+        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        page = current.path + (f"?{current.query}" if current.query else "")
+        if page.startswith(f"{CONSOLE_PATH}/") and not page.startswith(f"{CONSOLE_PATH}/login"):
+            target += "?next=" + quote(page, safe="")
+        return web.Response(status=200, headers={"HX-Redirect": target})
     if request.method == "GET" and not request.path.startswith(f"{CONSOLE_PATH}/login"):
         target += "?next=" + quote(request.path_qs, safe="")
-    if request.headers.get("HX-Request") == "true":
-        return web.Response(status=200, headers={"HX-Redirect": target})
     resp = redirect(target)
     resp.del_cookie(CONSOLE_COOKIE, path=CONSOLE_PATH)
     return resp
