@@ -28,6 +28,7 @@ from aiohttp import web
 
 from host.runtime import HostRuntime
 from router.errors import Internal, RunBusy, RunNotFound, TenantFleetError
+from router.pools import connect
 from shard_migrations.keys import HEARTBEAT_S, advisory_key
 from shard_migrations.runs import owner_tag
 
@@ -43,13 +44,15 @@ async def _starting(rt: HostRuntime, what: str) -> AsyncIterator[None]:
     move's run) while the run is checked and recorded as running; RUN_BUSY at once if another
     request (on any host) holds it."""
     key = advisory_key(what, "host-run-start")
-    async with rt.control.acquire() as conn:
+    # a connection of its own, not the pool's: the run being started needs the pool (which
+    # may be one connection), and the lock goes with the connection whatever happens
+    conn = await connect(rt.settings.control_dsn, rt.settings)
+    try:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
             raise RunBusy(f"a run of {what} is being started or resumed right now: see the Runs page")
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        yield
+    finally:
+        await conn.close()
 
 
 class Runner:
