@@ -10,19 +10,49 @@ unknown version, drift, a plugin that doesn't exist) is raised to the caller, no
 recorded. The run's own progress, failures and state are in ``fleet_runs`` and
 ``fleet_run_items``; pages read them there (`host.overview`), wherever the run runs.
 A migration run holds the per-shard limiter of its own migrator, as the CLI's does.
+
+Starting or resuming is one at a time per plugin (a move: per run) across every host: a
+control-plane advisory lock is tried and held until the run is recorded as running, and
+under it a live run of the same plugin (a heartbeat within ``3 * HEARTBEAT_S``) refuses
+the request with RUN_BUSY. A double click, two operators, or two hosts asked to resume
+the same run start it once.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Final
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Final
 
 from aiohttp import web
 
 from host.runtime import HostRuntime
 from router.errors import Internal, RunBusy, RunNotFound, TenantFleetError
+from router.pools import connect
+from shard_migrations.keys import HEARTBEAT_S, advisory_key
+from shard_migrations.runs import owner_tag
 
 log = logging.getLogger("tenantfleet.host.runner")
+LIVE_S: Final = 3 * HEARTBEAT_S  # a run whose heartbeat is younger is running somewhere
+_LIVE_RUN = ("SELECT run_id FROM fleet_runs WHERE kind = 'migrate' AND plugin_id = $1 AND state IN ('planned', 'running') "
+             "AND heartbeat_at > now() - make_interval(secs => $2) ORDER BY run_id LIMIT 1")
+
+
+@asynccontextmanager
+async def _starting(rt: HostRuntime, what: str) -> AsyncIterator[None]:
+    """Hold the control plane's advisory lock for starting runs of ``what`` (a plugin, or a
+    move's run) while the run is checked and recorded as running; RUN_BUSY at once if another
+    request (on any host) holds it."""
+    key = advisory_key(what, "host-run-start")
+    # a connection of its own, not the pool's: the run being started needs the pool (which
+    # may be one connection), and the lock goes with the connection whatever happens
+    conn = await connect(rt.settings.control_dsn, rt.settings)
+    try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            raise RunBusy(f"a run of {what} is being started or resumed right now: see the Runs page")
+        yield
+    finally:
+        await conn.close()
 
 
 class Runner:
@@ -38,33 +68,52 @@ class Runner:
     async def start_upgrade(self, rt: HostRuntime, plugin_id: str, to: str | None = None) -> int:
         """Start a migration run taking ``plugin_id`` to ``to`` (default: the shipped version)
         on every tenant; its run id. PLUGIN_NOT_FOUND, VALIDATION_FAILED (unknown or older
-        version), MIGRATION_DRIFT: raised before anything is recorded."""
-        return await self._migrate(rt, plugin_id, to=to, resume=None)
+        version), MIGRATION_DRIFT: raised before anything is recorded; RUN_BUSY while another
+        run of the plugin is running (on any host) or being started."""
+        rt.discovery.get(plugin_id)  # PLUGIN_NOT_FOUND before anything else
+        async with _starting(rt, plugin_id):
+            live = await rt.control.fetchval(_LIVE_RUN, plugin_id, LIVE_S)
+            if live is not None:
+                raise RunBusy(f"run {live} of {plugin_id} is running: watch it, or stop it first", runId=live)
+            return await self._migrate(rt, plugin_id, to=to, resume=None)
 
     async def resume(self, rt: HostRuntime, run_id: int) -> int:
         """Finish a recorded migration run or move from where it stopped. RUN_NOT_FOUND;
         VALIDATION_FAILED if it is done, or still running (here or in another process)."""
+        row = await self._run_row(rt, run_id)
+        async with _starting(rt, row["plugin_id"] if row["kind"] == "migrate" else f"run {run_id}"):
+            return await self._resume(rt, run_id, await self._run_row(rt, run_id))  # read again under the lock
+
+    @staticmethod
+    async def _run_row(rt: HostRuntime, run_id: int) -> Any:
         row = await rt.control.fetchrow(
             "SELECT kind, plugin_id, state, extract(epoch FROM now() - heartbeat_at)::float8 AS age "
             "FROM fleet_runs WHERE run_id = $1", run_id)
         if row is None:
             raise RunNotFound(f"no run {run_id}", runId=run_id)
+        return row
+
+    async def _resume(self, rt: HostRuntime, run_id: int, row: Any) -> int:
         if self.running_here(run_id):
             raise RunBusy(f"run {run_id} is running on this host", runId=run_id)
         if row["state"] == "done":
             raise RunBusy(f"run {run_id} is done", runId=run_id)
+        if row["kind"] in ("migrate", "move") and row["state"] == "running" and row["age"] is not None \
+                and row["age"] < LIVE_S:
+            raise RunBusy(f"run {run_id} is running in another process (heartbeat {row['age']:.0f} s ago)",
+                          runId=run_id)
         if row["kind"] == "migrate":
-            from shard_migrations.keys import HEARTBEAT_S
-
-            if row["state"] == "running" and row["age"] is not None and row["age"] < 3 * HEARTBEAT_S:
-                raise RunBusy(f"run {run_id} is running in another process (heartbeat {row['age']:.0f} s ago)",
-                              runId=run_id)
             return await self._migrate(rt, row["plugin_id"], to=None, resume=run_id)
         if row["kind"] == "move":
             from shard_migrations.moves.mover import Mover
 
             mover = Mover(rt.directory, rt.settings)
-            await mover.load(run_id)  # RUN_NOT_FOUND before a task starts
+            info = await mover.load(run_id)  # RUN_NOT_FOUND before a task starts
+            if info.phase in ("done", "aborted"):
+                raise RunBusy(f"move {run_id} is {info.phase}", runId=run_id)
+            # recorded as running here before the lock is let go: a second resume (any host) sees it live
+            await rt.control.execute("UPDATE fleet_runs SET state = 'running', owner = $2, heartbeat_at = now(), "
+                                     "updated_at = now() WHERE run_id = $1", run_id, owner_tag())
             self._spawn(rt, run_id, f"move-resume-{run_id}", lambda: mover.resume(run_id))
             return run_id
         raise RunBusy(f"run {run_id} is a {row['kind']} run: resume it with `tenantfleet {row['kind']}`", runId=run_id)

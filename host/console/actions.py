@@ -30,6 +30,8 @@ async def login(request: web.Request) -> web.Response:
     operator = data.get("operator", "")
     if not sessions.csrf_ok(request.cookies.get(CONSOLE_LOGIN_COOKIE) or "", data.get("csrf")):
         refused = Forbidden("missing or wrong CSRF token on the sign-in form: load it again", field="csrf")
+        await audit.record(rt.control, actor=operator[:80] or "?", action="console.sign-in", target=None,
+                           outcome=refused.code, details={"error": refused.message}, remote=request.remote)
         if not wants_html(request):
             raise refused
         return await login_form(request, error=refused.message, status=refused.status, operator=operator)
@@ -56,7 +58,8 @@ async def login(request: web.Request) -> web.Response:
 async def logout(request: web.Request) -> web.Response:
     rt = runtime(request)
     await act(request, "console.sign-out", None,
-              lambda: sessions.sign_out(rt.control, request.cookies.get(CONSOLE_COOKIE)))
+              lambda: sessions.sign_out(rt.control, request.cookies.get(CONSOLE_COOKIE),
+                                       admin_key=rt.settings.admin_key))
     resp = redirect(f"{CONSOLE_PATH}/login")
     resp.del_cookie(CONSOLE_COOKIE, path=CONSOLE_PATH)
     return resp

@@ -36,10 +36,15 @@ async def record(control: asyncpg.Pool, *, actor: str, action: str, target: str 
         _clip(actor), action, _clip(target), _clean(dict(details or {})), outcome, _clip(remote))
 
 
-async def recent(control: asyncpg.Pool, limit: int) -> list[dict[str, Any]]:
-    """The latest entries, newest first."""
+async def recent(control: asyncpg.Pool, limit: int, *, before: int | None = None,
+                 hide_refused_sign_ins: bool = False) -> list[dict[str, Any]]:
+    """The latest entries (older than entry ``before``), newest first; without the refused
+    sign-ins when asked (anyone who can reach the host can write those: a flood of them must
+    not push the operators' own entries out of reach)."""
     rows = await control.fetch(
         "SELECT audit_id, at, actor, action, target, details, outcome, remote FROM console_audit "
-        "ORDER BY audit_id DESC LIMIT $1", limit)
+        "WHERE ($2::bigint IS NULL OR audit_id < $2) "
+        "AND NOT ($3 AND action = 'console.sign-in' AND outcome <> 'ok') "
+        "ORDER BY audit_id DESC LIMIT $1", limit, before, hide_refused_sign_ins)
     return [{"id": r["audit_id"], "at": r["at"], "actor": r["actor"], "action": r["action"], "target": r["target"],
              "details": r["details"], "outcome": r["outcome"], "remote": r["remote"]} for r in rows]

@@ -33,8 +33,10 @@ def run_id_of(text: str) -> int:
 
 
 def safe_next(target: str | None) -> str:
-    """Where to go after signing in: a console path only (never another site)."""
-    if target and target.startswith(CONSOLE_PATH + "/") and not target.startswith("//") and "\\" not in target:
+    """Where to go after signing in: a console path only (never another site), without
+    whitespace or control characters (a CR/LF can't go into the Location header)."""
+    if target and target.startswith(CONSOLE_PATH + "/") and not target.startswith("//") and "\\" not in target \
+            and len(target) <= 2000 and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in target):
         return target
     return f"{CONSOLE_PATH}/fleet"
 
@@ -175,8 +177,17 @@ async def keys_view(request: web.Request, name: str, *, created: dict[str, Any] 
 
 @routes.get("/audit")
 async def audit_page(request: web.Request) -> web.Response:
-    entries = await audit.recent(runtime(request).control, AUDIT_PAGE)
+    """The audit log, a page of `AUDIT_PAGE` entries at a time (``?before=ID``: older ones),
+    refused sign-ins hidden with ``?hide=refused-sign-ins``."""
+    raw_before = request.query.get("before")
+    before = None if not raw_before else parse_uint(raw_before, "before", 1, MAX_RUN_ID)
+    hide = request.query.get("hide") or None
+    if hide not in (None, "refused-sign-ins"):
+        raise ValidationFailed("hide must be refused-sign-ins", field="hide")
+    entries = await audit.recent(runtime(request).control, AUDIT_PAGE, before=before,
+                                 hide_refused_sign_ins=hide is not None)
     for e in entries:
         e["detailsText"] = "" if not e["details"] else pretty(e["details"])
-    return await render(request, "audit.html", {"entries": entries})
+    older = entries[-1]["id"] if len(entries) == AUDIT_PAGE else None
+    return await render(request, "audit.html", {"entries": entries, "hide": hide, "older": older})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from typing import Any, Awaitable, Callable, Final, Mapping
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -20,6 +20,7 @@ log = logging.getLogger("tenantfleet.console")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SESSION: Final[web.RequestKey[sessions.Session]] = web.RequestKey("tenantfleet_console_session")
+AUDITED: Final[web.RequestKey[bool]] = web.RequestKey("tenantfleet_console_audited")
 PUBLIC: Final = (f"{CONSOLE_PATH}/login", f"{CONSOLE_PATH}/static/")
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -44,12 +45,17 @@ def redirect(location: str) -> web.Response:
 
 
 def to_sign_in(request: web.Request) -> web.Response:
-    """Back to the sign-in page (htmx requests: told to go there with ``HX-Redirect``)."""
+    """Back to the sign-in page (htmx requests: told to go there with ``HX-Redirect``, and
+    back afterwards to the page that polled, not to the fragment it polled)."""
     target = f"{CONSOLE_PATH}/login"
+    if request.headers.get("HX-Request") == "true":
+        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        page = current.path + (f"?{current.query}" if current.query else "")
+        if page.startswith(f"{CONSOLE_PATH}/") and not page.startswith(f"{CONSOLE_PATH}/login"):
+            target += "?next=" + quote(page, safe="")
+        return web.Response(status=200, headers={"HX-Redirect": target})
     if request.method == "GET" and not request.path.startswith(f"{CONSOLE_PATH}/login"):
         target += "?next=" + quote(request.path_qs, safe="")
-    if request.headers.get("HX-Request") == "true":
-        return web.Response(status=200, headers={"HX-Redirect": target})
     resp = redirect(target)
     resp.del_cookie(CONSOLE_COOKIE, path=CONSOLE_PATH)
     return resp
@@ -93,9 +99,12 @@ async def act(request: web.Request, action: str, target: str | None, work: Calla
         await audit.record(rt.control, actor=session(request).actor, action=action, target=target,
                            outcome=exc.code, details={**(details or {}), "error": exc.message},
                            remote=request.remote)
+        request[AUDITED] = True
         raise
+    # (any other error is left to the middleware, which writes it as console.refused INTERNAL)
     await audit.record(rt.control, actor=session(request).actor, action=action, target=target, outcome="ok",
                        details=details, remote=request.remote)
+    request[AUDITED] = True
     return result
 
 
@@ -132,7 +141,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     if _public(request.path):
         return await handler(request)
     rt = runtime(request)
-    found = await sessions.load(rt.control, request.cookies.get(CONSOLE_COOKIE))
+    found = await sessions.load(rt.control, request.cookies.get(CONSOLE_COOKIE), admin_key=rt.settings.admin_key)
     if found is None:
         return to_sign_in(request)
     request[SESSION] = found
@@ -145,7 +154,30 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
                                outcome=Forbidden.code, remote=request.remote)
             raise Forbidden("missing or wrong CSRF token: reload the page and try again; nothing was changed",
                             field="csrf")
+        try:
+            return await handler(request)
+        except Exception as exc:
+            if not request.get(AUDITED):  # refused before `act` wrote it (unknown tenant, bad id, a bug)
+                await _audit_refusal(request, found, exc)
+            raise
     return await handler(request)
+
+
+async def _audit_refusal(request: web.Request, found: sessions.Session, exc: Exception) -> None:
+    """The audit entry of an action refused before `act` ran: the path asked for, the error's code."""
+    if isinstance(exc, TenantFleetError):
+        outcome, message = exc.code, exc.message
+    elif isinstance(exc, web.HTTPException):
+        outcome, message = f"HTTP_{exc.status}", exc.reason
+    else:
+        outcome, message = "INTERNAL", exc.__class__.__name__
+    route = request.match_info.route.resource
+    try:
+        await audit.record(runtime(request).control, actor=found.actor, action="console.refused",
+                           target=request.path, outcome=outcome, remote=request.remote,
+                           details={"route": None if route is None else route.canonical, "error": message})
+    except Exception:  # the control plane is down: the refusal itself is what the operator sees
+        log.warning("console: the refusal of %s %s was not audited", request.method, request.path, exc_info=True)
 
 
 async def _error_page(request: web.Request, status: int, code: str, message: str) -> web.Response:
