@@ -180,10 +180,11 @@ def _validate(package: PluginPackage, opts: UninstallOptions) -> tuple[str, Clea
         raise ValidationFailed(f"plugin {package.id} declares no tenant tables (meta.uninstall.tables): only "
                                "--policy keep", field="policy", pluginId=package.id)
     if policy == "export" and opts.export_dir is None:
-        raise ValidationFailed("policy export needs an export dir", field="exportDir")
+        raise ValidationFailed("policy export needs an export dir (--export-dir, or TENANTFLEET_EXPORT_DIR)",
+                               field="exportDir")
     if opts.grace_s is not None and not (0 <= opts.grace_s <= MAX_GRACE_S):
         raise ValidationFailed("grace must be between 0 and 366 days", field="grace")
-    if opts.export_dir is not None:
+    if opts.export_dir is not None and policy != "keep":
         check_export_dir(opts.export_dir)
     return policy, cleanup
 
@@ -275,7 +276,7 @@ async def uninstall(control: asyncpg.Pool, pools: ShardPools, settings: Settings
         grace = DEFAULT_PURGE_GRACE_S if opts.grace_s is None else opts.grace_s
         purge_after = now + dt.timedelta(seconds=grace) if policy == "purge" and grace > 0 else None
         params = {"policy": policy, "tenants": None if opts.tenant_ids is None else list(opts.tenant_ids),
-                  "exportDir": None if opts.export_dir is None else str(opts.export_dir.resolve()),
+                  "exportDir": None if opts.export_dir is None or policy == "keep" else str(opts.export_dir.resolve()),
                   "graceS": grace if policy == "purge" else None, "purgeAfter": None if purge_after is None else purge_after.isoformat()}
         gone = set()
         run_id = await _create_run(control, package.id, params, tenants, waiting=purge_after is not None)
@@ -292,7 +293,7 @@ async def uninstall(control: asyncpg.Pool, pools: ShardPools, settings: Settings
         await control.execute("UPDATE fleet_runs SET summary = $2, updated_at = now() WHERE run_id = $1",
                                run_id, report.to_dict())
         return report
-    export_root = None if opts.export_dir is None else opts.export_dir / package.id
+    export_root = None if opts.export_dir is None or policy == "keep" else opts.export_dir / package.id
     limiters = limiters or ShardLimiters(settings, opts.concurrency)
     per_shard: dict[str, int] = {}
 
@@ -546,7 +547,7 @@ def read_manifest(src: Path) -> dict[str, Any]:
         return ValidationFailed(f"export {src} is not usable: {why}", field="export")
     try:
         manifest = json.loads((src / MANIFEST).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise bad(f"no {MANIFEST}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"{MANIFEST} can't be read: {exc}") from None

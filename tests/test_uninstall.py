@@ -66,7 +66,7 @@ async def test_keep_disables_the_plugin_and_enabling_it_again_finds_the_rows(fle
         rec, key = await tenant_with_key(fleet, host)
         await add_items(host, key, rec.code)
         status, report = await post(host, "/admin/plugins/inventory/uninstall", {"policy": "keep", "tenant": rec.code})
-        assert status == 200 and report["state"] == "done" and report["done"] == 1, report
+        assert status == 202 and report["state"] == "done" and report["done"] == 1, report
         status, body = await items_of(host, key, rec.code)
         assert status == 403 and body["error"]["code"] == "PLUGIN_DISABLED", body
         assert await has_items_table(fleet, rec.shard_id, rec.schema)
@@ -77,7 +77,7 @@ async def test_keep_disables_the_plugin_and_enabling_it_again_finds_the_rows(fle
 
 async def test_export_purge_reinstall_and_reimport_bring_the_rows_back_with_equal_checksums(
         fleet: Fleet, tmp_path: Path) -> None:
-    async with running_host(host_settings(fleet)) as host:
+    async with running_host(host_settings(fleet, export_dir=tmp_path / "exports")) as host:
         rec, key = await tenant_with_key(fleet, host)
         other, other_key = await tenant_with_key(fleet, host)
         await add_items(host, key, rec.code)
@@ -128,26 +128,25 @@ async def test_export_purge_reinstall_and_reimport_bring_the_rows_back_with_equa
 
         # into another tenant through the admin API (its own rows untouched before: empty)
         status, body = await post(host, f"/admin/tenants/{other.code}/plugin-exports/import",
-                                  {"exportDir": str(export)})
+                                  {"export": f"inventory/{rec.tenant_id}"})
         assert status == 200 and body["rows"] == {"items": 3}, body
         _, copied = await items_of(host, other_key, other.code)
         assert [(i["sku"], i["name"], i["qty"], i["location"]) for i in copied["items"]] == \
             [(i["sku"], i["name"], i["qty"], i["location"]) for i in before["items"]]
 
         # exported again, the other tenant's table reads back byte for byte as the first export
-        status, again = await post(host, "/admin/plugins/inventory/uninstall",
-                                   {"policy": "export", "tenant": other.code, "exportDir": str(tmp_path / "again")})
-        assert status == 200 and again["state"] == "done", again
-        assert table_checksums(tmp_path / "again" / "inventory" / other.tenant_id) == sums
+        status, again = await post(host, "/admin/plugins/inventory/uninstall", {"policy": "export", "tenant": other.code})
+        assert status == 202 and again["state"] == "done", again
+        assert table_checksums(tmp_path / "exports" / "inventory" / other.tenant_id) == sums
 
 
 async def test_bad_input_is_refused_with_a_clear_error_and_nothing_changed(fleet: Fleet, tmp_path: Path) -> None:
-    async with running_host(host_settings(fleet)) as host:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    async with running_host(host_settings(fleet, export_dir=blocked / "sub")) as host:  # can't be written
         rec, key = await tenant_with_key(fleet, host)
         await add_items(host, key, rec.code)
         runs_before = await uninstall_runs(fleet)
-        blocked = tmp_path / "a-file"
-        blocked.write_text("not a directory")
         cli_cases = [
             (["no_such_plugin", "--tenant", rec.code, "--policy", "keep"], "PLUGIN_NOT_FOUND"),
             (["inventory", "--tenant", rec.code, "--policy", "shred"], "VALIDATION_FAILED"),
@@ -167,8 +166,10 @@ async def test_bad_input_is_refused_with_a_clear_error_and_nothing_changed(fleet
             ("/admin/plugins/inventory/uninstall", {"policy": "shred", "tenant": rec.code}, 400, "VALIDATION_FAILED"),
             ("/admin/plugins/inventory/uninstall", {"policy": "keep", "tenant": "no-such-tenant-xyz"}, 404,
              "TENANT_NOT_FOUND"),
-            ("/admin/plugins/inventory/uninstall", {"policy": "export", "tenant": rec.code,
-                                                    "exportDir": str(blocked / "sub")}, 400, "VALIDATION_FAILED"),
+            ("/admin/plugins/inventory/uninstall", {"policy": "export", "tenant": rec.code}, 400, "VALIDATION_FAILED"),
+            ("/admin/plugins/inventory/uninstall", {"policy": "purge", "tenant": rec.code, "grace": "0"}, 400,
+             "VALIDATION_FAILED"),   # purge exports first when the host has an export dir: this one can't
+            ("/admin/plugins/inventory/uninstall", {"tenant": rec.code, "grace": "forever"}, 400, "VALIDATION_FAILED"),
             ("/admin/plugins/inventory/uninstall", {"policy": "keep", "tenant": rec.code, "extra": 1}, 400,
              "VALIDATION_FAILED"),
             ("/admin/plugins/inventory/uninstall", {"policy": "keep", "tenant": rec.code, "exportDir": "a\x00b"}, 400,
@@ -199,11 +200,14 @@ async def test_bad_input_is_refused_with_a_clear_error_and_nothing_changed(fleet
         rc, out, err = await run_cli(fleet, "plugins", "import-export", str(export), "--tenant", target.code)
         assert rc != 0 and err.startswith("error: VALIDATION_FAILED: ") and "items.csv has sha256" in err, err
         (export / "manifest.json").write_text("{not json")
-        got, answer = await post(host, f"/admin/tenants/{target.code}/plugin-exports/import", {"exportDir": str(export)})
-        assert got == 400 and "manifest.json" in answer["error"]["message"], answer
+        rc, out, err = await run_cli(fleet, "plugins", "import-export", str(export), "--tenant", target.code)
+        assert rc != 0 and err.startswith("error: VALIDATION_FAILED: ") and "manifest.json" in err, err
         got, answer = await post(host, f"/admin/tenants/{target.code}/plugin-exports/import",
-                                 {"exportDir": str(tmp_path / "nothing-here")})
+                                 {"export": f"inventory/{rec.tenant_id}"})
         assert got == 400 and "no manifest.json" in answer["error"]["message"], answer
+        got, answer = await post(host, f"/admin/tenants/{target.code}/plugin-exports/import",
+                                 {"export": "../../etc"})
+        assert got == 400 and answer["error"]["code"] == "VALIDATION_FAILED", answer
         assert (await items_of(host, target_key, target.code))[1]["items"] == []
 
 

@@ -28,7 +28,8 @@ REPORT_COLUMNS = ["runId", "plugin", "policy", "state", "tenants", "done", "skip
                    "verified) or purge (after --grace, drop the tenant tables and ledger rows; with --export-dir "
                    "exported first). Default: the plugin's own (meta.uninstall.policy).")
 @click.option("--export-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Where exports go: DIR/PLUGIN/TENANT_ID/{manifest.json,TABLE.csv}.")
+              help="Where exports go: DIR/PLUGIN/TENANT_ID/{manifest.json,TABLE.csv} (default "
+                   "TENANTFLEET_EXPORT_DIR; with purge, set or given, the tenant is exported first).")
 @click.option("--grace", default=None, help="Purge only: wait this long before dropping (90, 90s, 15m, 2h, 7d; "
                                             "default 1d; 0 drops now). Finish with --resume RUN after it.")
 @click.option("--resume", "resume", type=click.IntRange(min=1), default=None,
@@ -63,7 +64,8 @@ def plugins_uninstall(state: CliState, plugin_id: str, tenant: str | None, polic
     async def go(rt: HostRuntime) -> dict[str, Any]:
         package = rt.discovery.get(plugin_id)
         tenant_ids = None if tenant is None else ((await _resolve_tenant(rt, tenant)).tenant_id,)
-        opts = UninstallOptions(policy=policy, tenant_ids=tenant_ids, export_dir=export_dir, grace_s=grace_s,
+        opts = UninstallOptions(policy=policy, tenant_ids=tenant_ids, export_dir=export_dir or rt.settings.export_dir,
+                                grace_s=grace_s,
                                 concurrency=concurrency)
         report = await uninstall(rt.control, rt.owner_pools, rt.settings, package, opts, resume=resume,
                                  on_run=started, on_progress=progress)
