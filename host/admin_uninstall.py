@@ -27,7 +27,7 @@ from host.admin import TENANT_REF_PATTERN
 from host.context import PLUGIN_HOST, PluginHost
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code
-from router.errors import TenantFleetError, ValidationFailed
+from router.errors import NotFound, TenantFleetError
 from router.http import json_response, parse_body, read_json_object
 from router.models import ApiModel
 
@@ -112,9 +112,9 @@ async def post_import(request: web.Request) -> web.Response:
 
     rt = await _rt(request)
     body = parse_body(ImportBody, await read_json_object(request))
-    if rt.settings.export_dir is None:
-        raise ValidationFailed("this host has no export dir (TENANTFLEET_EXPORT_DIR)", field="export")
     rec = await resolve_id_or_code(rt.resolver, request.match_info["tenant"])
+    if rt.settings.export_dir is None:
+        raise NotFound("this host keeps no exports (TENANTFLEET_EXPORT_DIR is not set)", field="export")
     out = await import_export(rt.control, rt.owner_pools, rt.settings, rt.discovery, rec,
                               rt.settings.export_dir / body.export)
     await rt.registry.announce("tenant", out["pluginId"], rec.tenant_id)

@@ -55,7 +55,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 import asyncpg
 import semver
 
-from router.errors import RunBusy, RunNotFound, TenantFleetError, ValidationFailed
+from router.errors import NotFound, RunBusy, RunNotFound, TenantFleetError, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
 from router.settings import Settings
@@ -541,14 +541,14 @@ async def _export(conn: Conn, package: PluginPackage, cleanup: Cleanup, tenant: 
 def read_manifest(src: Path) -> dict[str, Any]:
     """An export's manifest with every file re-read and checked against it.
 
-    Raises VALIDATION_FAILED (field ``export``) naming what is wrong: no manifest, bad JSON,
-    a missing file, a checksum that differs."""
+    Raises NOT_FOUND (no manifest there) or VALIDATION_FAILED (field ``export``) naming what
+    is wrong: bad JSON, a missing file, a checksum that differs."""
     def bad(why: str) -> ValidationFailed:
         return ValidationFailed(f"export {src} is not usable: {why}", field="export")
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except (FileNotFoundError, NotADirectoryError):
-        raise bad(f"no {MANIFEST}") from None
+        raise NotFound(f"no export at {src} (no {MANIFEST})", field="export") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"{MANIFEST} can't be read: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT \
@@ -580,7 +580,7 @@ async def import_export(control: asyncpg.Pool, pools: ShardPools, settings: Sett
     then read back and checksummed: any difference rolls everything back. The tenant's
     plugin is enabled at the end.
 
-    Raises VALIDATION_FAILED (a corrupt or unreadable export, a version this plugin doesn't
+    Raises NOT_FOUND (no export there), VALIDATION_FAILED (a corrupt or unreadable export, a version this plugin doesn't
     ship, a table that already has rows), PLUGIN_NOT_FOUND, TENANT_BUSY, MIGRATION_FAILED,
     SHARD_UNREACHABLE; nothing is imported then.
     """
