@@ -158,6 +158,7 @@ async def test_bad_input_is_refused_with_a_clear_error_and_nothing_changed(fleet
              "VALIDATION_FAILED"),
             (["inventory", "--tenant", rec.code, "--policy", "purge", "--grace", "soon"], "VALIDATION_FAILED"),
             (["inventory", "--resume", "999999999"], "RUN_NOT_FOUND"),
+            (["inventory", "--resume", "1", "--policy", "purge"], "VALIDATION_FAILED"),
         ]
         for args, code in cli_cases:
             rc, out, err = await run_cli(fleet, "plugins", "uninstall", *args)

@@ -10,7 +10,7 @@ import click
 
 from host.cli.base import CliState, emit, pass_state
 from host.cli.plugins import _resolve_tenant, _with_runtime, plugins
-from router.errors import MigrationFailed
+from router.errors import MigrationFailed, ValidationFailed
 
 if TYPE_CHECKING:
     from host.runtime import HostRuntime
@@ -46,6 +46,9 @@ def plugins_uninstall(state: CliState, plugin_id: str, tenant: str | None, polic
     policy or tenant, an export dir that can't be written)."""
     from shard_migrations.uninstall import UninstallOptions, parse_grace, uninstall
 
+    if resume is not None and (tenant or policy or export_dir or grace):
+        raise ValidationFailed("--resume finishes a run with the run's own options: give no --tenant, --policy, "
+                               "--export-dir or --grace with it", field="resume")
     grace_s = None if grace is None else parse_grace(grace)
     last = [0.0]
 
