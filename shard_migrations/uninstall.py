@@ -394,8 +394,10 @@ async def _tenant_with_retries(control: asyncpg.Pool, pools: ShardPools, setting
             now = await current_placement(control, tenant.tenant_id)
             if now is None:
                 return "skipped"
-            if (now.shard_id, now.epoch) == (tenant.shard_id, tenant.epoch):
-                pass  # the directory has not caught up with the fence: wait as for a held tenant
+            if (now.shard_id, now.epoch) != (tenant.shard_id, tenant.epoch):
+                log.info("run %s: tenant %s is now on shard %s at epoch %s; its uninstall follows it", run_id,
+                         tenant.code, now.shard_id, now.epoch)
+            # else the directory has not caught up with the fence: wait as for a held tenant
             tenant = now
         except LockBusy:
             pass

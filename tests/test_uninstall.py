@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
@@ -264,3 +266,48 @@ async def test_fleet_wide_purge_killed_then_resumed_purges_every_tenant_once(
     assert await f.control.fetchval("SELECT count(*) FROM sys_tenant_plugins WHERE plugin_id = 'inventory'") == 0
     rc, out, err = await run_cli(f, "plugins", "uninstall", "inventory", "--resume", str(run_id))
     assert rc != 0 and err.startswith("error: RUN_BUSY: ") and "done" in err, err
+
+
+async def test_a_tenant_moved_while_its_uninstall_waits_is_exported_where_it_lives_now(
+        fleet: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The run is planned with the tenant on shard1; another migrator holds the tenant's
+    unit lock there while the tenant is moved to shard2: the uninstall follows it (the
+    shard1 fence no longer names it at the planned epoch) and exports it from shard2."""
+    from shard_migrations.fleet import migration_pools
+    from shard_migrations.keys import advisory_key
+    from shard_migrations.moves.mover import Mover
+    from shard_migrations.packages import discover
+    from shard_migrations.uninstall import UninstallOptions, uninstall
+
+    caplog.set_level(logging.INFO, logger="tenantfleet.uninstall")
+    async with running_host(host_settings(fleet)) as host:
+        await tenant_with_key(fleet, host, shard_id="shard2")  # the plugin's public scope on shard2
+        rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+        await add_items(host, key, rec.code)
+    lock = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    async with migration_pools(fleet.settings, fleet.directory.dsn_of) as pools:
+        try:
+            assert await lock.fetchval("SELECT pg_try_advisory_lock($1)",
+                                       advisory_key("inventory", "tenant", rec.tenant_id))
+            task = asyncio.ensure_future(uninstall(
+                fleet.control, pools, fleet.settings, discover().get("inventory"),
+                UninstallOptions(policy="export", tenant_ids=(rec.tenant_id,), export_dir=tmp_path)))
+
+            async def planned() -> bool:
+                return await has_uninstall_item(fleet, rec.tenant_id)
+            await wait_for(planned, what="the uninstall run to be planned")
+            moved = await Mover(fleet.directory, fleet.settings).start(rec, "shard2", "offline")
+            assert moved.phase == "done"
+        finally:
+            await lock.close()
+        report = await task
+    assert report.state == "done" and report.done == 1, report.to_dict()
+    assert any("is now on shard shard2" in r.getMessage() for r in caplog.records), caplog.text
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard2"
+    assert table_checksums(tmp_path / "inventory" / rec.tenant_id)["items"][0] == 3
+
+
+async def has_uninstall_item(f: Fleet, tenant_id: str) -> bool:
+    return bool(await f.control.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM fleet_run_items i JOIN fleet_runs r USING (run_id) "
+        "WHERE r.kind = 'uninstall' AND i.tenant_id = $1::uuid)", tenant_id))
