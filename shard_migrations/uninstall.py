@@ -304,7 +304,7 @@ async def uninstall(control: asyncpg.Pool, pools: ShardPools, settings: Settings
     async with runs.RunRecorder(control, run_id, package.id, "", settings.batch_size,
                                 summary=lambda: report.to_dict() | {"progress": progress()}) as rec:
         for key in gone:
-            rec.skipped(key, "tenant is no longer active or suspended")
+            rec.skipped(key, "nothing left to uninstall (purged before the run stopped, or the tenant is gone)")
             report.skipped += 1
         try:
             async def one(tenant: TenantRecord) -> None:
