@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from host import admin, admin_runs
+from host import admin, admin_runs, admin_uninstall
 from host.console import console_app
 from host.context import PLUGIN_HOST, PluginHost
 from host.keys import CONSOLE_PATH, DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
@@ -77,6 +77,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app.router.add_get("/api/manifest", manifest)
     app.router.add_routes(admin.routes)
     app.router.add_routes(admin_runs.routes)
+    app.router.add_routes(admin_uninstall.routes)
     app[RUNNER] = Runner()
     app.add_subapp(CONSOLE_PATH, console_app())
     mount(app, host, found)

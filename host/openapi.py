@@ -14,7 +14,10 @@ from typing import Any
 from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
-from host.admin import BODIES, TENANT_REF_PATTERN, NewPrincipal, RoleBody
+from host.admin import BODIES as ADMIN_BODIES
+from host.admin import TENANT_REF_PATTERN, NewPrincipal, RoleBody
+from host.admin_uninstall import BODIES as UNINSTALL_BODIES
+from host.admin_uninstall import ImportBody, UninstallBody
 from host.admin_runs import RUN_ID_PATTERN
 from host.context import PLUGIN_HOST
 from host.keys import CONSOLE_PATH
@@ -41,7 +44,8 @@ _WHY = {
 }
 _RID = REQUEST_ID_DOC
 # admin operations answered 202: a recorded run started (host.admin_runs)
-ASYNC_ADMIN = ("/admin/plugins/{plugin}/upgrade", "/admin/runs/{run}/resume")
+BODIES = {**ADMIN_BODIES, **UNINSTALL_BODIES}
+ASYNC_ADMIN = ("/admin/plugins/{plugin}/upgrade", "/admin/runs/{run}/resume", "/admin/plugins/{plugin}/uninstall")
 
 
 def _param_schema(name: str, regex: str | None, plugin_ids: list[str]) -> dict[str, Any]:
@@ -132,7 +136,8 @@ def document(app: web.Application) -> dict[str, Any]:
         op["responses"] = {ok: {"description": "OK", "headers": dict(_RID), "content": content},
                            **{str(s): _error(s) for s in sorted(statuses)}}
         paths.setdefault(path, {})[route.method.lower()] = op
-    _, defs = models_json_schema([(NewPrincipal, "validation"), (RoleBody, "validation")], ref_template=_REF)
+    _, defs = models_json_schema([(NewPrincipal, "validation"), (RoleBody, "validation"),
+                                       (UninstallBody, "validation"), (ImportBody, "validation")], ref_template=_REF)
     schemas: dict[str, Any] = dict(defs["$defs"])
     schemas["Error"] = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {
         "error": {"type": "object", "required": ["code", "message", "requestId"], "additionalProperties": True,

@@ -116,6 +116,8 @@ class Runner:
                                      "updated_at = now() WHERE run_id = $1", run_id, owner_tag())
             self._spawn(rt, run_id, f"move-resume-{run_id}", lambda: mover.resume(run_id))
             return run_id
+        if row["kind"] == "uninstall":
+            return await self._uninstall_resume(rt, row["plugin_id"], run_id)
         raise RunBusy(f"run {run_id} is a {row['kind']} run: resume it with `tenantfleet {row['kind']}`", runId=run_id)
 
     async def abort(self, rt: HostRuntime, run_id: int) -> dict[str, Any]:
@@ -176,6 +178,36 @@ class Runner:
             await task
             raise Internal(f"the run of {plugin_id} ended before it was recorded", pluginId=plugin_id)
         run_id = recorded.result()  # raises what stopped it before it was recorded
+        self._tasks[run_id] = task
+        task.add_done_callback(lambda _t: self._forget(run_id, _t))
+        return run_id
+
+    async def _uninstall_resume(self, rt: HostRuntime, plugin_id: str, run_id: int) -> int:
+        """Finish an uninstall run (`shard_migrations.uninstall`); what refuses it (still in its
+        grace period, running elsewhere) is raised to the caller, nothing changed."""
+        from shard_migrations.uninstall import UninstallOptions, uninstall
+
+        package = rt.discovery.get(plugin_id)
+        claimed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def run() -> None:
+            try:
+                report = await uninstall(rt.control, rt.owner_pools, rt.settings, package, UninstallOptions(),
+                                         resume=run_id, on_run=claimed.set_result)
+                await rt.registry.announce("global", plugin_id)
+                log.info("run %s: uninstall of %s %s", run_id, plugin_id, report.state)
+            except TenantFleetError as exc:
+                if not claimed.done():
+                    claimed.set_exception(exc)
+                    return
+                log.warning("run %s stopped: %s: %s (recorded in the run)", run_id, exc.code, exc.message)
+
+        task = rt.tasks.spawn(run(), name=f"uninstall-resume-{run_id}")
+        await asyncio.wait({claimed, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not claimed.done():
+            await task
+            raise Internal(f"run {run_id} ended before it was resumed", runId=run_id)
+        claimed.result()
         self._tasks[run_id] = task
         task.add_done_callback(lambda _t: self._forget(run_id, _t))
         return run_id

@@ -27,6 +27,9 @@ class Settings(BaseModel):
     redis_url: str = ""
     shard_dsns: str = Field("", description="comma-separated shard DSNs registered by `up` on external servers")
     fleet_dir: Path = Path(".fleet")
+    # where `plugins uninstall --policy export|purge` writes tenant exports when no
+    # --export-dir is given, and the only place the admin API exports to and imports from
+    export_dir: Path | None = None
     shards: int = Field(3, ge=1, le=64)
 
     # services

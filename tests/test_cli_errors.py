@@ -41,6 +41,8 @@ VALID_ARGS: dict[str, list[str]] = {
     "plugins kill": ["inventory"],
     "plugins config": ["inventory", "acme"],
     "plugins roles": ["inventory", "acme"],
+    "plugins uninstall": ["inventory", "--tenant", "acme", "--policy", "keep"],
+    "plugins import-export": ["exports/inventory/acme", "--tenant", "acme"],
     "keys create": ["--tenant", "acme", "--name", "clerk"],
     "keys list": [],
     "keys revoke": [TENANT],

@@ -12,11 +12,11 @@ from typing import Sequence
 
 import click
 
-from host.cli import db, directory, fleet, loadtest, migrate, moves, plugins
+from host.cli import db, directory, fleet, loadtest, migrate, moves, plugins, uninstall
 from host.cli.base import cli
 from router.errors import TenantFleetError
 
-__all__ = ["cli", "main", "db", "directory", "fleet", "loadtest", "migrate", "moves", "plugins"]
+__all__ = ["cli", "main", "db", "directory", "fleet", "loadtest", "migrate", "moves", "plugins", "uninstall"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -63,7 +63,8 @@ def serve(state: CliState, port: int | None) -> None:
 
 @cli.group()
 def plugins() -> None:
-    """Plugins: list, enable/disable (globally or per tenant), kill switch, config, role templates."""
+    """Plugins: list, enable/disable (globally or per tenant), kill switch, config, role templates,
+    uninstall (keep, export, purge) and re-import of an export."""
 
 
 @plugins.command("list")
