@@ -57,3 +57,33 @@ async def test_a_not_valid_check_constraint_with_old_violating_rows_still_moves_
             "AND connamespace = $1::regnamespace", s) is True
     finally:
         await conn.close()
+
+
+async def test_a_restarted_sequence_carries_its_next_value(fleet: Fleet, host: Host) -> None:
+    """``ALTER SEQUENCE ... RESTART WITH n`` (or ``setval(seq, n, false)``) leaves a sequence
+    whose next value is n but which reports no last value (pg_sequences.last_value is
+    NULL until the next nextval). The switch set only sequences with a last value, so the
+    target's copy started over at 1: the next insert there reused id 1 (a duplicate key,
+    or, without a key, the same id twice). The target must hand out what the source would."""
+    for mode in await _modes(fleet):
+        rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+        s = rec.schema
+        conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+        try:
+            await conn.execute(f"""
+                CREATE TABLE {s}.orders (id bigserial PRIMARY KEY, note text);
+                CREATE TABLE {s}.tickets (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, note text);
+                INSERT INTO {s}.orders (note) SELECT 'o' FROM generate_series(1, 3);
+                INSERT INTO {s}.tickets (note) SELECT 't' FROM generate_series(1, 3);
+                ALTER SEQUENCE {s}.orders_id_seq RESTART WITH 100;
+                ALTER TABLE {s}.tickets ALTER COLUMN id RESTART WITH 200;""")
+        finally:
+            await conn.close()
+        info = await Mover(fleet.directory, fleet.settings).start(rec, "shard2", mode)
+        assert info.phase == "done", mode
+        conn = await asyncpg.connect(fleet.shard_dsns["shard2"])
+        try:
+            assert await conn.fetchval(f"INSERT INTO {s}.orders (note) VALUES ('new') RETURNING id") == 100, mode
+            assert await conn.fetchval(f"INSERT INTO {s}.tickets (note) VALUES ('new') RETURNING id") == 200, mode
+        finally:
+            await conn.close()

@@ -83,6 +83,14 @@ SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle":
                     "extra_float_digits": "3", "bytea_output": "hex", "synchronous_commit": "on"}
 
 
+# The statement that reads every sequence of a schema ($1) with its state (last_value,
+# is_called), kept in the sequence relation only; made by the server (format %I/%L) before
+# the fence, run under it in one round trip.
+_SEQUENCE_STATE_SQL = (
+    "SELECT string_agg(format('SELECT %L::text AS name, last_value, is_called FROM %I.%I', sequencename, "
+    "schemaname, sequencename), ' UNION ALL ' ORDER BY sequencename) FROM pg_catalog.pg_sequences "
+    "WHERE schemaname = $1")
+
 # What a lost or refusing server surfaces as, in the middle of a move's step.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
               asyncio.TimeoutError)
@@ -117,6 +125,7 @@ class MoveInfo:
     detail: dict[str, Any] = field(default_factory=dict)
     fenced_at: float | None = None   # offline: when the source's fence was taken (not recorded)
     stepped_at: float | None = None  # offline: when the last step under the fence ended (not recorded)
+    sequence_sql: str | None = None  # reads the sequences' state at the switch (`_SEQUENCE_STATE_SQL`)
 
     @property
     def slot(self) -> str:
@@ -414,6 +423,7 @@ class Mover:
         transaction) for verify and cutover."""
         self.progress("copying", {})
         ts = await schema_copy.read_tenant_schema(ends.src, info.schema)
+        info.sequence_sql = await ends.src.fetchval(_SEQUENCE_STATE_SQL, info.schema)
         started = time.monotonic()
         copied = 0
         # offline, a small tenant's whole schema is built and checked before the fence and
@@ -639,8 +649,10 @@ class Mover:
         """Under the source's exclusive fence (``ends.src`` in its transaction): sequences,
         outbox and the target's fence, then the source's fence: the commit point."""
         new_epoch = info.epoch_before + 1
-        seqs = await ends.src.fetch("SELECT sequencename, last_value FROM pg_sequences "
-                                    "WHERE schemaname = $1 AND last_value IS NOT NULL", info.schema)
+        # each sequence's state read from the sequence itself: pg_sequences.last_value is
+        # NULL for a sequence restarted (ALTER SEQUENCE ... RESTART, setval(.., false)) and
+        # not used since, whose next value is not the target's fresh copy's
+        seqs = await ends.src.fetch(info.sequence_sql) if info.sequence_sql else []
         # locked: a delivery settling or claiming one of them finishes first, or waits for
         # the commit point and then finds the row gone (the target's relay delivers it)
         events = await ends.src.fetch(
@@ -651,9 +663,10 @@ class Mover:
         async with ends.dst.transaction():
             if seqs:
                 await ends.dst.execute(
-                    "SELECT setval(format('%I.%I', $1::text, q.name)::regclass, q.v, true) "
-                    "FROM unnest($2::text[], $3::bigint[]) q(name, v)",
-                    info.schema, [s["sequencename"] for s in seqs], [s["last_value"] for s in seqs])
+                    "SELECT setval(format('%I.%I', $1::text, q.name)::regclass, q.v, q.called) "
+                    "FROM unnest($2::text[], $3::bigint[], $4::bool[]) q(name, v, called)",
+                    info.schema, [s["name"] for s in seqs], [s["last_value"] for s in seqs],
+                    [s["is_called"] for s in seqs])
             if events:
                 await ends.dst.executemany(
                     "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, created_at, attempts, "
