@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 import asyncpg
+import pytest
 import pytest_asyncio
 
+from router.errors import MoveFailed
 from shard_migrations.moves.mover import Mover
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, host_settings, running_host, tenant_with_key
+from tests.migratekit import run_cli
+from tests.test_move_faults import Stoppable, rig  # noqa: F401  (the fixture: a fleet with a stoppable shard4)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -87,3 +91,52 @@ async def test_a_restarted_sequence_carries_its_next_value(fleet: Fleet, host: H
             assert await conn.fetchval(f"INSERT INTO {s}.tickets (note) VALUES ('new') RETURNING id") == 200, mode
         finally:
             await conn.close()
+
+
+async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
+        rig: tuple[Fleet, Host, Stoppable]) -> None:
+    """The switch commits the target's side (its fence row, the sequences, the tenant's
+    undelivered events) a round trip before the source's commit point. A move that stops
+    in between, then aborted while its target is down, leaves that copy to `gc`; gc took
+    the target's fence row for "the tenant is served here" and kept the copy (and so the
+    copied events, which that shard's relay would deliver a second time). The directory
+    says where a tenant is served; the copy must go, fence and events included."""
+    fleet, host, s4 = rig
+    rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:  # an undelivered event; the source's commit fails where it deletes it (a fault)
+        await conn.execute(
+            "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, next_attempt_at) "
+            "VALUES (gen_random_uuid(), $1::uuid, 'inventory', 'review.probe', '{}'::jsonb, "
+            "now() + interval '1 hour')", rec.tenant_id)
+        await conn.execute(f"""
+            CREATE FUNCTION public.review_fail_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+              BEGIN RAISE EXCEPTION 'the source is lost at its commit point'; END $$;
+            CREATE TRIGGER review_fail_delete BEFORE DELETE ON fleet.event_outbox FOR EACH ROW
+              WHEN (OLD.tenant_id = '{rec.tenant_id}'::uuid) EXECUTE FUNCTION public.review_fail_delete();""")
+        runs: list[int] = []
+        with pytest.raises(MoveFailed):
+            await Mover(fleet.directory, fleet.settings).start(rec, "shard4", "offline", on_run=runs.append)
+        await conn.execute("DROP TRIGGER review_fail_delete ON fleet.event_outbox; "
+                           "DROP FUNCTION public.review_fail_delete()")
+    finally:
+        await conn.close()
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
+    await s4.stop()
+    try:
+        aborted = await Mover(fleet.directory, fleet.settings).abort(runs[0])
+        assert aborted.phase == "aborted" and "targetLeftovers" in aborted.detail
+    finally:
+        await s4.start()
+    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
+    assert code == 0, err
+    conn = await asyncpg.connect(fleet.shard_dsns["shard4"])
+    try:
+        left = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM fleet.tenant_fence WHERE tenant_id = $1::uuid) AS fence, "
+            "(SELECT count(*) FROM fleet.event_outbox WHERE tenant_id = $1::uuid) AS events, "
+            "(SELECT count(*) FROM pg_namespace WHERE nspname = $2) AS schemas", rec.tenant_id, rec.schema)
+    finally:
+        await conn.close()
+    assert dict(left) == {"fence": 0, "events": 0, "schemas": 0}
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
