@@ -9,7 +9,7 @@ import pytest
 import pytest_asyncio
 
 from router.errors import MoveFailed
-from shard_migrations.moves.mover import Mover
+from shard_migrations.moves.mover import Mover, cutover_budget_ms
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, host_settings, running_host, tenant_with_key
 from tests.migratekit import run_cli
@@ -140,3 +140,21 @@ async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
         await conn.close()
     assert dict(left) == {"fence": 0, "events": 0, "schemas": 0}
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
+
+
+def test_cutover_budgets_double_but_no_attempt_holds_writes_as_long_as_a_request_waits(fleet: Fleet) -> None:
+    """The cutover's lock wait and catch-up budgets double per attempt. Uncapped, with the
+    defaults the last attempts held the tenant's writes for up to 3.2 + 3.2 s, longer than
+    a request waits on the fence (fence_wait_ms, 5 s), so a cutover designed to retry
+    answered requests TENANT_MOVING; with the limits at their maximum the doubled value
+    overflowed lock_timeout (a MOVE_FAILED from PostgreSQL, not a retry)."""
+    s = fleet.settings.model_copy(update={"cutover_lock_wait_ms": 50, "cutover_timeout_ms": 50,
+                                          "cutover_attempts": 7, "fence_wait_ms": 5000})
+    budgets = [(cutover_budget_ms(s, s.cutover_lock_wait_ms, a), cutover_budget_ms(s, s.cutover_timeout_ms, a))
+               for a in range(s.cutover_attempts)]
+    assert budgets[:3] == [(50, 50), (100, 100), (200, 200)]  # still doubling
+    assert all(lock + catch < s.fence_wait_ms for lock, catch in budgets)
+    big = s.model_copy(update={"cutover_timeout_ms": 60_000, "cutover_attempts": 20, "fence_wait_ms": 10 ** 9})
+    assert max(cutover_budget_ms(big, big.cutover_timeout_ms, a) for a in range(20)) <= 60_000
+    small = s.model_copy(update={"fence_wait_ms": 100})  # never below the configured budget
+    assert cutover_budget_ms(small, 50, 5) == 50

@@ -31,7 +31,9 @@ Each move is a run (``fleet_runs`` kind ``move``) with a ``tenant_moves`` row wh
    and the invalidation is published. If the in-flight transactions don't finish within
    ``cutover_lock_wait_ms``, or the catch-up within ``cutover_timeout_ms``, the fence is
    let go, the target catches up again unfenced, and the cutover is tried again with
-   both budgets doubled (``cutover_attempts`` in all): a stall of the replication stream
+   both budgets doubled (``cutover_attempts`` in all; each budget at most a quarter of
+   ``fence_wait_ms``, so no attempt holds writes as long as a request waits before it
+   answers TENANT_MOVING, `cutover_budget_ms`): a stall of the replication stream
    (seen: ~200 ms now and then) costs writers one short attempt, not the stall.
 6. *cleanup*: subscription, publication, slot and markers dropped; the source schema
    renamed out of the way (``r_<hex>_<run>``, dropped by `gc` after the grace period).
@@ -94,6 +96,15 @@ _SEQUENCE_STATE_SQL = (
 # What a lost or refusing server surfaces as, in the middle of a move's step.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
               asyncio.TimeoutError)
+
+
+def cutover_budget_ms(settings: Settings, base_ms: int, attempt: int) -> int:
+    """A cutover attempt's lock wait or catch-up budget: ``base_ms`` doubled per attempt,
+    up to a quarter of the requests' ``fence_wait_ms`` (at least ``base_ms``), so one
+    attempt's whole hold (lock wait plus catch-up) stays under what a request waits
+    before it answers TENANT_MOVING, and lock_timeout stays in range."""
+    cap = min(max(base_ms, settings.fence_wait_ms // 4), 60_000)
+    return min(base_ms << min(attempt, 30), cap)
 
 
 def _noop(_phase: str, _figures: dict[str, Any]) -> None:
@@ -562,13 +573,13 @@ class Mover:
             try:
                 for attempt in range(self.settings.cutover_attempts):
                     try:
-                        await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
+                        await self._fence(ends.src, info, self._lock_wait_ms(attempt))
                     except FenceBusy:
                         await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                         continue
                     try:
                         caught = await self._marker_round(
-                            info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000)
+                            info, ends, self._catch_up_ms(attempt) / 1000)
                         if caught:
                             for c in (s_snap, d_snap):
                                 await c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -599,21 +610,21 @@ class Mover:
             t0 = time.monotonic() if info.mode == "online" or info.fenced_at is None else info.fenced_at
             if info.mode == "online":
                 try:
-                    await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
+                    await self._fence(ends.src, info, self._lock_wait_ms(attempt))
                     info.detail["fenceWaitMs"] = round((time.monotonic() - t0) * 1000, 2)
                 except FenceBusy:
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: a transaction of the tenant outlasted the fence's %s ms; trying again",
-                             info.run_id, self.settings.cutover_lock_wait_ms << attempt)
+                             info.run_id, self._lock_wait_ms(attempt))
                     await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                     continue
             try:
                 if info.mode == "online" and not await self._marker_round(
-                        info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000):
+                        info, ends, self._catch_up_ms(attempt) / 1000):
                     await ends.src.execute("ROLLBACK")
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: cutover catch-up took longer than %s ms; released, trying again",
-                             info.run_id, self.settings.cutover_timeout_ms << attempt)
+                             info.run_id, self._catch_up_ms(attempt))
                     if not await self._marker_round(info, ends, self.settings.catchup_timeout_s):  # unfenced
                         raise MoveFailed(f"move {info.run_id}: the target did not catch up within "
                                          f"{self.settings.catchup_timeout_s:.0f} s", runId=info.run_id)
@@ -750,11 +761,17 @@ class Mover:
                 await conn.execute("ROLLBACK")
             raise
 
+    def _lock_wait_ms(self, attempt: int) -> int:
+        return cutover_budget_ms(self.settings, self.settings.cutover_lock_wait_ms, attempt)
+
+    def _catch_up_ms(self, attempt: int) -> int:
+        return cutover_budget_ms(self.settings, self.settings.cutover_timeout_ms, attempt)
+
     async def _fence_retrying(self, conn: Conn, info: MoveInfo) -> None:
         """`_fence` with the cutover's lock wait (doubling), tried ``cutover_attempts`` times with backoff."""
         for attempt in range(self.settings.cutover_attempts):
             try:
-                await self._fence(conn, info, self.settings.cutover_lock_wait_ms << attempt)
+                await self._fence(conn, info, self._lock_wait_ms(attempt))
                 return
             except FenceBusy:
                 if attempt + 1 == self.settings.cutover_attempts:
