@@ -2,6 +2,7 @@
 suite's real servers: what a move must carry that the first version did not."""
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 import asyncpg
@@ -9,9 +10,10 @@ import pytest
 import pytest_asyncio
 
 from router.errors import MoveFailed
+from router.models import TenantRecord
 from shard_migrations.moves.mover import Mover, cutover_budget_ms
 from tests.fleetkit import Fleet
-from tests.hostkit import Host, host_settings, running_host, tenant_with_key
+from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 from tests.migratekit import run_cli
 from tests.test_move_faults import Stoppable, rig  # noqa: F401  (the fixture: a fleet with a stoppable shard4)
 
@@ -93,16 +95,11 @@ async def test_a_restarted_sequence_carries_its_next_value(fleet: Fleet, host: H
             await conn.close()
 
 
-async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
-        rig: tuple[Fleet, Host, Stoppable]) -> None:
-    """The switch commits the target's side (its fence row, the sequences, the tenant's
-    undelivered events) a round trip before the source's commit point. A move that stops
-    in between, then aborted while its target is down, leaves that copy to `gc`; gc took
-    the target's fence row for "the tenant is served here" and kept the copy (and so the
-    copied events, which that shard's relay would deliver a second time). The directory
-    says where a tenant is served; the copy must go, fence and events included."""
-    fleet, host, s4 = rig
-    rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+async def _stopped_mid_switch_then_aborted_with_the_target_down(fleet: Fleet, host: Host, s4: Stoppable,
+                                                                 rec: TenantRecord) -> int:
+    """A move to shard4 that stops between the target's side of the switch (committed)
+    and the source's commit point, then aborted while shard4 is down: its copy there is
+    left to gc. Returns the run id."""
     conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
     try:  # an undelivered event; the source's commit fails where it deletes it (a fault)
         await conn.execute(
@@ -128,8 +125,10 @@ async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
         assert aborted.phase == "aborted" and "targetLeftovers" in aborted.detail
     finally:
         await s4.start()
-    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
-    assert code == 0, err
+    return runs[0]
+
+
+async def _on_shard4(fleet: Fleet, rec: TenantRecord) -> dict[str, int]:
     conn = await asyncpg.connect(fleet.shard_dsns["shard4"])
     try:
         left = await conn.fetchrow(
@@ -138,8 +137,59 @@ async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
             "(SELECT count(*) FROM pg_namespace WHERE nspname = $2) AS schemas", rec.tenant_id, rec.schema)
     finally:
         await conn.close()
-    assert dict(left) == {"fence": 0, "events": 0, "schemas": 0}
+    return dict(left)
+
+
+async def test_gc_drops_an_aborted_copy_whose_target_got_its_side_of_the_switch(
+        rig: tuple[Fleet, Host, Stoppable]) -> None:
+    """The switch commits the target's side (its fence row, the sequences, the tenant's
+    undelivered events) a round trip before the source's commit point. A move that stops
+    in between, then aborted while its target is down, leaves that copy to `gc`; gc took
+    the target's fence row for "the tenant is served here" and kept the copy (and so the
+    copied events, which that shard's relay would deliver a second time). The directory
+    says where a tenant is served; the copy must go, fence and events included."""
+    fleet, host, s4 = rig
+    rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+    await _stopped_mid_switch_then_aborted_with_the_target_down(fleet, host, s4, rec)
+    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
+    assert code == 0, err
+    assert await _on_shard4(fleet, rec) == {"fence": 0, "events": 0, "schemas": 0}
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
+
+
+async def test_gc_keeps_the_target_copy_of_a_later_move_stopped_past_its_commit_point(
+        rig: tuple[Fleet, Host, Stoppable]) -> None:
+    """The other side of the test above: the aborted move's leftovers wait for gc while a
+    later move of the tenant to the same shard passes its commit point and its mover
+    stops before the directory follows. The directory still names the source, but the
+    copy on shard4 is now the tenant's only writable one: gc must leave it (and come back
+    to the old leftovers once that move ended), and the resume must find it whole."""
+    fleet, host, s4 = rig
+    rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
+    await _stopped_mid_switch_then_aborted_with_the_target_down(fleet, host, s4, rec)
+
+    class Crash(BaseException):
+        pass
+
+    def crash_at_commit(phase: str, _figures: dict[str, object]) -> None:
+        if phase == "committed":
+            raise Crash()
+
+    runs: list[int] = []
+    with pytest.raises(Crash):
+        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(
+            await fleet.directory.get(id=rec.tenant_id), "shard4", "offline", on_run=runs.append)
+    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
+    assert code == 0, err
+    assert await _on_shard4(fleet, rec) == {"fence": 1, "events": 1, "schemas": 1}
+    done = await Mover(fleet.directory, fleet.settings).resume(runs[0])
+    assert done.phase == "done"
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard4"
+    async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
+        assert r.status == 200, await r.text()
+    code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")  # the old leftovers: served here
+    assert code == 0, err
+    assert await _on_shard4(fleet, rec) == {"fence": 1, "events": 1, "schemas": 1}
 
 
 def test_cutover_budgets_double_but_no_attempt_holds_writes_as_long_as_a_request_waits(fleet: Fleet) -> None:
@@ -158,3 +208,34 @@ def test_cutover_budgets_double_but_no_attempt_holds_writes_as_long_as_a_request
     assert max(cutover_budget_ms(big, big.cutover_timeout_ms, a) for a in range(20)) <= 60_000
     small = s.model_copy(update={"fence_wait_ms": 100})  # never below the configured budget
     assert cutover_budget_ms(small, 50, 5) == 50
+
+
+async def test_hosts_finishing_a_committed_move_while_it_is_resumed_agree(fleet: Fleet, host: Host) -> None:
+    """Checked, not a defect: a mover stopped right after its commit point; several hosts
+    switch the directory (`finish_committed_move`) while an operator's resume does the
+    same. Each gets the target at the next epoch (the directory's update is conditional,
+    the losers see the winner's row), the resume finishes, and once it has, the call
+    finds no open move: None, nothing changed."""
+    rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
+
+    class Crash(BaseException):
+        pass
+
+    def crash_at_commit(phase: str, _figures: dict[str, object]) -> None:
+        if phase == "committed":
+            raise Crash()
+
+    runs: list[int] = []
+    with pytest.raises(Crash):
+        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(
+            rec, "shard2", "offline", on_run=runs.append)
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
+    results = await asyncio.gather(*(fleet.directory.finish_committed_move(rec.tenant_id) for _ in range(3)),
+                                   Mover(fleet.directory, fleet.settings).resume(runs[0]))
+    for r in results[:3]:  # None only if the resume had already closed the move
+        assert r is None or (r.shard_id, r.epoch) == ("shard2", rec.epoch + 1)
+    assert results[3].phase == "done"
+    now = await fleet.directory.get(id=rec.tenant_id)
+    assert (now.shard_id, now.epoch) == ("shard2", rec.epoch + 1)
+    assert await fleet.directory.finish_committed_move(rec.tenant_id) is None
+    assert (await fleet.directory.get(id=rec.tenant_id)).epoch == rec.epoch + 1

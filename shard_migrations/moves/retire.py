@@ -113,6 +113,13 @@ async def _drop_copy(directory: Directory, conn: Any, shard_id: str, tenant_id: 
         rec = await directory.lookup("id", tenant_id)
         if rec is not None and rec.shard_id == shard_id:
             return True
+        # a later move of the tenant still open (a mover stopped past its commit point: the
+        # directory names the source until a host or a resume switches it) may own what
+        # is here now; gc comes back to it once that move has ended
+        if await directory.control.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM tenant_moves WHERE tenant_id = $1::uuid "
+                "AND phase NOT IN ('done', 'aborted'))", tenant_id):
+            return False
         async with conn.transaction():
             await conn.execute("DELETE FROM fleet.tenant_fence WHERE tenant_id = $1::uuid", tenant_id)
             await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid", tenant_id)
