@@ -9,13 +9,14 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from router.errors import MoveFailed
+from router.errors import MoveFailed, TenantFleetError
 from router.models import TenantRecord
 from shard_migrations.moves.mover import Mover, cutover_budget_ms
 from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 from tests.migratekit import run_cli
 from tests.test_move_faults import Stoppable, rig  # noqa: F401  (the fixture: a fleet with a stoppable shard4)
+from tests.test_moves import _online_capable_dsn
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -239,3 +240,47 @@ async def test_hosts_finishing_a_committed_move_while_it_is_resumed_agree(fleet:
     assert (now.shard_id, now.epoch) == ("shard2", rec.epoch + 1)
     assert await fleet.directory.finish_committed_move(rec.tenant_id) is None
     assert (await fleet.directory.get(id=rec.tenant_id)).epoch == rec.epoch + 1
+
+
+async def test_a_source_lost_while_its_marker_is_awaited_fails_the_move_at_once(
+        rig: tuple[Fleet, Host, Stoppable]) -> None:
+    """A marker committed on the source just before the source goes down never reaches
+    the target; the wait polled only the target, for the whole catch-up timeout (600 s:
+    the mover looked alive and did nothing for ten minutes, and the fault tests hung on a
+    loaded machine). The wait checks the source too and fails the move at once. (The
+    target's apply is held on a table lock so the marker surely arrives after the stop.)"""
+    fleet, host, s4 = rig
+    if not await _online_capable_dsn(fleet.shard_dsns["shard4"]):
+        pytest.skip("needs a source with wal_level=logical (an external server may not have it)")
+    rec, key = await tenant_with_key(fleet, host, shard_id="shard4")
+    hold = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    tasks: list[asyncio.Future[None]] = []
+    runs: list[int] = []
+
+    async def stop_after_the_marker() -> None:
+        await hold.execute("BEGIN; LOCK TABLE fleet.move_markers IN EXCLUSIVE MODE")
+        src = await asyncpg.connect(fleet.shard_dsns["shard4"])
+        try:
+            while not await src.fetchval("SELECT EXISTS (SELECT 1 FROM fleet.move_markers WHERE run_id = $1 "
+                                         "AND seq >= 2)", runs[0]):
+                await asyncio.sleep(0.005)
+        finally:
+            await src.close()
+        await s4.stop()
+
+    def progress(p: str, _figures: dict[str, object]) -> None:
+        if p == "catching up" and not tasks:
+            tasks.append(asyncio.ensure_future(stop_after_the_marker()))
+
+    try:
+        with pytest.raises(TenantFleetError):
+            await asyncio.wait_for(Mover(fleet.directory, fleet.settings, progress=progress).start(
+                rec, "shard1", "online", on_run=runs.append), 60)  # a hang guard, not a timing claim
+        await tasks[0]
+    finally:
+        await hold.close()  # lets the apply worker go
+        await s4.start()
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard4"
+    done = await asyncio.wait_for(Mover(fleet.directory, fleet.settings).resume(runs[0]), 120)
+    assert done.phase == "done"
+    assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"

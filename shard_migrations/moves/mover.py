@@ -74,6 +74,7 @@ PHASES = ("planned", "prepared", "copied", "caught_up", "verified", "switched", 
 OPEN = ("planned", "prepared", "copied", "caught_up", "verified", "switched", "cleaned")
 COPY_QUEUE_CHUNKS = 16          # chunks in flight between the two COPYs (asyncpg's are ~ 64 KiB)
 MARKER_POLL_S = 0.002
+SOURCE_PROBE_S = 1.0            # a marker wait checks the source is still there this often
 WORKER_START_S = 30.0
 SLOT_DROP_S = 10.0
 # Settings every mover session uses: the same text for a row on both servers (verify),
@@ -725,12 +726,18 @@ class Mover:
             "SET seq = fleet.move_markers.seq + 1, updated_at = now() RETURNING seq", info.run_id)
         info.detail["markerCommitMs"] = round((time.monotonic() - t0) * 1000, 2)
         deadline = time.monotonic() + timeout_s
+        probe_at = time.monotonic() + SOURCE_PROBE_S
         while True:
             got = await ends.dst.fetchval("SELECT seq FROM fleet.move_markers WHERE run_id = $1", info.run_id)
             if got is not None and got >= seq:
                 return True
             if time.monotonic() > deadline:
                 return False
+            if time.monotonic() > probe_at:
+                # a source that went away after the marker's commit never streams it: the
+                # wait would last the whole catch-up timeout (minutes); its error ends it
+                await ends.mark.fetchval("SELECT 1")
+                probe_at = time.monotonic() + SOURCE_PROBE_S
             await asyncio.sleep(MARKER_POLL_S)
 
     @staticmethod
