@@ -31,7 +31,9 @@ Each move is a run (``fleet_runs`` kind ``move``) with a ``tenant_moves`` row wh
    and the invalidation is published. If the in-flight transactions don't finish within
    ``cutover_lock_wait_ms``, or the catch-up within ``cutover_timeout_ms``, the fence is
    let go, the target catches up again unfenced, and the cutover is tried again with
-   both budgets doubled (``cutover_attempts`` in all): a stall of the replication stream
+   both budgets doubled (``cutover_attempts`` in all; each budget at most a quarter of
+   ``fence_wait_ms``, so no attempt holds writes as long as a request waits before it
+   answers TENANT_MOVING, `cutover_budget_ms`): a stall of the replication stream
    (seen: ~200 ms now and then) costs writers one short attempt, not the stall.
 6. *cleanup*: subscription, publication, slot and markers dropped; the source schema
    renamed out of the way (``r_<hex>_<run>``, dropped by `gc` after the grace period).
@@ -72,6 +74,7 @@ PHASES = ("planned", "prepared", "copied", "caught_up", "verified", "switched", 
 OPEN = ("planned", "prepared", "copied", "caught_up", "verified", "switched", "cleaned")
 COPY_QUEUE_CHUNKS = 16          # chunks in flight between the two COPYs (asyncpg's are ~ 64 KiB)
 MARKER_POLL_S = 0.002
+SOURCE_PROBE_S = 1.0            # a marker wait checks the source is still there this often
 WORKER_START_S = 30.0
 SLOT_DROP_S = 10.0
 # Settings every mover session uses: the same text for a row on both servers (verify),
@@ -83,9 +86,26 @@ SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle":
                     "extra_float_digits": "3", "bytea_output": "hex", "synchronous_commit": "on"}
 
 
+# The statement that reads every sequence of a schema ($1) with its state (last_value,
+# is_called), kept in the sequence relation only; made by the server (format %I/%L) before
+# the fence, run under it in one round trip.
+_SEQUENCE_STATE_SQL = (
+    "SELECT string_agg(format('SELECT %L::text AS name, last_value, is_called FROM %I.%I', sequencename, "
+    "schemaname, sequencename), ' UNION ALL ' ORDER BY sequencename) FROM pg_catalog.pg_sequences "
+    "WHERE schemaname = $1")
+
 # What a lost or refusing server surfaces as, in the middle of a move's step.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
               asyncio.TimeoutError)
+
+
+def cutover_budget_ms(settings: Settings, base_ms: int, attempt: int) -> int:
+    """A cutover attempt's lock wait or catch-up budget: ``base_ms`` doubled per attempt,
+    up to a quarter of the requests' ``fence_wait_ms`` (at least ``base_ms``), so one
+    attempt's whole hold (lock wait plus catch-up) stays under what a request waits
+    before it answers TENANT_MOVING, and lock_timeout stays in range."""
+    cap = min(max(base_ms, settings.fence_wait_ms // 4), 60_000)
+    return min(base_ms << min(attempt, 30), cap)
 
 
 def _noop(_phase: str, _figures: dict[str, Any]) -> None:
@@ -117,6 +137,7 @@ class MoveInfo:
     detail: dict[str, Any] = field(default_factory=dict)
     fenced_at: float | None = None   # offline: when the source's fence was taken (not recorded)
     stepped_at: float | None = None  # offline: when the last step under the fence ended (not recorded)
+    sequence_sql: str | None = None  # reads the sequences' state at the switch (`_SEQUENCE_STATE_SQL`)
 
     @property
     def slot(self) -> str:
@@ -414,6 +435,7 @@ class Mover:
         transaction) for verify and cutover."""
         self.progress("copying", {})
         ts = await schema_copy.read_tenant_schema(ends.src, info.schema)
+        info.sequence_sql = await ends.src.fetchval(_SEQUENCE_STATE_SQL, info.schema)
         started = time.monotonic()
         copied = 0
         # offline, a small tenant's whole schema is built and checked before the fence and
@@ -469,11 +491,17 @@ class Mover:
     async def _schema_first(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> bool:
         """Whether an offline move can build the whole schema before copying the rows: a
         small tenant (the rows' index upkeep costs little), no trigger that fires in
-        replica mode (``ENABLE ALWAYS``/``REPLICA``), and a target session allowed to set
+        replica mode (``ENABLE ALWAYS``/``REPLICA``), no constraint added ``NOT VALID``
+        (checked for the copied rows too, it may refuse older ones the source keeps),
+        and a target session allowed to set
         ``session_replication_role`` (a superuser, or granted SET on it)."""
         if sum(t.bytes for t in ts.tables) > self.settings.move_offline_max_bytes:
             return False
         if any(" ENABLE ALWAYS TRIGGER " in q or " ENABLE REPLICA TRIGGER " in q for q in ts.post_copy):
+            return False
+        # a constraint added NOT VALID holds for new rows only: its table (or domain) may
+        # keep older rows that break it, which a copy into the finished schema would refuse
+        if any(q.endswith(" NOT VALID") for q in ts.post_copy):
             return False
         try:
             async with ends.dst.transaction():
@@ -546,13 +574,13 @@ class Mover:
             try:
                 for attempt in range(self.settings.cutover_attempts):
                     try:
-                        await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
+                        await self._fence(ends.src, info, self._lock_wait_ms(attempt))
                     except FenceBusy:
                         await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                         continue
                     try:
                         caught = await self._marker_round(
-                            info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000)
+                            info, ends, self._catch_up_ms(attempt) / 1000)
                         if caught:
                             for c in (s_snap, d_snap):
                                 await c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -583,21 +611,21 @@ class Mover:
             t0 = time.monotonic() if info.mode == "online" or info.fenced_at is None else info.fenced_at
             if info.mode == "online":
                 try:
-                    await self._fence(ends.src, info, self.settings.cutover_lock_wait_ms << attempt)
+                    await self._fence(ends.src, info, self._lock_wait_ms(attempt))
                     info.detail["fenceWaitMs"] = round((time.monotonic() - t0) * 1000, 2)
                 except FenceBusy:
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: a transaction of the tenant outlasted the fence's %s ms; trying again",
-                             info.run_id, self.settings.cutover_lock_wait_ms << attempt)
+                             info.run_id, self._lock_wait_ms(attempt))
                     await asyncio.sleep(min(2 ** attempt * 0.1, 2))
                     continue
             try:
                 if info.mode == "online" and not await self._marker_round(
-                        info, ends, (self.settings.cutover_timeout_ms << attempt) / 1000):
+                        info, ends, self._catch_up_ms(attempt) / 1000):
                     await ends.src.execute("ROLLBACK")
                     pauses.append(time.monotonic() - t0)
                     log.info("move %s: cutover catch-up took longer than %s ms; released, trying again",
-                             info.run_id, self.settings.cutover_timeout_ms << attempt)
+                             info.run_id, self._catch_up_ms(attempt))
                     if not await self._marker_round(info, ends, self.settings.catchup_timeout_s):  # unfenced
                         raise MoveFailed(f"move {info.run_id}: the target did not catch up within "
                                          f"{self.settings.catchup_timeout_s:.0f} s", runId=info.run_id)
@@ -633,8 +661,10 @@ class Mover:
         """Under the source's exclusive fence (``ends.src`` in its transaction): sequences,
         outbox and the target's fence, then the source's fence: the commit point."""
         new_epoch = info.epoch_before + 1
-        seqs = await ends.src.fetch("SELECT sequencename, last_value FROM pg_sequences "
-                                    "WHERE schemaname = $1 AND last_value IS NOT NULL", info.schema)
+        # each sequence's state read from the sequence itself: pg_sequences.last_value is
+        # NULL for a sequence restarted (ALTER SEQUENCE ... RESTART, setval(.., false)) and
+        # not used since, whose next value is not the target's fresh copy's
+        seqs = await ends.src.fetch(info.sequence_sql) if info.sequence_sql else []
         # locked: a delivery settling or claiming one of them finishes first, or waits for
         # the commit point and then finds the row gone (the target's relay delivers it)
         events = await ends.src.fetch(
@@ -645,9 +675,10 @@ class Mover:
         async with ends.dst.transaction():
             if seqs:
                 await ends.dst.execute(
-                    "SELECT setval(format('%I.%I', $1::text, q.name)::regclass, q.v, true) "
-                    "FROM unnest($2::text[], $3::bigint[]) q(name, v)",
-                    info.schema, [s["sequencename"] for s in seqs], [s["last_value"] for s in seqs])
+                    "SELECT setval(format('%I.%I', $1::text, q.name)::regclass, q.v, q.called) "
+                    "FROM unnest($2::text[], $3::bigint[], $4::bool[]) q(name, v, called)",
+                    info.schema, [s["name"] for s in seqs], [s["last_value"] for s in seqs],
+                    [s["is_called"] for s in seqs])
             if events:
                 await ends.dst.executemany(
                     "INSERT INTO fleet.event_outbox (event_id, tenant_id, source, name, payload, created_at, attempts, "
@@ -695,12 +726,18 @@ class Mover:
             "SET seq = fleet.move_markers.seq + 1, updated_at = now() RETURNING seq", info.run_id)
         info.detail["markerCommitMs"] = round((time.monotonic() - t0) * 1000, 2)
         deadline = time.monotonic() + timeout_s
+        probe_at = time.monotonic() + SOURCE_PROBE_S
         while True:
             got = await ends.dst.fetchval("SELECT seq FROM fleet.move_markers WHERE run_id = $1", info.run_id)
             if got is not None and got >= seq:
                 return True
             if time.monotonic() > deadline:
                 return False
+            if time.monotonic() > probe_at:
+                # a source that went away after the marker's commit never streams it: the
+                # wait would last the whole catch-up timeout (minutes); its error ends it
+                await ends.mark.fetchval("SELECT 1")
+                probe_at = time.monotonic() + SOURCE_PROBE_S
             await asyncio.sleep(MARKER_POLL_S)
 
     @staticmethod
@@ -731,11 +768,17 @@ class Mover:
                 await conn.execute("ROLLBACK")
             raise
 
+    def _lock_wait_ms(self, attempt: int) -> int:
+        return cutover_budget_ms(self.settings, self.settings.cutover_lock_wait_ms, attempt)
+
+    def _catch_up_ms(self, attempt: int) -> int:
+        return cutover_budget_ms(self.settings, self.settings.cutover_timeout_ms, attempt)
+
     async def _fence_retrying(self, conn: Conn, info: MoveInfo) -> None:
         """`_fence` with the cutover's lock wait (doubling), tried ``cutover_attempts`` times with backoff."""
         for attempt in range(self.settings.cutover_attempts):
             try:
-                await self._fence(conn, info, self.settings.cutover_lock_wait_ms << attempt)
+                await self._fence(conn, info, self._lock_wait_ms(attempt))
                 return
             except FenceBusy:
                 if attempt + 1 == self.settings.cutover_attempts:

@@ -70,7 +70,7 @@ async def _stale_subscriptions(directory: Directory, conn: Any, shard_id: str, d
         if not dry_run:
             await drop_subscription(conn, name)
             if row["phase"] == "aborted":
-                await _drop_copy(conn, row["tenant_id"], row["schema_name"])
+                await _drop_copy(directory, conn, shard_id, row["tenant_id"], row["schema_name"])
         out.append({"shardId": shard_id, "schemaName": f"subscription {name}", "tenantId": row["tenant_id"],
                     "runId": row["run_id"], "retiredAt": None, "dropped": not dry_run})
     return out
@@ -87,7 +87,7 @@ async def _aborted_copies(directory: Directory, conn: Any, shard_id: str, dry_ru
     for r in rows:
         dropped = False
         if not dry_run:
-            dropped = await _drop_copy(conn, r["tenant_id"], r["schema_name"])
+            dropped = await _drop_copy(directory, conn, shard_id, r["tenant_id"], r["schema_name"])
             if dropped:
                 await directory.control.execute(
                     "UPDATE tenant_moves SET detail = detail - 'targetLeftovers' || jsonb_build_object("
@@ -97,19 +97,34 @@ async def _aborted_copies(directory: Directory, conn: Any, shard_id: str, dry_ru
     return out
 
 
-async def _drop_copy(conn: Any, tenant_id: str, schema_name: str) -> bool:
-    """Drop an aborted move's copy of the tenant here (schema and ledger rows), only while
-    no other move of the tenant is at work here (its hold key) and the tenant isn't served
-    here (no fence row). True when nothing of it is left (also when the tenant is served
-    here now: the move that brought it dropped the old copy first)."""
+async def _drop_copy(directory: Directory, conn: Any, shard_id: str, tenant_id: str, schema_name: str) -> bool:
+    """Drop an aborted move's copy of the tenant here (schema, fence, ledger and outbox
+    rows), only while no other move of the tenant is at work here (its hold key) and the
+    directory doesn't place the tenant here. True when nothing of it is left (also when
+    the tenant is served here now: the move that brought it dropped the old copy first).
+
+    Not a fence row here: a move that stopped between committing the target's side of
+    its switch (fence, sequences, the undelivered events) and the source's commit point
+    leaves one on a target that never served the tenant; kept, this shard's relay would
+    deliver those events a second time."""
     if not await conn.fetchval("SELECT pg_try_advisory_lock(fleet.tenant_hold_key($1::uuid))", tenant_id):
         return False
     try:
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM fleet.tenant_fence WHERE tenant_id = $1::uuid)",
-                               tenant_id):
+        rec = await directory.lookup("id", tenant_id)
+        if rec is not None and rec.shard_id == shard_id:
             return True
-        await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid", tenant_id)
-        await conn.execute("SELECT fleet.drop_tenant_schema($1)", schema_name)
+        # a later move of the tenant still open (a mover stopped past its commit point: the
+        # directory names the source until a host or a resume switches it) may own what
+        # is here now; gc comes back to it once that move has ended
+        if await directory.control.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM tenant_moves WHERE tenant_id = $1::uuid "
+                "AND phase NOT IN ('done', 'aborted'))", tenant_id):
+            return False
+        async with conn.transaction():
+            await conn.execute("DELETE FROM fleet.tenant_fence WHERE tenant_id = $1::uuid", tenant_id)
+            await conn.execute("DELETE FROM fleet.sys_plugin_migrations WHERE tenant_id = $1::uuid", tenant_id)
+            await conn.execute("DELETE FROM fleet.event_outbox WHERE tenant_id = $1::uuid", tenant_id)
+            await conn.execute("SELECT fleet.drop_tenant_schema($1)", schema_name)
         return True
     finally:
         await conn.execute("SELECT pg_advisory_unlock(fleet.tenant_hold_key($1::uuid))", tenant_id)
