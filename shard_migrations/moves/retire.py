@@ -4,10 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 from router.directory import Directory
-from router.errors import ShardUnreachable
+from router.errors import ShardUnreachable, TenantFleetError
 from router.pools import connect
 from router.settings import Settings
-from shard_migrations.moves.mover import drop_subscription
+from shard_migrations.moves.mover import Mover, drop_subscription
+
+# a switched move whose run has not beaten for this long has no mover left: gc finishes it
+SWITCHED_STALE_S = 60.0
 
 
 # r_<32 hex>_<run> -> t_<32 hex>: the live schema's name, whose role the old copy used
@@ -22,7 +25,7 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
                           dry_run: bool = False) -> list[dict[str, Any]]:
     """Per shard, the retired schemas older than ``grace_s`` (dropped unless ``dry_run``).
     A shard that can't be reached is reported in its row and skipped."""
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = await finish_switched_moves(directory, settings, dry_run=dry_run)
     for shard in await directory.list_shards():
         try:
             conn = await connect(shard.dsn, settings)
@@ -37,19 +40,56 @@ async def collect_retired(directory: Directory, settings: Settings, *, grace_s: 
                 "SELECT schema_name, tenant_id::text AS tenant_id, run_id, retired_at FROM fleet.retired_schemas "
                 "WHERE retired_at < now() - make_interval(secs => $1) ORDER BY retired_at", grace_s)
             for r in rows:
+                dropped = False
                 if not dry_run:
                     async with conn.transaction():
-                        sql = await conn.fetchval("SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', $1::text)",
-                                                  r["schema_name"])
-                        await conn.execute(sql)
-                        await conn.execute("DELETE FROM fleet.retired_schemas WHERE schema_name = $1", r["schema_name"])
-                        # the tenant's role too, unless the tenant is served here again
-                        # (fleet.drop_tenant_schema keeps a role another database uses)
-                        await conn.execute(_DROP_ROLE_IF_GONE, r["schema_name"], r["tenant_id"])
+                        # not while a move or migration of the tenant is at work here (a move
+                        # back to this shard could be between its clean-up and its new
+                        # schema, whose role the check below would drop): next gc then
+                        if await conn.fetchval("SELECT pg_try_advisory_xact_lock(fleet.tenant_hold_key($1::uuid))",
+                                               r["tenant_id"]):
+                            sql = await conn.fetchval("SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', $1::text)",
+                                                      r["schema_name"])
+                            await conn.execute(sql)
+                            await conn.execute("DELETE FROM fleet.retired_schemas WHERE schema_name = $1",
+                                               r["schema_name"])
+                            # the tenant's role too, unless the tenant is served here again
+                            # (fleet.drop_tenant_schema keeps a role another database uses)
+                            await conn.execute(_DROP_ROLE_IF_GONE, r["schema_name"], r["tenant_id"])
+                            dropped = True
                 out.append({"shardId": shard.shard_id, "schemaName": r["schema_name"], "tenantId": r["tenant_id"],
-                            "runId": r["run_id"], "retiredAt": r["retired_at"], "dropped": not dry_run})
+                            "runId": r["run_id"], "retiredAt": r["retired_at"], "dropped": dropped,
+                            **({} if dropped or dry_run else {"error": "the tenant is busy (a move or migration): "
+                                                                        "dropped by a later gc"})})
         finally:
             await conn.close()
+    return out
+
+
+async def finish_switched_moves(directory: Directory, settings: Settings, *,
+                                dry_run: bool = False) -> list[dict[str, Any]]:
+    """Moves the directory already follows (a host switched it after the mover stopped past
+    its commit point) whose run shows no life for SWITCHED_STALE_S: resumed, so their slot,
+    publication and subscription go (a slot keeps WAL on the source) and the old schema is
+    retired. A resume that fails is reported in its row; the next gc tries again."""
+    rows = await directory.control.fetch(
+        "SELECT m.run_id, m.tenant_id::text AS tenant_id, m.target_shard, t.schema_name FROM tenant_moves m "
+        "JOIN fleet_runs r USING (run_id) JOIN tenants t USING (tenant_id) "
+        "WHERE m.phase NOT IN ('done', 'aborted') AND t.shard_id = m.target_shard AND t.epoch > m.epoch_before "
+        "AND coalesce(r.heartbeat_at, r.created_at) < now() - make_interval(secs => $1) ORDER BY m.run_id",
+        SWITCHED_STALE_S)
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        row: dict[str, Any] = {"shardId": r["target_shard"], "schemaName": f"move {r['run_id']} (switched)",
+                               "tenantId": r["tenant_id"], "runId": r["run_id"], "retiredAt": None,
+                               "dropped": False}
+        if not dry_run:
+            try:
+                info = await Mover(directory, settings).resume(r["run_id"])
+                row["dropped"] = info.phase == "done"
+            except TenantFleetError as exc:
+                row["error"] = exc.message
+        out.append(row)
     return out
 
 
