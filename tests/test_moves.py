@@ -251,6 +251,25 @@ async def _seed(host: Host, rec: TenantRecord, key: str, n: int) -> set[str]:
     return skus
 
 
+class _Crash(BaseException):
+    """Stands for the mover's process dying right after the commit point (a SIGKILL can
+    land a moment later, after the directory switched too)."""
+
+
+async def _crashed_at_commit(fleet: Fleet, rec: TenantRecord, to: str, mode: str) -> int:
+    """Start a move of ``rec`` to ``to`` in-process and crash it right after the source's
+    commit point, before the directory follows; returns its run id."""
+    def crash_at_commit(phase: str, _figures: dict[str, Any]) -> None:
+        if phase == "committed":
+            raise _Crash()
+
+    runs: list[int] = []
+    with pytest.raises(_Crash):
+        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(rec, to, mode,
+                                                                                on_run=runs.append)
+    return runs[0]
+
+
 @pytest.mark.parametrize("phase", KILL_AFTER)
 async def test_kill_9_at_each_step_then_resume(fleet: Fleet, host: Host, phase: str) -> None:
     mode = "online" if await _online_capable(fleet) else "offline"
@@ -310,20 +329,7 @@ async def test_abort_after_the_commit_point_is_refused_and_resume_finishes(fleet
             "now() + interval '1 hour', '{inventory}')", rec.tenant_id)
     finally:
         await conn.close()
-    class Crash(BaseException):
-        """Stands for the mover's process dying right after the commit point (a SIGKILL
-        can land a moment later, after the directory switched too)."""
-
-    def crash_at_commit(phase: str, _figures: dict[str, Any]) -> None:
-        if phase == "committed":
-            raise Crash()
-
-    runs: list[int] = []
-    current = await fleet.directory.get(id=rec.tenant_id)
-    with pytest.raises(Crash):
-        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(current, "shard2", mode,
-                                                                                on_run=runs.append)
-    run_id = runs[0]
+    run_id = await _crashed_at_commit(fleet, await fleet.directory.get(id=rec.tenant_id), "shard2", mode)
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"  # the directory never followed
     code, out, err = await run_cli(fleet, "--json", "move", "--abort", str(run_id))
     assert code == 2 and "commit point" in err, err

@@ -16,7 +16,7 @@ from tests.fleetkit import Fleet
 from tests.hostkit import Host, auth, host_settings, running_host, tenant_with_key
 from tests.migratekit import run_cli
 from tests.test_move_faults import Stoppable, rig  # noqa: F401  (the fixture: a fleet with a stoppable shard4)
-from tests.test_moves import _online_capable_dsn
+from tests.test_moves import _crashed_at_commit, _online_capable_dsn
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -168,22 +168,11 @@ async def test_gc_keeps_the_target_copy_of_a_later_move_stopped_past_its_commit_
     fleet, host, s4 = rig
     rec, key = await tenant_with_key(fleet, host, shard_id="shard1")
     await _stopped_mid_switch_then_aborted_with_the_target_down(fleet, host, s4, rec)
-
-    class Crash(BaseException):
-        pass
-
-    def crash_at_commit(phase: str, _figures: dict[str, object]) -> None:
-        if phase == "committed":
-            raise Crash()
-
-    runs: list[int] = []
-    with pytest.raises(Crash):
-        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(
-            await fleet.directory.get(id=rec.tenant_id), "shard4", "offline", on_run=runs.append)
+    run_id = await _crashed_at_commit(fleet, await fleet.directory.get(id=rec.tenant_id), "shard4", "offline")
     code, out, err = await run_cli(fleet, "--json", "gc", "--grace", "86400")
     assert code == 0, err
     assert await _on_shard4(fleet, rec) == {"fence": 1, "events": 1, "schemas": 1}
-    done = await Mover(fleet.directory, fleet.settings).resume(runs[0])
+    done = await Mover(fleet.directory, fleet.settings).resume(run_id)
     assert done.phase == "done"
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard4"
     async with host.http.get("/api/plugins/inventory/items", headers=auth(key, rec.code)) as r:
@@ -218,21 +207,10 @@ async def test_hosts_finishing_a_committed_move_while_it_is_resumed_agree(fleet:
     the losers see the winner's row), the resume finishes, and once it has, the call
     finds no open move: None, nothing changed."""
     rec, _ = await tenant_with_key(fleet, host, shard_id="shard1")
-
-    class Crash(BaseException):
-        pass
-
-    def crash_at_commit(phase: str, _figures: dict[str, object]) -> None:
-        if phase == "committed":
-            raise Crash()
-
-    runs: list[int] = []
-    with pytest.raises(Crash):
-        await Mover(fleet.directory, fleet.settings, progress=crash_at_commit).start(
-            rec, "shard2", "offline", on_run=runs.append)
+    run_id = await _crashed_at_commit(fleet, rec, "shard2", "offline")
     assert (await fleet.directory.get(id=rec.tenant_id)).shard_id == "shard1"
     results = await asyncio.gather(*(fleet.directory.finish_committed_move(rec.tenant_id) for _ in range(3)),
-                                   Mover(fleet.directory, fleet.settings).resume(runs[0]))
+                                   Mover(fleet.directory, fleet.settings).resume(run_id))
     for r in results[:3]:  # None only if the resume had already closed the move
         assert r is None or (r.shard_id, r.epoch) == ("shard2", rec.epoch + 1)
     assert results[3].phase == "done"

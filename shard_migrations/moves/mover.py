@@ -565,7 +565,6 @@ class Mover:
     async def _verify(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> None:
         self.progress("verifying", {})
         if info.mode == "offline":  # the source is fenced since the copy began
-            self._step(info, "phaseCopied")
             mismatch = await _compare(ends.src, ends.dst, info.schema, ts)
             self._step(info, "verify")
         else:
@@ -630,8 +629,6 @@ class Mover:
                         raise MoveFailed(f"move {info.run_id}: the target did not catch up within "
                                          f"{self.settings.catchup_timeout_s:.0f} s", runId=info.run_id)
                     continue
-                if info.mode == "offline":
-                    self._step(info, "phaseVerified")
                 t_switch = time.monotonic()
                 info.detail["catchUpMs"] = round((t_switch - t0) * 1000 - info.detail.get("fenceWaitMs", 0), 2)
                 await self._switch(info, ends)
