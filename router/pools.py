@@ -9,6 +9,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from router.background import lower_backend_priority
 from router.errors import ShardNotFound, ShardUnreachable
 from router.settings import Settings
 
@@ -109,14 +110,19 @@ class ShardPools:
     asked again for every new connection (a changed password applies from the next one).
     Connections run as the DSN's role (the owner: DDL, the directory, the migrator), or,
     with ``role``, switch to it once each (the host's request path: `APP_ROLE`).
-    ``min_size`` / ``max_size`` override the settings' shard pool bounds.
+    ``min_size`` / ``max_size`` override the settings' shard pool bounds. ``background``:
+    the pool serves a fleet operation (a migration, a move), whose backends get the
+    settings' ``operation_nice`` CPU priority where they run on this machine
+    (`router.background`).
     Use as ``async with ShardPools(...) as pools``; closing closes every pool, and keeps
     going when one fails (it is terminated instead).
     """
 
     def __init__(self, settings: Settings, dsn_lookup: DsnLookup, *, role: str | None = None,
-                 min_size: int | None = None, max_size: int | None = None, **pool_kwargs: Any) -> None:
+                 min_size: int | None = None, max_size: int | None = None, background: bool = False,
+                 **pool_kwargs: Any) -> None:
         self._settings = settings
+        self._nice = settings.operation_nice if background else 0
         self._dsn_lookup = dsn_lookup
         self._role = role
         self._min_size = settings.shard_pool_min if min_size is None else min_size
@@ -160,6 +166,12 @@ class ShardPools:
         is used from the next connection on, without reopening the pool."""
         async def connect_fresh(*_dsn: Any, **kwargs: Any) -> asyncpg.Connection:
             conn: asyncpg.Connection = await asyncpg.connect(await self._lookup(shard_id), **kwargs)
+            if self._nice:
+                try:
+                    await lower_backend_priority(conn, self._nice)
+                except BaseException:
+                    await conn.close(timeout=self._settings.connect_timeout_s)
+                    raise
             return conn
         return connect_fresh
 

@@ -85,6 +85,14 @@ class Settings(BaseModel):
     slo_throttle_ratio: float = Field(1.25, gt=1, le=100)
     slo_throttle_file: str = ""
     slo_throttle_max_pause_s: float = Field(30.0, ge=0, le=3600)
+    # slow start: a run begins each shard that serves requests (the hosts publish its p95)
+    # at this many operations per second, doubling every second the p95 stays low, unpaced
+    # past 32x; 0 starts at full speed (the throttle then acts from its first reading on)
+    slo_throttle_start_rate: float = Field(10.0, ge=0, le=10000)
+    # the CPU priority (Unix nice, 0-19; 0: unchanged) of fleet operations: the CLI process
+    # running a migration, move, drain or rebalance, and its PostgreSQL backends when they
+    # run on this machine (router/background.py), so the request path gets the CPU first
+    operation_nice: int = Field(10, ge=0, le=19)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
     # how long a run keeps coming back to a tenant a move holds before it reports that

@@ -268,7 +268,9 @@ class FleetMigrator:
                             rec.done(item.key, item.attempts, item.tenant_id)
                 rec.flip(t.tenant_id for s in plan.shards.values() if s.reachable for t in s.up_to_date)
                 async with SloThrottle(self.settings, limiters.all,
-                                       registry=self.metrics.registry if self.metrics else None) as throttle:
+                                       registry=self.metrics.registry if self.metrics else None,
+                                       shards=[sid for sid, sp in plan.shards.items() if sp.tenants],
+                                       limiter_for=limiters.get) as throttle:
                     self.throttle = throttle
                     try:
                         await self._run_phases(plan, target, opts, batch, limiters, rec, attempts, report)
@@ -530,7 +532,7 @@ def migration_pools(settings: Settings, dsn_lookup: Callable[[str], Any], concur
     """
     room = (concurrency or settings.shard_concurrency) + 1
     sized = settings.model_copy(update={"shard_pool_max": max(settings.shard_pool_max, room)})
-    return ShardPools(sized, dsn_lookup, reset=_no_session_state)
+    return ShardPools(sized, dsn_lookup, reset=_no_session_state, background=True)
 
 
 async def _no_session_state(conn: asyncpg.Connection) -> None:

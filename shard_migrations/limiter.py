@@ -8,7 +8,9 @@ for ``settings.shard_give_up_s`` is marked down; the caller reports it and moves
 `ShardLimiters` hands out one limiter per shard id and snapshots them all for progress
 displays and metrics. The SLO throttle (`shard_migrations.slo_throttle`) lowers and raises
 a limiter's ``allowed`` concurrency (0 pauses the shard's new operations) from the live
-request latency the hosts publish; it never goes above ``concurrency``.
+request latency the hosts publish; it never goes above ``concurrency``. It can also pace
+the shard (``pace_s``: at least that long between two operations starting on it), which
+is how a run starts on a shard serving requests (the throttle's slow start).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class LimiterState:
     last_error: str | None
     allowed: int = 0          # the concurrency the SLO throttle allows now (= concurrency when not throttled)
     throttled: str | None = None   # why, when the SLO throttle holds the shard below its concurrency
+    rate: float | None = None      # operations per second the throttle's pacing allows (None: not paced)
 
 
 class ShardLimiter:
@@ -69,6 +72,8 @@ class ShardLimiter:
         self.down = False
         self.last_error: str | None = None
         self.in_flight = 0
+        self.pace_s = 0.0           # the SLO throttle's pacing: this long at least between two starts
+        self._next_start = 0.0
 
     async def wait_clear(self) -> None:
         """Return when the shard is out of backoff (at once if it is not backing off)."""
@@ -87,6 +92,12 @@ class ShardLimiter:
                 await self._room.wait_for(lambda: self.in_flight < self.allowed or self.down)
                 self.in_flight += 1
             try:
+                if self.pace_s > 0 and not self.down:
+                    now = time.monotonic()
+                    start = max(now, self._next_start)
+                    self._next_start = start + self.pace_s
+                    if start > now:
+                        await asyncio.sleep(start - now)
                 yield
             finally:
                 async with self._room:
@@ -99,8 +110,17 @@ class ShardLimiter:
         ``concurrency``."""
         async with self._room:
             self.allowed = max(0, min(self.concurrency, allowed))
-            self.throttled = reason if self.allowed < self.concurrency else None
+            self.throttled = reason if self.allowed < self.concurrency or self.pace_s > 0 else None
             self._room.notify_all()
+
+    async def set_pace(self, pace_s: float, reason: str | None = None) -> None:
+        """The SLO throttle's pacing of this shard: at least ``pace_s`` between two
+        operations starting (0: none); ``reason`` is shown while it paces. A start already
+        scheduled further out is brought forward to the new pace."""
+        async with self._room:
+            self.pace_s = max(0.0, pace_s)
+            self._next_start = min(self._next_start, time.monotonic() + self.pace_s)
+            self.throttled = reason if self.allowed < self.concurrency or self.pace_s > 0 else None
 
     def success(self) -> None:
         self.failures = 0
@@ -139,7 +159,7 @@ class ShardLimiter:
         left = max(0.0, self.backoff_until - time.monotonic())
         state = "down" if self.down else "backing_off" if left > 0 else "ok"
         return LimiterState(self.shard_id, state, self.in_flight, self.failures, left, self.last_error,
-                            self.allowed, self.throttled)
+                            self.allowed, self.throttled, 1 / self.pace_s if self.pace_s > 0 else None)
 
 
 class ShardLimiters:

@@ -12,6 +12,17 @@ multiplicative decrease:
   concurrency;
 - in between: hold.
 
+Slow start: a run's first operations on a shard are where it hurts most (a migration of a
+few hundred tenants is over in a second, before a reading could slow it). So a shard that
+has a p95 figure when the run starts (it serves requests) starts paced, at
+``slo_throttle_start_rate`` operations per second (10); each second its p95 stays at or
+below ``LOW`` of the limit the rate doubles, and past ``SLOW_START_CAP`` times the start
+rate pacing ends (then the concurrency moves as above); between ``LOW`` and the limit the
+rate holds, and at or above the limit itself it halves, down to ``MIN_RATE`` (a ramp
+that waits near the limit and backs off past it: the one reading a second is a rolling
+10 s p95 that moves by 10-15% on its own). A shard without a figure (no traffic, Redis
+down) starts at full speed.
+
 The limit is ``slo_throttle_p95_ms`` when set, else the shard's p95 when the throttle
 first saw it (the run's start: the steady load) times ``slo_throttle_ratio`` (the default
 SLO's 1.25); ``slo_throttle_file`` (an SLO file,
@@ -43,6 +54,8 @@ log = logging.getLogger("tenantfleet.slo_throttle")
 TICK_S = 1.0
 HIGH = 0.9
 LOW = 0.75
+SLOW_START_CAP = 32      # times the start rate: past it, a shard is no longer paced
+MIN_RATE = 1.0           # operations per second: the slowest pace of a slow start
 REDIS_TIMEOUT_S = 1.0
 
 
@@ -66,12 +79,17 @@ def file_limits(path: str) -> tuple[float | None, float | None]:
 
 class SloThrottle:
     """``async with SloThrottle(settings, limiters):`` for the length of a run. ``limiters``
-    returns the run's current limiters (they are created as shards come up)."""
+    returns the run's current limiters (they are created as shards come up). ``shards`` and
+    ``limiter_for`` (the run's shard ids and how it gets a shard's limiter): the shards to
+    slow-start before the run's first operation."""
 
     def __init__(self, settings: Settings, limiters: Callable[[], Iterable[ShardLimiter]], *,
-                 redis: Any = None, registry: CollectorRegistry | None = None) -> None:
+                 redis: Any = None, registry: CollectorRegistry | None = None,
+                 shards: Iterable[str] = (), limiter_for: Callable[[str], ShardLimiter] | None = None) -> None:
         self.settings = settings
         self.limiters = limiters
+        self._start_shards = sorted(set(shards))
+        self._limiter_for = limiter_for
         self.enabled = settings.slo_throttle
         self._redis = redis
         self._own_redis = False
@@ -84,6 +102,8 @@ class SloThrottle:
         self.p95: dict[str, float] = {}
         self.paused_since: dict[str, float] = {}
         self.decisions: list[tuple[str, int, str]] = []   # (shard, allowed, why): what the run saw
+        self._rates: dict[str, float | None] = {}         # each shard's pace as last recorded
+        self.decision_rates: list[float | None] = []      # the pace (operations/s) beside each decision
         self._task: asyncio.Task[None] | None = None
         self._redis_failing = False
         self.throttled_total = 0
@@ -107,8 +127,28 @@ class SloThrottle:
             self._redis = aioredis.Redis(**redis_address(self.settings.redis_url), socket_timeout=REDIS_TIMEOUT_S,
                                          socket_connect_timeout=REDIS_TIMEOUT_S)
             self._own_redis = True
-        self._task = asyncio.create_task(self._loop(), name="slo-throttle")
+        started = await self.slow_start()
+        self._task = asyncio.create_task(self._loop(first_wait=started), name="slo-throttle")
         return self
+
+    async def slow_start(self) -> bool:
+        """Pace the run's shards that serve requests before its first operation; whether
+        any was (then the first reading waits a tick, as it would be the same one)."""
+        rate = self.settings.slo_throttle_start_rate
+        if rate <= 0 or not self._start_shards or self._limiter_for is None:
+            return False
+        try:
+            figures = await asyncio.wait_for(read_shard_p95(self._redis, self.settings.redis_namespace,
+                                                            self._start_shards), REDIS_TIMEOUT_S * 2)
+        except (aioredis.RedisError, OSError, asyncio.TimeoutError):
+            return False  # the loop's first tick says so in the log
+        for sid, p95 in sorted(figures.items()):
+            self.p95[sid] = p95
+            self.baseline.setdefault(sid, p95)
+            lim = self._limiter_for(sid)
+            await lim.set_pace(1 / rate)
+            await self._set(lim, lim.allowed, self._why(lim, p95, self.limit_for(sid)))
+        return bool(figures)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
@@ -118,11 +158,14 @@ class SloThrottle:
             except (asyncio.CancelledError, Exception):
                 pass
         for lim in self.limiters():
+            await lim.set_pace(0)
             await lim.set_allowed(lim.concurrency)
         if self._own_redis and self._redis is not None:
             await self._redis.aclose()
 
-    async def _loop(self) -> None:
+    async def _loop(self, first_wait: bool = False) -> None:
+        if first_wait:
+            await asyncio.sleep(TICK_S)
         while True:
             try:
                 await self.tick()
@@ -131,6 +174,7 @@ class SloThrottle:
             except Exception:  # the throttle must never stop a run
                 log.exception("SLO throttle tick failed; running at the configured limits")
                 for lim in self.limiters():
+                    await lim.set_pace(0)
                     await lim.set_allowed(lim.concurrency)
             await asyncio.sleep(TICK_S)
 
@@ -162,16 +206,26 @@ class SloThrottle:
             if p95 is None:
                 self.p95.pop(sid, None)
                 self.paused_since.pop(sid, None)
+                await lim.set_pace(0)
                 await self._set(lim, lim.concurrency, None)
                 continue
             self.p95[sid] = p95
             self.baseline.setdefault(sid, p95)
             limit = self.limit_for(sid)
             if limit is None:
+                await lim.set_pace(0)
                 await self._set(lim, lim.concurrency, None)
                 continue
             allowed = lim.allowed
-            if p95 >= HIGH * limit:
+            if lim.pace_s > 0 and allowed > 0:
+                # slow start: the pace moves, the concurrency stays
+                if p95 >= limit:
+                    await lim.set_pace(max(lim.pace_s, min(lim.pace_s * 2, 1 / MIN_RATE)))
+                elif p95 <= LOW * limit:  # the rate doubles, then pacing ends
+                    start = self.settings.slo_throttle_start_rate
+                    faster = lim.pace_s / 2
+                    await lim.set_pace(0 if start <= 0 or 1 / faster > start * SLOW_START_CAP else faster)
+            elif p95 >= HIGH * limit:
                 allowed = allowed // 2
             elif p95 <= LOW * limit:
                 allowed = allowed + 1
@@ -185,12 +239,20 @@ class SloThrottle:
                     self.paused_since[sid] = now
             else:
                 self.paused_since.pop(sid, None)
-            why = (f"throttled by SLO: p95 {p95:.0f} ms, limit {limit:.0f} ms, "
-                   f"{'paused' if allowed == 0 else f'{allowed} of {lim.concurrency}'}")
-            await self._set(lim, allowed, why)
+            await self._set(lim, allowed, self._why(lim, p95, limit, allowed))
+
+    @staticmethod
+    def _why(lim: ShardLimiter, p95: float, limit: float | None, allowed: int | None = None) -> str:
+        allowed = lim.allowed if allowed is None else allowed
+        pace = f", {1 / lim.pace_s:.0f}/s" if lim.pace_s > 0 and allowed > 0 else ""
+        return (f"throttled by SLO: p95 {p95:.0f} ms, limit {'-' if limit is None else f'{limit:.0f}'} ms, "
+                f"{'paused' if allowed == 0 else f'{allowed} of {lim.concurrency}'}{pace}")
 
     async def _set(self, lim: ShardLimiter, allowed: int, why: str | None) -> None:
-        if allowed != lim.allowed:
+        rate = 1 / lim.pace_s if lim.pace_s > 0 else None
+        if allowed != lim.allowed or rate != self._rates.get(lim.shard_id):
+            self._rates[lim.shard_id] = rate
+            self.decision_rates.append(None if rate is None else round(rate, 2))
             self.decisions.append((lim.shard_id, allowed, why or "no latency figures: configured limit"))
             if allowed < lim.allowed:
                 self.throttled_total += 1
@@ -205,4 +267,5 @@ def throttle_api(throttle: "SloThrottle | None") -> dict[str, Any] | None:
     if throttle is None or not throttle.enabled:
         return None
     return {"decreases": throttle.throttled_total, "baselineP95Ms": dict(throttle.baseline),
-            "changes": [{"shardId": sid, "allowed": n, "why": why} for sid, n, why in throttle.decisions][-50:]}
+            "changes": [{"shardId": sid, "allowed": n, "rate": throttle.decision_rates[i], "why": why}
+                        for i, (sid, n, why) in enumerate(throttle.decisions)][-50:]}

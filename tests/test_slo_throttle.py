@@ -18,9 +18,9 @@ import redis.asyncio as aioredis
 from host.fleet.embedded import free_port
 from host.loadprep import hold_shard, prepare_load_tenants
 from router.client import redis_address
-from router.shard_latency import ShardLatency, read_shard_p95
+from router.shard_latency import ShardLatency, publish_latency, read_shard_p95
 from shard_migrations.limiter import ShardLimiter
-from shard_migrations.slo_throttle import SloThrottle, file_limits
+from shard_migrations.slo_throttle import SloThrottle, file_limits, throttle_api
 from tests.fleetkit import Fleet
 from tests.hostkit import host_settings, running_host
 from tests.migratekit import wait_for
@@ -147,3 +147,70 @@ def test_the_rolling_p95_per_shard_comes_from_the_last_window_only() -> None:
     assert 300 <= lat.p95(now=1005.0)["shard1"][0] <= 315
     assert lat.p95(now=1011.0)["shard1"][1] == 100       # the first second left the window
     assert lat.p95(now=1020.0) == {}
+
+
+async def test_slow_start_paces_a_serving_shard_from_the_first_operation_and_speeds_up_while_p95_is_low(
+        fleet: Fleet) -> None:
+    """A run's shards that serve requests (a published p95) start paced at the start rate
+    before any operation; low readings double the rate until pacing ends, a high one halves
+    it and leaves the concurrency alone; a shard with no figure is never paced."""
+    s = fleet.settings.model_copy(update={"slo_throttle_p95_ms": 100.0, "slo_throttle_start_rate": 10.0,
+                                          "redis_namespace": "ss" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    lims: dict[str, ShardLimiter] = {}
+
+    def limiter_for(sid: str) -> ShardLimiter:
+        return lims.setdefault(sid, ShardLimiter(sid, s, concurrency=4))
+
+    async def publish(p95: float) -> None:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (p95, 500)})
+    try:
+        await publish(10.0)
+        throttle = SloThrottle(s, lambda: list(lims.values()), redis=redis, shards=["shard1", "shard2"],
+                               limiter_for=limiter_for)
+        assert await throttle.slow_start()
+        one = lims["shard1"]
+        assert one.pace_s == pytest.approx(0.1) and one.allowed == 4
+        assert one.throttled is not None and "10/s" in one.throttled
+        assert "shard2" not in lims or lims["shard2"].pace_s == 0     # no figure: full speed
+        # paced: operations start at least 0.1 s apart, whatever the concurrency
+        starts: list[float] = []
+
+        async def operation() -> None:
+            async with one.slot():
+                starts.append(asyncio.get_running_loop().time())
+        await asyncio.gather(*(operation() for _ in range(3)))
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert all(g >= 0.09 for g in gaps), gaps
+
+        await throttle.tick()
+        assert one.pace_s == pytest.approx(0.05)                       # low: 20/s
+        await publish(95.0)
+        await throttle.tick()
+        assert one.pace_s == pytest.approx(0.05) and one.allowed == 4  # near the limit: holds
+        await publish(120.0)
+        await throttle.tick()
+        assert one.pace_s == pytest.approx(0.1) and one.allowed == 4   # past it: back to 10/s, same concurrency
+        await publish(10.0)
+        rates = []
+        while one.pace_s > 0:
+            await throttle.tick()
+            rates.append(round(1 / one.pace_s) if one.pace_s else None)
+            assert len(rates) < 10, rates
+        assert rates == [20, 40, 80, 160, 320, None] and one.throttled is None and one.allowed == 4
+        api = throttle_api(throttle)
+        assert api is not None and [c["rate"] for c in api["changes"] if c["shardId"] == "shard1"] == \
+            [10.0, 20.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, None]
+    finally:
+        await redis.aclose()
+
+
+async def test_slow_start_off_or_without_figures_starts_at_full_speed(fleet: Fleet) -> None:
+    s = fleet.settings.model_copy(update={"slo_throttle_start_rate": 0.0})
+    lims = {"shard1": ShardLimiter("shard1", s, concurrency=2)}
+    throttle = SloThrottle(s, lambda: list(lims.values()), shards=["shard1"], limiter_for=lims.__getitem__)
+    assert not await throttle.slow_start() and lims["shard1"].pace_s == 0
+    quiet = fleet.settings.model_copy(update={"redis_namespace": "nf" + uuid.uuid4().hex[:8]})  # nobody publishes
+    async with SloThrottle(quiet, lambda: list(lims.values()), shards=["shard1"],
+                           limiter_for=lims.__getitem__) as throttle:
+        assert throttle.enabled and lims["shard1"].pace_s == 0 and lims["shard1"].throttled is None

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 
 from host.cli.base import CliState
+from router.background import lower_process_priority
 
 HELP = ("Don't slow down on a shard whose request p95 (published by the hosts) nears its SLO limit "
         "(TENANTFLEET_SLO_THROTTLE=false does the same for every run).")
@@ -18,5 +19,9 @@ def option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def apply(state: CliState, no_slo_throttle: bool) -> None:
+    """Settings for a shard-wide run: the throttle as asked, and this process at the
+    operations' CPU priority (``operation_nice``: the request path sharing this machine
+    goes first; see router.background)."""
     if no_slo_throttle:
         state.replace_settings(slo_throttle=False)
+    lower_process_priority(state.settings.operation_nice)

@@ -1,0 +1,75 @@
+"""Fleet operations give the CPU to the request path first (router/background.py): the
+PostgreSQL backends behind an operation's pools (migrations, moves) run at the settings'
+``operation_nice`` where they are processes of this machine, the request path's don't, and
+the CLI process of a shard-wide run lowers its own priority. A pid that is not a backend
+of the server we are connected to is never touched. Against the embedded servers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import asyncpg
+
+from router.background import local_backend_pid, lower_backend_priority, lower_process_priority
+from router.pools import ShardPools
+from shard_migrations.fleet import migration_pools
+from tests.fleetkit import Fleet
+
+
+async def _backend(conn: asyncpg.Connection) -> tuple[int, str]:
+    row = await conn.fetchrow("SELECT pg_backend_pid() AS pid, current_setting('data_directory') AS dd")
+    assert row is not None
+    return int(row["pid"]), str(row["dd"])
+
+
+async def test_an_operations_pool_runs_its_backends_niced_and_the_request_paths_do_not(fleet: Fleet) -> None:
+    s = fleet.settings.model_copy(update={"operation_nice": 7})
+
+    async def lookup(shard_id: str) -> str | None:
+        return fleet.shard_dsns.get(shard_id)
+    async with ShardPools(s, lookup, background=True) as ops, ShardPools(s, lookup) as serving:
+        async with (await ops.get("shard1")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+        async with (await serving.get("shard1")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+    async with migration_pools(s, lookup) as ops:              # what `migrate apply` works through
+        async with (await ops.get("shard3")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+    off = s.model_copy(update={"operation_nice": 0})
+    async with ShardPools(off, lookup, background=True) as ops:
+        async with (await ops.get("shard2")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+
+
+async def test_only_a_proven_backend_of_the_connected_server_is_reniced(fleet: Fleet) -> None:
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        pid, data_dir = await _backend(conn)
+        assert local_backend_pid(pid, data_dir) == pid
+        # our own process, a made-up data directory, another server's directory: not a backend of it
+        assert local_backend_pid(os.getpid(), data_dir) is None
+        assert local_backend_pid(pid, "/nonexistent") is None
+        other = await asyncpg.connect(fleet.shard_dsns["shard2"])
+        try:
+            _, other_dir = await _backend(other)
+        finally:
+            await other.close()
+        if other_dir != data_dir:                       # embedded: one server per shard
+            assert local_backend_pid(pid, other_dir) is None
+        assert await lower_backend_priority(conn, 3) == pid and os.getpriority(os.PRIO_PROCESS, pid) == 3
+        assert await lower_backend_priority(conn, 2) == pid and os.getpriority(os.PRIO_PROCESS, pid) == 3  # never raised
+    finally:
+        await conn.close()
+
+
+def test_the_process_of_a_shard_wide_run_lowers_its_own_priority_and_never_raises_it() -> None:
+    code = ("import os; from router.background import lower_process_priority as l; "
+            "a = l(5); b = l(3); print(a, b, os.getpriority(os.PRIO_PROCESS, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["5", "None", "5"]
+    assert lower_process_priority(0) is None
