@@ -10,6 +10,19 @@ rounding.
 ``pass``, ``FAIL``, ``few`` (a percentile from fewer than the SLO's ``min_samples``
 requests: no verdict, not a failure) or ``info`` (shown, not judged: the slow shard's own
 requests in ``shard-slow``). The error ratio is judged from any number of requests.
+
+The ratio of a phase's p95 to the steady phase's p95 compares two samples, and a p95 from
+a few hundred requests moves by more than 25% between two windows of the same load on a
+busy machine: an A/A run (the `upgrade` scenario with an operation that does nothing, on
+two shared cores) failed the 1.25x limit on a route in 2 runs of 2. So a ratio is judged
+with distribution-free confidence bounds on both percentiles (order statistics, exact
+binomial; `quantile_bounds`), at the SLO's ``confidence`` (0.95): ``FAIL`` when even the
+phase's lower bound over the steady phase's upper bound is above the limit (the breach is
+real at that confidence), ``pass`` when the ratio itself is within it, and ``unsure``
+between: above the limit, but within what sampling alone explains (not a failure; more
+requests, a longer run, decide it). The row's ``bound`` is that lower ratio. ``few`` when
+the steady phase has too few requests for an upper bound (59 at 0.95). ``confidence = 0``
+judges the ratio itself, as before.
 """
 from __future__ import annotations
 
@@ -22,6 +35,50 @@ from loadtests.slo import Slo
 
 FIGURES = {"p95_ms": "p95 ms", "p99_ms": "p99 ms", "error_ratio": "error ratio",
            "p95_ratio_to_steady": "p95 / steady p95", "write_pause_p99_ms": "write pause p99 ms"}
+
+
+def _binomial_cdf(n: int, q: float) -> list[float]:
+    """P(Binomial(n, q) <= k) for k = 0..n (log-space terms: exact enough for any n here)."""
+    if not 0 < q < 1:
+        raise ValueError("q must be in (0, 1)")
+    lq, l1q, ln1 = math.log(q), math.log1p(-q), math.lgamma(n + 1)
+    out, acc = [], 0.0
+    for k in range(n + 1):
+        acc += math.exp(ln1 - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lq + (n - k) * l1q)
+        out.append(min(acc, 1.0))
+    return out
+
+
+def quantile_bounds(n: int, q: float, confidence: float) -> tuple[int | None, int | None]:
+    """1-based ranks (lower, upper) of the order statistics that bound the ``q`` quantile of
+    the distribution ``n`` samples came from, each one-sided at ``confidence``: the true
+    quantile is at least the ``lower``-th smallest sample, and at most the ``upper``-th,
+    each with that probability, whatever the distribution. None where ``n`` is too small."""
+    if n <= 0:
+        return None, None
+    cdf = _binomial_cdf(n, q)
+    lower = None
+    for r in range(n, 0, -1):            # P(X_(r) <= quantile) = P(Bin >= r) = 1 - F(r - 1)
+        if 1.0 - cdf[r - 1] >= confidence:
+            lower = r
+            break
+    upper = None
+    for r in range(1, n + 1):            # P(X_(r) >= quantile) = P(Bin <= r - 1) = F(r - 1)
+        if cdf[r - 1] >= confidence:
+            upper = r
+            break
+    return lower, upper
+
+
+def ratio_bound(phase_sorted: Sequence[float], steady_sorted: Sequence[float], q: float,
+                confidence: float) -> float | None:
+    """The lower confidence bound of (phase quantile / steady quantile): the phase's lower
+    bound over the steady phase's upper bound; None when either sample is too small."""
+    lo, _ = quantile_bounds(len(phase_sorted), q, confidence)
+    _, hi = quantile_bounds(len(steady_sorted), q, confidence)
+    if lo is None or hi is None or steady_sorted[hi - 1] <= 0:
+        return None
+    return phase_sorted[lo - 1] / steady_sorted[hi - 1]
 
 
 def percentile(sorted_ms: Sequence[float], q: float) -> float:
@@ -109,7 +166,8 @@ class Row:
     value: float | None
     limit: float | None
     n: int
-    verdict: str          # pass | FAIL | few | info
+    verdict: str          # pass | FAIL | unsure | few | info
+    bound: float | None = None   # ratio rows: the ratio's lower confidence bound (see the module docstring)
 
     def to_api(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,11 +182,31 @@ def _row(phase: str, route: str, key: str, value: float | None, limit: float | N
     return Row(phase, route, FIGURES[key], value, limit, n, "pass" if value <= limit else "FAIL")
 
 
+def _ratio_row(phase: str, route: str, s: Sequence[float], steady: Sequence[float] | None, limit: float | None,
+               slo: Slo) -> Row:
+    figure = FIGURES["p95_ratio_to_steady"]
+    if steady is None or len(s) < slo.min_samples or steady[-1] <= 0:
+        return Row(phase, route, figure, None, limit, len(s), "few")
+    ref = percentile(steady, 0.95)
+    value = percentile(s, 0.95) / ref if ref > 0 else None
+    if value is None:
+        return Row(phase, route, figure, None, limit, len(s), "few")
+    if route.startswith(SLOW_PREFIX) or limit is None:
+        return Row(phase, route, figure, value, limit, len(s), "info")
+    if slo.confidence <= 0:
+        return Row(phase, route, figure, value, limit, len(s), "pass" if value <= limit else "FAIL")
+    bound = ratio_bound(s, steady, 0.95, slo.confidence)
+    if bound is None:
+        return Row(phase, route, figure, value, limit, len(s), "few")
+    verdict = "pass" if value <= limit else "FAIL" if bound > limit else "unsure"
+    return Row(phase, route, figure, value, limit, len(s), verdict, round(bound, 4))
+
+
 def judge(phases: dict[str, dict[str, Stats]], slo: Slo) -> list[Row]:
     """One row per (judged phase, route, limit) that has requests; see the module docstring."""
     rows: list[Row] = []
-    steady_p95 = {route: percentile(sorted(st.times), 0.95) for route, st in phases.get("steady", {}).items()
-                  if st.n >= slo.min_samples}
+    steady_sorted = {route: sorted(st.times) for route, st in phases.get("steady", {}).items()
+                     if st.n >= slo.min_samples}
     for phase in JUDGED_PHASES:
         routes = phases.get(phase, {})
         for route in sorted(routes, key=_route_order):
@@ -141,13 +219,12 @@ def judge(phases: dict[str, dict[str, Stats]], slo: Slo) -> list[Row]:
             p95, p99 = percentile(s, 0.95), percentile(s, 0.99)
             figures: list[tuple[str, float | None, bool]] = [("p95_ms", p95, True), ("p99_ms", p99, True),
                                                              ("error_ratio", st.errors / st.n, False)]
-            if "p95_ratio_to_steady" in limits:
-                ref = steady_p95.get(base)
-                figures.append(("p95_ratio_to_steady", None if ref is None or ref <= 0 else p95 / ref, True))
             for key, value, is_pct in figures:
                 if key in limits or route.startswith(SLOW_PREFIX):
                     rows.append(_row(phase, route, key, value, limits.get(key), st.n,
                                      percentile_figure=is_pct, min_samples=slo.min_samples))
+            if "p95_ratio_to_steady" in limits:
+                rows.append(_ratio_row(phase, route, s, steady_sorted.get(base), limits["p95_ratio_to_steady"], slo))
     return rows
 
 

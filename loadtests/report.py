@@ -25,7 +25,10 @@ def verdict_table(summary: dict[str, Any]) -> str:
     head = ("phase", "route", "figure", "value", "limit", "requests", "verdict")
     lines = [head]
     for r in summary["rows"]:
-        lines.append((r["phase"], r["route"], r["figure"], _fmt(r["value"], r["figure"]),
+        value = _fmt(r["value"], r["figure"])
+        if r.get("bound") is not None and r["verdict"] != "pass":
+            value += f" (at least {r['bound']:.2f}x)"
+        lines.append((r["phase"], r["route"], r["figure"], value,
                       _fmt(r["limit"], r["figure"]), str(r["n"]) if r["n"] else "-", r["verdict"]))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
@@ -40,6 +43,10 @@ def headline(summary: dict[str, Any]) -> str:
             "fail": f"FAIL: {len(fails)} limit(s) broken",
             "aborted": f"ABORTED: {(summary.get('aborted') or {}).get('reason', '')}"}[verdict]
     line = f"{summary['scenario']}: {text} (exit {summary['exitCode']})"
+    unsure = [r for r in summary["rows"] if r["verdict"] == "unsure"]
+    if unsure:
+        line += (f"\n{len(unsure)} ratio(s) above the limit but within sampling noise (unsure, not failed): "
+                 "more requests (a longer run, more users) decide them")
     pause = summary.get("writePause") or {}
     if pause.get("n"):
         line += (f"\nwrite pause of {pause['n']} pinned tenants: p50 {pause['p50']:.0f} ms, p99 {pause['p99']:.0f} ms, "

@@ -6,6 +6,8 @@
     min_samples = 20             # a percentile from fewer requests gets no verdict ("few")
     abort_grace_s = 0            # > 0: a limit breached longer than this stops the run (exit 4)
     event_min_s = 5              # the event phase lasts at least this long
+    confidence = 0.95            # a p95 ratio fails only when its breach is real at this confidence
+                                 # (0: judge the ratio itself; see loadtests/gate.py)
 
     [limits]                     # every route, in every judged phase (steady, event, after)
     p95_ms = 500
@@ -50,6 +52,7 @@ RUN_KEYS: dict[str, tuple[type, float, float]] = {
     "min_samples": (int, 1, 1_000_000),
     "abort_grace_s": (float, 0, 3600),
     "event_min_s": (float, 0, 3600),
+    "confidence": (float, 0, 0.999),
 }
 ROUTE_NAMES = (*ROUTES, ALL_ROUTES)
 
@@ -59,6 +62,7 @@ class Slo:
     min_samples: int = 20
     abort_grace_s: float = 0.0
     event_min_s: float = 5.0
+    confidence: float = 0.95
     limits: Mapping[str, float] = field(default_factory=dict)
     phases: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     routes: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
@@ -75,7 +79,7 @@ class Slo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": {"min_samples": self.min_samples, "abort_grace_s": self.abort_grace_s,
-                        "event_min_s": self.event_min_s},
+                        "event_min_s": self.event_min_s, "confidence": self.confidence},
                 "limits": dict(self.limits), "phases": {k: dict(v) for k, v in self.phases.items()},
                 "routes": {k: dict(v) for k, v in self.routes.items()}, "source": self.source}
 

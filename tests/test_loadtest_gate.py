@@ -6,12 +6,13 @@ of them loads Locust or gevent.)
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from loadtests.errors import LoadtestError
-from loadtests.gate import Recording, Stats, judge, live_breaches, passed, percentile
+from loadtests.gate import Recording, Stats, judge, live_breaches, passed, percentile, quantile_bounds
 from loadtests.report import verdict_table
 from loadtests.scenarios import SLOW_PREFIX, Timeline, phase_at
 from loadtests.slo import DEFAULT_SLO, Slo, load_slo, parse_slo
@@ -209,3 +210,70 @@ def test_write_pause_is_the_longest_acknowledged_gap_reaching_into_the_event_and
     ok = pause_row(pause_summary({"b": pauses["b"]}), limits)
     assert ok.verdict == "pass" and ok.value == 50.0
     assert pause_row(pause_summary({}), limits).verdict == "few"
+
+
+def test_quantile_bounds_are_the_exact_order_statistics_of_the_binomial() -> None:
+    # the p95's upper bound at 95% needs 59 samples: 1 - 0.95**59 >= 0.95 > 1 - 0.95**58
+    assert quantile_bounds(58, 0.95, 0.95) == (quantile_bounds(58, 0.95, 0.95)[0], None)
+    assert quantile_bounds(59, 0.95, 0.95)[1] == 59
+    lo, hi = quantile_bounds(1000, 0.95, 0.95)
+    assert lo is not None and hi is not None and lo < 950 < hi
+    assert 935 <= lo <= 942 and 958 <= hi <= 965          # ~ 950 -/+ 1.645 * sqrt(1000 * .95 * .05)
+    assert quantile_bounds(0, 0.95, 0.95) == (None, None)
+
+
+def _phase(rng: random.Random, seconds: int, per_s: int, shift: float = 1.0, burst: float = 0.35) -> list[float]:
+    """Response times of one route: lognormal, with a factor of its own for each second
+    (requests of the same second share a burst, as on a busy machine)."""
+    out: list[float] = []
+    for _ in range(seconds):
+        f = rng.lognormvariate(0, burst)
+        out += [shift * f * rng.lognormvariate(2.6, 0.35) for _ in range(per_s)]
+    return out
+
+
+def test_an_a_a_run_does_not_fail_the_ratio_on_sampling_noise_but_a_real_breach_does() -> None:
+    """Same distribution in both phases (an A/A run: 11 s steady, 5 s event) for a route of
+    10 requests/s: the ratio itself goes over 1.25x on noise alone in about one run of six;
+    the gate fails it only when the bounds say the breach is real. A 1.6x slowdown of a
+    route of 100 requests/s fails nearly every time."""
+    limits = slo(phases={"event": {"p95_ratio_to_steady": 1.25}})
+    point = slo(run={"min_samples": 10, "confidence": 0}, phases={"event": {"p95_ratio_to_steady": 1.25}})
+    aa_fails = point_fails = 0
+    for seed in range(200):
+        rng = random.Random(seed)
+        phases = {"steady": {"GET /manifest": stats(_phase(rng, 11, 10))},
+                  "event": {"GET /manifest": stats(_phase(rng, 5, 10))}}
+        aa_fails += verdicts(judge(phases, limits), "p95 / steady p95", "event", "GET /manifest") == ["FAIL"]
+        point_fails += verdicts(judge(phases, point), "p95 / steady p95", "event", "GET /manifest") == ["FAIL"]
+    assert point_fails >= 15, point_fails        # judging the ratio itself fails A/A runs
+    assert aa_fails <= 2, aa_fails               # the bounds don't
+    real = 0
+    for seed in range(100):
+        rng = random.Random(1000 + seed)
+        phases = {"steady": {"GET /items": stats(_phase(rng, 11, 100, burst=0.1))},
+                  "event": {"GET /items": stats(_phase(rng, 5, 100, shift=1.6, burst=0.1))}}
+        rows = judge(phases, limits)
+        real += verdicts(rows, "p95 / steady p95", "event") == ["FAIL"]
+        row = next(r for r in rows if r.figure == "p95 / steady p95")
+        assert row.bound is not None and row.bound < row.value
+    assert real >= 95, real
+
+
+def test_a_ratio_above_the_limit_within_noise_is_unsure_shown_with_its_bound_and_not_a_failure() -> None:
+    steady = [10.0] * 100
+    event = [10.0] * 18 + [14.0] * 2                                       # p95 14 -> 1.4x from 20 requests
+    rows = judge({"steady": {"GET /items": stats(steady)}, "event": {"GET /items": stats(event)}},
+                 slo(phases={"event": {"p95_ratio_to_steady": 1.25}}))
+    row = next(r for r in rows if r.figure == "p95 / steady p95")
+    assert row.verdict == "unsure" and row.value == pytest.approx(1.4) and row.bound == pytest.approx(1.0)
+    assert passed(rows)
+    table = verdict_table({"rows": [r.to_api() for r in rows]})
+    assert "1.40x (at least 1.00x)" in table and "unsure" in table
+
+
+def test_the_slo_file_takes_a_confidence_between_0_and_0_999() -> None:
+    assert parse_slo({"run": {"confidence": 0.9}}, "t").confidence == 0.9
+    assert load_slo(DEFAULT_SLO).confidence == 0.95
+    with pytest.raises(LoadtestError, match="run.confidence must be between 0 and 0.999"):
+        parse_slo({"run": {"confidence": 1.0}}, "t")
