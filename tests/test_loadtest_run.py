@@ -302,7 +302,7 @@ async def test_move_drains_a_shard_under_load_and_judges_the_pinned_tenants_writ
         assert pause["max"] >= pause["p99"] >= pause["p50"] > 0
         row = [r for r in summary["rows"] if r["route"] == "pinned writes"]
         assert row == [{"phase": "event", "route": "pinned writes", "figure": "write pause p99 ms",
-                        "value": pause["p99"], "limit": 60000.0, "n": 2, "verdict": "pass"}]
+                        "value": pause["p99"], "limit": 60000.0, "n": 2, "verdict": "pass", "bound": None}]
         assert "write pause of 2 pinned tenants" in stdout and "pinned writes" in stdout
         # the drain ran with the SLO throttle (on by default) and said what it did
         assert summary["sloThrottle"] is True and "decreases" in summary["throttle"], summary["throttle"]
