@@ -89,9 +89,9 @@ class Settings(BaseModel):
     # at this many operations per second, doubling every second the p95 stays low, unpaced
     # past 32x; 0 starts at full speed (the throttle then acts from its first reading on)
     slo_throttle_start_rate: float = Field(10.0, ge=0, le=10000)
-    # the CPU priority (Unix nice, 0-19; 0: unchanged) of fleet operations: the CLI process
-    # running a migration, move, drain or rebalance, and its PostgreSQL backends when they
-    # run on this machine (router/background.py), so the request path gets the CPU first
+    # the CPU priority (Unix nice, 0-19; 0: unchanged) of migrations: the CLI process running
+    # one and its PostgreSQL backends when they run on this machine (router/background.py),
+    # so the request path gets the CPU first (moves keep theirs: their cutover holds writes)
     operation_nice: int = Field(10, ge=0, le=19)
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)

@@ -114,7 +114,7 @@ def apply_cmd(state: CliState, plugin: str, to: str | None, from_file: str | Non
               dry_run: bool, resume: int | None, batch_size: int | None, concurrency: int | None, allow_drift: bool,
               metrics_file: str | None, no_slo_throttle: bool = False) -> None:
     """Apply PLUGIN's pending files across the fleet (or --resume RUN). Exit 0 only if everything is done."""
-    throttle.apply(state, no_slo_throttle)
+    throttle.apply(state, no_slo_throttle, background=True)
     opts = _options(to, from_file, tenants, allow_drift, batch_size, concurrency)
     if dry_run:
         _dry_run(state, plugin, opts)

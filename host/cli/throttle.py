@@ -18,10 +18,13 @@ def option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--no-slo-throttle", "no_slo_throttle", is_flag=True, help=HELP)(fn)
 
 
-def apply(state: CliState, no_slo_throttle: bool) -> None:
-    """Settings for a shard-wide run: the throttle as asked, and this process at the
-    operations' CPU priority (``operation_nice``: the request path sharing this machine
-    goes first; see router.background)."""
+def apply(state: CliState, no_slo_throttle: bool, *, background: bool = False) -> None:
+    """Settings for a shard-wide run: the throttle as asked; with ``background`` (a
+    migration: nothing it does holds a tenant's writes for long), this process at the
+    operations' CPU priority (``operation_nice``: the request path sharing this machine goes
+    first; see router.background). Moves stay at normal priority: their cutover holds the
+    tenant's writes, and a starved cutover is a longer pause."""
     if no_slo_throttle:
         state.replace_settings(slo_throttle=False)
-    lower_process_priority(state.settings.operation_nice)
+    if background:
+        lower_process_priority(state.settings.operation_nice)

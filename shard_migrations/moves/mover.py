@@ -116,7 +116,7 @@ def mover_pools(directory: Directory, settings: Settings) -> ShardPools:
     """Owner-connection pools for a batch of moves (``async with``): a move takes three
     connections per shard pair for its whole run, and a snapshot or two at times."""
     return ShardPools(settings, directory.dsn_of, min_size=0, max_size=4 * settings.moves_per_shard + 2,
-                      server_settings=SESSION_SETTINGS, background=True)
+                      server_settings=SESSION_SETTINGS)
 
 
 class FenceBusy(MoveFailed):
