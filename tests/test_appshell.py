@@ -231,7 +231,9 @@ async def test_widgets_render_their_plugins_data_through_the_bridge_with_markup_
 
 async def test_a_widget_can_reach_neither_the_shell_nor_another_plugin(shell: Shell) -> None:
     rec = await _tenant(shell, ("inventory", "restock", shell.probe))
-    _, key = await _key(shell, rec, "probe user", "INVENTORY_VIEWER")
+    # restock.view held: a call that climbed out of the probe's path would be answered, so
+    # only the shell's refusal can make it fail
+    _, key = await _key(shell, rec, "probe user", "INVENTORY_VIEWER", "RESTOCK_CLERK")
     ctx, page = await _signed_in(shell, rec.code, key)
     try:
         probe = page.frame_locator("#widget-probe iframe")
@@ -243,7 +245,8 @@ async def test_a_widget_can_reach_neither_the_shell_nor_another_plugin(shell: Sh
         assert seen["cookie"].startswith("blocked: SecurityError"), seen
         assert seen["directFetch"].startswith("blocked:"), seen  # connect-src 'none'
         assert seen["own"] == {"result": {"tenant": rec.code, "principal": "probe user"}}
-        assert seen["climb"]["error"]["code"] == "FORBIDDEN"  # the shell refuses the path
+        assert seen["climb"]["error"] == {  # the shell refuses the path
+            "code": "FORBIDDEN", "message": "a widget may call its own plugin's routes only (a path like /items)"}
         assert (seen["named"]["error"]["code"], seen["named"]["error"]["status"]) == ("NOT_FOUND", 404)  # its own plugin's
         assert seen["otherVersion"]["error"]["code"] == "UNSUPPORTED_VERSION"
         assert seen["otherMethod"]["error"]["code"] == "UNKNOWN_METHOD"
@@ -260,12 +263,15 @@ async def test_a_widget_can_reach_neither_the_shell_nor_another_plugin(shell: Sh
         assert csp.startswith("sandbox allow-scripts;") and "default-src 'none'" in csp and "connect-src" not in csp
         # the server side: a plugin's path serves that plugin's routes only, as the principal
         token = await _csrf(page)
-        for path, status, code in ((f"/app/call/{shell.probe}/requests", 404, "NOT_FOUND"),
-                                   ("/app/call/inventory/requests", 404, "NOT_FOUND"),
-                                   ("/app/call/restock/items", 404, "NOT_FOUND"),
-                                   ("/app/call/restock/requests", 403, "FORBIDDEN"),  # no restock.view
-                                   ("/app/call/inventory/items", 200, None)):
-            resp = await page.request.get(path, headers={"X-CSRF-Token": token})
+        for method, path, status, code in (("GET", f"/app/call/{shell.probe}/requests", 404, "NOT_FOUND"),
+                                           ("GET", "/app/call/inventory/requests", 404, "NOT_FOUND"),
+                                           ("GET", "/app/call/restock/items", 404, "NOT_FOUND"),
+                                           ("PATCH", "/app/call/inventory/items/1", 404, "NOT_FOUND"),  # GET/POST only
+                                           ("POST", "/app/call/inventory/reconcile", 403, "FORBIDDEN"),  # a viewer's
+                                           ("GET", "/app/call/restock/requests", 200, None),
+                                           ("GET", "/app/call/inventory/items", 200, None)):
+            resp = await page.request.fetch(path, method=method, headers={"X-CSRF-Token": token},
+                                            data={"counts": [{"sku": "x", "qty": 1}]} if method != "GET" else None)
             assert resp.status == status, (path, await resp.text())
             if code is not None:
                 assert (await resp.json())["error"]["code"] == code
