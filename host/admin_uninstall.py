@@ -16,18 +16,18 @@ corrupt export) is answered before anything is changed.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import Field
 
+from host import operations
 from host.admin import TENANT_REF_PATTERN
 from host.context import PLUGIN_HOST, PluginHost
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code
-from router.errors import NotFound, TenantFleetError
+from router.errors import NotFound
 from router.http import json_response, parse_body, read_json_object
 from router.models import ApiModel
 
@@ -65,44 +65,11 @@ async def _rt(request: web.Request) -> HostRuntime:
 @routes.post("/admin/plugins/{plugin}/uninstall")
 async def post_uninstall(request: web.Request) -> web.Response:
     """Uninstall a plugin (keep, export or purge) from one tenant, or from every tenant as a recorded run."""
-    from shard_migrations.uninstall import UninstallOptions, parse_grace, uninstall
-
     rt = await _rt(request)
     body = parse_body(UninstallBody, await read_json_object(request))
-    package = rt.discovery.get(request.match_info["plugin"])
-    tenant_ids = None
-    if body.tenant is not None:
-        tenant_ids = ((await resolve_id_or_code(rt.resolver, body.tenant)).tenant_id,)
-    opts = UninstallOptions(policy=body.policy, tenant_ids=tenant_ids,
-                            export_dir=rt.settings.export_dir,
-                            grace_s=None if body.grace is None else parse_grace(body.grace))
-    recorded: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    def on_run(run_id: int) -> None:
-        if not recorded.done():
-            recorded.set_result(run_id)
-
-    async def go() -> dict[str, Any] | TenantFleetError:
-        try:
-            report = await uninstall(rt.control, rt.owner_pools, rt.settings, package, opts, resume=body.resume,
-                                     on_run=on_run)
-        except TenantFleetError as exc:
-            if recorded.done():
-                raise  # the run failed: recorded as such, and logged by the task's owner
-            return exc  # bad input, nothing recorded: the request's answer, not a task failure
-        await rt.registry.announce("global", package.id)
-        return report.to_dict()
-
-    # owned by the runtime: a fleet-wide run goes on after the answer (and is cancelled,
-    # recorded, at shutdown; `resume` finishes it)
-    task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
-    await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done() or tenant_ids is not None:
-        result = await task
-        if isinstance(result, TenantFleetError):
-            raise result
-        return json_response(result, status=202)
-    return json_response({"runId": recorded.result(), "pluginId": package.id, "state": "running"}, status=202)
+    result = await operations.uninstall_plugin(rt, request.match_info["plugin"], policy=body.policy,
+                                               tenant=body.tenant, grace=body.grace, resume=body.resume)
+    return json_response(result, status=202)
 
 
 @routes.post("/admin/tenants/{tenant}/plugin-exports/import")

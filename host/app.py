@@ -22,9 +22,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from host import admin, admin_runs, admin_uninstall
+from host.appshell import appshell_app
 from host.console import console_app
 from host.context import PLUGIN_HOST, PluginHost
-from host.keys import CONSOLE_PATH, DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
+from host.keys import APP_PATH, CONSOLE_PATH, DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
 from host.loader import load_plugins, mount
 from host.manifest import manifest
 from host.metrics import METRICS, HostMetrics
@@ -80,6 +81,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app.router.add_routes(admin_uninstall.routes)
     app[RUNNER] = Runner()
     app.add_subapp(CONSOLE_PATH, console_app())
+    app.add_subapp(APP_PATH, appshell_app(host, found, body_timeout_s=settings.http_timeout_s))
     mount(app, host, found)
     return app
 

@@ -68,6 +68,14 @@ CONSOLE_PATH: Final = "/console"
 CSRF_HEADER: Final = "X-CSRF-Token"
 AUDIT_PAGE: Final = 200              # audit entries the console shows
 
+# The tenant app shell (host/appshell): its session cookie (a tenant's API key exchanged at
+# sign-in, see settings.app_session_s), the sign-in form's own CSRF cookie, and where the
+# shell's bridge runs a plugin route as the signed-in principal (/app/call/{plugin}{route}).
+APP_PATH: Final = "/app"
+APP_COOKIE: Final = "tf_app"
+APP_LOGIN_COOKIE: Final = "tf_app_login"
+APP_CALL: Final = "/call"
+
 # Shutdown: how long in-flight requests get to finish after the listener closes.
 DRAIN_TIMEOUT_S: Final = 10.0
 

@@ -16,9 +16,11 @@ from aiohttp import web
 
 from host.context import HostPluginContext, PluginHost
 from host.keys import REQ_CALLER, REQ_PLUGIN
+from host.rbac import Principal
 from host.tenancy import REQUEST_TENANT, check_servable
 from plugins.api import API_MAJOR, Caller, Handler, Tenant, json_response
 from router.errors import MethodNotAllowed, NotFound, PluginNotFound
+from router.models import TenantRecord
 from shard_migrations.packages import Discovery, PluginPackage
 
 log = logging.getLogger("tenantfleet.host.loader")
@@ -76,15 +78,25 @@ def _gated(host: PluginHost, plugin_id: str, handler: Handler) -> Handler:
         # the key first: without one, nothing is said about the tenant (found or not, suspended),
         # nor to another tenant's key (the same 403 whether the tenant exists or not)
         principal, rec = await rt.auth.for_named_tenant(rt.resolver, request)
-        check_servable(rec)
-        REQUEST_TENANT.set(rec)
-        tp = await rt.registry.gate(plugin_id, rec.tenant_id)
-        request[REQ_CALLER] = Caller(
-            tenant=Tenant(rec.tenant_id, rec.code, rec.domains), principal_id=principal.principal_id,
-            principal_name=principal.name, permissions=principal.permissions, plugin_version=tp.version_installed,
-            config=tp.config)
+        await enter_plugin(host, plugin_id, request, principal, rec)
         return await handler(request)
     return gated
+
+
+async def enter_plugin(host: PluginHost, plugin_id: str, request: web.Request, principal: Principal,
+                       rec: TenantRecord) -> None:
+    """The plugin gate once the caller is known to belong to ``rec``: the tenant servable,
+    the plugin not killed and enabled for it (PLUGIN_DISABLED), then the `Caller` the
+    plugin's handler reads (its RBAC checks run on ``principal``'s permissions) and the
+    tenant its transactions are fenced on. What ``/api/plugins`` does for a key, and the
+    app shell (`host.appshell`) for a signed-in session."""
+    check_servable(rec)
+    REQUEST_TENANT.set(rec)
+    tp = await host.runtime.registry.gate(plugin_id, rec.tenant_id)
+    request[REQ_CALLER] = Caller(
+        tenant=Tenant(rec.tenant_id, rec.code, rec.domains), principal_id=principal.principal_id,
+        principal_name=principal.name, permissions=principal.permissions, plugin_version=tp.version_installed,
+        config=tp.config)
 
 
 async def _health(host: PluginHost, pkg: PluginPackage, request: web.Request) -> web.Response:

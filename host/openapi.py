@@ -20,7 +20,7 @@ from host.admin_uninstall import BODIES as UNINSTALL_BODIES
 from host.admin_uninstall import ImportBody, UninstallBody
 from host.admin_runs import RUN_ID_PATTERN
 from host.context import PLUGIN_HOST
-from host.keys import CONSOLE_PATH
+from host.keys import APP_PATH, CONSOLE_PATH
 from host.rbac import ROLE_KEY_RE
 from router.http import json_response
 from router.models import UUID_PATTERN
@@ -92,8 +92,8 @@ def document(app: web.Application) -> dict[str, Any]:
         if resource is None or route.method in ("HEAD", "*"):
             continue
         template = resource.canonical
-        if template == CONSOLE_PATH or template.startswith(CONSOLE_PATH + "/"):
-            continue  # the console's HTML pages and forms are not part of the API
+        if any(template == p or template.startswith(p + "/") for p in (CONSOLE_PATH, APP_PATH)):
+            continue  # the console's and the app shell's pages, forms and session-bound bridge: not the API
         path = _PARAM.sub(lambda m: "{" + m.group(1) + "}", template)
         kind = _kind(path)
         doc = (getattr(route.handler, "__doc__", None) or "").strip().splitlines()

@@ -6,10 +6,12 @@ reaches every host's caches within a pub/sub hop.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Sequence
 
 from host.runtime import HostRuntime
-from router.errors import ValidationFailed
+from host.tenancy import resolve_id_or_code
+from router.errors import TenantFleetError, ValidationFailed
 from router.models import TenantRecord
 
 
@@ -50,3 +52,50 @@ async def set_global(rt: HostRuntime, plugin_id: str, action: str) -> dict[str, 
     else:
         raise ValidationFailed("action must be enable, disable, kill or revive", field="action")
     return {"pluginId": plugin_id, "action": action}
+
+
+async def uninstall_plugin(rt: HostRuntime, plugin_id: str, *, policy: str | None = None, tenant: str | None = None,
+                           grace: str | None = None, resume: int | None = None) -> dict[str, Any]:
+    """Uninstall a plugin (``keep``, ``export`` or ``purge``; None: the plugin's own policy)
+    from one tenant (id or code), or from every tenant as a recorded run; exports go to the
+    host's ``TENANTFLEET_EXPORT_DIR`` only. With a tenant, the run's report once it is done;
+    without, ``{runId, pluginId, state: running}`` as soon as the run is recorded (the run
+    goes on as a task the runtime owns: cancelled, recorded, at shutdown; `resume` finishes it).
+
+    Refused before anything changes: PLUGIN_NOT_FOUND, TENANT_NOT_FOUND, VALIDATION_FAILED
+    (unknown policy, a policy the plugin can't do, bad grace, no or unwritable export dir),
+    RUN_NOT_FOUND, RUN_BUSY.
+    """
+    from shard_migrations.uninstall import POLICIES, UninstallOptions, parse_grace, uninstall
+
+    if policy is not None and policy not in POLICIES:
+        raise ValidationFailed(f"policy must be one of {', '.join(POLICIES)}", field="policy")
+    package = rt.discovery.get(plugin_id)
+    tenant_ids = None if tenant is None else ((await resolve_id_or_code(rt.resolver, tenant)).tenant_id,)
+    opts = UninstallOptions(policy=policy, tenant_ids=tenant_ids, export_dir=rt.settings.export_dir,
+                            grace_s=None if grace is None else parse_grace(grace))
+    recorded: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def on_run(run_id: int) -> None:
+        if not recorded.done():
+            recorded.set_result(run_id)
+
+    async def go() -> dict[str, Any] | TenantFleetError:
+        try:
+            report = await uninstall(rt.control, rt.owner_pools, rt.settings, package, opts, resume=resume,
+                                     on_run=on_run)
+        except TenantFleetError as exc:
+            if recorded.done():
+                raise  # the run failed: recorded as such, and logged by the task's owner
+            return exc  # bad input, nothing recorded: the caller's answer, not a task failure
+        await rt.registry.announce("global", package.id)
+        return report.to_dict()
+
+    task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
+    await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done() or tenant_ids is not None:
+        result: dict[str, Any] | TenantFleetError = await task
+        if isinstance(result, TenantFleetError):
+            raise result
+        return result
+    return {"runId": recorded.result(), "pluginId": package.id, "state": "running"}

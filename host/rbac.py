@@ -38,12 +38,14 @@ KEY_PREFIX = "tfk_"
 ROLE_KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,62}$")
 PERMISSION_RE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_.]*$")
 
-_PRINCIPAL_SQL = """
+_PRINCIPAL_SELECT = """
 SELECT p.principal_id::text AS principal_id, p.tenant_id::text AS tenant_id, p.name, p.roles, p.is_admin,
        coalesce((SELECT array_agg(DISTINCT perm) FROM roles r, unnest(r.permissions) AS perm
                  WHERE r.tenant_id = p.tenant_id AND r.role_key = ANY (p.roles)), '{}') AS permissions
-FROM principals p WHERE p.key_hash = $1
+FROM principals p
 """
+_PRINCIPAL_SQL = _PRINCIPAL_SELECT + "WHERE p.key_hash = $1"
+_PRINCIPAL_BY_ID_SQL = _PRINCIPAL_SELECT + "WHERE p.principal_id = $1::uuid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,11 @@ class Principal:
     roles: tuple[str, ...]
     is_admin: bool
     permissions: frozenset[str]
+
+
+def _principal(row: asyncpg.Record) -> Principal:
+    return Principal(principal_id=row["principal_id"], tenant_id=row["tenant_id"], name=row["name"],
+                     roles=tuple(row["roles"]), is_admin=row["is_admin"], permissions=frozenset(row["permissions"]))
 
 
 def hash_key(key: str) -> str:
@@ -100,15 +107,20 @@ class Authenticator:
             return hit
         generation = self._generation
         row = await self._control.fetchrow(_PRINCIPAL_SQL, digest)
-        p = None if row is None else Principal(
-            principal_id=row["principal_id"], tenant_id=row["tenant_id"], name=row["name"],
-            roles=tuple(row["roles"]), is_admin=row["is_admin"], permissions=frozenset(row["permissions"]))
+        p = None if row is None else _principal(row)
         if generation != self._generation:
             return p, now  # already expired, so neither cache serves it again
         if len(self._cache) > 100_000:
             self._cache.clear()  # bounded: unknown keys sprayed at us can't grow it forever
         entry = self._cache[digest] = (p, now + AUTH_CACHE_TTL_S)
         return entry
+
+    async def by_id(self, principal_id: str) -> Principal | None:
+        """The principal ``principal_id`` (a UUID) with its permissions as they are now, read
+        from the control plane (not cached): the app shell's session holds the key's
+        principal id, never the key. None for a revoked (deleted) one."""
+        row = await self._control.fetchrow(_PRINCIPAL_BY_ID_SQL, principal_id)
+        return None if row is None else _principal(row)
 
     async def caller(self, request: web.Request) -> Principal:
         """The caller's principal, whichever tenant it belongs to; UNAUTHORIZED without a

@@ -44,6 +44,8 @@ class Settings(BaseModel):
     read_key: str = ""
     # A console sign-in (the admin key exchanged for a session cookie) lasts this long.
     console_session_s: float = Field(8 * 3600.0, gt=0, le=30 * 86400)
+    # A tenant staff member's app shell sign-in (their API key exchanged for a session cookie).
+    app_session_s: float = Field(8 * 3600.0, gt=0, le=30 * 86400)
     # An idle connection, a request header that never completes, or a body that doesn't
     # arrive is cut after this many seconds (408 REQUEST_TIMEOUT for a body).
     http_timeout_s: float = Field(15.0, gt=0, le=3600)

@@ -7,7 +7,8 @@ schema every shard carries: the migration ledger, the tenant fence and the event
 The DDL executed against the servers is compiled from these declarations
 (`control_ddl`, `shard_ddl`); nothing else writes CREATE TABLE for them. Tables added
 after the baseline (schema version 5) are created by their Alembic revision instead
-(`router/revisions`): ``console_sessions`` and ``console_audit`` (revision 0006).
+(`router/revisions`): ``console_sessions`` and ``console_audit`` (revision 0006), ``app_sessions``
+(revision 0007).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
 # Bump with every change below (and in `router.schema`'s shard preparation); `schema_meta`
 # records what a control database has, `shard_schema_meta` what a shard has, and code
 # refuses to prepare a database whose recorded version is newer than this (4: the floor).
-SCHEMA_VERSION = 6  # 6: console sessions and audit log (Alembic revision 0006); 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
+SCHEMA_VERSION = 7  # 7: app shell sessions (Alembic revision 0007); 6: console sessions and audit log (Alembic revision 0006); 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
 
 control = MetaData()
 shard = MetaData(schema="fleet")

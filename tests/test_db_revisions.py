@@ -22,26 +22,26 @@ from router.tables import SCHEMA_VERSION
 from tests.fleetkit import Fleet, Servers, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
-# the control plane's head: the console's sessions and audit log (router/revisions/control/versions/r0006_console.py)
-CONTROL_HEAD = "0006"
+# the control plane's head: the app shell's sessions (router/revisions/control/versions/r0007_app_sessions.py)
+CONTROL_HEAD = "0007"
 
-REVISION_0007 = '''"""Shards get a note.
+REVISION_0008 = '''"""Shards get a note.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
     op.add_column("shards", sa.Column("note", sa.Text(), nullable=True))
-    op.execute("UPDATE shards SET note = 'from 0007'")
+    op.execute("UPDATE shards SET note = 'from 0008'")
 '''
 
 
@@ -49,7 +49,7 @@ async def _previous_release_control(conn: asyncpg.Connection) -> None:
     """Turn a fresh control plane into what the release before revisions (schema version 4)
     left: no Alembic version table, no per-shard tenant counter, version 4 recorded."""
     await conn.execute("DROP TABLE alembic_version")
-    await conn.execute("DROP TABLE console_sessions, console_audit")  # revision 0006's, after that release
+    await conn.execute("DROP TABLE app_sessions, console_sessions, console_audit")  # revisions 0006-0007, after that release
     await conn.execute("DROP TRIGGER tenants_count_insert ON tenants; DROP TRIGGER tenants_count_delete ON tenants; "
                        "DROP TRIGGER tenants_count_move ON tenants")
     await conn.execute("ALTER TABLE shards DROP COLUMN tenant_count CASCADE")
@@ -112,7 +112,7 @@ async def test_a_shard_of_the_previous_release_is_stamped_with_its_ledger_kept(s
 async def test_a_revision_after_the_baseline_runs_once_and_an_older_tenantfleet_then_refuses(
         servers: Servers, tmp_path: Path) -> None:
     shutil.copytree(revisions.HERE / "control", tmp_path / "control", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "control" / "versions" / "r0007_note.py").write_text(REVISION_0007)
+    (tmp_path / "control" / "versions" / "r0008_note.py").write_text(REVISION_0008)
     name = f"tf_{uuid.uuid4().hex[:12]}_rev"
     dsn = await create_database(servers.control_admin_dsn, name)
     try:
@@ -123,16 +123,16 @@ async def test_a_revision_after_the_baseline_runs_once_and_an_older_tenantfleet_
             async with conn.transaction():  # as router.schema runs it: under the bootstrap lock
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", BOOTSTRAP_LOCK)
                 recorded = await revisions.check_known(conn, "control", root=tmp_path)
-                assert await revisions.upgrade(conn, "control", recorded, root=tmp_path) == ["0007"]
-            assert await conn.fetchval("SELECT note FROM shards") == "from 0007"
-            assert await revisions.current(conn, "control") == "0007"
-            assert await revisions.upgrade(conn, "control", "0007", root=tmp_path) == []
-            # this tenantfleet knows up to 0006: it changes nothing on a database at 0007
+                assert await revisions.upgrade(conn, "control", recorded, root=tmp_path) == ["0008"]
+            assert await conn.fetchval("SELECT note FROM shards") == "from 0008"
+            assert await revisions.current(conn, "control") == "0008"
+            assert await revisions.upgrade(conn, "control", "0008", root=tmp_path) == []
+            # this tenantfleet knows up to 0007: it changes nothing on a database at 0008
             await conn.execute("DROP INDEX tenants_state_code_idx")
-            with pytest.raises(SchemaTooNew, match="revision 0007"):
+            with pytest.raises(SchemaTooNew, match="revision 0008"):
                 await schema.ensure_control(conn)
             assert await conn.fetchval("SELECT to_regclass('tenants_state_code_idx')") is None
-            assert await revisions.current(conn, "control") == "0007"
+            assert await revisions.current(conn, "control") == "0008"
         finally:
             await conn.close()
     finally:
@@ -160,4 +160,4 @@ def test_db_current_upgrade_and_history_on_the_cli(fleet: Fleet) -> None:
     history = _tf(fleet, "--json", "db", "history")
     assert history.returncode == 0, history.stderr
     assert [(r["component"], r["revision"]) for r in orjson.loads(history.stdout)] == [
-        ("control", CONTROL_HEAD), ("control", "0005"), ("shard", "0005")]
+        ("control", CONTROL_HEAD), ("control", "0006"), ("control", "0005"), ("shard", "0005")]

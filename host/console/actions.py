@@ -126,6 +126,25 @@ async def plugin_upgrade(request: web.Request) -> web.Response:
     return redirect(f"{CONSOLE_PATH}/runs/{run_id}")
 
 
+@routes.post("/plugins/{plugin}/uninstall")
+async def plugin_uninstall(request: web.Request) -> web.Response:
+    """Uninstall a plugin (the policy chosen on the confirmation page; one tenant or every
+    tenant) through the admin API's service function; go and watch the run."""
+    rt = runtime(request)
+    pid = request.match_info["plugin"]
+    data = await form(request)
+    policy = data.get("policy") or None
+    tenant = data.get("tenant", "").strip() or None
+    grace = data.get("grace", "").strip() or None
+    details = {"policy": policy or "(the plugin's)", "tenant": tenant, "grace": grace}
+    if data.get("confirm") != "yes":  # a POST that skipped the confirmation page: nothing done
+        raise ValidationFailed("confirm the uninstall on its page first", field="confirm")
+    result = await act(request, "plugin.uninstall", pid if tenant is None else f"{tenant}/{pid}",
+                       lambda: operations.uninstall_plugin(rt, pid, policy=policy, tenant=tenant, grace=grace),
+                       details)
+    return redirect(f"{CONSOLE_PATH}/runs/{result['runId']}")
+
+
 @routes.post("/roles/{tenant}/{plugin}/{role}/apply")
 async def apply_role(request: web.Request) -> web.Response:
     """Apply one role template to the tenant's role of that name (nothing else changes)."""

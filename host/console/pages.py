@@ -118,6 +118,28 @@ async def plugins_page(request: web.Request) -> web.Response:
     return await render(request, "plugins.html", listed)
 
 
+@routes.get("/plugins/{plugin}/uninstall")
+async def uninstall_page(request: web.Request) -> web.Response:
+    """The confirmation step of an uninstall chosen on the Plugins page (nothing is done
+    here): what will happen, to which tenants, and the form that does it."""
+    from shard_migrations.uninstall import POLICIES, cleanup_of
+
+    rt = runtime(request)
+    package = rt.discovery.get(request.match_info["plugin"])
+    policy = request.query.get("policy") or None
+    if policy is not None and policy not in POLICIES:
+        raise ValidationFailed(f"policy must be one of {', '.join(POLICIES)}", field="policy")
+    name = request.query.get("tenant", "").strip()
+    rec = await tenant_of(request, name) if name else None
+    cleanup = cleanup_of(package)
+    listed = await rt.registry.list_plugins()
+    plugin = next(p for p in listed["plugins"] if p["pluginId"] == package.id)
+    return await render(request, "uninstall.html", {
+        "plugin": plugin, "policy": policy or cleanup.policy, "chosen": policy, "tenant": rec,
+        "grace": request.query.get("grace", "").strip(), "tables": cleanup.tables,
+        "exportDir": None if rt.settings.export_dir is None else str(rt.settings.export_dir)})
+
+
 @routes.get("/roles")
 async def roles_page(request: web.Request) -> web.Response:
     rt = runtime(request)
