@@ -1,26 +1,31 @@
 """The in-process level of the resolve cache: bounded LRU with TTL, aliases, epoch guard.
 
 `TenantCache` holds `TenantRecord`s keyed by tenant_id, with alias indexes for code and
-domain that point at the same entry, so dropping a tenant drops every name it is known
+domain that point at the same record, so dropping a tenant drops every name it is known
 by. It never lets an older epoch replace a newer one: each entry carries its epoch, and
 a bounded memory of the newest epoch heard about (from an invalidation or a stale fence)
 outlives the entry, so a slow read that started before a change can't put the old record
 back. Unknown names are remembered for a short TTL (the negative cache).
 
 Recency is tracked the CLOCK way (second chance), an LRU approximation: a hit only sets
-a bit on the entry, and eviction takes the oldest-inserted entry, unless its bit is set,
-in which case the bit is cleared and the entry goes to the back of the queue. Measured
-with 100,000 tenants, reordering an OrderedDict on every hit (strict LRU) made a hit
-twice as slow (~480 vs ~245 ns), all of it memory traffic.
+a bit on the entry (if it is clear), and eviction takes the oldest-inserted entry, unless
+its bit is set, in which case the bit is cleared and the entry goes to the back of the
+queue. Measured with 100,000 tenants, reordering an OrderedDict on every hit (strict
+LRU) made a hit twice as slow (~480 vs ~245 ns), all of it memory traffic.
 
-Memory (issue 12, "costs that stay flat"): the id index is a plain dict and the eviction
-order a deque of entries beside it (an OrderedDict costs ~90 B per key against ~38 for a
-dict and ~8 for a deque slot); entries removed out of order stay in the deque as stale
-items that eviction skips, and the deque is rebuilt from the dict when they outnumber the
-live ones. Expiry times are floats shared by every entry put within `EXPIRY_QUANTUM` of the
-TTL of each other (an entry expires at most that much early, never late), so a burst of
-puts holds one float, not one each. tests/test_resolve_cache.py guards the bytes per
-cached tenant.
+Memory (issue 12, "costs that stay flat"; tests/test_resolve_cache.py guards the bytes
+per cached tenant): the cache keeps one object per tenant, the record itself. The entry's
+state (expiry time and used bit) is one slot of the record, ``_stamp``, pointing at a
+`_Stamp` shared by every entry put within `EXPIRY_QUANTUM` of the TTL of each other (an
+entry expires at most that much early, never late); a hit that finds the bit clear moves
+the record to its stamp's "used" twin, so a burst of puts holds two stamps, not an entry
+object and a float each. A record is adopted by the first cache it is put in; one that a
+cache held before is copied, so a record object is never two entries. The indexes are
+plain dicts keyed by the record's own id, code and domain strings, and the eviction order
+is a deque of records beside them (an OrderedDict costs ~90 B per key against ~38 for a
+dict and ~8 for a deque slot); records removed out of order stay in the deque as stale
+items that eviction skips, and the deque is rebuilt without them when they outnumber the
+live ones.
 
 Pure Python, no I/O, not thread-safe (one event loop owns it). Kinds are the ones
 `router.directory.normalise_query` returns: ``"id"``, ``"code"``, ``"domain"``; values
@@ -40,18 +45,34 @@ Name = tuple[str, str]  # (kind, canonical value)
 
 # Second chances given per eviction at most, so one put never walks the whole cache.
 MAX_SECOND_CHANCES = 32
-# Entries put within this fraction of the TTL of each other share one expiry float (the
-# later ones expire up to ttl_s * EXPIRY_QUANTUM early).
+# Entries put within this fraction of the TTL of each other share one expiry (the later
+# ones expire up to ttl_s * EXPIRY_QUANTUM early).
 EXPIRY_QUANTUM = 1 / 1000
 
 
-class _Entry:
-    __slots__ = ("rec", "expires", "used")
+class _Stamp:
+    """A cache entry's state, shared by the entries put close together: when they expire,
+    and whether they were hit since they were put or given their last second chance.
+    Stamps come in pairs of the same expiry, ``used`` False and True, each the other's
+    ``twin``."""
+    __slots__ = ("expires", "used", "twin")
 
-    def __init__(self, rec: TenantRecord, expires: float) -> None:
-        self.rec = rec
+    def __init__(self, expires: float, used: bool) -> None:
         self.expires = expires
-        self.used = False
+        self.used = used
+        self.twin: _Stamp = self
+
+    @classmethod
+    def pair(cls, expires: float) -> "_Stamp":
+        """A new pair; returns its unused stamp."""
+        fresh, used = cls(expires, False), cls(expires, True)
+        fresh.twin, used.twin = used, fresh
+        return fresh
+
+
+# The record's cache slot, set past its frozen __setattr__ by the slot's own descriptor
+# (a C call). Only this module writes it; None means no cache has held the record.
+_set_stamp: Callable[[TenantRecord, _Stamp], None] = TenantRecord.__dict__["_stamp"].__set__
 
 
 def names_of(rec: TenantRecord) -> list[Name]:
@@ -78,13 +99,13 @@ class TenantCache:
         self.negative_max = negative_max or max_size
         self.epoch_memory = epoch_memory or max_size
         self._clock = clock
-        self._entries: dict[str, _Entry] = {}  # tenant_id -> entry
-        self._queue: deque[_Entry] = deque()  # eviction order (CLOCK); may hold stale entries
+        self._entries: dict[str, TenantRecord] = {}  # tenant_id -> record
+        self._queue: deque[TenantRecord] = deque()  # eviction order (CLOCK); may hold stale records
         self._quantum = ttl_s * EXPIRY_QUANTUM
-        self._expires = 0.0  # the expiry float new entries share, while it is recent enough
-        self._codes: dict[str, _Entry] = {}
-        self._domains: dict[str, _Entry] = {}
-        self._index: dict[str, dict[str, _Entry]] = {"id": self._entries, "code": self._codes,
+        self._fresh = _Stamp.pair(float("-inf"))  # the stamp new entries share, while it is recent enough
+        self._codes: dict[str, TenantRecord] = {}
+        self._domains: dict[str, TenantRecord] = {}
+        self._index: dict[str, dict[str, TenantRecord]] = {"id": self._entries, "code": self._codes,
                                                       "domain": self._domains}
         self._negative: OrderedDict[Name, float] = OrderedDict()  # name -> expires
         self._floor: OrderedDict[str, int] = OrderedDict()  # tenant_id -> newest epoch known to exist
@@ -99,20 +120,23 @@ class TenantCache:
 
         Raises KeyError for a kind other than id, code or domain.
         """
-        entry = self._index[kind].get(value)
-        if entry is None:
+        rec = self._index[kind].get(value)
+        if rec is None:
             return None
-        if entry.expires <= self._clock():
-            self._remove(entry)
+        stamp = rec._stamp
+        if stamp.expires <= self._clock():
+            self._remove(rec)
             return None
-        entry.used = True
-        return entry.rec
+        if not stamp.used:
+            _set_stamp(rec, stamp.twin)
+        return rec
 
     def put(self, rec: TenantRecord) -> bool:
         """Cache ``rec`` unless a newer epoch of that tenant is held or known to exist.
 
-        Returns True if ``rec`` is now the cached record (an equal epoch refreshes the TTL).
-        Either way the record's names stop being negative: the tenant exists.
+        Returns True if ``rec`` is now the cached record (an equal epoch refreshes the TTL):
+        ``rec`` itself, or a copy if a cache held that object before. Either way the
+        record's names stop being negative: the tenant exists.
         """
         self._clear_negative(names_of(rec))
         if rec.epoch < self.floor(rec.tenant_id):
@@ -120,40 +144,46 @@ class TenantCache:
         old = self._entries.get(rec.tenant_id)
         if old is not None:
             self._remove(old)
+        if rec._stamp is not None:
+            rec = TenantRecord(rec.tenant_id, rec.code, rec.schema, rec.shard_id, rec.state, rec.epoch, rec.domains)
         expires = self._clock() + self.ttl_s
-        if expires - self._expires < self._quantum:
-            expires = self._expires  # the same object: one float for a burst of puts
-        else:
-            self._expires = expires
-        entry = _Entry(rec, expires)
-        self._entries[rec.tenant_id] = entry
-        self._queue.append(entry)
-        self._codes[rec.code] = entry
-        for d in rec.domains:
-            self._domains[d] = entry
-        chances = MAX_SECOND_CHANCES
+        stamp = self._fresh
+        if expires - stamp.expires >= self._quantum:
+            stamp = self._fresh = _Stamp.pair(expires)
+        _set_stamp(rec, stamp)
         entries, queue = self._entries, self._queue
+        entries[rec.tenant_id] = rec
+        queue.append(rec)
+        self._codes[rec.code] = rec
+        domains = rec._domains
+        if type(domains) is str:
+            self._domains[domains] = rec
+        else:
+            for d in domains:
+                self._domains[d] = rec
+        chances = MAX_SECOND_CHANCES
         while len(entries) > self.max_size:
             victim = queue.popleft()
-            tid = victim.rec.tenant_id
+            tid = victim.tenant_id
             if entries.get(tid) is not victim:
                 continue  # removed or replaced since it was queued
-            if victim.used and chances:
-                victim.used = False
+            stamp = victim._stamp
+            if stamp.used and chances:
+                _set_stamp(victim, stamp.twin)
                 queue.append(victim)  # used since its last pass: back of the queue
                 chances -= 1
                 continue
             del entries[tid]
             self._unalias(victim)
             self.evictions += 1
-        if len(queue) > 2 * len(entries) + 64:
-            self._queue = deque(entries.values())  # drop the stale items (amortised O(1) a put)
+        if len(queue) > 2 * len(entries) + 64:  # drop the stale items (amortised O(1) a put)
+            self._queue = deque(r for r in queue if entries.get(r.tenant_id) is r)
         return True
 
     def floor(self, tenant_id: str) -> int:
         """The newest epoch this cache knows exists for the tenant (0 if none)."""
-        entry = self._entries.get(tenant_id)
-        held = entry.rec.epoch if entry is not None else 0
+        rec = self._entries.get(tenant_id)
+        held = rec.epoch if rec is not None else 0
         return max(held, self._floor.get(tenant_id, 0))
 
     def is_stale(self, rec: TenantRecord) -> bool:
@@ -173,11 +203,11 @@ class TenantCache:
         self._clear_negative([("id", tenant_id), *names])
         for kind, value in names:
             other = self._index[kind].get(value)
-            if other is not None and other.rec.tenant_id != tenant_id:
+            if other is not None and other.tenant_id != tenant_id:
                 del self._index[kind][value]  # the name moved to this tenant
-        entry = self._entries.get(tenant_id)
-        if entry is not None and entry.rec.epoch < epoch:
-            self._remove(entry)
+        rec = self._entries.get(tenant_id)
+        if rec is not None and rec.epoch < epoch:
+            self._remove(rec)
             return True
         return False
 
@@ -189,10 +219,10 @@ class TenantCache:
         """
         if stale_epoch is not None:
             self._remember(tenant_id, stale_epoch + 1)
-        entry = self._entries.get(tenant_id)
-        if entry is None:
+        rec = self._entries.get(tenant_id)
+        if rec is None:
             return False
-        self._remove(entry)
+        self._remove(rec)
         return True
 
     def clear(self) -> int:
@@ -227,18 +257,17 @@ class TenantCache:
         return len(self._negative)
 
     # --- internals ------------------------------------------------------------------------
-    def _remove(self, entry: _Entry) -> None:
-        if self._entries.get(entry.rec.tenant_id) is entry:
-            del self._entries[entry.rec.tenant_id]
-        self._unalias(entry)
+    def _remove(self, rec: TenantRecord) -> None:
+        if self._entries.get(rec.tenant_id) is rec:
+            del self._entries[rec.tenant_id]
+        self._unalias(rec)
 
-    def _unalias(self, entry: _Entry) -> None:
-        # Only drop an alias that still points at this entry: the name may have moved on.
-        rec = entry.rec
-        if self._codes.get(rec.code) is entry:
+    def _unalias(self, rec: TenantRecord) -> None:
+        # Only drop an alias that still points at this record: the name may have moved on.
+        if self._codes.get(rec.code) is rec:
             del self._codes[rec.code]
         for d in rec.domains:
-            if self._domains.get(d) is entry:
+            if self._domains.get(d) is rec:
                 del self._domains[d]
 
     def _remember(self, tenant_id: str, epoch: int) -> None:

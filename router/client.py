@@ -93,7 +93,7 @@ def _matches(rec: TenantRecord, kind: str, value: str) -> bool:
         return rec.tenant_id == value
     if kind == "code":
         return rec.code == value
-    return value in rec.domains
+    return rec.answers_domain(value)
 
 
 # How long closing waits for a cancelled background task, and how often it cancels again.

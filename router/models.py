@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import re
+import sys
 import uuid
-from dataclasses import InitVar, dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Mapping
+from dataclasses import FrozenInstanceError, dataclass
+from typing import Annotated, Any, Iterable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -13,30 +14,131 @@ from router.errors import ValidationFailed
 from router.keys import CODE_RE, DOMAIN_RE, SHARD_ID_RE, SHARD_STATES, TENANT_STATES
 
 
-@dataclass(frozen=True, slots=True)
+# (shard_id, state) pairs shared by every record with that pair: a few distinct values
+# (shards x states), so one tuple each instead of one per record; at most this many.
+_PLACES: dict[tuple[str, ...], tuple[str, ...]] = {}
+MAX_SHARED_PLACES = 10_000
+
+
+def _interned(value: str) -> str:
+    return sys.intern(value) if type(value) is str else value
+
+
 class TenantRecord:
     """Where a tenant lives, as of ``epoch``. Every directory change bumps the epoch.
 
-    ``schema`` is the directory's name for every tenant's schema (``t_`` + the id's 32 hex
-    digits) unless the record was made with another: then that one is kept. The usual name
-    is computed when read, not stored (issue 12: the resolve cache holds 100k records, and
-    that string was 83 of their bytes). So ``dataclasses.replace`` needs ``schema=``.
+    Immutable; read like the frozen dataclass it was: ``tenant_id, code, schema,
+    shard_id, state, epoch, domains`` (made with those arguments, positional or named),
+    compared and hashed by them; `replace` makes a changed copy. Stored smaller, because
+    the resolve cache holds up to 100k of them (issue 12), in six slots (80 bytes):
+
+    - ``schema`` is the directory's name for every tenant's schema (``t_`` + the id's 32
+      hex digits) unless the record was made with another (``other_schema``): the usual
+      name is computed when read, not stored.
+    - ``shard_id`` and ``state`` (and another schema name, if any) are one tuple, the
+      same object for every record on that shard in that state.
+    - ``domains`` reads as a tuple; a single domain is stored as its string (a one-item
+      tuple is 48 bytes more), several as a tuple.
+    - ``_stamp`` belongs to `router.cache.TenantCache`: the expiry time and used bit of
+      the cache entry the record is (None until a cache holds it). It takes no part in
+      equality, hashing, repr or copies.
+
+    Use `to_dict` / `to_api` for its fields as data.
     """
+    __slots__ = ("tenant_id", "code", "epoch", "_place", "_domains", "_stamp")
     tenant_id: str
     code: str
-    if TYPE_CHECKING:
-        schema: str  # readable like a field: the property set below the class
-    else:
-        schema: InitVar[str]
-    shard_id: str
-    state: str
     epoch: int
-    domains: tuple[str, ...] = ()
-    other_schema: str | None = field(default=None, init=False, repr=False)  # None: the usual name
+    _place: tuple[str, ...]  # (shard_id, state) or (shard_id, state, other schema)
+    _domains: str | tuple[str, ...]  # one domain: its string
+    _stamp: Any
 
-    def __post_init__(self, schema: str = "") -> None:
-        if schema != "t_" + str(self.tenant_id).replace("-", ""):
-            object.__setattr__(self, "other_schema", schema)
+    def __init__(self, tenant_id: str, code: str, schema: str, shard_id: str, state: str, epoch: int,
+                 domains: Iterable[str] = ()) -> None:
+        init = object.__setattr__
+        init(self, "tenant_id", tenant_id)
+        init(self, "code", code)
+        init(self, "epoch", epoch)
+        if schema == "t_" + str(tenant_id).replace("-", ""):
+            place: tuple[str, ...] = (shard_id, state)
+            shared = _PLACES.get(place)
+            if shared is not None:
+                place = shared
+            elif len(_PLACES) < MAX_SHARED_PLACES:
+                # interned strings, held here: later sys.intern calls (decoding) find them
+                place = _PLACES[place] = (_interned(shard_id), _interned(state))
+        else:
+            place = (shard_id, state, schema)
+        init(self, "_place", place)
+        doms = domains if isinstance(domains, tuple) else tuple(domains)
+        init(self, "_domains", doms[0] if len(doms) == 1 else doms)
+        init(self, "_stamp", None)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    @property
+    def shard_id(self) -> str:
+        return self._place[0]
+
+    @property
+    def state(self) -> str:
+        return self._place[1]
+
+    @property
+    def schema(self) -> str:
+        place = self._place
+        return place[2] if len(place) == 3 else "t_" + str(self.tenant_id).replace("-", "")
+
+    @property
+    def other_schema(self) -> str | None:
+        """The schema's name if it is not the directory's usual one, else None."""
+        place = self._place
+        return place[2] if len(place) == 3 else None
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        d = self._domains
+        return (d,) if isinstance(d, str) else d
+
+    def answers_domain(self, domain: str) -> bool:
+        """True if ``domain`` is one of the tenant's domains (without building the tuple)."""
+        d = self._domains
+        return d == domain if type(d) is str else domain in d
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.tenant_id, self.code, self.epoch, self._place, self._domains)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, TenantRecord)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"TenantRecord(tenant_id={self.tenant_id!r}, code={self.code!r}, schema={self.schema!r}, "
+                f"shard_id={self.shard_id!r}, state={self.state!r}, epoch={self.epoch!r}, domains={self.domains!r})")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle: a new record, no cache state
+        return (TenantRecord, (self.tenant_id, self.code, self.schema, self.shard_id, self.state, self.epoch,
+                               self.domains))
+
+    def replace(self, **changes: Any) -> "TenantRecord":
+        """A copy with ``changes`` (any of the constructor's arguments), like ``dataclasses.replace``."""
+        fields: dict[str, Any] = {"tenant_id": self.tenant_id, "code": self.code, "schema": self.schema,
+                                  "shard_id": self.shard_id, "state": self.state, "epoch": self.epoch,
+                                  "domains": self.domains}
+        unknown = changes.keys() - fields.keys()
+        if unknown:
+            raise TypeError(f"TenantRecord has no field {sorted(unknown)[0]!r}")
+        fields.update(changes)
+        return TenantRecord(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The cache format (Redis entries): field names as they are, read back by `from_dict`."""
@@ -52,15 +154,6 @@ class TenantRecord:
     def from_dict(cls, d: Mapping[str, Any]) -> "TenantRecord":
         return cls(tenant_id=str(d["tenant_id"]), code=d["code"], schema=d["schema"], shard_id=d["shard_id"],
                    state=d["state"], epoch=int(d["epoch"]), domains=tuple(d.get("domains") or ()))
-
-
-def _schema_of(rec: TenantRecord) -> str:
-    other = rec.other_schema
-    return "t_" + str(rec.tenant_id).replace("-", "") if other is None else other
-
-
-# Set after the class is made: a property in the class body would be taken as the InitVar's default.
-setattr(TenantRecord, "schema", property(_schema_of))
 
 
 @dataclass(frozen=True, slots=True)

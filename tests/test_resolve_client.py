@@ -3,7 +3,6 @@ invalidation between clients, the epoch guard at both levels, and Redis going aw
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import time
 import uuid
@@ -306,7 +305,7 @@ async def test_a_client_without_redis_serves_from_memory_and_the_control_plane(f
         assert not client.redis_available and not client.listening
         assert await client.resolve(code=rec.code) == rec
         assert await client.resolve(code=rec.code) == rec
-        await client.publish(dataclasses.replace(rec, schema=rec.schema, epoch=rec.epoch + 1))
+        await client.publish(rec.replace(epoch=rec.epoch + 1))
         assert (await client.resolve(id=rec.tenant_id)).epoch == rec.epoch + 1
     assert lookup.calls == 1
 
