@@ -38,9 +38,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
+if TYPE_CHECKING:  # the CLI imports this module for every shard-wide command: no driver at import
+    import asyncpg
 
 log = logging.getLogger("tenantfleet.background")
 
@@ -102,11 +103,12 @@ def local_backend_pid(backend_pid: int, data_directory: str | None) -> int | Non
     return backend_pid if parent == postmaster and name == "postgres" else None
 
 
-async def lower_backend_priority(conn: asyncpg.Connection, nice: int) -> int | None:
+async def lower_backend_priority(conn: "asyncpg.Connection", nice: int) -> int | None:
     """Renice the backend behind ``conn`` to ``nice`` when it is provably a process of this
     machine (see the module's docstring). Returns its pid when it was renice'd."""
     if nice <= 0 or not hasattr(os, "setpriority"):
         return None
+    import asyncpg
     try:
         row = await conn.fetchrow("SELECT pg_catalog.pg_backend_pid() AS pid, "
                                   "pg_catalog.current_setting('data_directory') AS data_directory")
