@@ -16,8 +16,8 @@ Slow start: a run's first operations on a shard are where it hurts most (a migra
 few hundred tenants is over in a second, before a reading could slow it). So a shard that
 has a p95 figure when the run starts (it serves requests) starts paced, at
 ``slo_throttle_start_rate`` operations per second (10); each second its p95 stays at or
-below ``LOW`` of the limit the rate doubles, and past ``SLOW_START_CAP`` times the start
-rate pacing ends (then the concurrency moves as above); between ``LOW`` and the limit the
+below ``HIGH`` of the limit the rate doubles, and past ``SLOW_START_CAP`` times the start
+rate pacing ends (then the concurrency moves as above); between ``HIGH`` and the limit the
 rate holds, and at or above the limit itself it halves, down to ``MIN_RATE`` (a ramp
 that waits near the limit and backs off past it: the one reading a second is a rolling
 10 s p95 that moves by 10-15% on its own). A shard without a figure (no traffic, Redis
@@ -221,7 +221,7 @@ class SloThrottle:
                 # slow start: the pace moves, the concurrency stays
                 if p95 >= limit:
                     await lim.set_pace(max(lim.pace_s, min(lim.pace_s * 2, 1 / MIN_RATE)))
-                elif p95 <= LOW * limit:  # the rate doubles, then pacing ends
+                elif p95 <= HIGH * limit:  # the rate doubles, then pacing ends
                     start = self.settings.slo_throttle_start_rate
                     faster = lim.pace_s / 2
                     await lim.set_pace(0 if start <= 0 or 1 / faster > start * SLOW_START_CAP else faster)

@@ -185,22 +185,25 @@ async def test_slow_start_paces_a_serving_shard_from_the_first_operation_and_spe
 
         await throttle.tick()
         assert one.pace_s == pytest.approx(0.05)                       # low: 20/s
+        await publish(88.0)
+        await throttle.tick()
+        assert one.pace_s == pytest.approx(0.025) and one.allowed == 4  # within 90% of it: still doubles
         await publish(95.0)
         await throttle.tick()
-        assert one.pace_s == pytest.approx(0.05) and one.allowed == 4  # near the limit: holds
+        assert one.pace_s == pytest.approx(0.025) and one.allowed == 4  # near the limit: holds
         await publish(120.0)
         await throttle.tick()
-        assert one.pace_s == pytest.approx(0.1) and one.allowed == 4   # past it: back to 10/s, same concurrency
+        assert one.pace_s == pytest.approx(0.05) and one.allowed == 4  # past it: halves, same concurrency
         await publish(10.0)
         rates = []
         while one.pace_s > 0:
             await throttle.tick()
             rates.append(round(1 / one.pace_s) if one.pace_s else None)
             assert len(rates) < 10, rates
-        assert rates == [20, 40, 80, 160, 320, None] and one.throttled is None and one.allowed == 4
+        assert rates == [40, 80, 160, 320, None] and one.throttled is None and one.allowed == 4
         api = throttle_api(throttle)
         assert api is not None and [c["rate"] for c in api["changes"] if c["shardId"] == "shard1"] == \
-            [10.0, 20.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, None]
+            [10.0, 20.0, 40.0, 20.0, 40.0, 80.0, 160.0, 320.0, None]
     finally:
         await redis.aclose()
 
