@@ -1,5 +1,5 @@
 """The app shell's request plumbing: the session, tenant and CSRF gate, error pages, and
-the security headers of the shell's pages and of the widgets' documents."""
+the security headers of every answer (the shell's pages, the widgets' documents, errors)."""
 from __future__ import annotations
 
 import logging
@@ -101,12 +101,20 @@ async def app_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         log.exception("app shell %s %s failed", request.method, request.path)
         resp = await _error_page(request, 500, "INTERNAL", "internal error (logged on the host)")
+    return resp
+
+
+async def security_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """The app shell's ``on_response_prepare``: every answer under ``/app`` gets
+    `SHELL_HEADERS` (a widget's file: `WIDGET_HEADERS`) and ``no-store`` (the static files
+    excepted), including the JSON envelope the host's middleware writes for an error that
+    `app_middleware` passes on (a bridge call, a script), which never comes back through it."""
+    canonical = _canonical(request)
     widget = canonical.startswith(WIDGETS) and resp.status == 200
     for name, value in (WIDGET_HEADERS if widget else SHELL_HEADERS).items():
         resp.headers.setdefault(name, value)
     if canonical != f"{APP_PATH}/static":
         resp.headers.setdefault("Cache-Control", "no-store")
-    return resp
 
 
 async def _guarded(request: web.Request, handler: Handler, canonical: str) -> web.StreamResponse:

@@ -1,0 +1,83 @@
+"""The tenant app shell (/app) over plain HTTP against a real host on a real fleet (review
+of issue 11): what every answer under /app carries, whatever it is (the error envelope
+too)."""
+from __future__ import annotations
+
+import re
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import aiohttp
+import pytest_asyncio
+
+from router.models import TenantRecord
+from tests.fleetkit import Fleet, Servers, open_fleet
+from tests.hostkit import Host, exchange, host_settings, raw_request, running_host, tenant_with_key
+
+SHELL_CSP = "frame-ancestors 'none'"
+
+
+@dataclass
+class App:
+    fleet: Fleet
+    host: Host
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def app(servers: Servers) -> AsyncIterator[App]:
+    async with AsyncExitStack() as stack:
+        fleet = await open_fleet(servers, stack, shards=1)
+        host = await stack.enter_async_context(running_host(host_settings(fleet)))
+        yield App(fleet, host)
+
+
+async def _signed_in(a: App, rec: TenantRecord, key: str) -> tuple[aiohttp.ClientSession, str]:
+    """A client of its own (its own cookie jar) signed in as a browser does; the session's CSRF token."""
+    http = aiohttp.ClientSession(base_url=a.host.url, cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                 headers={"Accept": "text/html"})
+    async with http.get("/app/login") as r:
+        login = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+        assert r.status == 200 and login
+    async with http.post("/app/login", data={"csrf": login.group(1), "tenant": rec.code, "key": key},
+                         allow_redirects=False) as r:
+        assert r.status == 303, await r.text()
+    async with http.get("/app/") as r:
+        found = re.search(r'data-csrf="([^"]+)"', await r.text())
+        assert r.status == 200 and found
+    return http, found.group(1)
+
+
+def _cookie(http: aiohttp.ClientSession) -> str:
+    return "Cookie: " + "; ".join(f"{c.key}={c.value}" for c in http.cookie_jar)
+
+
+async def test_every_answer_under_app_carries_the_shells_security_headers(app: App) -> None:
+    """Refusals and errors in the JSON envelope (no session, no CSRF token, an unknown
+    route or plugin, a bad body) carry the same CSP, framing, sniffing and caching headers
+    as the shell's pages: a browser that opens one gets no unframed, cacheable page."""
+    rec, key = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_MANAGER",))
+    http, token = await _signed_in(app, rec, key)
+    try:
+        cookie, csrf = _cookie(http), f"X-CSRF-Token: {token}"
+        json_ = "Accept: application/json"
+        for method, path, headers, status in (
+                ("GET", "/app/call/inventory/items", (json_,), 401),                 # no session
+                ("GET", "/app/call/inventory/items", (json_, cookie), 403),          # no CSRF token
+                ("GET", "/app/call/inventory/nosuch", (json_, cookie, csrf), 404),  # not a route of the plugin
+                ("GET", "/app/call/nosuch/items", (json_, cookie, csrf), 404),      # no such plugin
+                ("GET", "/app/call/inventory/items?limit=x", (json_, cookie, csrf), 400),
+                ("POST", "/app/call/inventory/items", (json_, cookie, csrf), 400),  # no body
+                ("GET", "/app/nosuch", (json_, cookie), 404),
+                ("PUT", "/app/login", (json_,), 303),
+                ("GET", "/app/logout", (json_, cookie), 405),
+                ("GET", "/app/widgets/inventory/Nope.js", (json_,), 404),
+                ("GET", "/app/call/inventory/items", (json_, cookie, csrf), 200)):
+            got, head, body = await exchange(app.host.url, raw_request(method, path, *headers))
+            assert got == status, (method, path, got, body[:200])
+            assert SHELL_CSP in head.get("content-security-policy", ""), (method, path, head)
+            assert head.get("x-frame-options") == "DENY", (method, path, head)
+            assert head.get("x-content-type-options") == "nosniff", (method, path, head)
+            assert head.get("cache-control") == "no-store", (method, path, head)
+    finally:
+        await http.close()
