@@ -1,9 +1,10 @@
 """The tenant app shell (/app) over plain HTTP against a real host on a real fleet (review
 of issue 11): what every answer under /app carries, whatever it is (the error envelope
-too)."""
+too), and signing out whatever state the tenant is in."""
 from __future__ import annotations
 
 import re
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -13,7 +14,7 @@ import pytest_asyncio
 
 from router.models import TenantRecord
 from tests.fleetkit import Fleet, Servers, open_fleet
-from tests.hostkit import Host, exchange, host_settings, raw_request, running_host, tenant_with_key
+from tests.hostkit import Host, exchange, host_settings, raw_request, running_host, runtime, tenant_with_key
 
 SHELL_CSP = "frame-ancestors 'none'"
 
@@ -79,5 +80,27 @@ async def test_every_answer_under_app_carries_the_shells_security_headers(app: A
             assert head.get("x-frame-options") == "DENY", (method, path, head)
             assert head.get("x-content-type-options") == "nosniff", (method, path, head)
             assert head.get("cache-control") == "no-store", (method, path, head)
+    finally:
+        await http.close()
+
+
+async def test_sign_out_works_while_the_tenant_is_suspended(app: App) -> None:
+    """A suspended tenant's staff can still sign out: the session is gone at once, and not
+    live again when the tenant is resumed (before: 403 TENANT_SUSPENDED, the session kept)."""
+    rec, key = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_VIEWER",))
+    http, token = await _signed_in(app, rec, key)
+    try:
+        await runtime(app.host).directory.suspend(rec.tenant_id)  # as the console's button
+        async with http.get("/app/", allow_redirects=False) as r:
+            assert r.status == 403 and "TENANT_SUSPENDED" in await r.text()
+
+        async with http.post("/app/logout", data={"csrf": token}, allow_redirects=False) as r:
+            assert (r.status, r.headers.get("Location")) == (303, "/app/login"), await r.text()
+
+        sessions = "SELECT count(*) FROM app_sessions WHERE tenant_id = $1"
+        assert await app.fleet.control.fetchval(sessions, uuid.UUID(rec.tenant_id)) == 0
+        await runtime(app.host).directory.resume(rec.tenant_id)
+        async with http.get("/app/", allow_redirects=False) as r:
+            assert (r.status, r.headers.get("Location")) == (303, "/app/login")
     finally:
         await http.close()
