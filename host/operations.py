@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code
-from router.errors import TenantFleetError, ValidationFailed
+from host.runner import live_run, starting
+from router.errors import RunBusy, TenantFleetError, ValidationFailed
 from router.models import TenantRecord
 
 
@@ -64,7 +65,8 @@ async def uninstall_plugin(rt: HostRuntime, plugin_id: str, *, policy: str | Non
 
     Refused before anything changes: PLUGIN_NOT_FOUND, TENANT_NOT_FOUND, VALIDATION_FAILED
     (unknown policy, a policy the plugin can't do, bad grace, no or unwritable export dir),
-    RUN_NOT_FOUND, RUN_BUSY.
+    RUN_NOT_FOUND, RUN_BUSY (an uninstall run of the plugin live on any host, or being
+    started right now).
     """
     from shard_migrations.uninstall import POLICIES, UninstallOptions, parse_grace, uninstall
 
@@ -91,8 +93,16 @@ async def uninstall_plugin(rt: HostRuntime, plugin_id: str, *, policy: str | Non
         await rt.registry.announce("global", package.id)
         return report.to_dict()
 
-    task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
-    await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
+    # one start at a time per plugin on every host (a double click, two operators), and none
+    # while an uninstall run of the plugin is running (a purge waiting out its grace is not):
+    # RUN_BUSY, nothing recorded
+    async with starting(rt, package.id):
+        live = await live_run(rt, "uninstall", package.id, ("running",))
+        if live is not None:
+            raise RunBusy(f"run {live} uninstalls {package.id} right now: watch it in Runs", runId=live,
+                          pluginId=package.id)
+        task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
+        await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
     if task.done() or tenant_ids is not None:
         result: dict[str, Any] | TenantFleetError = await task
         if isinstance(result, TenantFleetError):

@@ -1,8 +1,10 @@
 """The tenant app shell (/app) over plain HTTP against a real host on a real fleet (review
 of issue 11): what every answer under /app carries, whatever it is (the error envelope
-too), and signing out whatever state the tenant is in."""
+too), signing out whatever state the tenant is in, and the console's Uninstall confirmed
+twice at once."""
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from contextlib import AsyncExitStack
@@ -10,11 +12,13 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import aiohttp
+import asyncpg
 import pytest_asyncio
 
 from router.models import TenantRecord
+from shard_migrations.keys import advisory_key
 from tests.fleetkit import Fleet, Servers, open_fleet
-from tests.hostkit import Host, exchange, host_settings, raw_request, running_host, runtime, tenant_with_key
+from tests.hostkit import ADMIN_KEY, Host, exchange, host_settings, raw_request, running_host, runtime, tenant_with_key
 
 SHELL_CSP = "frame-ancestors 'none'"
 
@@ -103,4 +107,55 @@ async def test_sign_out_works_while_the_tenant_is_suspended(app: App) -> None:
         async with http.get("/app/", allow_redirects=False) as r:
             assert (r.status, r.headers.get("Location")) == (303, "/app/login")
     finally:
+        await http.close()
+
+
+async def _console(a: App) -> tuple[aiohttp.ClientSession, str]:
+    """A console session of its own (the admin key, as a browser signs in); its CSRF token."""
+    http = aiohttp.ClientSession(base_url=a.host.url, cookie_jar=aiohttp.CookieJar(unsafe=True),
+                                 headers={"Accept": "text/html"})
+    async with http.get("/console/login") as r:
+        login = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+        assert login
+    async with http.post("/console/login", data={"csrf": login.group(1), "key": ADMIN_KEY}) as r:
+        assert r.status == 200
+    async with http.get("/console/plugins") as r:
+        found = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+        assert found
+    return http, found.group(1)
+
+
+async def test_an_uninstall_double_submitted_starts_one_run(app: App) -> None:
+    """The console's confirmation posted twice at once (a double click, or two operators):
+    one uninstall run starts, the other is told RUN_BUSY, as an upgrade is; asked again while
+    the run is running, RUN_BUSY with its id."""
+    rec, _ = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_VIEWER",))
+    http, csrf = await _console(app)
+    lock = await asyncpg.connect(app.fleet.shard_dsns[rec.shard_id])
+    runs = "SELECT count(*) FROM fleet_runs WHERE kind = 'uninstall' AND plugin_id = 'inventory'"
+    try:  # the tenant's unit stays busy, so the first run is still running when the second asks
+        await lock.execute("SELECT pg_advisory_lock($1)", advisory_key("inventory", "tenant", rec.tenant_id))
+        before = await app.fleet.control.fetchval(runs)
+
+        async def confirm() -> tuple[int, str]:
+            async with http.post("/console/plugins/inventory/uninstall", allow_redirects=False,
+                                 data={"csrf": csrf, "confirm": "yes", "policy": "keep"}) as r:
+                return r.status, r.headers.get("Location") or await r.text()
+
+        answers = sorted(await asyncio.gather(confirm(), confirm()))
+        assert [s for s, _ in answers] == [303, 409], answers
+        assert "RUN_BUSY" in answers[1][1]  # being started right now, or running
+        run_id = int(answers[0][1].rsplit("/", 1)[1])
+        assert await app.fleet.control.fetchval(runs) == before + 1
+        again = await confirm()  # still running: refused again (not only while one is being started)
+        assert again[0] == 409 and f"run {run_id} " in again[1], again
+        await lock.execute("SELECT pg_advisory_unlock_all()")
+        for _ in range(600):
+            state = await app.fleet.control.fetchval("SELECT state FROM fleet_runs WHERE run_id = $1", run_id)
+            if state in ("done", "failed"):
+                break
+            await asyncio.sleep(0.1)
+        assert state == "done"
+    finally:
+        await lock.close()
         await http.close()
