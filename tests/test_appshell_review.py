@@ -1,7 +1,7 @@
 """The tenant app shell (/app) over plain HTTP against a real host on a real fleet (review
 of issue 11): what every answer under /app carries, whatever it is (the error envelope
-too), signing out whatever state the tenant is in, and the console's Uninstall confirmed
-twice at once."""
+too), signing out whatever state the tenant is in, signing in again over a live session,
+and the console's Uninstall confirmed twice at once."""
 from __future__ import annotations
 
 import asyncio
@@ -158,4 +158,31 @@ async def test_an_uninstall_double_submitted_starts_one_run(app: App) -> None:
         assert state == "done"
     finally:
         await lock.close()
+        await http.close()
+
+
+async def test_signing_in_again_ends_the_browsers_previous_session(app: App) -> None:
+    """Switching tenants (or keys) in one browser: the sign-in that replaces the cookie ends
+    the session the old cookie stood for, so it is not left live on the server until it expires."""
+    first, key_a = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_VIEWER",))
+    second, key_b = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_VIEWER",))
+    http, _ = await _signed_in(app, first, key_a)
+    try:
+        old = next(c.value for c in http.cookie_jar if c.key == "tf_app")
+        async with http.get("/app/login") as r:
+            login = re.search(r'name="csrf" value="([^"]+)"', await r.text())
+            assert login
+        async with http.post("/app/login", data={"csrf": login.group(1), "tenant": second.code, "key": key_b},
+                             allow_redirects=False) as r:
+            assert r.status == 303
+        assert next(c.value for c in http.cookie_jar if c.key == "tf_app") != old
+        async with http.get("/app/") as r:
+            assert r.status == 200 and second.code in await r.text()
+
+        sessions = "SELECT count(*) FROM app_sessions WHERE tenant_id = $1"
+        assert await app.fleet.control.fetchval(sessions, uuid.UUID(first.tenant_id)) == 0
+        assert await app.fleet.control.fetchval(sessions, uuid.UUID(second.tenant_id)) == 1
+        got, _, _ = await exchange(app.host.url, raw_request("GET", "/app/", f"Cookie: tf_app={old}"))
+        assert got == 303  # back to sign-in
+    finally:
         await http.close()
