@@ -1,20 +1,24 @@
 """The tenant app shell (/app) over plain HTTP against a real host on a real fleet (review
 of issue 11): what every answer under /app carries, whatever it is (the error envelope
 too), signing out whatever state the tenant is in, signing in again over a live session,
-and the console's Uninstall confirmed twice at once."""
+the console's Uninstall confirmed twice at once or for a busy tenant, and every /app route
+fuzzed with a live session (hypothesis, bounded in examples)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import AsyncIterator
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from router.models import TenantRecord
 from shard_migrations.keys import advisory_key
@@ -223,3 +227,65 @@ async def test_the_consoles_uninstall_of_one_tenant_shows_its_run_at_once(app: A
     finally:
         await lock.close()
         await http.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def fuzz_client(app: App) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    """A browser's client signed in as a manager of inventory and restock; its CSRF token."""
+    rec, key = await tenant_with_key(app.fleet, app.host, roles=("INVENTORY_MANAGER", "RESTOCK_CLERK"),
+                                     plugins=("inventory", "restock"))
+    http, token = await _signed_in(app, rec, key)
+    try:
+        yield http, token
+    finally:
+        await http.close()
+
+
+APP_FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+_NASTY = ["\x00", "..", "%2e%2e", "/", "\u0661", "x" * 300, "<b>x</b>", "inventory", "LowStockWidget.html"]
+
+
+@APP_FUZZ
+@given(data=st.data())
+async def test_no_route_of_the_app_shell_answers_500_even_signed_in(
+        app: App, fuzz_client: tuple[aiohttp.ClientSession, str], data: st.DataObject) -> None:
+    """Every route under /app, as the signed-in browser and as a script (each with the
+    session's CSRF token, a wrong one, or none), with generated path parameters, query and
+    body: never a 5xx, an error is the envelope (JSON) or the error page (HTML), and the
+    shell's headers are on every answer. Signing out is asked with a wrong token only (the
+    session stays for the next request)."""
+    http, token = fuzz_client
+    routes = sorted({(r.method, r.resource.canonical) for r in app.host.app.router.routes()
+                     if r.resource is not None and r.resource.canonical.startswith("/app")
+                     and r.method not in ("HEAD",)})
+    assert ("GET", "/app/view/{plugin}/{menu}") in routes and ("GET", "/app/call/inventory/items") in routes
+    for method, template in routes:
+        if method == "*":
+            method = data.draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]))
+        path = re.sub(r"\{([^}:]+)(?::[^}]*)?\}",
+                      lambda _: quote(data.draw(st.one_of(st.sampled_from(_NASTY), _TEXT)), safe=""), template)
+        query = data.draw(st.lists(st.tuples(_TEXT, st.one_of(st.sampled_from(_NASTY), _TEXT)), max_size=3))
+        url = path + ("?" + urlencode(query) if query else "")
+        csrf = data.draw(st.sampled_from([None, token, "wrong"]))
+        if template == "/app/logout" and csrf == token:
+            csrf = "wrong"
+        headers = {"Accept": data.draw(st.sampled_from(["text/html", "application/json"]))}
+        if csrf is not None:
+            headers["X-CSRF-Token"] = csrf
+        body = data.draw(st.none() | st.binary(max_size=200)
+                         | st.dictionaries(_TEXT, _TEXT, max_size=3).map(lambda d: json.dumps(d).encode()))
+        if body is not None:
+            headers["Content-Type"] = data.draw(st.sampled_from(
+                ["application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data"]))
+        async with http.request(method, url, headers=headers, data=body, allow_redirects=False) as r:
+            text = await r.read()
+            where = (method, url, headers, body, r.status, text[:300])
+            assert r.status < 500, where
+            assert "frame-ancestors" in r.headers.get("Content-Security-Policy", ""), where
+            if r.status >= 400 and r.headers.get("Content-Type", "").startswith("application/json"):
+                err = json.loads(text)["error"]
+                assert err["code"] != "INTERNAL" and err["requestId"], where
+            elif r.status >= 400:
+                assert b"INTERNAL" not in text, where
