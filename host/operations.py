@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 from host.runtime import HostRuntime
 from host.tenancy import resolve_id_or_code
-from router.errors import TenantFleetError, ValidationFailed
+from host.runner import live_run, starting
+from router.errors import RunBusy, TenantFleetError, ValidationFailed
 from router.models import TenantRecord
 
 
@@ -55,16 +56,19 @@ async def set_global(rt: HostRuntime, plugin_id: str, action: str) -> dict[str, 
 
 
 async def uninstall_plugin(rt: HostRuntime, plugin_id: str, *, policy: str | None = None, tenant: str | None = None,
-                           grace: str | None = None, resume: int | None = None) -> dict[str, Any]:
+                           grace: str | None = None, resume: int | None = None, wait: bool = True) -> dict[str, Any]:
     """Uninstall a plugin (``keep``, ``export`` or ``purge``; None: the plugin's own policy)
     from one tenant (id or code), or from every tenant as a recorded run; exports go to the
-    host's ``TENANTFLEET_EXPORT_DIR`` only. With a tenant, the run's report once it is done;
-    without, ``{runId, pluginId, state: running}`` as soon as the run is recorded (the run
-    goes on as a task the runtime owns: cancelled, recorded, at shutdown; `resume` finishes it).
+    host's ``TENANTFLEET_EXPORT_DIR`` only. With a tenant (and ``wait``), the run's report
+    once it is done; otherwise ``{runId, pluginId, state: running}`` as soon as the run is
+    recorded (the run goes on as a task the runtime owns: cancelled, recorded, at shutdown;
+    `resume` finishes it). The console doesn't wait: a tenant whose plugin unit is busy (a
+    migration, a move) is waited for up to ``migrate_move_wait_s``, an hour by default.
 
     Refused before anything changes: PLUGIN_NOT_FOUND, TENANT_NOT_FOUND, VALIDATION_FAILED
     (unknown policy, a policy the plugin can't do, bad grace, no or unwritable export dir),
-    RUN_NOT_FOUND, RUN_BUSY.
+    RUN_NOT_FOUND, RUN_BUSY (an uninstall run of the plugin live on any host, or being
+    started right now).
     """
     from shard_migrations.uninstall import POLICIES, UninstallOptions, parse_grace, uninstall
 
@@ -91,9 +95,17 @@ async def uninstall_plugin(rt: HostRuntime, plugin_id: str, *, policy: str | Non
         await rt.registry.announce("global", package.id)
         return report.to_dict()
 
-    task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
-    await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done() or tenant_ids is not None:
+    # one start at a time per plugin on every host (a double click, two operators), and none
+    # while an uninstall run of the plugin is running (a purge waiting out its grace is not):
+    # RUN_BUSY, nothing recorded
+    async with starting(rt, package.id):
+        live = await live_run(rt, "uninstall", package.id, ("running",))
+        if live is not None:
+            raise RunBusy(f"run {live} uninstalls {package.id} right now: watch it in Runs", runId=live,
+                          pluginId=package.id)
+        task = rt.tasks.spawn(go(), name=f"uninstall-{package.id}")
+        await asyncio.wait({recorded, task}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done() or (tenant_ids is not None and wait):
         result: dict[str, Any] | TenantFleetError = await task
         if isinstance(result, TenantFleetError):
             raise result

@@ -15,7 +15,8 @@ Starting or resuming is one at a time per plugin (a move: per run) across every 
 control-plane advisory lock is tried and held until the run is recorded as running, and
 under it a live run of the same plugin (a heartbeat within ``3 * HEARTBEAT_S``) refuses
 the request with RUN_BUSY. A double click, two operators, or two hosts asked to resume
-the same run start it once.
+the same run start it once. A plugin's uninstall (`host.operations.uninstall_plugin`)
+starts under the same lock and is refused while an uninstall run of the plugin is live.
 """
 from __future__ import annotations
 
@@ -34,12 +35,20 @@ from shard_migrations.runs import owner_tag
 
 log = logging.getLogger("tenantfleet.host.runner")
 LIVE_S: Final = 3 * HEARTBEAT_S  # a run whose heartbeat is younger is running somewhere
-_LIVE_RUN = ("SELECT run_id FROM fleet_runs WHERE kind = 'migrate' AND plugin_id = $1 AND state IN ('planned', 'running') "
+_LIVE_RUN = ("SELECT run_id FROM fleet_runs WHERE kind = $3 AND plugin_id = $1 AND state = ANY($4::text[]) "
              "AND heartbeat_at > now() - make_interval(secs => $2) ORDER BY run_id LIMIT 1")
 
 
+async def live_run(rt: HostRuntime, kind: str, plugin_id: str,
+                   states: tuple[str, ...] = ("planned", "running")) -> int | None:
+    """The id of a run of ``kind`` (``migrate``, ``uninstall``) of ``plugin_id`` in one of
+    ``states`` that is running somewhere (its heartbeat younger than `LIVE_S`), or None."""
+    run_id: int | None = await rt.control.fetchval(_LIVE_RUN, plugin_id, LIVE_S, kind, list(states))
+    return run_id
+
+
 @asynccontextmanager
-async def _starting(rt: HostRuntime, what: str) -> AsyncIterator[None]:
+async def starting(rt: HostRuntime, what: str) -> AsyncIterator[None]:
     """Hold the control plane's advisory lock for starting runs of ``what`` (a plugin, or a
     move's run) while the run is checked and recorded as running; RUN_BUSY at once if another
     request (on any host) holds it."""
@@ -71,8 +80,8 @@ class Runner:
         version), MIGRATION_DRIFT: raised before anything is recorded; RUN_BUSY while another
         run of the plugin is running (on any host) or being started."""
         rt.discovery.get(plugin_id)  # PLUGIN_NOT_FOUND before anything else
-        async with _starting(rt, plugin_id):
-            live = await rt.control.fetchval(_LIVE_RUN, plugin_id, LIVE_S)
+        async with starting(rt, plugin_id):
+            live = await live_run(rt, "migrate", plugin_id)
             if live is not None:
                 raise RunBusy(f"run {live} of {plugin_id} is running: watch it, or stop it first", runId=live)
             return await self._migrate(rt, plugin_id, to=to, resume=None)
@@ -81,7 +90,7 @@ class Runner:
         """Finish a recorded migration run or move from where it stopped. RUN_NOT_FOUND;
         VALIDATION_FAILED if it is done, or still running (here or in another process)."""
         row = await self._run_row(rt, run_id)
-        async with _starting(rt, row["plugin_id"] if row["kind"] == "migrate" else f"run {run_id}"):
+        async with starting(rt, row["plugin_id"] if row["kind"] == "migrate" else f"run {run_id}"):
             return await self._resume(rt, run_id, await self._run_row(rt, run_id))  # read again under the lock
 
     @staticmethod

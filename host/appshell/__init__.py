@@ -37,7 +37,7 @@ import jinja2
 from aiohttp import web
 
 from host.appshell import views
-from host.appshell.plumbing import app_middleware
+from host.appshell.plumbing import app_middleware, security_headers
 from host.context import PluginHost
 from router.http import BODY_TIMEOUT
 from shard_migrations.packages import Discovery
@@ -50,6 +50,7 @@ def appshell_app(host: PluginHost, discovery: Discovery, *, body_timeout_s: floa
     """The app shell, to mount at `host.keys.APP_PATH` (``app.add_subapp``), after the
     plugins are loaded (their routes are mounted under ``/call``)."""
     app = web.Application(middlewares=[app_middleware])
+    app.on_response_prepare.append(security_headers)
     app[BODY_TIMEOUT] = body_timeout_s
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
                          undefined=jinja2.StrictUndefined)

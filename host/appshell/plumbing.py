@@ -1,5 +1,5 @@
 """The app shell's request plumbing: the session, tenant and CSRF gate, error pages, and
-the security headers of the shell's pages and of the widgets' documents."""
+the security headers of every answer (the shell's pages, the widgets' documents, errors)."""
 from __future__ import annotations
 
 import logging
@@ -24,6 +24,9 @@ APP_SESSION: Final[web.RequestKey[sessions.AppSession]] = web.RequestKey("tenant
 APP_TENANT: Final[web.RequestKey[TenantRecord]] = web.RequestKey("tenantfleet_app_tenant")
 # routes (by their canonical form, never the raw path) that need no session
 PUBLIC: Final = frozenset({f"{APP_PATH}/login", f"{APP_PATH}/static"})
+# routes that need the session and its CSRF token but not its tenant servable: signing out
+# works while the tenant is suspended (or not ready), as the error page's button promises
+ANY_TENANT_STATE: Final = frozenset({f"{APP_PATH}/logout"})
 WIDGETS: Final = f"{APP_PATH}/widgets/"
 CALLS: Final = f"{APP_PATH}{APP_CALL}/"
 SHELL_HEADERS: Final = {
@@ -101,19 +104,27 @@ async def app_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         log.exception("app shell %s %s failed", request.method, request.path)
         resp = await _error_page(request, 500, "INTERNAL", "internal error (logged on the host)")
+    return resp
+
+
+async def security_headers(request: web.Request, resp: web.StreamResponse) -> None:
+    """The app shell's ``on_response_prepare``: every answer under ``/app`` gets
+    `SHELL_HEADERS` (a widget's file: `WIDGET_HEADERS`) and ``no-store`` (the static files
+    excepted), including the JSON envelope the host's middleware writes for an error that
+    `app_middleware` passes on (a bridge call, a script), which never comes back through it."""
+    canonical = _canonical(request)
     widget = canonical.startswith(WIDGETS) and resp.status == 200
     for name, value in (WIDGET_HEADERS if widget else SHELL_HEADERS).items():
         resp.headers.setdefault(name, value)
     if canonical != f"{APP_PATH}/static":
         resp.headers.setdefault("Cache-Control", "no-store")
-    return resp
 
 
 async def _guarded(request: web.Request, handler: Handler, canonical: str) -> web.StreamResponse:
     """Public routes as they are; everything else needs a live session (pages: back to
-    sign-in without one; bridge calls: 401), the session's tenant servable, and for a
-    bridge call (any method) or a POST the session's CSRF token (403 otherwise, nothing
-    read or changed)."""
+    sign-in without one; bridge calls: 401), for a bridge call (any method) or a POST the
+    session's CSRF token (403 otherwise, nothing read or changed), and then (sign-out
+    excepted) the session's tenant servable."""
     if canonical in PUBLIC or canonical.startswith(WIDGETS):
         return await handler(request)
     rt = runtime(request)
@@ -133,6 +144,8 @@ async def _guarded(request: web.Request, handler: Handler, canonical: str) -> we
         if not csrf_ok(found.csrf, given):
             raise Forbidden("missing or wrong CSRF token: reload the page and try again; nothing was changed",
                             field="csrf")
+    if canonical in ANY_TENANT_STATE:
+        return await handler(request)
     rec = await rt.resolver.resolve(id=found.tenant_id)
     request[REQ_TENANT] = rec.tenant_id
     request[APP_TENANT] = rec

@@ -98,7 +98,8 @@ async def login_form(request: web.Request, *, error: str | None = None, status: 
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.Response:
-    """Exchange a tenant's API key for a session cookie (the form's own CSRF token checked first)."""
+    """Exchange a tenant's API key for a session cookie (the form's own CSRF token checked
+    first); the session of the cookie it replaces, if any, is ended."""
     rt = runtime(request)
     data = await form(request)
     tenant = data.get("tenant", "")[:253]
@@ -112,6 +113,8 @@ async def login(request: web.Request) -> web.Response:
         if not wants_html(request):
             raise  # any other client: the JSON envelope, as everywhere on the host
         return await login_form(request, error=exc.message, status=exc.status, tenant=tenant)
+    # the cookie this browser held (another tenant's or key's session) is replaced: end its session
+    await sessions.sign_out(rt.control, request.cookies.get(APP_COOKIE))
     resp = redirect(f"{APP_PATH}/")
     resp.set_cookie(APP_COOKIE, token, path=APP_PATH, httponly=True, samesite="Strict",
                     secure=request.secure, max_age=int(rt.settings.app_session_s))

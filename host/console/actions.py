@@ -129,7 +129,8 @@ async def plugin_upgrade(request: web.Request) -> web.Response:
 @routes.post("/plugins/{plugin}/uninstall")
 async def plugin_uninstall(request: web.Request) -> web.Response:
     """Uninstall a plugin (the policy chosen on the confirmation page; one tenant or every
-    tenant) through the admin API's service function; go and watch the run."""
+    tenant) through the admin API's service function; go and watch the run as soon as it is
+    recorded (one tenant's too: its unit may be busy for a long while)."""
     rt = runtime(request)
     pid = request.match_info["plugin"]
     data = await form(request)
@@ -140,7 +141,8 @@ async def plugin_uninstall(request: web.Request) -> web.Response:
     if data.get("confirm") != "yes":  # a POST that skipped the confirmation page: nothing done
         raise ValidationFailed("confirm the uninstall on its page first", field="confirm")
     result = await act(request, "plugin.uninstall", pid if tenant is None else f"{tenant}/{pid}",
-                       lambda: operations.uninstall_plugin(rt, pid, policy=policy, tenant=tenant, grace=grace),
+                       lambda: operations.uninstall_plugin(rt, pid, policy=policy, tenant=tenant, grace=grace,
+                                                         wait=False),
                        details)
     return redirect(f"{CONSOLE_PATH}/runs/{result['runId']}")
 
