@@ -2,7 +2,8 @@
 
 On an embedded fleet of 3 shards (fsync on; or the servers named by
 TENANTFLEET_CONTROL_DSN, whose shards are registered already), ``--runs`` rounds, each on
-fresh tenants with inventory enabled, the two sides alternating which goes first:
+fresh tenants with inventory enabled, the two sides alternating which goes first (after
+``--warmup`` tenants of each, not counted):
 
   floor    per shard ONE connection sending, per batch of ``--batch-size`` tenants, ONE
            simple-query script with exactly the SQL the importer has the shard run for
@@ -22,7 +23,7 @@ runs. ``--single`` tenants made one at a time first (`tenants create` + `plugins
 --tenant`, in process), for reference. Then checks that imported tenants are usable:
 one per shard, as its own role, writes and reads its ``items``.
 
-    .venv/bin/python bench/tenant_import.py [--tenants 3000] [--runs 3] [--batch-size 200] [--single 100]
+    .venv/bin/python bench/tenant_import.py [--tenants 3000] [--runs 3] [--batch-size 200] [--single 100] [--warmup 600]
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=3, help="Rounds (fresh tenants each, order alternated); medians.")
     ap.add_argument("--batch-size", type=int, default=200, help="Tenants per shard transaction, both sides.")
     ap.add_argument("--single", type=int, default=100, help="Tenants made one at a time first (0: skip).")
+    ap.add_argument("--warmup", type=int, default=600, help="Tenants each side makes first, not counted.")
     ap.add_argument("--sides", default="floor,import", help="Which sides to run (comma-separated).")
     return ap.parse_args()
 
@@ -267,6 +269,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             s = await single(rt, inventory, args.single)
             figures["single_tenants_per_s"] = args.single / s
             print(f"one at a time: {args.single} tenants in {s:.1f} s = {args.single / s:.1f}/s", flush=True)
+        if args.warmup:
+            for side in sides:
+                if side == "floor":
+                    await run_floor(shards, names, args.warmup, args.batch_size, inventory)
+                else:
+                    await run_import(rt, packages, args.warmup, args.batch_size, uuid.uuid4().hex[:6])
         tags = []
         for r in range(args.runs):
             this: dict[str, Any] = {}
