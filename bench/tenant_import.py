@@ -54,6 +54,7 @@ from shard_migrations.packages import MigrationFile, PluginPackage, discover  # 
 from shard_migrations.tenant_import import TenantImporter  # noqa: E402
 
 AIM = 1000.0
+BG = "servers' background"
 _SAFE = re.compile(r"[0-9A-Za-z_.\-]+")
 
 
@@ -77,20 +78,25 @@ def _stat(pid: int) -> list[str]:
     return text[text.rindex(")") + 2:].split()  # fields from the 3rd (state) on
 
 
-def server_cpu(postmaster: int) -> float:
-    """CPU seconds of a PostgreSQL server: the postmaster, the children it reaped, and
-    the children alive now."""
+def server_cpu(postmaster: int) -> tuple[float, float]:
+    """CPU seconds of a PostgreSQL server (the postmaster, the children it reaped, and the
+    children alive now), and of those its background processes alive now spent
+    (checkpointer, background writer, WAL writer, autovacuum, ...: not serving a client)."""
     f = _stat(postmaster)
     total = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
+    background = 0
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
                 g = _stat(int(entry.name))
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
             except (OSError, ValueError):
                 continue
             if int(g[1]) == postmaster:
                 total += int(g[11]) + int(g[12])
-    return total / _TICK
+                if b"127.0.0.1(" not in cmdline:  # a backend's title names its client
+                    background += int(g[11]) + int(g[12])
+    return total / _TICK, background / _TICK
 
 
 def self_cpu() -> float:
@@ -103,8 +109,13 @@ class Cpu:
         self.servers = servers
 
     def sample(self) -> dict[str, float]:
-        out = {name: server_cpu(pid) for name, pid in self.servers.items()}
+        out: dict[str, float] = {}
+        background = 0.0
+        for name, pid in self.servers.items():
+            out[name], bg = server_cpu(pid)
+            background += bg
         out["client"] = self_cpu()
+        out[BG] = background  # part of the servers' figures, not added to them
         return out
 
     @staticmethod
@@ -318,9 +329,9 @@ def report(args: argparse.Namespace, d: dict[str, Any]) -> None:
     print_table(f"{args.tenants:,} tenants with inventory over {d['shards']} shards, batches of {args.batch_size}: "
                 "tenants/s", ["", *sides] + (["import / floor"] if len(sides) == 2 else []), rows)
     keys = list(d[sides[0]]["cpu_ms_per_tenant"])
-    print_table("CPU ms per tenant (medians)", ["", *keys, "all"],
+    print_table("CPU ms per tenant (medians; the servers' background is part of their figures)", ["", *keys, "all"],
                 [[s, *(f"{d[s]['cpu_ms_per_tenant'][k]:.2f}" for k in keys),
-                  f"{sum(d[s]['cpu_ms_per_tenant'].values()):.2f}"] for s in sides])
+                  f"{sum(v for k, v in d[s]['cpu_ms_per_tenant'].items() if k != BG):.2f}"] for s in sides])
     if "import" in d:
         print(f"import: {d['import']['tenants_per_s']:,.0f} tenants/s (aim: at least {AIM:,.0f})"
               + (f"; {d['ratio']:.2f}x the floor ({d['floor']['tenants_per_s']:,.0f}/s)" if "ratio" in d else ""))
