@@ -2,15 +2,16 @@
 
 On one embedded shard (or the shard DSN given with ``--dsn``; it must be a prepared
 shard), ``--batches`` batches of ``--batch`` tenants, each batch in one transaction the
-way `tenants import` makes them: the schemas, then ``fleet.ensure_tenant_roles`` over the
-batch's names (each tenant's role, its grants, one GRANT of them all to the login role).
+way `tenants import` makes them: the schemas, then ``fleet.create_tenant_roles`` over the
+batch's names (each tenant's role, its grants, one GRANT of them all to the login role;
+``--function ensure``: ``fleet.ensure_tenant_roles``, which checks each role first).
 Prints ms per tenant for every batch and the last batch against the first (the floor,
 measured in the same run): flat means linear in tenants. Before the fix a role created
 just now was still checked for the login role's membership, which walks every membership
 of the login role after each CREATE ROLE: 0.9 -> 6.4 ms per tenant over the first 2,000
 tenants and 31 -> 53 ms at 4,000-6,000.
 
-    .venv/bin/python bench/tenant_roles.py [--batches 16] [--batch 500]
+    .venv/bin/python bench/tenant_roles.py [--batches 16] [--batch 500] [--function create|ensure]
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batches", type=int, default=16, help="batches, one transaction each")
     ap.add_argument("--batch", type=int, default=500, help="tenants per batch")
     ap.add_argument("--dsn", default=None, help="a prepared shard to use instead of an embedded one")
+    ap.add_argument("--function", choices=("create", "ensure"), default="create",
+                    help="create: fleet.create_tenant_roles (what `tenants import` runs for fresh tenants); "
+                         "ensure: fleet.ensure_tenant_roles (one tenant at a time, moves, a resumed batch)")
     return ap.parse_args()
 
 
@@ -51,7 +55,10 @@ async def batches(dsn: str, args: argparse.Namespace) -> list[float]:
             async with conn.transaction():
                 # bench-only: system-made t_<32 hex> names, so quoting them is exact
                 await conn.execute("".join(f'CREATE SCHEMA "{n}";' for n in names))
-                await conn.execute("SELECT fleet.ensure_tenant_roles($1::text[], false)", names)
+                if args.function == "create":
+                    await conn.execute("SELECT fleet.create_tenant_roles($1::text[])", names)
+                else:
+                    await conn.execute("SELECT fleet.ensure_tenant_roles($1::text[], false)", names)
             out.append(1000 * (time.perf_counter() - t0) / args.batch)
             print(f"batch {i + 1}/{args.batches}: {out[-1]:.2f} ms per tenant", flush=True)
     finally:

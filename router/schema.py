@@ -54,7 +54,8 @@ _SHARD_HARDENING = [
     # These run as their caller and fail without the owner's privileges anyway; nobody
     # else has a reason to call them. (The fence is the app role's alone: `tables.fence_ddl`.)
     "REVOKE EXECUTE ON FUNCTION fleet.create_tenant_schema(text), fleet.drop_tenant_schema(text), "
-    "fleet.ensure_tenant_roles(text[], boolean), fleet.ensure_tenant_role(text), fleet.ensure_app_role(name), "
+    "fleet.ensure_tenant_roles(text[], boolean), fleet.create_tenant_roles(text[]), fleet.ensure_tenant_role(text), "
+    "fleet.ensure_app_role(name), "
     "fleet.ensure_nologin_role(name), fleet.grant_role_to_owner(name), fleet.revoke_app_role_legacy(text[]), "
     "fleet.ensure_login_role(text) "
     "FROM PUBLIC",

@@ -436,6 +436,56 @@ BEGIN
   PERFORM fleet.ensure_tenant_roles(ARRAY[name], true);
 END $fn$;
 
+-- The roles of tenant schemas made just now in this transaction, none of whose roles
+-- exists yet (`tenants import`: fresh tenant ids): what ensure_tenant_roles(names, false)
+-- gives them (a role each, NOLOGIN and a member of the tenants' group only, USAGE on its
+-- schema, the owner's default privileges; the owner and the login role may switch to
+-- it), without the checks and the subtransaction per role that a role which may exist
+-- already needs. All grants that share a grantee are one statement: the group to every
+-- role, every role to the login role (and to a non-superuser owner). If any of the roles
+-- exists (left by a dropped database, or being made by another database of this server
+-- at this moment), it refuses with 42710 and changes nothing: the caller rolls back and
+-- uses ensure_tenant_roles, which knows what to do with it. Serialised per database by
+-- the bootstrap lock, like ensure_tenant_roles. Returns how many schemas.
+CREATE OR REPLACE FUNCTION fleet.create_tenant_roles(names text[]) RETURNS int
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  v_pg16 boolean := pg_catalog.current_setting('server_version_num')::int >= 160000;
+  v_super boolean;
+  v_roles text;
+  v_ddl text;
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock({bootstrap_lock});  -- router.keys.BOOTSTRAP_LOCK
+  IF pg_catalog.cardinality(names) IS NULL OR pg_catalog.cardinality(names) = 0 THEN
+    RETURN 0;
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.unnest(names) n WHERE n IS NULL OR n !~ '^t_[0-9a-f]{32}$') THEN
+    RAISE EXCEPTION 'not a tenant schema name in %', names USING ERRCODE = '22023';
+  END IF;
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles
+             WHERE rolname = ANY (SELECT fleet.tenant_role(n) FROM pg_catalog.unnest(names) n)) THEN
+    RAISE EXCEPTION 'a role of these tenants exists already' USING ERRCODE = '42710',
+      HINT = 'use fleet.ensure_tenant_roles';
+  END IF;
+  SELECT string_agg(format('CREATE ROLE %1$I NOLOGIN INHERIT; GRANT USAGE ON SCHEMA %2$I TO %1$I; '
+                           'ALTER DEFAULT PRIVILEGES IN SCHEMA %2$I GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO %1$I; '
+                           'ALTER DEFAULT PRIVILEGES IN SCHEMA %2$I GRANT USAGE, SELECT ON SEQUENCES TO %1$I',
+                           fleet.tenant_role(n), n), '; '),
+         string_agg(format('%I', fleet.tenant_role(n)), ', ')
+    INTO v_ddl, v_roles FROM pg_catalog.unnest(names) n;
+  EXECUTE v_ddl;
+  EXECUTE format('GRANT %I TO %s', fleet.tenant_group_role(), v_roles);
+  -- as ensure_tenant_roles: the login role may SET ROLE to them and inherits nothing;
+  -- the owner may switch to them (a superuser may already)
+  EXECUTE format('GRANT %s TO %I', v_roles, fleet.login_role())
+          || CASE WHEN v_pg16 THEN ' WITH INHERIT FALSE, SET TRUE' ELSE '' END;
+  SELECT rolsuper INTO v_super FROM pg_catalog.pg_roles WHERE rolname = current_user;
+  IF NOT v_super THEN
+    EXECUTE format('GRANT %s TO %I', v_roles, current_user);
+  END IF;
+  RETURN pg_catalog.cardinality(names);
+END $fn$;
+
 -- Lets the owner (current_user: the shard DSN's role) SET ROLE to a role it made or
 -- shares. SET ROLE needs membership (PostgreSQL 16+: a membership with the SET option;
 -- the ADMIN-only membership a CREATEROLE owner gets by creating the role is not

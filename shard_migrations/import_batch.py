@@ -6,9 +6,10 @@ whatever the batch's size:
 1. the local ``lock_timeout``/``statement_timeout``, every tenant unit's advisory lock and
    every tenant's hold key (shared) in ONE statement, as the migrator's engine takes them
    one unit at a time (a busy one: `BatchFallback`);
-2. the schemas (one script), their roles and grants (``fleet.ensure_tenant_roles`` over
-   the array of names: one GRANT of them all to the login role) and the fences (one
-   INSERT over arrays);
+2. the schemas (one script), their roles and grants (``fleet.create_tenant_roles`` over
+   the array of names, one statement per grantee for the grants the roles share; a
+   resumed batch's schemas: ``fleet.ensure_tenant_roles``, which checks each role and
+   grants on the tables there) and the fences (one INSERT over arrays);
 3. each plugin's public files (the engine's `apply_unit`, once per shard: a no-op once
    the shard has them);
 4. the ledger of the batch's tenants, read in one query: drift stops the batch as the
@@ -96,8 +97,22 @@ async def create_batch(conn: Conn, shard_id: str, tenants: Sequence[NewTenant], 
                                   names)
     # the names matched TENANT_SCHEMA_RE above: no character of them needs escaping
     await conn.execute("".join(f'CREATE SCHEMA IF NOT EXISTS "{n}";' for n in names))
-    # the roles, their grants and ONE grant of them all to the login role
-    await conn.execute("SELECT fleet.ensure_tenant_roles($1::text[], $2)", names, existed > 0)
+    if existed:
+        # the roles, their grants and ONE grant of them all to the login role, each role
+        # checked (it may exist already) and its tables given their grants
+        await conn.execute("SELECT fleet.ensure_tenant_roles($1::text[], true)", names)
+    else:
+        # fresh tenants: their roles can't exist yet, so they are made without a check
+        # each (fleet.create_tenant_roles; if one does exist, the batch is made one by one)
+        try:
+            await conn.execute("SELECT fleet.create_tenant_roles($1::text[])", names)
+        except asyncpg.PostgresError as exc:
+            kind = classify(exc)
+            if kind == "lock":
+                raise LockTimedOut(f"tenant roles on shard {shard_id}: {exc.sqlstate} {exc}") from exc
+            if kind == "shard":
+                raise
+            raise BatchFallback(f"the batch's roles: {exc.sqlstate} {exc}") from exc
     await conn.execute(
         "INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) "
         "SELECT t, n, 1 FROM unnest($1::uuid[], $2::text[]) AS x(t, n) ON CONFLICT (tenant_id) DO NOTHING",

@@ -340,28 +340,57 @@ class TenantImporter:
 
         limiters = ShardLimiters(self.settings, concurrency=1)
 
+        async def activate(shard_id: str, batch: list[tuple[Row, str]], made: list[tuple[Row, str]],
+                           packages: Sequence[PluginPackage]) -> None:
+            if made:
+                await self._activate(run_id, made, packages)
+            created[shard_id] += len(made)
+            state["done"] += len(batch)
+            if self.progress:
+                self.progress(state["done"], state["total"])
+
         async def shard_worker(shard_id: str, work: list[tuple[Row, str]]) -> None:
-            # every shard-wide action goes through the shard's limiter: a shard that fails
-            # backs off alone (a batch is idempotent, so it is simply made again) until
-            # it has failed for shard_give_up_s; the other shards go on meanwhile
+            # A pipeline per shard: while the shard runs batch n, the control plane
+            # activates batch n-1 and reserves batch n+1 (each still in that order for its
+            # own batch: directory rows, shard transaction, activation), so the shard's
+            # connection never waits on the control plane.
             limiter = limiters.get(shard_id)
-            for start in range(0, len(work), self.batch_size):
-                batch = work[start:start + self.batch_size]
-                while True:
-                    async with limiter.slot():
-                        try:
-                            made = await self._batch(run_id, shard_id, batch)
-                        except (ShardUnreachable, LockBusy, LockTimedOut) as exc:
-                            limiter.failure(exc)
-                            if limiter.down:
-                                raise
-                            continue
-                        limiter.success()
-                        break
-                created[shard_id] += made
-                state["done"] += len(batch)
-                if self.progress:
-                    self.progress(state["done"], state["total"])
+            batches = [work[i:i + self.batch_size] for i in range(0, len(work), self.batch_size)]
+            reserving: asyncio.Task[list[tuple[Row, str]]] | None = None
+            activating: asyncio.Task[None] | None = None
+            try:
+                if batches:
+                    reserving = asyncio.create_task(self._reserve(run_id, shard_id, batches[0]))
+                for n, batch in enumerate(batches):
+                    assert reserving is not None
+                    reserved = await reserving
+                    reserving = (asyncio.create_task(self._reserve(run_id, shard_id, batches[n + 1]))
+                                 if n + 1 < len(batches) else None)
+                    # every shard-wide action goes through the shard's limiter: a shard that
+                    # fails backs off alone (a batch is idempotent, so it is simply made
+                    # again) until it has failed for shard_give_up_s; the other shards go on
+                    while True:
+                        async with limiter.slot():
+                            try:
+                                made, packages = await self._make(run_id, shard_id, reserved)
+                            except (ShardUnreachable, LockBusy, LockTimedOut) as exc:
+                                limiter.failure(exc)
+                                if limiter.down:
+                                    raise
+                                continue
+                            limiter.success()
+                            break
+                    if activating is not None:
+                        await activating
+                    activating = asyncio.create_task(activate(shard_id, batch, made, packages))
+                if activating is not None:
+                    await activating
+                    activating = None
+            finally:
+                for task in (reserving, activating):
+                    if task is not None and not task.done():
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -384,16 +413,16 @@ class TenantImporter:
             "UPDATE fleet_runs SET state = $2, summary = coalesce($3, summary), finished_at = now(), "
             "updated_at = now() WHERE run_id = $1", run_id, state, summary)
 
-    async def _batch(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]]) -> int:
-        """One batch on one shard: directory rows, the shard's transaction, then activation.
-        Returns how many tenants it created (a line whose code or domain was taken meanwhile,
-        or whose plugin files fail, is refused, recorded as failed with the reason)."""
-        batch = await self._reserve(run_id, shard_id, batch)
-        if not batch:
-            return 0
-        pool = await self.pools.get(shard_id)
+    async def _make(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]]
+                    ) -> tuple[list[tuple[Row, str]], list[PluginPackage]]:
+        """One reserved batch on its shard: the shard's transaction (or, if the batch can't
+        be made in one, its tenants one by one). Returns the lines made (a line whose plugin
+        files fail is refused, recorded as failed with the reason) and the plugins enabled."""
         plugin_ids = sorted({p for row, _ in batch for p in row.plugins})
         packages = [self.packages.get(p) for p in plugin_ids]
+        if not batch:
+            return batch, packages
+        pool = await self.pools.get(shard_id)
         new = [NewTenant(_record(row, tid, "t_" + uuid.UUID(tid).hex, shard_id), row.plugins) for row, tid in batch]
         try:
             try:
@@ -406,8 +435,7 @@ class TenantImporter:
         except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
             raise ShardUnreachable(f"shard {shard_id} is unreachable: {exc.__class__.__name__}",
                                    shardId=shard_id) from exc
-        await self._activate(run_id, batch, packages)
-        return len(batch)
+        return batch, packages
 
     async def _one_by_one(self, run_id: int, shard_id: str, batch: list[tuple[Row, str]],
                           packages: Sequence[PluginPackage]) -> list[tuple[Row, str]]:
@@ -450,16 +478,20 @@ class TenantImporter:
         check refuses that line. Returns the lines to go on with."""
         keep: list[tuple[Row, str]] = []
         async with self.control.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                "INSERT INTO tenants (tenant_id, code, schema_name, shard_id) VALUES ($1::uuid, $2, $3, $4) "
+            # one statement each (the shard counter's trigger runs once per statement)
+            await conn.execute(
+                "INSERT INTO tenants (tenant_id, code, schema_name, shard_id) "
+                "SELECT x.t, x.c, x.s, $4 FROM unnest($1::uuid[], $2::text[], $3::text[]) AS x(t, c, s) "
                 "ON CONFLICT DO NOTHING",
-                [(tid, row.code, "t_" + uuid.UUID(tid).hex, shard_id) for row, tid in batch])
+                [tid for _, tid in batch], [row.code for row, _ in batch],
+                ["t_" + uuid.UUID(tid).hex for _, tid in batch], shard_id)
             ours = {r["tenant_id"] for r in await conn.fetch(
                 "SELECT tenant_id::text AS tenant_id FROM tenants WHERE tenant_id = ANY($1::uuid[])",
                 [tid for _, tid in batch])}
-            await conn.executemany(
-                "INSERT INTO tenant_domains (domain, tenant_id) VALUES ($1, $2::uuid) ON CONFLICT DO NOTHING",
-                [(d, tid) for row, tid in batch if tid in ours for d in row.domains])
+            mine = [(d, tid) for row, tid in batch if tid in ours for d in row.domains]
+            await conn.execute(
+                "INSERT INTO tenant_domains (domain, tenant_id) SELECT x.d, x.t FROM unnest($1::text[], $2::uuid[]) "
+                "AS x(d, t) ON CONFLICT DO NOTHING", [d for d, _ in mine], [t for _, t in mine])
             owner = {r["domain"]: r["tenant_id"] for r in await conn.fetch(
                 "SELECT domain, tenant_id::text AS tenant_id FROM tenant_domains WHERE domain = ANY($1::text[])",
                 [d for row, _ in batch for d in row.domains])}
@@ -485,11 +517,12 @@ class TenantImporter:
                 await conn.execute(
                     "INSERT INTO sys_plugins (plugin_id, api_version, version_installed) VALUES ($1, $2, $3) "
                     "ON CONFLICT (plugin_id) DO NOTHING", pkg.id, pkg.api, str(pkg.version))
-                await conn.executemany(
+                await conn.execute(
                     "INSERT INTO sys_tenant_plugins (tenant_id, plugin_id, enabled, version_installed) "
-                    "VALUES ($1::uuid, $2, true, $3) ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = true, "
+                    "SELECT t, $2, true, $3 FROM unnest($1::uuid[]) AS t "
+                    "ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = true, "
                     "version_installed = EXCLUDED.version_installed, updated_at = now()",
-                    [(tid, pkg.id, str(pkg.version)) for row, tid in batch if pkg.id in row.plugins])
+                    [tid for row, tid in batch if pkg.id in row.plugins], pkg.id, str(pkg.version))
             await conn.execute(
                 "UPDATE tenants SET state = 'active', epoch = epoch + 1, updated_at = now() "
                 "WHERE tenant_id = ANY($1::uuid[]) AND state = 'provisioning'", [tid for _, tid in batch])

@@ -18,8 +18,10 @@ import asyncpg
 import pytest
 
 from router.errors import ValidationFailed
+from router.keys import tenant_role
 from router.models import TenantRecord
-from shard_migrations.import_batch import NewTenant, create_batch
+from shard_migrations.engine import Unit, apply_unit
+from shard_migrations.import_batch import BatchFallback, NewTenant, create_batch
 from shard_migrations.packages import MigrationFile, discover
 from shard_migrations.tenant_import import TenantImporter
 from tests.conftest import FleetFactory
@@ -265,3 +267,91 @@ async def test_a_batch_made_again_after_its_commit_is_found_done(fresh_fleet: Fl
                                    [t.record.tenant_id for t in new]) == 3
     finally:
         await conn.close()
+
+
+# What a tenant's role is and holds, with its own names written ROLE and SCHEMA (and the
+# login role LOGIN): equal for two tenants means they got the same rights.
+RIGHTS_SQL = """
+WITH r AS (SELECT oid, rolname FROM pg_roles WHERE rolname = fleet.tenant_role($1))
+SELECT jsonb_build_object(
+  'role', (SELECT to_jsonb(x) - 'oid' - 'rolname' - 'rolpassword' FROM pg_roles x WHERE x.oid = (SELECT oid FROM r)),
+  'member_of', (SELECT jsonb_agg(to_jsonb(m) - 'oid' - 'roleid' - 'member' - 'grantor'
+                                 || jsonb_build_object('of', g.rolname) ORDER BY g.rolname)
+                FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = (SELECT oid FROM r)),
+  'members', (SELECT jsonb_agg(to_jsonb(m) - 'oid' - 'roleid' - 'member' - 'grantor'
+                               || jsonb_build_object('who', CASE WHEN u.rolname = fleet.login_role() THEN 'LOGIN'
+                                                                 ELSE u.rolname END) ORDER BY u.rolname)
+              FROM pg_auth_members m JOIN pg_roles u ON u.oid = m.member WHERE m.roleid = (SELECT oid FROM r)),
+  'schema', (SELECT nspacl::text FROM pg_namespace WHERE nspname = $1),
+  'defaults', (SELECT jsonb_agg(jsonb_build_array(d.defaclobjtype, d.defaclacl::text) ORDER BY d.defaclobjtype)
+               FROM pg_default_acl d JOIN pg_namespace n ON n.oid = d.defaclnamespace WHERE n.nspname = $1),
+  'relations', (SELECT jsonb_agg(jsonb_build_array(c.relname, c.relkind, c.relacl::text) ORDER BY c.relname)
+                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1))::text
+"""
+
+
+async def rights(conn: asyncpg.Connection, schema: str) -> Any:
+    text: str = await conn.fetchval(RIGHTS_SQL, schema)
+    return json.loads(text.replace(tenant_role(schema), "ROLE").replace(schema, "SCHEMA"))
+
+
+def new_tenants(n: int, prefix: str) -> list[NewTenant]:
+    out = []
+    for i in range(n):
+        tid = str(uuid.uuid4())
+        out.append(NewTenant(TenantRecord(tenant_id=tid, code=f"{prefix}-{i}", schema="t_" + uuid.UUID(tid).hex,
+                                          shard_id="shard1", state="provisioning", epoch=1), ("inventory",)))
+    return out
+
+
+async def test_imported_tenants_roles_hold_what_one_tenant_made_alone_holds(fleet: Fleet) -> None:
+    """A batch's roles are made together (fleet.create_tenant_roles, no check per role):
+    each holds exactly what a tenant made alone (fleet.create_tenant_schema, then its
+    files through the engine) holds, no more."""
+    inv = discover().get("inventory")
+    batch = new_tenants(3, "same")
+    alone = new_tenants(1, "alone")[0].record
+    pool = await fleet.shard_pools.get("shard1")
+    async with pool.acquire() as conn, conn.transaction():
+        assert await create_batch(conn, "shard1", batch, [inv], fleet.settings) == 2 * 3
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT fleet.create_tenant_schema($1)", alone.schema)
+        await conn.execute("INSERT INTO fleet.tenant_fence (tenant_id, schema_name, epoch) VALUES ($1::uuid, $2, 1)",
+                           alone.tenant_id, alone.schema)
+        await apply_unit(conn, inv.id, Unit("shard1", "tenant", alone, tuple(inv.files("tenant", inv.version))),
+                         fleet.settings)
+    conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    try:
+        expected = await rights(conn, alone.schema)
+        assert expected["relations"] and expected["defaults"] and expected["members"]  # the query sees them
+        for t in batch:
+            assert await rights(conn, t.record.schema) == expected
+    finally:
+        await conn.close()
+
+
+async def test_a_batch_whose_role_exists_already_is_refused_whole_and_made_one_by_one(fleet: Fleet) -> None:
+    """A role of a new tenant's name left on the server (by a dropped database, say):
+    the batch's quick path refuses it with nothing made, and the path for one tenant at a
+    time uses it."""
+    inv = discover().get("inventory")
+    batch = new_tenants(3, "left")
+    left = batch[1].record
+    admin = await asyncpg.connect(fleet.shard_dsns["shard1"])
+    quoted = await admin.fetchval("SELECT quote_ident(fleet.tenant_role($1))", left.schema)  # test-only DDL
+    try:
+        await admin.execute(f"CREATE ROLE {quoted} NOLOGIN")
+        pool = await fleet.shard_pools.get("shard1")
+        with pytest.raises(BatchFallback, match="exists already"):
+            async with pool.acquire() as conn, conn.transaction():
+                await create_batch(conn, "shard1", batch, [inv], fleet.settings)
+        assert await admin.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = ANY($1::text[])",
+                                    [t.record.schema for t in batch]) == 0
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT fleet.create_tenant_schema($1)", left.schema)
+        assert await admin.fetchval("SELECT pg_has_role(fleet.login_role(), fleet.tenant_role($1), 'MEMBER') "
+                                    "AND has_schema_privilege(fleet.tenant_role($1), $1, 'USAGE')", left.schema)
+    finally:
+        await admin.execute("SELECT fleet.drop_tenant_schema($1)", left.schema)
+        await admin.execute(f"DROP ROLE IF EXISTS {quoted}")
+        await admin.close()
