@@ -101,7 +101,6 @@ class TenantCache:
         self._clock = clock
         self._entries: dict[str, TenantRecord] = {}  # tenant_id -> record
         self._queue: deque[TenantRecord] = deque()  # eviction order (CLOCK); may hold stale records
-        self._quantum = ttl_s * EXPIRY_QUANTUM
         self._fresh = _Stamp.pair(float("-inf"))  # the stamp new entries share, while it is recent enough
         self._codes: dict[str, TenantRecord] = {}
         self._domains: dict[str, TenantRecord] = {}
@@ -146,9 +145,12 @@ class TenantCache:
             self._remove(old)
         if rec._stamp is not None:
             rec = TenantRecord(rec.tenant_id, rec.code, rec.schema, rec.shard_id, rec.state, rec.epoch, rec.domains)
-        expires = self._clock() + self.ttl_s
+        ttl = self.ttl_s
+        expires = self._clock() + ttl
         stamp = self._fresh
-        if expires - stamp.expires >= self._quantum:
+        # share only an expiry at most a quantum earlier than this entry's own, never a later
+        # one (a stamp put under a longer TTL, ``ttl_s`` being a public attribute)
+        if not 0.0 <= expires - stamp.expires < ttl * EXPIRY_QUANTUM:
             stamp = self._fresh = _Stamp.pair(expires)
         _set_stamp(rec, stamp)
         entries, queue = self._entries, self._queue

@@ -255,6 +255,28 @@ def test_puts_close_together_share_an_expiry_that_is_never_late() -> None:
     clock.advance(59.99)
     assert c.get("code", "late") is late
 
+def test_an_entry_put_after_the_ttl_is_lowered_is_never_late() -> None:
+    """Sharing an expiry must never make an entry outlive its own TTL, whatever expiry the
+    cache's current stamp has: here one put under a longer TTL (``ttl_s`` is a public
+    attribute), the next under a shorter one."""
+    clock = FakeClock()
+    c = cache(clock)  # TTL 60 s
+    c.put(record("before"))  # its stamp expires in 60 s
+    c.ttl_s = 10.0
+    after = record("after")
+    c.put(after)  # within the quantum of that stamp's time, but it must expire in 10 s
+    clock.advance(9.99)
+    assert c.get("code", "after") is after
+    clock.advance(0.02)
+    assert c.get("code", "after") is None
+    c.put(record("x"))
+    clock.advance(0.02)  # past the new TTL's quantum (10 ms), within the old one's (60 ms)
+    late = record("late")
+    c.put(late)  # so its own expiry: sharing x's would make it 20 ms early
+    clock.advance(9.99)
+    assert c.get("code", "late") is late
+
+
 def test_a_record_held_by_two_caches_is_two_entries() -> None:
     """The cache keeps its entry state (expiry, used bit) on the record it holds, so a
     record object some cache held already is copied: each cache's entry expires and ages
