@@ -322,6 +322,25 @@ def test_a_record_reads_and_compares_like_the_dataclass_it_was() -> None:
     assert copy.copy(one) == one and c.put(copy.deepcopy(one))  # copies carry no cache state
 
 
+def test_a_single_domain_of_a_str_subclass_is_one_domain() -> None:
+    """A record stores one domain as its string; a str subclass (what a library may hand
+    out) is that one domain too: found by it, not by its characters or a part of it."""
+    class Name(str):
+        pass
+
+    tid = str(uuid.uuid4())
+    rec = TenantRecord(tid, "acme", "t_" + uuid.UUID(tid).hex, "shard1", "active", 1, [Name("acme.example.com")])
+    assert rec.domains == ("acme.example.com",)
+    assert rec.answers_domain("acme.example.com") and not rec.answers_domain("acme")
+    assert rec == record("acme", domains=("acme.example.com",), tenant_id=tid)
+    assert hash(rec) == hash(record("acme", domains=("acme.example.com",), tenant_id=tid))
+    c = cache(FakeClock())
+    assert c.put(rec)
+    assert c.get("domain", "acme.example.com") is rec
+    assert c.get("domain", "a") is None
+    assert c.drop(tid) and c.get("domain", "acme.example.com") is None
+
+
 # Bytes per cached tenant (tracemalloc, Python 3.11, one domain each). Two ways of
 # counting, as bench/resolve.py prints them:
 # - the bench's "memory per 10,000": 10,000 tenants whose id strings exist already (the
