@@ -97,6 +97,22 @@ def test_the_cache_stays_bounded_when_every_entry_is_in_use() -> None:
         assert len(c) == 50
 
 
+def test_an_expired_entry_gets_no_second_chance_over_a_live_one() -> None:
+    """A hit's bit spares an entry once, but not an expired one: no get would ever serve
+    it again, and keeping it would evict a live entry in its place."""
+    clock = FakeClock()
+    c = cache(clock, max_size=2)
+    dead = record("dead")
+    c.put(dead)
+    assert c.get("code", "dead") is dead  # used
+    clock.advance(61)  # and now expired, still held
+    live, new = record("live"), record("new")
+    c.put(live)
+    c.put(new)  # one too many: the expired entry goes, not `live`
+    assert c.get("code", "live") is live and c.get("code", "new") is new
+    assert len(c) == 2 and c.evictions == 1
+
+
 def test_an_older_epoch_never_replaces_a_newer_entry() -> None:
     c = cache(FakeClock())
     new = record("acme", epoch=5)
