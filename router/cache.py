@@ -9,9 +9,10 @@ back. Unknown names are remembered for a short TTL (the negative cache).
 
 Recency is tracked the CLOCK way (second chance), an LRU approximation: a hit only sets
 a bit on the entry (if it is clear), and eviction takes the oldest-inserted entry, unless
-its bit is set, in which case the bit is cleared and the entry goes to the back of the
-queue. Measured with 100,000 tenants, reordering an OrderedDict on every hit (strict
-LRU) made a hit twice as slow (~480 vs ~245 ns), all of it memory traffic.
+its bit is set and it has not expired, in which case the bit is cleared and the entry
+goes to the back of the queue. Measured with 100,000 tenants, reordering an OrderedDict
+on every hit (strict LRU) made a hit twice as slow (~480 vs ~245 ns), all of it memory
+traffic.
 
 Memory (issue 12, "costs that stay flat"; tests/test_resolve_cache.py guards the bytes
 per cached tenant): the cache keeps one object per tenant, the record itself. The entry's
@@ -101,7 +102,6 @@ class TenantCache:
         self._clock = clock
         self._entries: dict[str, TenantRecord] = {}  # tenant_id -> record
         self._queue: deque[TenantRecord] = deque()  # eviction order (CLOCK); may hold stale records
-        self._quantum = ttl_s * EXPIRY_QUANTUM
         self._fresh = _Stamp.pair(float("-inf"))  # the stamp new entries share, while it is recent enough
         self._codes: dict[str, TenantRecord] = {}
         self._domains: dict[str, TenantRecord] = {}
@@ -146,9 +146,13 @@ class TenantCache:
             self._remove(old)
         if rec._stamp is not None:
             rec = TenantRecord(rec.tenant_id, rec.code, rec.schema, rec.shard_id, rec.state, rec.epoch, rec.domains)
-        expires = self._clock() + self.ttl_s
+        ttl = self.ttl_s
+        now = self._clock()
+        expires = now + ttl
         stamp = self._fresh
-        if expires - stamp.expires >= self._quantum:
+        # share only an expiry at most a quantum earlier than this entry's own, never a later
+        # one (a stamp put under a longer TTL, ``ttl_s`` being a public attribute)
+        if not 0.0 <= expires - stamp.expires < ttl * EXPIRY_QUANTUM:
             stamp = self._fresh = _Stamp.pair(expires)
         _set_stamp(rec, stamp)
         entries, queue = self._entries, self._queue
@@ -168,7 +172,7 @@ class TenantCache:
             if entries.get(tid) is not victim:
                 continue  # removed or replaced since it was queued
             stamp = victim._stamp
-            if stamp.used and chances:
+            if stamp.used and chances and stamp.expires > now:  # an expired one is dead weight
                 _set_stamp(victim, stamp.twin)
                 queue.append(victim)  # used since its last pass: back of the queue
                 chances -= 1

@@ -71,7 +71,13 @@ class TenantRecord:
             place = (shard_id, state, schema)
         init(self, "_place", place)
         doms = domains if isinstance(domains, tuple) else tuple(domains)
-        init(self, "_domains", doms[0] if len(doms) == 1 else doms)
+        if len(doms) == 1 and isinstance(doms[0], str):
+            one = doms[0]
+            # a plain str (a subclass's value): the slot's readers tell one domain from a
+            # tuple by ``type(d) is str``; a subclass was taken for a tuple of its characters
+            init(self, "_domains", one if type(one) is str else str.__str__(one))
+        else:
+            init(self, "_domains", doms)
         init(self, "_stamp", None)
 
     def __setattr__(self, name: str, value: object) -> None:

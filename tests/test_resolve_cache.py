@@ -97,6 +97,22 @@ def test_the_cache_stays_bounded_when_every_entry_is_in_use() -> None:
         assert len(c) == 50
 
 
+def test_an_expired_entry_gets_no_second_chance_over_a_live_one() -> None:
+    """A hit's bit spares an entry once, but not an expired one: no get would ever serve
+    it again, and keeping it would evict a live entry in its place."""
+    clock = FakeClock()
+    c = cache(clock, max_size=2)
+    dead = record("dead")
+    c.put(dead)
+    assert c.get("code", "dead") is dead  # used
+    clock.advance(61)  # and now expired, still held
+    live, new = record("live"), record("new")
+    c.put(live)
+    c.put(new)  # one too many: the expired entry goes, not `live`
+    assert c.get("code", "live") is live and c.get("code", "new") is new
+    assert len(c) == 2 and c.evictions == 1
+
+
 def test_an_older_epoch_never_replaces_a_newer_entry() -> None:
     c = cache(FakeClock())
     new = record("acme", epoch=5)
@@ -255,6 +271,28 @@ def test_puts_close_together_share_an_expiry_that_is_never_late() -> None:
     clock.advance(59.99)
     assert c.get("code", "late") is late
 
+def test_an_entry_put_after_the_ttl_is_lowered_is_never_late() -> None:
+    """Sharing an expiry must never make an entry outlive its own TTL, whatever expiry the
+    cache's current stamp has: here one put under a longer TTL (``ttl_s`` is a public
+    attribute), the next under a shorter one."""
+    clock = FakeClock()
+    c = cache(clock)  # TTL 60 s
+    c.put(record("before"))  # its stamp expires in 60 s
+    c.ttl_s = 10.0
+    after = record("after")
+    c.put(after)  # within the quantum of that stamp's time, but it must expire in 10 s
+    clock.advance(9.99)
+    assert c.get("code", "after") is after
+    clock.advance(0.02)
+    assert c.get("code", "after") is None
+    c.put(record("x"))
+    clock.advance(0.02)  # past the new TTL's quantum (10 ms), within the old one's (60 ms)
+    late = record("late")
+    c.put(late)  # so its own expiry: sharing x's would make it 20 ms early
+    clock.advance(9.99)
+    assert c.get("code", "late") is late
+
+
 def test_a_record_held_by_two_caches_is_two_entries() -> None:
     """The cache keeps its entry state (expiry, used bit) on the record it holds, so a
     record object some cache held already is copied: each cache's entry expires and ages
@@ -298,6 +336,25 @@ def test_a_record_reads_and_compares_like_the_dataclass_it_was() -> None:
     c = cache(FakeClock())
     c.put(one)
     assert copy.copy(one) == one and c.put(copy.deepcopy(one))  # copies carry no cache state
+
+
+def test_a_single_domain_of_a_str_subclass_is_one_domain() -> None:
+    """A record stores one domain as its string; a str subclass (what a library may hand
+    out) is that one domain too: found by it, not by its characters or a part of it."""
+    class Name(str):
+        pass
+
+    tid = str(uuid.uuid4())
+    rec = TenantRecord(tid, "acme", "t_" + uuid.UUID(tid).hex, "shard1", "active", 1, [Name("acme.example.com")])
+    assert rec.domains == ("acme.example.com",)
+    assert rec.answers_domain("acme.example.com") and not rec.answers_domain("acme")
+    assert rec == record("acme", domains=("acme.example.com",), tenant_id=tid)
+    assert hash(rec) == hash(record("acme", domains=("acme.example.com",), tenant_id=tid))
+    c = cache(FakeClock())
+    assert c.put(rec)
+    assert c.get("domain", "acme.example.com") is rec
+    assert c.get("domain", "a") is None
+    assert c.drop(tid) and c.get("domain", "acme.example.com") is None
 
 
 # Bytes per cached tenant (tracemalloc, Python 3.11, one domain each). Two ways of
