@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -217,3 +218,63 @@ async def test_slow_start_off_or_without_figures_starts_at_full_speed(fleet: Fle
     async with SloThrottle(quiet, lambda: list(lims.values()), shards=["shard1"],
                            limiter_for=lims.__getitem__) as throttle:
         assert throttle.enabled and lims["shard1"].pace_s == 0 and lims["shard1"].throttled is None
+
+
+async def test_an_operation_waiting_for_its_pace_waits_out_a_pause_or_backoff_that_begins_meanwhile(
+        fleet: Fleet) -> None:
+    """The pace wait is not a slot: a pause (allowed 0) or a backoff that begins while an
+    operation waits for its turn holds it, as it holds one that has not reached the pace."""
+    for hold in ("pause", "backoff"):
+        lim = ShardLimiter("shard1", fleet.settings, concurrency=2)
+        await lim.set_pace(0.2)
+        started: list[int] = []
+        release = asyncio.Event()
+
+        async def operation(i: int) -> None:
+            async with lim.slot():
+                started.append(i)
+                await release.wait()
+        first = asyncio.create_task(operation(1))
+        while started != [1]:
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(operation(2))
+        await asyncio.sleep(0.05)                  # waiting for its pace (0.2 s after the first)
+        if hold == "pause":
+            await lim.set_allowed(0, "paused")
+        else:
+            lim.backoff_until = time.monotonic() + 3600
+        await asyncio.sleep(0.6)                   # well past the pace
+        assert started == [1] and lim.in_flight == 1, hold
+        if hold == "pause":
+            await lim.set_allowed(2)
+        else:                                      # it sleeps out the hour's backoff: end it here
+            second.cancel()
+            started.append(2)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 30)
+        assert started == [1, 2] and lim.in_flight == 0, hold
+
+
+async def test_cancelled_waiters_leave_the_next_paced_start_one_pace_after_the_last_real_one(fleet: Fleet) -> None:
+    lim = ShardLimiter("shard1", fleet.settings, concurrency=8)
+    await lim.set_pace(0.5)
+    release = asyncio.Event()
+    started: list[float] = []
+
+    async def operation() -> None:
+        async with lim.slot():
+            started.append(time.monotonic())
+            await release.wait()
+    first = asyncio.create_task(operation())
+    while len(started) != 1:
+        await asyncio.sleep(0.01)
+    waiting = [asyncio.create_task(operation()) for _ in range(7)]
+    await asyncio.sleep(0.05)
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert len(started) == 1
+    # the next start is due one pace after the first, not after seven cancelled ones
+    assert lim._next_start <= started[0] + 0.5 + 1e-6, lim._next_start - started[0]
+    release.set()
+    await first
