@@ -278,3 +278,21 @@ async def test_cancelled_waiters_leave_the_next_paced_start_one_pace_after_the_l
     assert lim._next_start <= started[0] + 0.5 + 1e-6, lim._next_start - started[0]
     release.set()
     await first
+
+
+async def test_a_published_p95_of_zero_or_below_is_no_figure_so_it_cannot_become_a_zero_limit(fleet: Fleet) -> None:
+    """A baseline of 0 ms (a host that publishes 0, or a negative figure) made the limit 0:
+    every later reading is past it and the shard ran one operation per max pause for the
+    whole run. Such figures are ignored, as a malformed one is."""
+    s = fleet.settings.model_copy(update={"redis_namespace": "zp" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    try:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (0.0, 500), "shard2": (-3.0, 500),
+                                                                    "shard3": (12.0, 500)})
+        assert await read_shard_p95(redis, s.redis_namespace, ["shard1", "shard2", "shard3"]) == {"shard3": 12.0}
+        lims = {sid: ShardLimiter(sid, s, concurrency=2) for sid in ("shard1", "shard3")}
+        throttle = SloThrottle(s, lambda: list(lims.values()), redis=redis)
+        await throttle.tick()
+        assert "shard1" not in throttle.baseline and lims["shard1"].allowed == 2
+    finally:
+        await redis.aclose()
