@@ -296,3 +296,26 @@ async def test_a_published_p95_of_zero_or_below_is_no_figure_so_it_cannot_become
         assert "shard1" not in throttle.baseline and lims["shard1"].allowed == 2
     finally:
         await redis.aclose()
+
+
+async def test_a_throttle_that_fails_to_start_leaves_no_shard_paced(fleet: Fleet) -> None:
+    """Limiters outlive a run (a migrator keeps its ShardLimiters): a slow start that
+    raises half way (here: the run's limiter_for; or the run cancelled) must not leave the
+    shards it paced paced for the next run."""
+    s = fleet.settings.model_copy(update={"slo_throttle_start_rate": 10.0, "redis_namespace": "fs" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    lims = {"shard1": ShardLimiter("shard1", s, concurrency=2)}
+
+    def limiter_for(sid: str) -> ShardLimiter:
+        if sid not in lims:
+            raise RuntimeError(f"no limiter for {sid}")
+        return lims[sid]
+    try:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (10.0, 500), "shard2": (10.0, 500)})
+        with pytest.raises(RuntimeError, match="no limiter for shard2"):
+            async with SloThrottle(s, lambda: list(lims.values()), redis=redis, shards=["shard1", "shard2"],
+                                   limiter_for=limiter_for):
+                pass
+        assert lims["shard1"].pace_s == 0 and lims["shard1"].throttled is None and lims["shard1"].allowed == 2
+    finally:
+        await redis.aclose()
