@@ -226,7 +226,7 @@ async def test_an_operation_waiting_for_its_pace_waits_out_a_pause_or_backoff_th
     operation waits for its turn holds it, as it holds one that has not reached the pace."""
     for hold in ("pause", "backoff"):
         lim = ShardLimiter("shard1", fleet.settings, concurrency=2)
-        await lim.set_pace(0.2)
+        await lim.set_pace(1.0)                    # long enough that a loaded machine holds it first
         started: list[int] = []
         release = asyncio.Event()
 
@@ -238,12 +238,12 @@ async def test_an_operation_waiting_for_its_pace_waits_out_a_pause_or_backoff_th
         while started != [1]:
             await asyncio.sleep(0.01)
         second = asyncio.create_task(operation(2))
-        await asyncio.sleep(0.05)                  # waiting for its pace (0.2 s after the first)
+        await asyncio.sleep(0.05)                  # waiting for its pace (1 s after the first)
         if hold == "pause":
             await lim.set_allowed(0, "paused")
         else:
             lim.backoff_until = time.monotonic() + 3600
-        await asyncio.sleep(0.6)                   # well past the pace
+        await asyncio.sleep(1.5)                   # past the pace
         assert started == [1] and lim.in_flight == 1, hold
         if hold == "pause":
             await lim.set_allowed(2)
@@ -257,7 +257,7 @@ async def test_an_operation_waiting_for_its_pace_waits_out_a_pause_or_backoff_th
 
 async def test_cancelled_waiters_leave_the_next_paced_start_one_pace_after_the_last_real_one(fleet: Fleet) -> None:
     lim = ShardLimiter("shard1", fleet.settings, concurrency=8)
-    await lim.set_pace(0.5)
+    await lim.set_pace(5.0)
     release = asyncio.Event()
     started: list[float] = []
 
@@ -275,7 +275,7 @@ async def test_cancelled_waiters_leave_the_next_paced_start_one_pace_after_the_l
     await asyncio.gather(*waiting, return_exceptions=True)
     assert len(started) == 1
     # the next start is due one pace after the first, not after seven cancelled ones
-    assert lim._next_start <= started[0] + 0.5 + 1e-6, lim._next_start - started[0]
+    assert lim._next_start <= started[0] + 5.0 + 1e-6, lim._next_start - started[0]
     release.set()
     await first
 
