@@ -20,7 +20,10 @@ binomial; `quantile_bounds`), at the SLO's ``confidence`` (0.95): ``FAIL`` when 
 phase's lower bound over the steady phase's upper bound is above the limit (the breach is
 real at that confidence), ``pass`` when the ratio itself is within it, and ``unsure``
 between: above the limit, but within what sampling alone explains (not a failure; more
-requests, a longer run, decide it). The row's ``bound`` is that lower ratio. ``few`` when
+requests, a longer run, decide it). The row's ``bound`` is that lower ratio; each of its
+two bounds is one-sided at ``confidence``, so the ratio's is proven at ``2 * confidence - 1``
+(0.90) only, though it is wrong far less often (independent requests, a true ratio on the
+limit: 0.5-0.75% of simulated runs; tests/test_loadtest_gate.py). ``few`` when
 the steady phase has too few requests for an upper bound (59 at 0.95). ``confidence = 0``
 judges the ratio itself, as before.
 """

@@ -18,9 +18,12 @@ Two parts, both best effort and both off with ``operation_nice = 0``:
   connections (its pools are dedicated to it), when that backend is a process of this
   machine that we may renice. It is renice'd only once it is proven to be the backend we
   are connected to: ``pg_backend_pid()`` names a process whose parent is the postmaster
-  recorded in the server's own ``data_directory/postmaster.pid`` and whose name is
-  ``postgres`` (a server in a container or on another machine has other pids: nothing is
-  changed there). Reading ``data_directory`` needs a superuser or ``pg_read_all_settings``
+  recorded in the server's own ``data_directory/postmaster.pid``, whose name is
+  ``postgres``, and that file's start time is the server's ``pg_postmaster_start_time()``
+  (a server in a container or on another machine has other pids: nothing is changed there;
+  and where such a server's data directory has the path of a local server's, its backend's
+  pid, from another pid namespace, may be a local backend's of the other server: the start
+  times tell them apart). Reading ``data_directory`` needs a superuser or ``pg_read_all_settings``
   (the owner DSN of the embedded fleet is the superuser); raising a process's nice value
   needs the same Unix user or root. Otherwise nothing happens, said once in the log.
 
@@ -70,11 +73,15 @@ def lower_process_priority(nice: int) -> int | None:
     return nice
 
 
-def _postmaster_pid(data_directory: str) -> int | None:
+START_SLACK_S = 30.0   # postmaster.pid's start time vs pg_postmaster_start_time(): set moments apart
+
+
+def _postmaster(data_directory: str) -> tuple[int, float] | None:
+    """(pid, start time, Unix seconds) from ``data_directory/postmaster.pid`` (lines 1 and 3)."""
     try:
-        first = Path(data_directory, "postmaster.pid").read_text(encoding="ascii").split("\n", 1)[0]
-        return int(first.strip())
-    except (OSError, ValueError, UnicodeDecodeError):
+        lines = Path(data_directory, "postmaster.pid").read_text(encoding="ascii").split("\n")
+        return int(lines[0].strip()), float(lines[2].strip())
+    except (OSError, ValueError, UnicodeDecodeError, IndexError):
         return None
 
 
@@ -90,17 +97,20 @@ def _parent_and_name(pid: int) -> tuple[int, str] | None:
         return None
 
 
-def local_backend_pid(backend_pid: int, data_directory: str | None) -> int | None:
+def local_backend_pid(backend_pid: int, data_directory: str | None, started_at: float | None) -> int | None:
     """``backend_pid`` when it is, on this machine, a child of the postmaster recorded in
-    ``data_directory`` and named ``postgres``; else None."""
-    if not data_directory or not os.path.isdir("/proc"):
+    ``data_directory``, named ``postgres``, and that postmaster started at ``started_at``
+    (the server's ``pg_postmaster_start_time()``, Unix seconds); else None."""
+    if not data_directory or started_at is None or not os.path.isdir("/proc"):
         return None
-    postmaster = _postmaster_pid(data_directory)
+    postmaster = _postmaster(data_directory)
     info = _parent_and_name(backend_pid)
     if postmaster is None or info is None:
         return None
-    parent, name = info
-    return backend_pid if parent == postmaster and name == "postgres" else None
+    (master, master_start), (parent, name) = postmaster, info
+    if abs(master_start - started_at) > START_SLACK_S:
+        return None
+    return backend_pid if parent == master and name == "postgres" else None
 
 
 async def lower_backend_priority(conn: "asyncpg.Connection", nice: int) -> int | None:
@@ -111,13 +121,14 @@ async def lower_backend_priority(conn: "asyncpg.Connection", nice: int) -> int |
     import asyncpg
     try:
         row = await conn.fetchrow("SELECT pg_catalog.pg_backend_pid() AS pid, "
-                                  "pg_catalog.current_setting('data_directory') AS data_directory")
+                                  "pg_catalog.current_setting('data_directory') AS data_directory, "
+                                  "extract(epoch FROM pg_catalog.pg_postmaster_start_time())::float8 AS started")
     except asyncpg.InsufficientPrivilegeError:
         _once("privilege", "operation backends keep their CPU priority: the shard role may not read "
                            "data_directory (superuser or pg_read_all_settings)")
         return None
     assert row is not None
-    pid = local_backend_pid(int(row["pid"]), row["data_directory"])
+    pid = local_backend_pid(int(row["pid"]), row["data_directory"], row["started"])
     if pid is None:
         return None
     try:

@@ -87,7 +87,7 @@ async def publish_latency(redis: Any, namespace: str, host_id: str, figures: Map
 
 async def read_shard_p95(redis: Any, namespace: str, shard_ids: list[str]) -> dict[str, float]:
     """The highest fresh p95 any host published for each shard (shards with none are left
-    out); raises Redis's errors."""
+    out; a figure that is not a positive number is none); raises Redis's errors."""
     if not shard_ids:
         return {}
     async with redis.pipeline(transaction=False) as pipe:
@@ -103,6 +103,8 @@ async def read_shard_p95(redis: Any, namespace: str, shard_ids: list[str]) -> di
                 doc = orjson.loads(raw)
                 p95, at = float(doc["p95Ms"]), float(doc["at"])
             except (ValueError, TypeError, KeyError, orjson.JSONDecodeError):
+                continue
+            if not 0 < p95 < math.inf:  # a zero baseline would make the limit 0: nothing is within it
                 continue
             if now - at <= FRESH_S and (best is None or p95 > best):
                 best = p95

@@ -85,19 +85,30 @@ class ShardLimiter:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """One of the shard's ``concurrency`` slots, taken once the shard is out of backoff."""
+        """One of the shard's ``concurrency`` slots, taken once the shard is out of backoff,
+        within its allowed concurrency and, when paced, ``pace_s`` after the last start.
+        Waiting for the pace holds no slot: a pause, a backoff or a new pace that comes
+        meanwhile applies to the waiter, and a waiter that is cancelled leaves no start
+        scheduled behind it."""
         async with self._sem:
-            await self.wait_clear()
-            async with self._room:
-                await self._room.wait_for(lambda: self.in_flight < self.allowed or self.down)
-                self.in_flight += 1
-            try:
-                if self.pace_s > 0 and not self.down:
+            while True:
+                await self.wait_clear()
+                async with self._room:
+                    await self._room.wait_for(lambda: self.in_flight < self.allowed or self.down)
                     now = time.monotonic()
-                    start = max(now, self._next_start)
-                    self._next_start = start + self.pace_s
-                    if start > now:
-                        await asyncio.sleep(start - now)
+                    if not self.down and now < self.backoff_until:
+                        continue                  # backed off meanwhile: wait_clear again
+                    if self.down or self.pace_s <= 0 or self._next_start <= now:
+                        if self.pace_s > 0 and not self.down:
+                            self._next_start = now + self.pace_s
+                        self.in_flight += 1
+                        break
+                    try:                          # set_pace / set_allowed wake it early
+                        async with asyncio.timeout(self._next_start - now):
+                            await self._room.wait()
+                    except TimeoutError:
+                        pass
+            try:
                 yield
             finally:
                 async with self._room:
@@ -121,6 +132,7 @@ class ShardLimiter:
             self.pace_s = max(0.0, pace_s)
             self._next_start = min(self._next_start, time.monotonic() + self.pace_s)
             self.throttled = reason if self.allowed < self.concurrency or self.pace_s > 0 else None
+            self._room.notify_all()
 
     def success(self) -> None:
         self.failures = 0

@@ -127,7 +127,11 @@ class SloThrottle:
             self._redis = aioredis.Redis(**redis_address(self.settings.redis_url), socket_timeout=REDIS_TIMEOUT_S,
                                          socket_connect_timeout=REDIS_TIMEOUT_S)
             self._own_redis = True
-        started = await self.slow_start()
+        try:
+            started = await self.slow_start()
+        except BaseException:  # no __aexit__ follows: leave no shard paced, no client open
+            await self._release()
+            raise
         self._task = asyncio.create_task(self._loop(first_wait=started), name="slo-throttle")
         return self
 
@@ -157,10 +161,15 @@ class SloThrottle:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        await self._release()
+
+    async def _release(self) -> None:
+        """Every limiter back to its configured concurrency, unpaced; our Redis client closed."""
         for lim in self.limiters():
             await lim.set_pace(0)
             await lim.set_allowed(lim.concurrency)
         if self._own_redis and self._redis is not None:
+            self._own_redis = False
             await self._redis.aclose()
 
     async def _loop(self, first_wait: bool = False) -> None:

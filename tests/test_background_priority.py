@@ -23,6 +23,10 @@ async def _backend(conn: asyncpg.Connection) -> tuple[int, str]:
     return int(row["pid"]), str(row["dd"])
 
 
+async def _started(conn: asyncpg.Connection) -> float:
+    return float(await conn.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())::float8"))
+
+
 async def test_an_operations_pool_runs_its_backends_niced_and_the_request_paths_do_not(fleet: Fleet) -> None:
     s = fleet.settings.model_copy(update={"operation_nice": 7})
 
@@ -50,17 +54,22 @@ async def test_only_a_proven_backend_of_the_connected_server_is_reniced(fleet: F
     conn = await asyncpg.connect(fleet.shard_dsns["shard1"])
     try:
         pid, data_dir = await _backend(conn)
-        assert local_backend_pid(pid, data_dir) == pid
+        started = await _started(conn)
+        assert local_backend_pid(pid, data_dir, started) == pid
         # our own process, a made-up data directory, another server's directory: not a backend of it
-        assert local_backend_pid(os.getpid(), data_dir) is None
-        assert local_backend_pid(pid, "/nonexistent") is None
+        assert local_backend_pid(os.getpid(), data_dir, started) is None
+        assert local_backend_pid(pid, "/nonexistent", started) is None
+        # a server elsewhere (a container) whose data directory has this one's path, and whose
+        # backend's pid is one of this server's backends: its start time is not this server's
+        assert local_backend_pid(pid, data_dir, started - 3600) is None
+        assert local_backend_pid(pid, data_dir, None) is None
         other = await asyncpg.connect(fleet.shard_dsns["shard2"])
         try:
             _, other_dir = await _backend(other)
         finally:
             await other.close()
         if other_dir != data_dir:                       # embedded: one server per shard
-            assert local_backend_pid(pid, other_dir) is None
+            assert local_backend_pid(pid, other_dir, started) is None
         assert await lower_backend_priority(conn, 3) == pid and os.getpriority(os.PRIO_PROCESS, pid) == 3
         assert await lower_backend_priority(conn, 2) == pid and os.getpriority(os.PRIO_PROCESS, pid) == 3  # never raised
     finally:

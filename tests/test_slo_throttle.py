@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -217,3 +218,104 @@ async def test_slow_start_off_or_without_figures_starts_at_full_speed(fleet: Fle
     async with SloThrottle(quiet, lambda: list(lims.values()), shards=["shard1"],
                            limiter_for=lims.__getitem__) as throttle:
         assert throttle.enabled and lims["shard1"].pace_s == 0 and lims["shard1"].throttled is None
+
+
+async def test_an_operation_waiting_for_its_pace_waits_out_a_pause_or_backoff_that_begins_meanwhile(
+        fleet: Fleet) -> None:
+    """The pace wait is not a slot: a pause (allowed 0) or a backoff that begins while an
+    operation waits for its turn holds it, as it holds one that has not reached the pace."""
+    for hold in ("pause", "backoff"):
+        lim = ShardLimiter("shard1", fleet.settings, concurrency=2)
+        await lim.set_pace(1.0)                    # long enough that a loaded machine holds it first
+        started: list[int] = []
+        release = asyncio.Event()
+
+        async def operation(i: int) -> None:
+            async with lim.slot():
+                started.append(i)
+                await release.wait()
+        first = asyncio.create_task(operation(1))
+        while started != [1]:
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(operation(2))
+        await asyncio.sleep(0.05)                  # waiting for its pace (1 s after the first)
+        if hold == "pause":
+            await lim.set_allowed(0, "paused")
+        else:
+            lim.backoff_until = time.monotonic() + 3600
+        await asyncio.sleep(1.5)                   # past the pace
+        assert started == [1] and lim.in_flight == 1, hold
+        if hold == "pause":
+            await lim.set_allowed(2)
+        else:                                      # it sleeps out the hour's backoff: end it here
+            second.cancel()
+            started.append(2)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 30)
+        assert started == [1, 2] and lim.in_flight == 0, hold
+
+
+async def test_cancelled_waiters_leave_the_next_paced_start_one_pace_after_the_last_real_one(fleet: Fleet) -> None:
+    lim = ShardLimiter("shard1", fleet.settings, concurrency=8)
+    await lim.set_pace(5.0)
+    release = asyncio.Event()
+    started: list[float] = []
+
+    async def operation() -> None:
+        async with lim.slot():
+            started.append(time.monotonic())
+            await release.wait()
+    first = asyncio.create_task(operation())
+    while len(started) != 1:
+        await asyncio.sleep(0.01)
+    waiting = [asyncio.create_task(operation()) for _ in range(7)]
+    await asyncio.sleep(0.05)
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert len(started) == 1
+    # the next start is due one pace after the first, not after seven cancelled ones
+    assert lim._next_start <= started[0] + 5.0 + 1e-6, lim._next_start - started[0]
+    release.set()
+    await first
+
+
+async def test_a_published_p95_of_zero_or_below_is_no_figure_so_it_cannot_become_a_zero_limit(fleet: Fleet) -> None:
+    """A baseline of 0 ms (a host that publishes 0, or a negative figure) made the limit 0:
+    every later reading is past it and the shard ran one operation per max pause for the
+    whole run. Such figures are ignored, as a malformed one is."""
+    s = fleet.settings.model_copy(update={"redis_namespace": "zp" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    try:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (0.0, 500), "shard2": (-3.0, 500),
+                                                                    "shard3": (12.0, 500)})
+        assert await read_shard_p95(redis, s.redis_namespace, ["shard1", "shard2", "shard3"]) == {"shard3": 12.0}
+        lims = {sid: ShardLimiter(sid, s, concurrency=2) for sid in ("shard1", "shard3")}
+        throttle = SloThrottle(s, lambda: list(lims.values()), redis=redis)
+        await throttle.tick()
+        assert "shard1" not in throttle.baseline and lims["shard1"].allowed == 2
+    finally:
+        await redis.aclose()
+
+
+async def test_a_throttle_that_fails_to_start_leaves_no_shard_paced(fleet: Fleet) -> None:
+    """Limiters outlive a run (a migrator keeps its ShardLimiters): a slow start that
+    raises half way (here: the run's limiter_for; or the run cancelled) must not leave the
+    shards it paced paced for the next run."""
+    s = fleet.settings.model_copy(update={"slo_throttle_start_rate": 10.0, "redis_namespace": "fs" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    lims = {"shard1": ShardLimiter("shard1", s, concurrency=2)}
+
+    def limiter_for(sid: str) -> ShardLimiter:
+        if sid not in lims:
+            raise RuntimeError(f"no limiter for {sid}")
+        return lims[sid]
+    try:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (10.0, 500), "shard2": (10.0, 500)})
+        with pytest.raises(RuntimeError, match="no limiter for shard2"):
+            async with SloThrottle(s, lambda: list(lims.values()), redis=redis, shards=["shard1", "shard2"],
+                                   limiter_for=limiter_for):
+                pass
+        assert lims["shard1"].pace_s == 0 and lims["shard1"].throttled is None and lims["shard1"].allowed == 2
+    finally:
+        await redis.aclose()
