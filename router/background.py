@@ -1,5 +1,5 @@
-"""Background priority for fleet operations: migrations, moves, drains and rebalances give
-the CPU to the request path first.
+"""Background priority for migrations: they give the CPU to the request path first
+(moves keep theirs, see below).
 
 On a fleet whose shard servers have cores of their own, a migration's DDL or a move's copy
 competes with requests only on the shard it works on, and the per-shard limiter (with the

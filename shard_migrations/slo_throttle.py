@@ -101,9 +101,9 @@ class SloThrottle:
         self.baseline: dict[str, float] = {}
         self.p95: dict[str, float] = {}
         self.paused_since: dict[str, float] = {}
-        self.decisions: list[tuple[str, int, str]] = []   # (shard, allowed, why): what the run saw
+        # (shard, allowed, why, rate in operations/s or None): each change the run saw
+        self.decisions: list[tuple[str, int, str, float | None]] = []
         self._rates: dict[str, float | None] = {}         # each shard's pace as last recorded
-        self.decision_rates: list[float | None] = []      # the pace (operations/s) beside each decision
         self._task: asyncio.Task[None] | None = None
         self._redis_failing = False
         self.throttled_total = 0
@@ -163,11 +163,15 @@ class SloThrottle:
                 pass
         await self._release()
 
-    async def _release(self) -> None:
-        """Every limiter back to its configured concurrency, unpaced; our Redis client closed."""
+    async def _unthrottle(self) -> None:
+        """Every limiter back to its configured concurrency, unpaced."""
         for lim in self.limiters():
             await lim.set_pace(0)
             await lim.set_allowed(lim.concurrency)
+
+    async def _release(self) -> None:
+        """`_unthrottle`, and our Redis client closed."""
+        await self._unthrottle()
         if self._own_redis and self._redis is not None:
             self._own_redis = False
             await self._redis.aclose()
@@ -182,9 +186,7 @@ class SloThrottle:
                 raise
             except Exception:  # the throttle must never stop a run
                 log.exception("SLO throttle tick failed; running at the configured limits")
-                for lim in self.limiters():
-                    await lim.set_pace(0)
-                    await lim.set_allowed(lim.concurrency)
+                await self._unthrottle()
             await asyncio.sleep(TICK_S)
 
     def limit_for(self, shard_id: str) -> float | None:
@@ -261,8 +263,8 @@ class SloThrottle:
         rate = 1 / lim.pace_s if lim.pace_s > 0 else None
         if allowed != lim.allowed or rate != self._rates.get(lim.shard_id):
             self._rates[lim.shard_id] = rate
-            self.decision_rates.append(None if rate is None else round(rate, 2))
-            self.decisions.append((lim.shard_id, allowed, why or "no latency figures: configured limit"))
+            self.decisions.append((lim.shard_id, allowed, why or "no latency figures: configured limit",
+                                   None if rate is None else round(rate, 2)))
             if allowed < lim.allowed:
                 self.throttled_total += 1
         await lim.set_allowed(allowed, why)
@@ -276,5 +278,5 @@ def throttle_api(throttle: "SloThrottle | None") -> dict[str, Any] | None:
     if throttle is None or not throttle.enabled:
         return None
     return {"decreases": throttle.throttled_total, "baselineP95Ms": dict(throttle.baseline),
-            "changes": [{"shardId": sid, "allowed": n, "rate": throttle.decision_rates[i], "why": why}
-                        for i, (sid, n, why) in enumerate(throttle.decisions)][-50:]}
+            "changes": [{"shardId": sid, "allowed": n, "rate": rate, "why": why}
+                        for sid, n, why, rate in throttle.decisions][-50:]}
