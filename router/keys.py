@@ -5,6 +5,13 @@ import re
 import uuid
 from typing import Final
 
+# The version of tenantfleet's own tables (router/tables.py declares them): bumped with
+# every change there and in `router.schema`'s shard preparation; `tenantfleet_schema` on
+# the control plane and `fleet.tenantfleet_schema` on a shard record what each has, and code
+# refuses to prepare a database whose recorded version is newer than this (4: the floor).
+# Here, not in router.tables, so that checking it doesn't load SQLAlchemy.
+SCHEMA_VERSION: Final = 7  # 7: app shell sessions (Alembic revision 0007); 6: console sessions and audit log (Alembic revision 0006); 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
+
 # Redis keys live under the configured namespace (TENANTFLEET_REDIS_NAMESPACE, default "tf"),
 # so several fleets can share one Redis. The layout is compact (issue 12: at most 300
 # bytes of Redis per cached tenant at 100k tenants): the record under the tenant id's 16

@@ -2,7 +2,11 @@
 
 `ensure_control` and `ensure_shard` build the baseline (schema version 5, Alembic
 revision 0005) idempotently, then run the Alembic revisions after it (`router.revisions`),
-all in one transaction under the bootstrap lock."""
+all in one transaction under the bootstrap lock.
+
+SQLAlchemy (the tables' declarations, `router.tables`) and Alembic are loaded only when
+something is to be set up: a control plane already at this version is one read.
+"""
 from __future__ import annotations
 
 import base64
@@ -10,9 +14,9 @@ from typing import Sequence
 
 import scramp  # type: ignore[import-untyped]  # no type hints; one call, checked by tests
 
-from router import revisions, tables
+from router import revisions
 from router.errors import SchemaTooNew
-from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE
+from router.keys import APP_ROLE, BOOTSTRAP_LOCK, SCHEMA_RE, SCHEMA_VERSION
 from router.pools import AnyConnection
 
 # Tenant schemas given their roles per statement when catching up: each batch is its
@@ -81,8 +85,31 @@ _VERSION_TABLE = {"control": "tenantfleet_schema", "shard": "fleet.tenantfleet_s
 
 
 async def ensure_control(conn: AnyConnection) -> None:
-    """Create the control-plane tables if missing (idempotent, safe to race)."""
+    """Create the control-plane tables if missing and upgrade them (idempotent, safe to
+    race). A control plane that records this code's schema version and Alembic head was set
+    up by this version: one read, no lock, nothing loaded (every CLI command and service
+    start calls this)."""
+    if await up_to_date(conn, "control"):
+        return
+    from router import tables
+
     await _apply(conn, "control", tables.control_ddl())
+
+
+async def up_to_date(conn: AnyConnection, component: str) -> bool:
+    """Whether the database records exactly this code's schema version (`SCHEMA_VERSION`)
+    and Alembic head for ``component``. Read without the bootstrap lock: the set-up writes
+    both rows in the transaction that builds what they describe, so seeing them means it
+    committed; anything else (older, newer, missing) goes the locked way."""
+    version_table, alembic_table = _VERSION_TABLE[component], revisions.version_table(component)
+    present = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+                                  version_table, alembic_table)
+    if not present:
+        return False
+    row = await conn.fetchrow(f"SELECT (SELECT max(version) FROM {version_table}) AS version, "  # constant names
+                              f"(SELECT max(version_num) FROM {alembic_table}) AS revision")
+    assert row is not None
+    return bool(row["version"] == SCHEMA_VERSION and row["revision"] == revisions.HEADS[component])
 
 
 async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE, login_verifier: str | None = None) -> int:
@@ -99,6 +126,8 @@ async def ensure_shard(conn: AnyConnection, app_role: str = APP_ROLE, login_veri
     role and every tenant role; ``login_verifier`` (`scram_verifier` of its password) sets
     its password, None leaves it as it is. Returns how many tenant schemas were caught up.
     """
+    from router import tables
+
     await _apply(conn, "shard", [*tables.shard_ddl(), *_SHARD_HARDENING],
                  calls=[("SELECT fleet.ensure_app_role($1)", (app_role,)),
                         ("SELECT fleet.ensure_login_role($1)", (login_verifier,))])
@@ -165,7 +194,7 @@ async def _apply(conn: AnyConnection, component: str, statements: list[str],
             await conn.execute(
                 f"INSERT INTO {table} (component, version) VALUES ($1, $2) "
                 "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
-                component, tables.SCHEMA_VERSION,
+                component, SCHEMA_VERSION,
             )
             # the baseline is in place: Alembic's revisions after it (router/revisions)
             await revisions.upgrade(conn, component, recorded)
@@ -178,7 +207,7 @@ async def _refuse_newer(conn: AnyConnection, component: str, table: str) -> None
     if await conn.fetchval("SELECT to_regclass($1)", table) is None:
         return  # set up before versions were recorded there (or never): older, not newer
     recorded = await conn.fetchval(f"SELECT max(version) FROM {table}")
-    if recorded is not None and recorded > tables.SCHEMA_VERSION:
+    if recorded is not None and recorded > SCHEMA_VERSION:
         raise SchemaTooNew(f"this {component} database was set up by a newer tenantfleet (schema version "
-                           f"{recorded}; this one knows up to {tables.SCHEMA_VERSION}): upgrade tenantfleet "
+                           f"{recorded}; this one knows up to {SCHEMA_VERSION}): upgrade tenantfleet "
                            f"before preparing it", component=component, version=recorded)

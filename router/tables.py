@@ -21,11 +21,10 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.schema import CreateIndex, CreateSchema, CreateTable
 
 from router.keys import BOOTSTRAP_LOCK, SHARD_STATES, TENANT_STATES
+from router.keys import SCHEMA_VERSION as SCHEMA_VERSION  # re-exported: tests and revisions read it here
 
-# Bump with every change below (and in `router.schema`'s shard preparation); `schema_meta`
-# records what a control database has, `shard_schema_meta` what a shard has, and code
-# refuses to prepare a database whose recorded version is newer than this (4: the floor).
-SCHEMA_VERSION = 7  # 7: app shell sessions (Alembic revision 0007); 6: console sessions and audit log (Alembic revision 0006); 5: tenant moves (tenant_moves, fleet.move_markers, fleet.retired_schemas), shards.tenant_count + hot-path indexes
+# SCHEMA_VERSION (router.keys: read where SQLAlchemy isn't loaded) is bumped with every change
+# below (and in `router.schema`'s shard preparation).
 
 control = MetaData()
 shard = MetaData(schema="fleet")

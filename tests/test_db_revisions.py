@@ -139,6 +139,62 @@ async def test_a_revision_after_the_baseline_runs_once_and_an_older_tenantfleet_
         await drop_database(servers.control_admin_dsn, name)
 
 
+def test_the_heads_known_without_alembic_are_the_script_directories_heads() -> None:
+    assert revisions.HEADS == {c: revisions.head(c) for c in revisions.COMPONENTS}
+
+
+# Runs ensure_control in a fresh interpreter, then prints whether SQLAlchemy or Alembic got loaded.
+ENSURE_PROBE = """
+import asyncio, json, sys
+import asyncpg
+from router import schema
+
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    try:
+        await schema.ensure_control(conn)
+    finally:
+        await conn.close()
+
+asyncio.run(main())
+print(json.dumps([m for m in ("sqlalchemy", "alembic") if m in sys.modules]))
+"""
+
+
+async def test_a_control_plane_at_this_version_is_checked_without_loading_sqlalchemy_or_alembic(
+        servers: Servers) -> None:
+    """Every command checks the control plane at start: one at this version and head is one
+    read; one a revision behind still gets the locked set-up and its upgrade."""
+    name = f"tf_{uuid.uuid4().hex[:12]}_rev"
+    dsn = await create_database(servers.control_admin_dsn, name)
+
+    def probe() -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", ENSURE_PROBE, dsn], cwd=str(ROOT), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        loaded: list[str] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+        return loaded
+
+    try:
+        assert probe() == ["sqlalchemy", "alembic"]  # nothing there yet: built
+        assert probe() == []
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("DROP TABLE app_sessions")  # as revision 0006 left it
+            await conn.execute("UPDATE alembic_version SET version_num = '0006'")
+            assert probe() == ["sqlalchemy", "alembic"]
+            assert await revisions.current(conn, "control") == CONTROL_HEAD
+            assert await conn.fetchval("SELECT to_regclass('app_sessions')") is not None
+            await conn.execute("UPDATE tenantfleet_schema SET version = version - 1")  # an older set-up
+            assert probe() == ["sqlalchemy", "alembic"]
+            assert await conn.fetchval("SELECT version FROM tenantfleet_schema") == SCHEMA_VERSION
+            assert probe() == []
+        finally:
+            await conn.close()
+    finally:
+        await drop_database(servers.control_admin_dsn, name)
+
+
 def _tf(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLEET_")}
     env["TENANTFLEET_CONTROL_DSN"] = fleet.settings.control_dsn

@@ -89,6 +89,7 @@ async def test_a_control_plane_from_before_the_counter_is_caught_up_in_place(fre
         await conn.execute("ALTER TABLE shards DROP COLUMN tenant_count")
         await conn.execute("DROP INDEX tenants_shard_code_idx")
         await conn.execute("CREATE INDEX tenants_shard_idx ON tenants (shard_id)")
+        await conn.execute("UPDATE tenantfleet_schema SET version = 4 WHERE component = 'control'")
         await schema.ensure_control(conn)
         await schema.ensure_control(conn)  # idempotent: the second run counts nothing twice
         assert await conn.fetchval("SELECT to_regclass('tenants_shard_idx')") is None

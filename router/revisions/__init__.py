@@ -42,6 +42,11 @@ COMPONENTS = ("control", "shard")
 # Where each component's Alembic version table lives (a constant, never user text).
 _VERSION_SCHEMA: dict[str, str | None] = {"control": None, "shard": "fleet"}
 _VERSION_TABLE = {"control": "alembic_version", "shard": "fleet.alembic_version"}
+# Each component's head revision, known without loading Alembic: every command checks the
+# control plane at start (`router.schema.ensure_control`), and one already at the head
+# needs nothing else. A new revision updates this too (tests/test_db_revisions.py checks it
+# against the script directory's head).
+HEADS: dict[str, str] = {"control": "0007", "shard": "0005"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,11 @@ def history(component: str, root: Path = HERE) -> list[Revision]:
             for s in script_directory(component, root).walk_revisions()]
 
 
+def version_table(component: str) -> str:
+    """Where ``component`` records its Alembic revision (a constant name)."""
+    return _VERSION_TABLE[component]
+
+
 async def current(conn: AnyConnection, component: str) -> str | None:
     """The revision the database records, or None (no version table or row yet)."""
     table = _VERSION_TABLE[component]
@@ -90,7 +100,7 @@ async def current(conn: AnyConnection, component: str) -> str | None:
 async def check_known(conn: AnyConnection, component: str, root: Path = HERE) -> str | None:
     """`current`, after making sure this code knows it (SCHEMA_TOO_NEW if not)."""
     rev = await current(conn, component)
-    if rev is not None and rev not in {r.revision for r in history(component, root)}:
+    if rev is not None and rev != HEADS[component] and rev not in {r.revision for r in history(component, root)}:
         raise SchemaTooNew(f"this {component} database is at revision {rev}, which this tenantfleet does not "
                            f"know (it knows up to {head(component, root)}): upgrade tenantfleet before preparing it",
                            component=component, version=rev)
