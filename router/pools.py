@@ -112,8 +112,8 @@ class ShardPools:
     with ``role``, switch to it once each (the host's request path: `APP_ROLE`).
     ``min_size`` / ``max_size`` override the settings' shard pool bounds. ``background``:
     the pool serves a migration, whose backends get the
-    settings' ``operation_nice`` CPU priority where they run on this machine
-    (`router.background`).
+    settings' ``operation_nice`` CPU priority (and ``SCHED_IDLE`` with ``operation_idle``)
+    where they run on this machine (`router.background`).
     Use as ``async with ShardPools(...) as pools``; closing closes every pool, and keeps
     going when one fails (it is terminated instead).
     """
@@ -123,6 +123,7 @@ class ShardPools:
                  **pool_kwargs: Any) -> None:
         self._settings = settings
         self._nice = settings.operation_nice if background else 0
+        self._idle = settings.operation_idle
         self._dsn_lookup = dsn_lookup
         self._role = role
         self._min_size = settings.shard_pool_min if min_size is None else min_size
@@ -168,7 +169,7 @@ class ShardPools:
             conn: asyncpg.Connection = await asyncpg.connect(await self._lookup(shard_id), **kwargs)
             if self._nice:
                 try:
-                    await lower_backend_priority(conn, self._nice)
+                    await lower_backend_priority(conn, self._nice, self._idle)
                 except BaseException:
                     await conn.close(timeout=self._settings.connect_timeout_s)
                     raise

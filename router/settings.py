@@ -95,6 +95,10 @@ class Settings(BaseModel):
     # one and its PostgreSQL backends when they run on this machine (router/background.py),
     # so the request path gets the CPU first (moves keep theirs: their cutover holds writes)
     operation_nice: int = Field(10, ge=0, le=19)
+    # and, on Linux, the SCHED_IDLE policy for the same processes: they run only on a CPU
+    # nothing else wants and are preempted at once by any other task (a nice value alone
+    # still lets an operation finish its slice before a woken request runs); false: nice only
+    operation_idle: bool = True
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
     # how long a run keeps coming back to a tenant a move holds before it reports that

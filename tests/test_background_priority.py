@@ -1,13 +1,16 @@
 """Fleet operations give the CPU to the request path first (router/background.py): the
 PostgreSQL backends behind an operation's pools (migrations, moves) run at the settings'
 ``operation_nice`` where they are processes of this machine, the request path's don't, and
-the CLI process of a shard-wide run lowers its own priority. A pid that is not a backend
-of the server we are connected to is never touched. Against the embedded servers."""
+the CLI process of a shard-wide run lowers its own priority; with ``operation_idle`` (the
+default) both also run under SCHED_IDLE. A pid that is not a backend of the server we are
+connected to is never touched. Against the embedded servers."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+from pathlib import Path
 
 import asyncpg
 
@@ -15,6 +18,8 @@ from router.background import local_backend_pid, lower_backend_priority, lower_p
 from router.pools import ShardPools
 from shard_migrations.fleet import migration_pools
 from tests.fleetkit import Fleet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _backend(conn: asyncpg.Connection) -> tuple[int, str]:
@@ -36,18 +41,28 @@ async def test_an_operations_pool_runs_its_backends_niced_and_the_request_paths_
         async with (await ops.get("shard1")).acquire() as conn:
             pid, _ = await _backend(conn)
             assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
         async with (await serving.get("shard1")).acquire() as conn:
             pid, _ = await _backend(conn)
             assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
     async with migration_pools(s, lookup) as ops:              # what `migrate apply` works through
         async with (await ops.get("shard3")).acquire() as conn:
             pid, _ = await _backend(conn)
             assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    nice_only = s.model_copy(update={"operation_idle": False})
+    async with ShardPools(nice_only, lookup, background=True) as ops:
+        async with (await ops.get("shard2")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 7
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
     off = s.model_copy(update={"operation_nice": 0})
     async with ShardPools(off, lookup, background=True) as ops:
         async with (await ops.get("shard2")).acquire() as conn:
             pid, _ = await _backend(conn)
             assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
 
 
 async def test_only_a_proven_backend_of_the_connected_server_is_reniced(fleet: Fleet) -> None:
@@ -82,3 +97,27 @@ def test_the_process_of_a_shard_wide_run_lowers_its_own_priority_and_never_raise
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["5", "None", "5"]
     assert lower_process_priority(0) is None
+    code = ("import os; from router.background import lower_process_priority as l; "
+            "a = l(5, idle=True); print(a, os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0) == os.SCHED_IDLE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["5", "5", "True"]
+
+
+def test_a_migrate_apply_cli_runs_under_sched_idle_unless_told_otherwise(fleet: Fleet) -> None:
+    """The whole CLI process of `migrate apply`: its own policy, seen from inside the command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLEET_")}
+    env["TENANTFLEET_CONTROL_DSN"] = fleet.settings.control_dsn
+    probe = ("import os, sys\n"
+             "import host.cli.throttle as t\n"
+             "real = t.apply\n"
+             "def apply(state, flag, *, background=False):\n"
+             "    real(state, flag, background=background)\n"
+             "    sys.stderr.write(f'policy={os.sched_getscheduler(0)} nice={os.getpriority(os.PRIO_PROCESS, 0)}\\n')\n"
+             "    raise SystemExit(0)\n"
+             "t.apply = apply\n"
+             "from host.cli import main\n"
+             "main(['migrate', 'apply', 'inventory'])\n")
+    for extra, policy in (({}, os.SCHED_IDLE), ({"TENANTFLEET_OPERATION_IDLE": "false"}, os.SCHED_OTHER)):
+        proc = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60, cwd=str(ROOT))
+        assert f"policy={policy} nice=10" in proc.stderr, proc.stderr

@@ -21,10 +21,10 @@ def option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def apply(state: CliState, no_slo_throttle: bool, *, background: bool = False) -> None:
     """Settings for a shard-wide run: the throttle as asked; with ``background`` (a
     migration: nothing it does holds a tenant's writes for long), this process at the
-    operations' CPU priority (``operation_nice``: the request path sharing this machine goes
+    operations' CPU priority (``operation_nice``, ``SCHED_IDLE`` with ``operation_idle``: the request path sharing this machine goes
     first; see router.background). Moves stay at normal priority: their cutover holds the
     tenant's writes, and a starved cutover is a longer pause."""
     if no_slo_throttle:
         state.replace_settings(slo_throttle=False)
     if background:
-        lower_process_priority(state.settings.operation_nice)
+        lower_process_priority(state.settings.operation_nice, state.settings.operation_idle)
