@@ -258,7 +258,7 @@ class FleetMigrator:
             try:
                 if resume is not None:
                     planned = {k for k, *_ in plan.item_keys()}
-                    live = {t.tenant_id for s in plan.shards.values() for t in (*s.up_to_date, *(x.tenant for x in s.tenants))}
+                    live = {t for s in plan.shards.values() for t in (*s.up_to_date, *(x.tenant.tenant_id for x in s.tenants))}
                     for item in open_items:
                         if item.key in planned:
                             continue
@@ -266,7 +266,12 @@ class FleetMigrator:
                             rec.skipped(item.key, "tenant is no longer active or suspended")
                         else:  # the ledger says it's there (applied before the kill, or by another migrator)
                             rec.done(item.key, item.attempts, item.tenant_id)
-                rec.flip(t.tenant_id for s in plan.shards.values() if s.reachable for t in s.up_to_date)
+                # the up-to-date tenants whose registry row says otherwise (usually none; the flip's
+                # own check would skip the others, but only after the whole list went to the server)
+                current = [s.up_to_date for s in plan.shards.values() if s.reachable and s.up_to_date]
+                stale = await runs.not_at_version(self.control, self.package.id, version) if current else set()
+                if stale:
+                    rec.flip(t for ids in current for t in ids if t in stale)
                 async with SloThrottle(self.settings, limiters.all,
                                        registry=self.metrics.registry if self.metrics else None,
                                        shards=[sid for sid, sp in plan.shards.items() if sp.tenants],

@@ -1,13 +1,15 @@
 """What a run has to do: the target version, the files, and what is pending where.
 
-Planning reads the control plane once (the targeted tenants) and each shard's ledger
-once (`ledger.read_shard`), so its cost grows with shards, not with tenants.
+Planning reads the control plane in one snapshot and each shard's ledger once
+(`ledger.read_targeted`). A tenant that is up to date costs its id: the ledger query
+leaves its rows on the shard, and its record is not read. So a no-op plan over 100,000
+tenants moves 100,000 ids, not 100,000 records and 200,000 ledger rows.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import asyncpg
 import semver
@@ -66,11 +68,25 @@ def resolve_target(package: PluginPackage, to: str | None, from_file: str | None
     return Target(package, version, tuple(public), tuple(tenant), from_file)
 
 
+# The distinct versions installed, one index probe per version ((plugin_id, version_installed)
+# is indexed) rather than a pass over every tenant's row: a "loose index scan".
+_INSTALLED_VERSIONS = """
+WITH RECURSIVE v(version_installed) AS (
+    (SELECT version_installed FROM sys_tenant_plugins WHERE plugin_id = $1 ORDER BY version_installed LIMIT 1)
+    UNION ALL
+    SELECT (SELECT p.version_installed FROM sys_tenant_plugins p
+            WHERE p.plugin_id = $1 AND p.version_installed > v.version_installed
+            ORDER BY p.version_installed LIMIT 1)
+    FROM v WHERE v.version_installed IS NOT NULL
+)
+SELECT version_installed FROM v WHERE version_installed IS NOT NULL
+"""
+
+
 async def check_not_downgrade(control: asyncpg.Pool, target: Target) -> None:
     """VALIDATION_FAILED if the registry says a tenant is already past the target. (The
     ledgers are checked too, by `build_plan`: see `Plan.raise_if_downgrade`.)"""
-    rows = await control.fetch(
-        "SELECT DISTINCT version_installed FROM sys_tenant_plugins WHERE plugin_id = $1", target.plugin_id)
+    rows = await control.fetch(_INSTALLED_VERSIONS, target.plugin_id)
     for r in rows:
         try:
             installed = parse_version(r["version_installed"])
@@ -82,29 +98,22 @@ async def check_not_downgrade(control: asyncpg.Pool, target: Target) -> None:
                 "(migrations only go forward)", pluginId=target.plugin_id, version=str(target.version))
 
 
-_TENANTS = """
-SELECT tenant_id::text AS tenant_id, code, schema_name, shard_id, state, epoch
-FROM tenants
+# The targeted tenants' ids per shard (no order: sorting 100,000 codes costs more than the
+# rest of a no-op plan); their records are read (`_RECORDS`) only for the tenants a plan
+# has to name: those with a file pending or drifted, and every tenant of a shard whose ledger
+# could not be read.
+_TARGETED_IDS = """
+SELECT shard_id, array_agg(tenant_id::text) AS ids FROM tenants
 WHERE state = ANY($1::text[]) AND ($2::uuid[] IS NULL OR tenant_id = ANY($2::uuid[]))
-ORDER BY shard_id, code
+GROUP BY shard_id
 """
 
-
-async def targeted_tenants(control: asyncpg.Pool, tenant_ids: Sequence[str] | None = None, *,
-                           strict: bool = True) -> list[TenantRecord]:
-    """Tenants the tenant scope targets (state active or suspended), optionally only ``tenant_ids``.
-
-    Raises TENANT_NOT_FOUND for an id that is not a targeted tenant (when ``strict``)."""
-    ids = None if tenant_ids is None else [parse_tenant_id(t) for t in tenant_ids]
-    rows = await control.fetch(_TENANTS, list(TENANT_STATES_TARGETED), ids)
-    recs = [TenantRecord(tenant_id=r["tenant_id"], code=r["code"], schema=r["schema_name"], shard_id=r["shard_id"],
-                         state=r["state"], epoch=r["epoch"]) for r in rows]
-    if ids is not None and strict:
-        missing = set(ids) - {r.tenant_id for r in recs}
-        if missing:
-            first = sorted(missing)[0]
-            raise TenantNotFound(f"no active or suspended tenant {first}", id=first)
-    return recs
+_RECORDS = """
+SELECT tenant_id::text AS tenant_id, code, schema_name, shard_id, state, epoch FROM tenants
+WHERE state = ANY($1::text[]) AND ($2::uuid[] IS NULL OR tenant_id = ANY($2::uuid[]))
+AND (tenant_id = ANY($3::uuid[]) OR shard_id = ANY($4::text[]))
+ORDER BY shard_id, code
+"""
 
 
 @dataclass
@@ -119,8 +128,8 @@ class ShardPlan:
     dsn: str
     error: str | None = None                      # set when the ledger could not be read
     public_pending: list[MigrationFile] = field(default_factory=list)
-    tenants: list[TenantPlan] = field(default_factory=list)   # tenants with pending files
-    up_to_date: list[TenantRecord] = field(default_factory=list)
+    tenants: list[TenantPlan] = field(default_factory=list)   # tenants with pending files, by code
+    up_to_date: list[str] = field(default_factory=list)        # ids of the targeted tenants with none
     drift: list[ledger.Drift] = field(default_factory=list)
     ahead: list[str] = field(default_factory=list)   # files newer than the target that are recorded
 
@@ -181,42 +190,84 @@ class Plan:
 async def build_plan(control: asyncpg.Pool, pools: ShardPools, target: Target, *,
                      tenant_ids: Sequence[str] | None = None, shard_ids: Sequence[str] = (),
                      strict: bool = True) -> Plan:
-    """What is pending on every shard and tenant, from one ledger read per shard.
+    """What is pending on every shard and tenant, from one ledger query per shard.
+
+    The control plane is read in one snapshot (a repeatable-read transaction): the
+    targeted tenants' ids per shard, then the records of the tenants that are not up to
+    date (a file pending or drifted) and of every tenant of an unreachable shard. Each
+    shard's ledger query (`ledger.read_targeted`) returns rows only for its tenants that
+    are not up to date, so an up-to-date tenant costs an id, not a record nor ledger rows.
 
     A shard whose ledger can't be read is kept in the plan with ``error`` set and all of
     its targeted tenants pending (we can't know better); the caller reports it.
     With ``tenant_ids``, only those tenants and their shards (plus ``shard_ids``) are
     planned. Raises TENANT_NOT_FOUND for an unknown ``tenant_ids`` entry (when ``strict``).
     """
-    tenants = await targeted_tenants(control, tenant_ids, strict=strict)
-    shard_rows = await control.fetch("SELECT shard_id, dsn FROM shards ORDER BY shard_id")
-    by_shard: dict[str, list[TenantRecord]] = {}
-    for t in tenants:
-        by_shard.setdefault(t.shard_id, []).append(t)
-    if tenant_ids is not None:  # only the shards of the chosen tenants
-        shard_rows = [r for r in shard_rows if r["shard_id"] in by_shard or r["shard_id"] in shard_ids]
-    plans = {r["shard_id"]: ShardPlan(r["shard_id"], r["dsn"]) for r in shard_rows}
-    await asyncio.gather(*(_plan_shard(pools, target, p, by_shard.get(sid, [])) for sid, p in plans.items()))
+    ids = None if tenant_ids is None else [parse_tenant_id(t) for t in tenant_ids]
+    states = list(TENANT_STATES_TARGETED)
+    async with control.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        by_shard: dict[str, list[str]] = {r["shard_id"]: r["ids"] for r in await conn.fetch(_TARGETED_IDS, states, ids)}
+        if ids is not None and strict:
+            found = {t for shard in by_shard.values() for t in shard}
+            missing = set(ids) - found
+            if missing:
+                first = sorted(missing)[0]
+                raise TenantNotFound(f"no active or suspended tenant {first}", id=first)
+        shard_rows = await conn.fetch("SELECT shard_id, dsn FROM shards ORDER BY shard_id")
+        if tenant_ids is not None:  # only the shards of the chosen tenants
+            shard_rows = [r for r in shard_rows if r["shard_id"] in by_shard or r["shard_id"] in shard_ids]
+        plans = {r["shard_id"]: ShardPlan(r["shard_id"], r["dsn"]) for r in shard_rows}
+        read = dict(zip(plans, await asyncio.gather(
+            *(_read_ledger(pools, target, p, by_shard.get(sid, [])) for sid, p in plans.items()))))
+        named = [t for incomplete in read.values() if incomplete is not None for t in incomplete]
+        unreachable = [sid for sid, incomplete in read.items() if incomplete is None]
+        records: dict[str, list[TenantRecord]] = {}
+        if named or unreachable:
+            for r in await conn.fetch(_RECORDS, states, ids, named, unreachable):
+                records.setdefault(r["shard_id"], []).append(
+                    TenantRecord(tenant_id=r["tenant_id"], code=r["code"], schema=r["schema_name"],
+                                 shard_id=r["shard_id"], state=r["state"], epoch=r["epoch"]))
+    for sid, plan in plans.items():
+        shard_records = records.get(sid, [])
+        incomplete = read[sid]
+        if incomplete is None:
+            plan.tenants = [TenantPlan(t, list(target.tenant_files)) for t in shard_records]
+            continue
+        for t in shard_records:  # by code, as the plan's units go
+            recorded = incomplete.get(t.tenant_id)
+            if recorded is None:
+                continue
+            todo, drift = ledger.split(target.tenant_files, recorded, shard_id=sid, tenant_id=t.tenant_id)
+            plan.drift.extend(drift)
+            if todo:
+                plan.tenants.append(TenantPlan(t, todo))
+        planned = {t.tenant.tenant_id for t in plan.tenants}
+        plan.up_to_date = [t for t in by_shard.get(sid, []) if t not in planned] if planned else by_shard.get(sid, [])
     return Plan(target, plans, None if tenant_ids is None else tuple(tenant_ids))
 
 
-async def _plan_shard(pools: ShardPools, target: Target, plan: ShardPlan, tenants: Iterable[TenantRecord]) -> None:
+async def _read_ledger(pools: ShardPools, target: Target, plan: ShardPlan,
+                       tenant_ids: Sequence[str]) -> dict[str, dict[str, str]] | None:
+    """Read the shard's ledger into ``plan`` (public scope, drift there, files ahead of the
+    target); returns the ledgers of its tenants that are not up to date (see
+    `ledger.read_targeted`), or None (with ``plan.error`` set) if the shard can't be read."""
+    later = {(f.scope, f.name): f for f in target.package.migrations if f.since > target.version}
     try:
         pool = await pools.get(plan.shard_id)
         async with pool.acquire() as conn:
-            recorded = await ledger.read_shard(conn, target.plugin_id)
+            incomplete, recorded = await ledger.read_targeted(
+                conn, target.plugin_id, tenant_ids, target.tenant_files,
+                [name for scope, name in later if scope == "tenant"])
     except Exception as exc:
         if classify(exc) != "shard":
             raise
         plan.error = f"cannot read the ledger of shard {plan.shard_id} at {redact(plan.dsn)}: " \
                      f"{exc.__class__.__name__}: {exc}"
         plan.public_pending = list(target.public_files)
-        plan.tenants = [TenantPlan(t, list(target.tenant_files)) for t in tenants]
-        return
+        return None
     plan.public_pending, drift = ledger.split(target.public_files, recorded.get(("public", None), {}),
                                               shard_id=plan.shard_id, tenant_id=None)
     plan.drift.extend(drift)
-    later = {(f.scope, f.name): f for f in target.package.migrations if f.since > target.version}
     if later:
         for (scope, tenant_id), names in recorded.items():
             for name in names:
@@ -224,11 +275,4 @@ async def _plan_shard(pools: ShardPools, target: Target, plan: ShardPlan, tenant
                 if f is not None:
                     where = f"tenant {tenant_id}" if tenant_id else "public scope"
                     plan.ahead.append(f"{scope}/{name} ({f.since}) on shard {plan.shard_id}, {where}")
-    for t in tenants:
-        pending, drift = ledger.split(target.tenant_files, recorded.get(("tenant", t.tenant_id), {}),
-                                      shard_id=plan.shard_id, tenant_id=t.tenant_id)
-        plan.drift.extend(drift)
-        if pending:
-            plan.tenants.append(TenantPlan(t, pending))
-        else:
-            plan.up_to_date.append(t)
+    return incomplete

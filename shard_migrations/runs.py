@@ -23,7 +23,7 @@ import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from router.errors import RunNotFound
-from shard_migrations.keys import FLUSH_S, HEARTBEAT_S, RUN_KIND
+from shard_migrations.keys import FLUSH_S, HEARTBEAT_S, RUN_KIND, TENANT_STATES_TARGETED
 from shard_migrations.ledger import Conn
 from shard_migrations.packages import PluginPackage
 
@@ -128,6 +128,26 @@ async def flip_tenants(control: asyncpg.Pool | Conn, plugin_id: str, version: st
     """Record ``version`` as installed for these tenants (``enabled`` is left as it is)."""
     if tenant_ids:
         await control.execute(_FLIP_TENANTS, list(tenant_ids), plugin_id, version)
+
+
+# A join on the registry's key rather than NOT EXISTS (.. AND version_installed = $2): without
+# column statistics (a table filled since the last ANALYZE) the planner took the NOT EXISTS
+# form's inner side for one row and ran a nested loop over both tables (8 minutes at
+# 100,000 tenants); this form stays a hash join (40 ms) with or without them.
+_NOT_AT_VERSION = """
+SELECT t.tenant_id::text AS tenant_id FROM tenants t
+LEFT JOIN sys_tenant_plugins p ON p.tenant_id = t.tenant_id AND p.plugin_id = $1
+WHERE t.state = ANY($3::text[]) AND p.version_installed IS DISTINCT FROM $2
+"""
+
+
+async def not_at_version(control: asyncpg.Pool, plugin_id: str, version: str) -> set[str]:
+    """Ids of the targeted tenants whose registry row for ``plugin_id`` is missing or not at
+    ``version``: the only ones a flip to ``version`` would change. One anti-join on the
+    control plane; an up-to-date fleet returns no row, so a no-op run flips nothing and
+    sends no list of every tenant."""
+    rows = await control.fetch(_NOT_AT_VERSION, plugin_id, version, list(TENANT_STATES_TARGETED))
+    return {r["tenant_id"] for r in rows}
 
 
 async def create_run(control: asyncpg.Pool, plugin_id: str, version: str, params: dict[str, Any],

@@ -1,7 +1,8 @@
 """Comparing every ledger with the plugin's files: drift and missing applications.
 
-One control-plane query for the targeted tenants and one ledger query per shard, so it
-costs per shard, not per tenant.
+It reads what `plan.build_plan` reads: the targeted tenants' ids from the control plane
+and one ledger query per shard, which returns rows only for the tenants that are not up
+to date. An up-to-date tenant costs its id, not a record nor its ledger rows.
 """
 from __future__ import annotations
 
