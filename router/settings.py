@@ -99,6 +99,11 @@ class Settings(BaseModel):
     # nothing else wants and are preempted at once by any other task (a nice value alone
     # still lets an operation finish its slice before a woken request runs); false: nice only
     operation_idle: bool = True
+    # moves (drain, rebalance) yield the CPU the same way (their CLI process and their
+    # backends) when the machine has CPU to spare as they start (1-minute load average below
+    # the CPU count): a fenced copy or cutover then still finds an idle CPU at once; on a
+    # busier machine, or false, they keep normal priority (a starved cutover is a longer pause)
+    move_idle: bool = True
     # how long a shard (or one tenant) may keep failing before the run reports it and moves on
     shard_give_up_s: float = Field(120.0, gt=0)
     # how long a run keeps coming back to a tenant a move holds before it reports that

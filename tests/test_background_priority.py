@@ -14,9 +14,10 @@ from pathlib import Path
 
 import asyncpg
 
-from router.background import local_backend_pid, lower_backend_priority, lower_process_priority
+from router.background import local_backend_pid, lower_backend_priority, lower_process_priority, moves_yield
 from router.pools import ShardPools
 from shard_migrations.fleet import migration_pools
+from shard_migrations.moves.mover import mover_pools
 from tests.fleetkit import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,3 +122,20 @@ def test_a_migrate_apply_cli_runs_under_sched_idle_unless_told_otherwise(fleet: 
         proc = subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True, text=True,
                               timeout=60, cwd=str(ROOT))
         assert f"policy={policy} nice=10" in proc.stderr, proc.stderr
+
+
+def test_moves_yield_only_when_asked_and_the_machine_has_cpu_to_spare() -> None:
+    assert moves_yield(True, 10, load=0.5, cpus=2)
+    assert not moves_yield(True, 10, load=2.0, cpus=2)      # saturated: a fenced copy could starve
+    assert not moves_yield(True, 10, load=7.9, cpus=2)
+    assert not moves_yield(False, 10, load=0.0, cpus=2)     # move_idle = false
+    assert not moves_yield(True, 0, load=0.0, cpus=2)       # operation_nice = 0: nothing is lowered
+
+
+async def test_the_movers_pools_keep_normal_priority_when_moves_may_not_yield(fleet: Fleet) -> None:
+    s = fleet.settings.model_copy(update={"move_idle": False, "operation_nice": 7})
+    async with mover_pools(fleet.directory, s) as pools:
+        async with (await pools.get("shard1")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER

@@ -199,7 +199,7 @@ def drain_cmd(state: CliState, shard: str, mode: str, by: str, plan_only: bool, 
     Run the same command again to resume after a failure or a crash: the shard's open
     moves are finished first. Exit 0 only when the shard is empty.
     """
-    throttle.apply(state, no_slo_throttle)
+    throttle.apply(state, no_slo_throttle, moves=not plan_only)
     from shard_migrations.moves.batch import drain
 
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:
@@ -227,7 +227,7 @@ def rebalance_cmd(state: CliState, by: str, plan_only: bool, tolerance: float, m
     Shows the plan and the shards' figures before and after; --apply runs it with the
     same limits and backoff as `drain`. Exit 0 only if every move finished.
     """
-    throttle.apply(state, no_slo_throttle)
+    throttle.apply(state, no_slo_throttle, moves=not plan_only)
     from shard_migrations.moves.batch import rebalance
 
     async def work(metrics: MoveMetrics, view: Any) -> BatchReport:

@@ -114,9 +114,13 @@ def _noop(_phase: str, _figures: dict[str, Any]) -> None:
 
 def mover_pools(directory: Directory, settings: Settings) -> ShardPools:
     """Owner-connection pools for a batch of moves (``async with``): a move takes three
-    connections per shard pair for its whole run, and a snapshot or two at times."""
+    connections per shard pair for its whole run, and a snapshot or two at times. Their
+    backends yield the CPU (router.background) when `moves_yield` says so."""
+    from router.background import moves_yield
+
     return ShardPools(settings, directory.dsn_of, min_size=0, max_size=4 * settings.moves_per_shard + 2,
-                      server_settings=SESSION_SETTINGS)
+                      server_settings=SESSION_SETTINGS,
+                      background=moves_yield(settings.move_idle, settings.operation_nice))
 
 
 class FenceBusy(MoveFailed):
