@@ -1,5 +1,5 @@
-"""Background priority for migrations: they give the CPU to the request path first
-(moves keep theirs, see below).
+"""Background priority for fleet operations: migrations give the CPU to the request path
+first, and so do moves when the machine has CPU to spare (see below).
 
 On a fleet whose shard servers have cores of their own, a migration's DDL or a move's copy
 competes with requests only on the shard it works on, and the per-shard limiter (with the
@@ -31,10 +31,12 @@ Both also put the process under Linux's ``SCHED_IDLE`` policy (``operation_idle`
 default): it then runs only on a CPU no other task wants, and a request-path task that
 wakes preempts it at once. A nice value alone is weaker: the kernel (EEVDF) lets the
 running task finish its slice before a woken one runs, on every hop of a request (client,
-host, backend, host, client). Measured here with a one-core CPU hog switched on and off
-every 2 s under a steady load test (per-second p95 with the hog on over off, median of
-the seconds, 2 runs each): normal priority 1.18x and 1.38x, nice 10 1.11x and 1.14x,
-SCHED_IDLE 0.92x and 0.94x. Where the policy can't be set (another user's process without
+host, backend, host, client). Measured with a one-core CPU hog switched on and off
+every 2 s under a steady load test (bench/cpu_yield.py: per-second p95 with the hog on
+over off, median of the seconds): with other work on the machine, normal priority
+1.18x and 1.38x, nice 10 1.11x and 1.14x, SCHED_IDLE 0.92x and 0.94x; on a quiet one
+1.67x, 1.56x and 1.47x (medians of 2 runs): there the two vCPUs are the hypervisor's to
+schedule, and a busy core costs the request path whatever its policy in the guest. Where the policy can't be set (another user's process without
 CAP_SYS_NICE, not Linux) the nice value stays, said once in the log.
 
 A lowered priority holds for the connection's life: operation pools are closed when the

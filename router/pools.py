@@ -111,7 +111,8 @@ class ShardPools:
     Connections run as the DSN's role (the owner: DDL, the directory, the migrator), or,
     with ``role``, switch to it once each (the host's request path: `APP_ROLE`).
     ``min_size`` / ``max_size`` override the settings' shard pool bounds. ``background``:
-    the pool serves a migration, whose backends get the
+    the pool serves a migration (or moves that may yield, `router.background.moves_yield`),
+    whose backends get the
     settings' ``operation_nice`` CPU priority (and ``SCHED_IDLE`` with ``operation_idle``)
     where they run on this machine (`router.background`).
     Use as ``async with ShardPools(...) as pools``; closing closes every pool, and keeps

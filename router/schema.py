@@ -5,7 +5,7 @@ revision 0005) idempotently, then run the Alembic revisions after it (`router.re
 all in one transaction under the bootstrap lock.
 
 SQLAlchemy (the tables' declarations, `router.tables`) and Alembic are loaded only when
-something is to be set up: a control plane already at this version is one read.
+something is to be set up: a control plane already at this version costs two short queries.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ _VERSION_TABLE = {"control": "tenantfleet_schema", "shard": "fleet.tenantfleet_s
 async def ensure_control(conn: AnyConnection) -> None:
     """Create the control-plane tables if missing and upgrade them (idempotent, safe to
     race). A control plane that records this code's schema version and Alembic head was set
-    up by this version: one read, no lock, nothing loaded (every CLI command and service
+    up by this version: two short queries, no lock, nothing loaded (every CLI command and service
     start calls this)."""
     if await up_to_date(conn, "control"):
         return
