@@ -10,6 +10,7 @@ import pytest
 
 from router.models import TenantRecord
 from shard_migrations.fleet import RunOptions
+from shard_migrations.moves import schema_copy
 from shard_migrations.moves.schema_copy import (
     TenantSchema, create_tenant_schema_objects, fingerprint, read_tenant_schema,
 )
@@ -344,3 +345,31 @@ async def test_quoted_names_disabled_triggers_not_valid_checks_and_procedures_ro
     assert (await _as_tenant(dst, rec.schema, "SELECT odd_count() AS c"))[0]["c"] == 2
     with pytest.raises(asyncpg.CheckViolationError):  # NOT VALID: the copied -5 stays, new rows are checked
         await _as_tenant(dst, rec.schema, "INSERT INTO \"Odd Table\" VALUES (3, 'plain', -1)")
+
+
+async def test_reads_plan_their_catalog_queries_once_per_connection_with_the_same_result(
+        two_shards: tuple[Fleet, TenantRecord, asyncpg.Connection, asyncpg.Connection],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move reads its tenant's schema three times; planned anew at each call the catalog
+    queries were half of a read's server CPU: a read's statements run on generic plans
+    (made once per connection), and read what custom plans read."""
+    _f, rec, src, _dst = two_shards
+    await src.execute(PUBLIC_DDL)
+    await _in_schema(src, rec.schema, TENANT_DDL)
+    first = await read_tenant_schema(src, rec.schema)
+    for _ in range(6):  # past the 5 custom plans PostgreSQL makes before it may choose a generic one
+        assert await read_tenant_schema(src, rec.schema) == first
+    plans = await src.fetchrow("SELECT count(*) AS statements, sum(generic_plans) AS generic, "
+                               "sum(custom_plans) AS custom FROM pg_prepared_statements "
+                               "WHERE statement NOT LIKE '%quote_ident($1)%'")  # but _in_schema's
+    assert plans["statements"] >= 10 and plans["custom"] == 0 and plans["generic"] >= 7 * 10
+
+    # the same read planned per call (the session as it was before): the same definition
+    monkeypatch.setattr(schema_copy, "_SESSION_FOR_READ", "SELECT pg_catalog.set_config('search_path', '', true)")
+    other = await _connect(_f, "shard1")
+    try:
+        assert await read_tenant_schema(other, rec.schema) == first
+        custom = await other.fetchval("SELECT sum(custom_plans) FROM pg_prepared_statements")
+        assert custom > 0  # the comparison did use custom plans
+    finally:
+        await other.close()

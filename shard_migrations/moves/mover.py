@@ -384,8 +384,7 @@ class Mover:
             if rec.shard_id != info.source or rec.epoch != info.epoch_before:
                 raise MoveFailed(f"tenant {info.code} changed during its move (now on {rec.shard_id} at epoch "
                                  f"{rec.epoch}); abort this move and start a new one", runId=info.run_id)
-            await self._prepare(info, ends)
-            ts = await self._copy(info, ends)
+            ts = await self._copy(info, ends, await self._prepare(info, ends))
             if info.mode == "online":
                 await self._catch_up(info, ends)
             await self._verify(info, ends, ts)
@@ -396,7 +395,9 @@ class Mover:
         self.progress("done", info.detail)
         return info
 
-    async def _prepare(self, info: MoveInfo, ends: _Ends) -> None:
+    async def _prepare(self, info: MoveInfo, ends: _Ends) -> schema_copy.TenantSchema:
+        """Source checked, target schema begun; returns the source's definition as read
+        under the hold key (which no migration of the tenant passes until the move ends)."""
         self.progress("preparing", {})
         await self._drop_replication(info, ends)
         await self._drop_target_copy(info, ends.dst)
@@ -433,12 +434,13 @@ class Mover:
                 "$4::text, CASE WHEN $5::bool THEN 'true' ELSE 'false' END)", info.subscription, source_dsn, info.publication, info.slot, binary)
             await ends.dst.execute(sql)
         await self._set_phase(info, "prepared")
+        return ts
 
-    async def _copy(self, info: MoveInfo, ends: _Ends) -> schema_copy.TenantSchema:
+    async def _copy(self, info: MoveInfo, ends: _Ends, ts: schema_copy.TenantSchema) -> schema_copy.TenantSchema:
         """Copy every table; leaves, offline, the source fenced (``ends.src`` in its
-        transaction) for verify and cutover."""
+        transaction) for verify and cutover. ``ts``: the source's definition, read since
+        ``ends`` took the tenant's hold key (so still the source's)."""
         self.progress("copying", {})
-        ts = await schema_copy.read_tenant_schema(ends.src, info.schema)
         info.sequence_sql = await ends.src.fetchval(_SEQUENCE_STATE_SQL, info.schema)
         started = time.monotonic()
         copied = 0
@@ -448,8 +450,7 @@ class Mover:
         schema_first = info.mode == "offline" and await self._schema_first(info, ends, ts)
         info.detail["schemaFirst"] = schema_first
         if schema_first:
-            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
-            await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
+            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")  # grants the tenant role too
             await self._check_fingerprint(info, ends, ts)
         if info.mode == "offline":
             await self._fence(ends.src, info, self.settings.move_hold_wait_ms)
@@ -481,8 +482,7 @@ class Mover:
             finally:
                 await self._release(snap)
         if not schema_first:
-            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")
-            await ends.dst.execute("SELECT fleet.ensure_tenant_role($1)", info.schema)
+            await schema_copy.create_tenant_schema_objects(ends.dst, ts, "post")  # grants the tenant role too
             self._step(info, "postDdl")
             await self._check_fingerprint(info, ends, ts)
             self._step(info, "fingerprint")
