@@ -42,7 +42,7 @@ from router.keys import APP_ROLE
 from router.pools import ShardPools, create_pool
 from router.runtime import effective_settings
 from router.settings import Settings
-from router.shard_latency import ShardLatency
+from router.shard_latency import ShardLatency, watch_loop_lag
 from shard_migrations.packages import Discovery
 
 log = logging.getLogger("tenantfleet.host.runtime")
@@ -50,17 +50,19 @@ log = logging.getLogger("tenantfleet.host.runtime")
 LATENCY_PUBLISH_S = 1.0
 
 
-async def publish_shard_latency(redis: aioredis.Redis, namespace: str, latency: ShardLatency) -> None:
-    """Publish this host's rolling p95 per shard about once a second (the SLO throttle reads
-    it); Redis down: logged once per outage, tried again next second."""
-    from router.shard_latency import publish_latency
+async def publish_shard_latency(redis: aioredis.Redis, namespace: str, latency: ShardLatency,
+                                lag: ShardLatency | None = None) -> None:
+    """Publish this host's rolling p95 per shard, its loop lag's p95 added (``lag``, as
+    `watch_loop_lag` records it), about once a second (the SLO throttle reads it); Redis
+    down: logged once per outage, tried again next second."""
+    from router.shard_latency import host_figures, publish_latency
 
     host_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     failing = False
     while True:
         await asyncio.sleep(LATENCY_PUBLISH_S)
         try:
-            await publish_latency(redis, namespace, host_id, latency.p95())
+            await publish_latency(redis, namespace, host_id, *host_figures(latency, lag))
         except (aioredis.RedisError, OSError, asyncio.TimeoutError) as exc:
             if not failing:
                 log.warning("shard latency not published (Redis: %s); the SLO throttle sees no figures from this "
@@ -217,7 +219,9 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
             async def shard_states() -> dict[str, str]:
                 return {s.shard_id: s.state for s in await directory.list_shards()}
             tasks.spawn(close_unserved_shards(tx, shard_states, settings), name="shard-sweeper")
-            tasks.spawn(publish_shard_latency(redis, settings.redis_namespace, latency), name="shard-latency")
+            lag = ShardLatency()
+            tasks.spawn(watch_loop_lag(lag), name="loop-lag")
+            tasks.spawn(publish_shard_latency(redis, settings.redis_namespace, latency, lag), name="shard-latency")
             subscriber = Subscriber(sub_redis, settings.redis_namespace, on_registry)
             tasks.spawn(subscriber.run(), name="pubsub")
             try:

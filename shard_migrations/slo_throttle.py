@@ -1,10 +1,12 @@
 """The SLO-aware throttle: migrations and moves slow down on a shard whose request latency
 nears its SLO, before the SLO breaks.
 
-Hosts publish a rolling p95 of their tenant transactions per shard to Redis about once a
-second (`router.shard_latency`). Once a second `SloThrottle` reads it for every shard a
-run's limiters know and sets each `ShardLimiter`'s allowed concurrency, additive increase,
-multiplicative decrease:
+Hosts publish a rolling p95 of their tenant transactions per shard, their event loop's
+lag added, to Redis about once a second, over 10 s and over the last 3 s
+(`router.shard_latency`). Once a second `SloThrottle` reads them for every shard a run's
+limiters know and sets each `ShardLimiter`'s allowed concurrency, additive increase,
+multiplicative decrease, on the recent figure (a drain's burst lasts a few seconds: the
+10 s figure moves too late), against a limit made from the 10 s one:
 
 - p95 at or above ``HIGH`` of the shard's limit: halve (1 becomes 0: new operations on
   the shard pause; running ones finish);
@@ -46,7 +48,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from router.client import redis_address
 from router.settings import Settings
-from router.shard_latency import read_shard_p95
+from router.shard_latency import read_shard_figures
 from shard_migrations.limiter import ShardLimiter
 
 log = logging.getLogger("tenantfleet.slo_throttle")
@@ -142,13 +144,13 @@ class SloThrottle:
         if rate <= 0 or not self._start_shards or self._limiter_for is None:
             return False
         try:
-            figures = await asyncio.wait_for(read_shard_p95(self._redis, self.settings.redis_namespace,
-                                                            self._start_shards), REDIS_TIMEOUT_S * 2)
+            figures = await asyncio.wait_for(read_shard_figures(self._redis, self.settings.redis_namespace,
+                                                                self._start_shards), REDIS_TIMEOUT_S * 2)
         except (aioredis.RedisError, OSError, asyncio.TimeoutError):
             return False  # the loop's first tick says so in the log
-        for sid, p95 in sorted(figures.items()):
+        for sid, (steady, p95) in sorted(figures.items()):
             self.p95[sid] = p95
-            self.baseline.setdefault(sid, p95)
+            self.baseline.setdefault(sid, steady)
             lim = self._limiter_for(sid)
             await lim.set_pace(1 / rate)
             await self._set(lim, lim.allowed, self._why(lim, p95, self.limit_for(sid)))
@@ -201,8 +203,8 @@ class SloThrottle:
         if not lims:
             return
         try:
-            figures = await asyncio.wait_for(read_shard_p95(self._redis, self.settings.redis_namespace,
-                                                            sorted(lims)), REDIS_TIMEOUT_S * 2)
+            figures = await asyncio.wait_for(read_shard_figures(self._redis, self.settings.redis_namespace,
+                                                                sorted(lims)), REDIS_TIMEOUT_S * 2)
         except (aioredis.RedisError, OSError, asyncio.TimeoutError) as exc:
             if not self._redis_failing:
                 log.warning("SLO throttle: Redis unreachable (%s), no latency figures; running at the configured "
@@ -213,15 +215,16 @@ class SloThrottle:
             self._redis_failing = False
         now = time.monotonic()
         for sid, lim in lims.items():
-            p95 = figures.get(sid)
-            if p95 is None:
+            fig = figures.get(sid)
+            if fig is None:
                 self.p95.pop(sid, None)
                 self.paused_since.pop(sid, None)
                 await lim.set_pace(0)
                 await self._set(lim, lim.concurrency, None)
                 continue
+            steady, p95 = fig  # the limit from the 10 s figure, decisions on the recent one
             self.p95[sid] = p95
-            self.baseline.setdefault(sid, p95)
+            self.baseline.setdefault(sid, steady)
             limit = self.limit_for(sid)
             if limit is None:
                 await lim.set_pace(0)

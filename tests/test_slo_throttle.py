@@ -19,7 +19,9 @@ import redis.asyncio as aioredis
 from host.fleet.embedded import free_port
 from host.loadprep import hold_shard, prepare_load_tenants
 from router.client import redis_address
-from router.shard_latency import ShardLatency, publish_latency, read_shard_p95
+from router.shard_latency import (
+    LOOP, RECENT_S, ShardLatency, host_figures, publish_latency, read_shard_figures, read_shard_p95, watch_loop_lag,
+)
 from shard_migrations.limiter import ShardLimiter
 from shard_migrations.slo_throttle import SloThrottle, file_limits, throttle_api
 from tests.fleetkit import Fleet
@@ -148,6 +150,77 @@ def test_the_rolling_p95_per_shard_comes_from_the_last_window_only() -> None:
     assert 300 <= lat.p95(now=1005.0)["shard1"][0] <= 315
     assert lat.p95(now=1011.0)["shard1"][1] == 100       # the first second left the window
     assert lat.p95(now=1020.0) == {}
+
+
+def test_a_hosts_figure_is_its_transactions_p95_plus_its_loop_lag_over_the_long_and_the_recent_window() -> None:
+    """What a client waits is the transaction and the wait for the host's event loop: the
+    published figure adds the loop lag's p95 to each shard's, over 10 s (the baseline) and
+    over the last RECENT_S seconds (what the throttle acts on)."""
+    lat, lag = ShardLatency(window_s=10), ShardLatency(window_s=10)
+    for sec in range(1000, 1010):                 # 10 s at 10 ms, then 3 s at 40 ms
+        for _ in range(50):
+            lat.observe("shard1", 0.010 if sec < 1007 else 0.040, now=float(sec))
+            lag.observe(LOOP, 0.001 if sec < 1007 else 0.008, now=float(sec))
+    assert RECENT_S == 3
+    long, recent = host_figures(lat, lag, now=1009.0)
+    p95, n = long["shard1"]
+    assert n == 500 and 40 + 8 <= p95 <= (40 + 8) * 1.05      # 30% of the window is slow: its p95 is slow
+    assert 40 + 8 <= recent["shard1"] <= (40 + 8) * 1.05
+    # a burst of 1 s in 10: under the long p95 (95th of 500), the whole recent one
+    lat2 = ShardLatency(window_s=10)
+    for sec in range(1000, 1010):                 # 450 at 10 ms, then 20 at 40 ms in the last second
+        for _ in range(50 if sec < 1009 else 20):
+            lat2.observe("shard1", 0.040 if sec == 1009 else 0.010, now=float(sec))
+    long, recent = host_figures(lat2, None, now=1009.0)
+    assert long["shard1"][0] <= 10.5 and recent["shard1"] >= 40   # the burst shows in the recent figure only
+    assert host_figures(ShardLatency(), lag) == ({}, {})          # no transactions: nothing to publish
+
+
+async def test_the_loop_lag_probe_records_how_late_a_blocked_loop_wakes_it() -> None:
+    lag = ShardLatency(window_s=10)
+    probe = asyncio.create_task(watch_loop_lag(lag, sample_s=0.005))
+    try:
+        for i in range(40):                       # 40 probe wakes, 1 in 5 behind a 50 ms callback
+            await asyncio.sleep(0.006)
+            if i % 5 == 0:
+                time.sleep(0.05)
+    finally:
+        probe.cancel()
+    p95, n = lag.p95()[LOOP]
+    assert n >= 20 and p95 >= 40                  # 20% of the wakes were 40+ ms late
+    quiet = ShardLatency(window_s=10)
+    probe = asyncio.create_task(watch_loop_lag(quiet, sample_s=0.005))
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        probe.cancel()
+    assert quiet.p95()[LOOP][0] < 40
+
+
+async def test_the_throttle_acts_on_the_recent_figure_against_a_limit_made_from_the_steady_one(fleet: Fleet) -> None:
+    """A drain's burst lasts a few seconds: the 10 s p95 hardly moves while clients wait
+    longer. The throttle takes its limit from the 10 s figure at the start and halves on
+    the recent one; a host publishing no recent figure counts with its p95."""
+    s = fleet.settings.model_copy(update={"slo_throttle_start_rate": 0.0, "slo_throttle_ratio": 1.25,
+                                          "redis_namespace": "rc" + uuid.uuid4().hex[:8]})
+    redis = aioredis.Redis(**redis_address(s.redis_url))
+    lim = ShardLimiter("shard1", s, concurrency=4)
+    try:
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (20.0, 500)}, {"shard1": 20.0})
+        throttle = SloThrottle(s, lambda: [lim], redis=redis)
+        await throttle.tick()
+        assert throttle.limit_for("shard1") == 25.0 and lim.allowed == 4
+        # the burst: the 10 s figure still under the limit, the last 3 s over it
+        await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (21.0, 500)}, {"shard1": 30.0})
+        await throttle.tick()
+        assert lim.allowed == 2 and throttle.p95["shard1"] == 30.0 and throttle.limit_for("shard1") == 25.0
+        # a second host without a recent figure (an older release): its p95 stands for it
+        await publish_latency(redis, s.redis_namespace, "host-b", {"shard1": (40.0, 500)})
+        assert await read_shard_figures(redis, s.redis_namespace, ["shard1"]) == {"shard1": (40.0, 40.0)}
+        await throttle.tick()
+        assert lim.allowed == 1
+    finally:
+        await redis.aclose()
 
 
 async def test_slow_start_paces_a_serving_shard_from_the_first_operation_and_speeds_up_while_p95_is_low(
