@@ -144,6 +144,28 @@ class Recording:
                     st.errors += 1
         return out
 
+    def slowest(self, timeline: Timeline, has_event: bool, per_route: int = 5) -> dict[str, list[dict[str, Any]]]:
+        """``{phase: [{t, route, ms, ok}]}``: the ``per_route`` slowest judged requests of each
+        route in each phase, slowest first (when, in seconds from the start, a route's p95
+        was made: a route with ~50 requests in the event has its 3rd-slowest as its p95)."""
+        picked: dict[str, dict[str, list[tuple[float, float, bool]]]] = {}
+        for t, route, ms, ok in self.samples:
+            if route.startswith(SLOW_PREFIX):
+                continue
+            top = picked.setdefault(phase_at(t, timeline, has_event, self.event_end_s), {}).setdefault(route, [])
+            top.append((ms, t, ok))
+            if len(top) > 4 * per_route:          # keep it bounded over a long run
+                top.sort(reverse=True)
+                del top[per_route:]
+        out: dict[str, list[dict[str, Any]]] = {}
+        for phase in PHASES:
+            rows = [{"t": round(t, 3), "route": route, "ms": round(ms, 2), "ok": ok}
+                    for route, top in sorted(picked.get(phase, {}).items())
+                    for ms, t, ok in sorted(top, reverse=True)[:per_route]]
+            if rows:
+                out[phase] = sorted(rows, key=lambda r: -r["ms"])
+        return out
+
     def timeseries(self, bucket_s: float = 1.0) -> list[dict[str, Any]]:
         """Per ``bucket_s``: requests, errors, p50 and p95 of the judged requests (for the plot)."""
         buckets: dict[int, Stats] = {}

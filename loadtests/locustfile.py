@@ -267,6 +267,7 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
         "rows": [r.to_api() for r in rows],
         "phases": {p: {route: st.summary() for route, st in routes.items()} for p, routes in phases.items() if routes},
         "timeseries": run.recording.timeseries(),
+        "slowest": run.recording.slowest(t, run.scenario.has_event),
         "slo": run.slo.to_dict(),
         # Locust's own counters, for comparison (its percentiles are rounded; the gate's are not)
         "locust": {"requests": total.num_requests, "failures": total.num_failures,

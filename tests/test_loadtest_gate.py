@@ -108,6 +108,29 @@ def test_requests_fall_into_phases_by_time_and_the_event_phase_lasts_at_least_ev
     assert phase_at(39.0, TIMELINE, False, None) == "steady"          # no event: steady to the end
 
 
+def test_the_summary_names_each_routes_slowest_requests_per_phase_with_when_they_came() -> None:
+    """A route with ~50 requests in the event has its 3rd-slowest as its p95: the summary
+    says which requests those were and when (the second of a stall)."""
+    rec = Recording()
+    rng = random.Random(7)
+    for i in range(400):                           # steady 5-15 s, event 15-20 s
+        t = 5.0 + i * 0.0375
+        rec.add(t, "GET /manifest", 10.0 + rng.random(), True)
+        rec.add(t, "GET /items", 12.0 + rng.random(), True)
+    for t, ms in ((16.2, 90.0), (16.25, 70.0), (18.0, 40.0)):
+        rec.add(t, "GET /manifest", ms, True)
+    rec.add(17.0, "GET /items", 55.0, False)
+    rec.add(17.5, SLOW_PREFIX + "GET /items", 900.0, True)   # the slow shard's own: not judged, not listed
+    rec.event_start_s, rec.event_end_s = 15.0, 20.0
+    slow = rec.slowest(TIMELINE, has_event=True, per_route=2)
+    assert [(r["route"], r["t"], r["ms"], r["ok"]) for r in slow["event"]] == [
+        ("GET /manifest", 16.2, 90.0, True), ("GET /manifest", 16.25, 70.0, True), ("GET /items", 17.0, 55.0, False)
+    ] + [(r["route"], r["t"], r["ms"], r["ok"]) for r in slow["event"][3:]]
+    assert len(slow["event"]) == 4 and {r["route"] for r in slow["event"]} == {"GET /manifest", "GET /items"}
+    assert all(r["ms"] < 14 for r in slow["steady"]) and len(slow["steady"]) == 4
+    assert "warmup" not in slow and "after" not in slow
+
+
 def test_the_slow_shards_own_requests_are_shown_but_not_judged() -> None:
     phases = {"event": {SLOW_PREFIX + "GET /items": stats([5000.0] * 50, errors=50)}}
     rows = judge(phases, slo(limits={"p95_ms": 10, "error_ratio": 0}))
