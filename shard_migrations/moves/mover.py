@@ -390,8 +390,8 @@ class Mover:
             await self._verify(info, ends, ts)
             await self._cutover(info, ends, ts)
         await self._cleanup(info, ends)
-        await self._set_phase(info, "done")
-        await self._finish_run(info, "done")
+        info.phase = "done"
+        await self._record(info, "done", finished="done")
         self.progress("done", info.detail)
         return info
 
@@ -938,12 +938,17 @@ class Mover:
             # fence back and a resume starts over, so the record loses nothing
             self.progress(phase, info.detail)
             return
-        await self.control.execute(
-            "UPDATE tenant_moves SET phase = $2, detail = $3::jsonb, updated_at = now() WHERE run_id = $1",
-            info.run_id, phase, info.detail)
-        await self.control.execute("UPDATE fleet_runs SET heartbeat_at = now(), summary = $2::jsonb, "
-                                   "updated_at = now() WHERE run_id = $1", info.run_id, info.to_api())
+        await self._record(info, phase)
         self.progress(phase, info.detail)
+
+    async def _record(self, info: MoveInfo, phase: str, finished: str | None = None) -> None:
+        """The move's phase and detail and its run's summary (and, with ``finished``, the
+        run's final state) in one statement: one control-plane round trip, both or neither."""
+        await self.control.execute(
+            "WITH m AS (UPDATE tenant_moves SET phase = $2, detail = $3::jsonb, updated_at = now() WHERE run_id = $1) "
+            "UPDATE fleet_runs SET heartbeat_at = now(), summary = $4::jsonb, updated_at = now(), "
+            "state = coalesce($5, state), finished_at = CASE WHEN $5::text IS NULL THEN finished_at ELSE now() END "
+            "WHERE run_id = $1", info.run_id, phase, info.detail, info.to_api(), finished)
 
     async def _finish_run(self, info: MoveInfo, state: str) -> None:
         await self.control.execute("UPDATE fleet_runs SET state = $2, summary = $3::jsonb, finished_at = now(), "
