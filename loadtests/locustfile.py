@@ -264,6 +264,7 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                      "endS": run.now_s()},
         "event": run.event or None, "aborted": run.aborted, "writePause": pause,
         "sloThrottle": run.plan.get("sloThrottle"), "throttle": _throttle_record(run),
+        "operationCpu": _operation_record(run, "cpuPriority"),
         "rows": [r.to_api() for r in rows],
         "phases": {p: {route: st.summary() for route, st in routes.items()} for p, routes in phases.items() if routes},
         "timeseries": run.recording.timeseries(),
@@ -278,11 +279,17 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
 
 def _throttle_record(run: Run) -> dict[str, Any] | None:
     """What the fleet operation's SLO throttle did (its JSON output's ``sloThrottle``)."""
+    return _operation_record(run, "sloThrottle")
+
+
+def _operation_record(run: Run, key: str) -> dict[str, Any] | None:
+    """An object from the fleet operation's JSON output (``sloThrottle``; ``cpuPriority``: a
+    drain's moves yielding the CPU or not, and the load average that decided it)."""
     try:
         doc = json.loads(run.event_output) if run.event_output else {}
     except ValueError:
         return None
-    out = doc.get("sloThrottle") if isinstance(doc, dict) else None
+    out = doc.get(key) if isinstance(doc, dict) else None
     return out if isinstance(out, dict) else None
 
 

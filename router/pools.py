@@ -125,6 +125,7 @@ class ShardPools:
         self._settings = settings
         self._nice = settings.operation_nice if background else 0
         self._idle = settings.operation_idle
+        self.note: dict[str, Any] = {}   # what the owner wants said about the pools (e.g. why they yield or not)
         self._dsn_lookup = dsn_lookup
         self._role = role
         self._min_size = settings.shard_pool_min if min_size is None else min_size
@@ -132,6 +133,11 @@ class ShardPools:
         self._pool_kwargs = pool_kwargs
         self._pools: dict[str, asyncpg.Pool] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def yields(self) -> bool:
+        """Whether the pools' backends run at the operations' lower priority."""
+        return self._nice > 0
 
     async def __aenter__(self) -> "ShardPools":
         return self

@@ -139,3 +139,13 @@ async def test_the_movers_pools_keep_normal_priority_when_moves_may_not_yield(fl
             pid, _ = await _backend(conn)
             assert os.getpriority(os.PRIO_PROCESS, pid) == 0
             assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        # what a drain's report says (cpuPriority): not yielding, and why
+        assert pools.note["yielding"] is False and pools.note["moveIdle"] is False and pools.note["cpus"] >= 1
+    # asked to yield: it does exactly when the load average it read was below the CPU count
+    async with mover_pools(fleet.directory, fleet.settings.model_copy(update={"move_idle": True,
+                                                                              "operation_nice": 7})) as pools:
+        note = pools.note
+        assert note["yielding"] is (note["load1"] < note["cpus"]) and pools.yields is note["yielding"]
+        async with (await pools.get("shard1")).acquire() as conn:
+            pid, _ = await _backend(conn)
+            assert (os.getpriority(os.PRIO_PROCESS, pid) == 7) is note["yielding"]

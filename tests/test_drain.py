@@ -101,6 +101,9 @@ async def test_drain_of_a_shard_with_300_tenants_under_load_loses_nothing(fresh_
         assert (await fleet.directory.get_shard("shard1")).state == "draining"
         data = report.to_api()
         assert data["done"] == DRAIN_TENANTS and data["failed"] == 0, data
+        cpu = data["cpuPriority"]   # whether the moves yielded the CPU, and the load that decided it
+        assert set(cpu) == {"yielding", "load1", "cpus", "moveIdle"} and cpu["yielding"] is (
+            fleet.settings.move_idle and fleet.settings.operation_nice > 0 and cpu["load1"] < cpu["cpus"])
         assert {o.move.target for o in report.outcomes} == {"shard2", "shard3"}
         # the limits held: never more moves at once on a shard than allowed; one progress row
         assert 1 <= batches[0].peak_in_flight <= fleet.settings.moves_per_shard

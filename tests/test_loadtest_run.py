@@ -306,6 +306,10 @@ async def test_move_drains_a_shard_under_load_and_judges_the_pinned_tenants_writ
         assert "write pause of 2 pinned tenants" in stdout and "pinned writes" in stdout
         # the drain ran with the SLO throttle (on by default) and said what it did
         assert summary["sloThrottle"] is True and "decreases" in summary["throttle"], summary["throttle"]
+        # and whether its moves yielded the CPU, with the load average that decided it
+        cpu = summary["operationCpu"]
+        assert isinstance(cpu["yielding"], bool) and cpu["cpus"] >= 1 and cpu["load1"] >= 0, cpu
+        assert summary["slowest"]["event"] and all(r["ms"] > 0 for r in summary["slowest"]["event"])
 
         # a limit no pause can meet fails the gate (exit 3) on that row; nothing left to drain is refused
         strict = tmp_path / "strict.toml"

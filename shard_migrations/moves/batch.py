@@ -109,6 +109,7 @@ class MoveBatch:
         self._pools: ShardPools | None = None
         self.peak_in_flight = 0          # the most moves seen at once on one shard
         self.throttle: SloThrottle | None = None
+        self.cpu: dict[str, Any] | None = None   # whether the moves yielded the CPU, and why (mover_pools)
         self._started = time.monotonic()
 
     def mode_for(self, move: PlannedMove) -> str:
@@ -139,6 +140,7 @@ class MoveBatch:
                             shards={sid for o, _ in todo for sid in (o.move.source, o.move.target)},
                             limiter_for=self.limiter) as throttle:
             self._pools = pools
+            self.cpu = dict(pools.note)
             self.throttle = throttle
             try:
                 await asyncio.gather(*(self._one(o, info) for o, info in todo), return_exceptions=True)
@@ -277,6 +279,7 @@ class BatchReport:
     remaining: int = 0             # drain: tenants still on the shard afterwards
     seconds: float = 0.0
     throttle: dict[str, Any] | None = None   # what the SLO throttle did (None: it was off)
+    cpu: dict[str, Any] | None = None        # whether the moves' backends yielded the CPU, at which load
 
     def to_api(self) -> dict[str, Any]:
         done = sum(o.state == "done" for o in self.outcomes)
@@ -285,7 +288,8 @@ class BatchReport:
                 "failed": len(failed), "remaining": self.remaining, "seconds": round(self.seconds, 2),
                 "movesPerSecond": round(done / self.seconds, 2) if self.seconds > 0 else None,
                 "shards": [_load_api(self.before[s], self.after.get(s)) for s in sorted(self.before)],
-                "moves": [o.to_api() for o in self.outcomes], "sloThrottle": self.throttle}
+                "moves": [o.to_api() for o in self.outcomes], "sloThrottle": self.throttle,
+                "cpuPriority": self.cpu}
 
 
 
@@ -415,4 +419,4 @@ async def _run_batch(directory: Directory, settings: Settings, kind: str, params
         outcomes = await batch.run(plan, resume)
     after_loads, _ = await fleet_loads(directory, settings)
     return BatchReport(kind, run_id, plan, outcomes, before, after_loads, seconds=time.monotonic() - started,
-                       throttle=throttle_api(batch.throttle))
+                       throttle=throttle_api(batch.throttle), cpu=batch.cpu)

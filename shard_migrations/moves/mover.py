@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -118,9 +119,15 @@ def mover_pools(directory: Directory, settings: Settings) -> ShardPools:
     backends yield the CPU (router.background) when `moves_yield` says so."""
     from router.background import moves_yield
 
-    return ShardPools(settings, directory.dsn_of, min_size=0, max_size=4 * settings.moves_per_shard + 2,
-                      server_settings=SESSION_SETTINGS,
-                      background=moves_yield(settings.move_idle, settings.operation_nice))
+    try:
+        load: float | None = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - no load average
+        load = None
+    yields = load is not None and moves_yield(settings.move_idle, settings.operation_nice, load=load)
+    pools = ShardPools(settings, directory.dsn_of, min_size=0, max_size=4 * settings.moves_per_shard + 2,
+                       server_settings=SESSION_SETTINGS, background=yields)
+    pools.note = {"yielding": pools.yields, "load1": load, "cpus": os.cpu_count(), "moveIdle": settings.move_idle}
+    return pools
 
 
 class FenceBusy(MoveFailed):
