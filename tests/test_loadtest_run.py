@@ -255,8 +255,10 @@ async def test_shard_slow_judges_only_the_other_shards_and_fails_them_with_exit_
         out = tmp_path / "slow"
         rc, stdout, err = await loadtest(fleet, "shard-slow", "--targets", str(shared_targets), "--url", host.url,
                                          "--out", str(out), "--slo",
-                                         str(slo), "--users", "4", "--duration", "8", "--warmup", "1", "--steady",
+                                         str(slo), "--users", "20", "--duration", "8", "--warmup", "1", "--steady",
                                          "2", "--event-seconds", "3", "--zipf", "0")
+        # (each user works for one tenant picked at random: with 4 users, one run in five had
+        # none on the slow shard; with 20, (2/3)**20 = 0.03%)
         assert rc == 3, stdout + err
         summary = report_files(out)
         assert summary["verdict"] == "fail" and "shard-slow: FAIL" in stdout
