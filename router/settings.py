@@ -91,6 +91,9 @@ class Settings(BaseModel):
     # at this many operations per second, doubling every second the p95 stays low, unpaced
     # past 32x; 0 starts at full speed (the throttle then acts from its first reading on)
     slo_throttle_start_rate: float = Field(10.0, ge=0, le=10000)
+    # the same for drains and rebalances: a move costs ~10x a tenant's migration in CPU
+    # (~60 ms over the servers and the mover against ~5), so its start is 10x slower
+    slo_throttle_move_start_rate: float = Field(1.0, ge=0, le=10000)
     # the CPU priority (Unix nice, 0-19; 0: unchanged) of migrations: the CLI process running
     # one and its PostgreSQL backends when they run on this machine (router/background.py),
     # so the request path gets the CPU first (moves keep theirs: their cutover holds writes)

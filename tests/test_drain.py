@@ -8,10 +8,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from router.errors import NoShardAvailable, ShardNotFound
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from router.client import redis_address
+from router.errors import NoShardAvailable, ShardNotFound
+from router.shard_latency import publish_latency
 from shard_migrations.moves.batch import MoveBatch, MoveMetrics, drain, rebalance
 from tests.conftest import FleetFactory
 from tests.fleetkit import Fleet
@@ -136,9 +138,27 @@ async def test_rebalance_plans_then_applies_the_fewest_moves(fresh_fleet: FleetF
         assert len(plan.planned) == 6 and all(m.source == "shard1" for m in plan.planned)
         registry = CollectorRegistry()
         mode = "online" if await _online_capable(fleet) else "offline"  # an external PG may lack logical WAL
-        done = await rebalance(fleet.directory, fleet.settings, tolerance=0.1, apply=True, mode=mode,
-                               metrics=MoveMetrics(registry))
+        # the shards serve requests (a host publishes a low p95 for each): the moves slow-start at
+        # the moves' own rate (1/s: a move costs ~10x a tenant's migration), not the migrations' 10/s
+        redis = aioredis.Redis(**redis_address(fleet.settings.redis_url))
+
+        async def serving() -> None:
+            while True:
+                await publish_latency(redis, fleet.settings.redis_namespace, "host-t",
+                                      {s: (10.0, 500) for s in before}, {s: 10.0 for s in before})
+                await asyncio.sleep(0.5)
+        publisher = asyncio.create_task(serving())
+        try:
+            await asyncio.sleep(0.1)
+            done = await rebalance(fleet.directory, fleet.settings, tolerance=0.1, apply=True, mode=mode,
+                                   metrics=MoveMetrics(registry))
+        finally:
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await redis.aclose()
         assert done.to_api()["done"] == 6
+        rates = [c["rate"] for c in done.throttle["changes"] if c["shardId"] == "shard1"]
+        assert fleet.settings.slo_throttle_move_start_rate == 1.0 and rates[:2] == [1.0, 2.0], done.throttle
         moved = sum(registry.get_sample_value("tenantfleet_moves_total", {"source": "shard1", "target": t,
                                                                            "outcome": "done"}) or 0
                     for t in ("shard2", "shard3"))

@@ -135,7 +135,9 @@ class MoveBatch:
             todo.append((MoveOutcome(m), None))
         self.outcomes.extend(o for o, _ in todo)
         async with mover_pools(self.directory, self.settings) as pools, \
-                SloThrottle(self.settings, lambda: list(self.limiters.values()),
+                SloThrottle(self.settings.model_copy(
+                                update={"slo_throttle_start_rate": self.settings.slo_throttle_move_start_rate}),
+                            lambda: list(self.limiters.values()),
                             registry=self.metrics.registry if self.metrics else None,
                             shards={sid for o, _ in todo for sid in (o.move.source, o.move.target)},
                             limiter_for=self.limiter) as throttle:
