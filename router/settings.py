@@ -96,7 +96,7 @@ class Settings(BaseModel):
     slo_throttle_move_start_rate: float = Field(1.0, ge=0, le=10000)
     # the CPU priority (Unix nice, 0-19; 0: unchanged) of migrations: the CLI process running
     # one and its PostgreSQL backends when they run on this machine (router/background.py),
-    # so the request path gets the CPU first (moves keep theirs: their cutover holds writes)
+    # so the request path gets the CPU first (moves only as `move_idle` below says)
     operation_nice: int = Field(10, ge=0, le=19)
     # and, on Linux, the SCHED_IDLE policy for the same processes: they run only on a CPU
     # nothing else wants and are preempted at once by any other task (a nice value alone

@@ -5,7 +5,7 @@ with fine logarithmic buckets, a rolling window of ``WINDOW_S``; one `observe` i
 `bisect` and an addition) and publish each shard's rolling p95 about once a second
 (`publish_latency`) into one Redis hash per shard, a field per host, with a short TTL:
 a host that stops publishing drops out within ``TTL_S``. The fleet migrator and the
-mover read the hash (`read_shard_p95`, `read_shard_figures`) and slow down on a shard
+mover read the hash (`read_shard_figures`) and slow down on a shard
 whose p95 nears its limit (`shard_migrations.slo_throttle`). Here, in the base package,
 because both the host (writer) and the migrator (reader) use the same names and format.
 
@@ -128,12 +128,6 @@ async def publish_latency(redis: Any, namespace: str, host_id: str, figures: Map
         await pipe.execute()
 
 
-async def read_shard_p95(redis: Any, namespace: str, shard_ids: list[str]) -> dict[str, float]:
-    """The highest fresh p95 any host published for each shard (shards with none are left
-    out; a figure that is not a positive number is none); raises Redis's errors."""
-    return {sid: p95 for sid, (p95, _recent) in (await read_shard_figures(redis, namespace, shard_ids)).items()}
-
-
 async def read_shard_figures(redis: Any, namespace: str, shard_ids: list[str]) -> dict[str, tuple[float, float]]:
     """``{shard: (p95, recent p95)}``: the highest fresh figures any host published for
     each shard (a host that published no recent figure counts with its p95); shards with
@@ -148,8 +142,7 @@ async def read_shard_figures(redis: Any, namespace: str, shard_ids: list[str]) -
     now = time.time()
     out: dict[str, tuple[float, float]] = {}
     for shard_id, fields in zip(shard_ids, hashes):
-        best: float | None = None
-        best_recent: float | None = None
+        best: tuple[float, float] | None = None
         for raw in (fields or {}).values():
             try:
                 doc = orjson.loads(raw)
@@ -162,8 +155,7 @@ async def read_shard_figures(redis: Any, namespace: str, shard_ids: list[str]) -
             if not 0 < recent < math.inf:
                 recent = p95
             if now - at <= FRESH_S:
-                best = p95 if best is None else max(best, p95)
-                best_recent = recent if best_recent is None else max(best_recent, recent)
-        if best is not None and best_recent is not None:
-            out[shard_id] = (best, best_recent)
+                best = (p95, recent) if best is None else (max(best[0], p95), max(best[1], recent))
+        if best is not None:
+            out[shard_id] = best
     return out

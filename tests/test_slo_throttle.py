@@ -20,7 +20,7 @@ from host.fleet.embedded import free_port
 from host.loadprep import hold_shard, prepare_load_tenants
 from router.client import redis_address
 from router.shard_latency import (
-    LOOP, RECENT_S, ShardLatency, host_figures, publish_latency, read_shard_figures, read_shard_p95, watch_loop_lag,
+    LOOP, RECENT_S, ShardLatency, host_figures, publish_latency, read_shard_figures, watch_loop_lag,
 )
 from shard_migrations.limiter import ShardLimiter
 from shard_migrations.slo_throttle import SloThrottle, file_limits, throttle_api
@@ -57,7 +57,7 @@ async def test_the_throttle_halves_a_slow_shard_down_to_a_pause_and_raises_it_ag
         hold: asyncio.Task[Any] | None = None
         try:
             async def published() -> bool:
-                return slow in await read_shard_p95(redis, s.redis_namespace, [slow])
+                return slow in await read_shard_figures(redis, s.redis_namespace, [slow])
             await wait_for(published, what="the host publishing the shard's p95")
             # a quick shard: nothing throttled
             await throttle.tick()
@@ -362,7 +362,8 @@ async def test_a_published_p95_of_zero_or_below_is_no_figure_so_it_cannot_become
     try:
         await publish_latency(redis, s.redis_namespace, "host-a", {"shard1": (0.0, 500), "shard2": (-3.0, 500),
                                                                     "shard3": (12.0, 500)})
-        assert await read_shard_p95(redis, s.redis_namespace, ["shard1", "shard2", "shard3"]) == {"shard3": 12.0}
+        assert await read_shard_figures(redis, s.redis_namespace, ["shard1", "shard2", "shard3"]) == {
+            "shard3": (12.0, 12.0)}
         lims = {sid: ShardLimiter(sid, s, concurrency=2) for sid in ("shard1", "shard3")}
         throttle = SloThrottle(s, lambda: list(lims.values()), redis=redis)
         await throttle.tick()
