@@ -33,7 +33,7 @@ from host.middleware import envelope_middleware
 from host.openapi import openapi_view
 from host.runner import RUNNER, Runner
 from host.runtime import RUNTIME, HostRuntime, open_host_runtime
-from router.http import BODY_TIMEOUT, EdgeRunner, http_settings, json_response
+from router.http import BODY_TIMEOUT, EdgeRunner, freeze_startup_heap, http_settings, json_response
 from router.models import ShardRecord
 from router.settings import Settings
 from shard_migrations.packages import Discovery, discover
@@ -167,6 +167,7 @@ async def serve(settings: Settings, *, port: int | None = None, host: str | None
     """
     async with serving(settings, host=host, port=port, discovery=discovery) as (_, url):
         log.info("host listening on %s", url)
+        freeze_startup_heap()
         if ready is not None:
             await ready(url)
         await (stop or asyncio.Event()).wait()

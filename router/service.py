@@ -20,8 +20,8 @@ from router.client import ResolveClient
 from router.directory import normalise_query
 from router.errors import ValidationFailed
 from router.http import (
-    BODY_TIMEOUT, EdgeRunner, Handler, envelope_middleware, http_settings, int_param, json_response, parse_body,
-    read_json_object, require_service_key,
+    BODY_TIMEOUT, EdgeRunner, Handler, envelope_middleware, freeze_startup_heap, http_settings, int_param,
+    json_response, parse_body, read_json_object, require_service_key,
 )
 from router.keys import TENANT_STATES
 from router.models import NewShard, NewTenant, TenantRecord, check_shard_id, parse_tenant_id
@@ -238,6 +238,7 @@ async def serve(settings: Settings, *, port: int | None = None,
     async with AsyncExitStack() as stack:
         app = await open_service(settings, stack)
         bound = await listen(app, stack, settings.bind_host, settings.router_port if port is None else port)
+        freeze_startup_heap()
         if ready is not None:
             await ready(bound)
         await (stop or asyncio.Event()).wait()
