@@ -25,6 +25,7 @@ import asyncpg
 from aiohttp import web
 
 from host.keys import AUTH_CACHE_TTL_S, REQ_CALLER, REQ_TENANT
+from host.refresh import RefreshAhead
 from host.tenancy import Resolver, request_tenant
 from router.errors import Forbidden, NotFound, TenantNotFound, Unauthorized, ValidationFailed
 from router.http import bearer, key_matches
@@ -85,6 +86,8 @@ class Authenticator:
         # Bumped by `clear`: a read that was in flight when a change was announced may have
         # seen the old row, so its result is returned but not cached.
         self._generation = 0
+        # Entries in use are re-read before they expire, off the request path (host.refresh).
+        self.refresh = RefreshAhead("principals")
 
     def clear(self) -> None:
         self._generation += 1
@@ -104,7 +107,15 @@ class Authenticator:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
+            if self.refresh.due(hit[1], now, AUTH_CACHE_TTL_S):
+                self.refresh.start(digest, functools.partial(self._read, digest))
             return hit
+        return await self._read(digest)
+
+    async def _read(self, digest: str, header: str | None = None) -> tuple[Principal | None, float]:
+        """Read the key's principal and cache it (also under ``header``, the Authorization
+        header it came in, when given), unless the caches were cleared meanwhile."""
+        now = time.monotonic()
         generation = self._generation
         row = await self._control.fetchrow(_PRINCIPAL_SQL, digest)
         p = None if row is None else _principal(row)
@@ -113,6 +124,11 @@ class Authenticator:
         if len(self._cache) > 100_000:
             self._cache.clear()  # bounded: unknown keys sprayed at us can't grow it forever
         entry = self._cache[digest] = (p, now + AUTH_CACHE_TTL_S)
+        if header is not None:
+            if p is None:
+                self._by_header.pop(header, None)
+            elif header in self._by_header:
+                self._by_header[header] = (p, entry[1])
         return entry
 
     async def by_id(self, principal_id: str) -> Principal | None:
@@ -128,8 +144,12 @@ class Authenticator:
         a key learns nothing about which tenants exist or what state they are in."""
         header = request.headers.get("Authorization")
         hit = None if header is None else self._by_header.get(header)
-        if hit is not None and hit[1] > time.monotonic():
-            return hit[0]
+        if hit is not None:
+            now = time.monotonic()
+            if hit[1] > now:
+                if header is not None and self.refresh.due(hit[1], now, AUTH_CACHE_TTL_S):
+                    self._refresh_header(header, hit[1], now)
+                return hit[0]
         found, expires = await self._entry(bearer(request))
         if found is None:
             raise Unauthorized("unknown API key")
@@ -138,6 +158,16 @@ class Authenticator:
                 self._by_header.clear()
             self._by_header[header] = (found, expires)
         return found
+
+    def _refresh_header(self, header: str, expires: float, now: float) -> None:
+        """A `_by_header` entry is due: copy a fresher `_cache` entry of its key, or re-read it."""
+        digest = hash_key(header.strip().partition(" ")[2].strip())  # as `bearer` parsed it when it went in
+        fresher = self._cache.get(digest)
+        if fresher is not None and fresher[0] is not None and fresher[1] > expires \
+                and not self.refresh.due(fresher[1], now, AUTH_CACHE_TTL_S):
+            self._by_header[header] = (fresher[0], fresher[1])
+        else:
+            self.refresh.start(digest, functools.partial(self._read, digest, header))
 
     @staticmethod
     def check_tenant(p: Principal, tenant_id: str) -> None:

@@ -17,6 +17,7 @@ are suggestions: enabling or upgrading a plugin never changes a tenant's roles; 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import semver
 from redis.exceptions import RedisError
 
 from host.keys import ANNOUNCE_TIMEOUT_S, AUTH_CACHE_TTL_S, REGISTRY_CACHE_TTL_S
+from host.refresh import REFRESH_AFTER, RefreshAhead
 from router.errors import NotFound, PluginDisabled, ValidationFailed
 from router.models import TenantRecord
 from router.pools import ShardPools
@@ -38,6 +40,7 @@ from shard_migrations.packages import Discovery, PluginPackage
 log = logging.getLogger("tenantfleet.host.registry")
 
 Publish = Callable[[Mapping[str, Any]], Awaitable[None]]
+_DUE_S = REGISTRY_CACHE_TTL_S * (1 - REFRESH_AFTER)  # the gate's fast path leaves due copies to `tenant_plugin`
 MAX_CONFIG_BYTES = 65536
 
 
@@ -79,6 +82,8 @@ class Registry:
         self._generation = 0
         self._expiry_reload = asyncio.Lock()
         self._reloading = asyncio.Lock()
+        # Copies in use are re-read before they expire, off the request path (host.refresh).
+        self.refresh = RefreshAhead("registry")
         # Settings are frozen: parse TENANTFLEET_KILLED_PLUGINS once, not on every request.
         self._env_killed = settings.killed_plugin_set
 
@@ -148,10 +153,23 @@ class Registry:
             async with self._expiry_reload:
                 if time.monotonic() - self._loaded_at > REGISTRY_CACHE_TTL_S:
                     await self.reload()
-        key = (tenant_id, plugin_id)
-        hit = self._tenant.get(key)
+        hit = self._tenant.get((tenant_id, plugin_id))
         if hit is not None and hit[1] > now:
+            self._refresh_due(tenant_id, plugin_id, hit[1], now)
             return hit[0]
+        return await self._read_tenant(tenant_id, plugin_id)
+
+    def _refresh_due(self, tenant_id: str, plugin_id: str, expires: float, now: float) -> None:
+        """Start the background re-reads due: the global rows, the tenant's row (``expires``)."""
+        if self.refresh.due(self._loaded_at + REGISTRY_CACHE_TTL_S, now, REGISTRY_CACHE_TTL_S):
+            self.refresh.start("global", self.reload)
+        if self.refresh.due(expires, now, REGISTRY_CACHE_TTL_S):
+            self.refresh.start((tenant_id, plugin_id), functools.partial(self._read_tenant, tenant_id, plugin_id))
+
+    async def _read_tenant(self, tenant_id: str, plugin_id: str) -> TenantPlugin | None:
+        """Read a tenant's row for a plugin and cache it, unless an invalidation came meanwhile."""
+        now = time.monotonic()
+        key = (tenant_id, plugin_id)
         generation = self._generation
         row = await self.control.fetchrow(
             "SELECT enabled, version_installed, config FROM sys_tenant_plugins "
@@ -175,6 +193,8 @@ class Registry:
             if hit is not None and hit[1] > now and now - self._loaded_at <= REGISTRY_CACHE_TTL_S:
                 tp = hit[0]
                 if tp is not None and tp.enabled:
+                    if hit[1] - now < _DUE_S or now - self._loaded_at > REGISTRY_CACHE_TTL_S - _DUE_S:
+                        self._refresh_due(tenant_id, plugin_id, hit[1], now)
                     return tp
         details = {"pluginId": plugin_id, "tenantId": tenant_id}
         if self.is_killed(plugin_id):

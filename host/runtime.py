@@ -178,6 +178,8 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         registry = Registry(control, settings, discovery, owner_pools, publish)
         await registry.sync_packages(discovery.plugins)
         auth = Authenticator(control)
+        stack.push_async_callback(registry.refresh.close)  # re-reads in flight end before the pools close
+        stack.push_async_callback(auth.refresh.close)
         store = OutboxStore(owner_pools)  # the outbox is fleet.*: the shard owner's
 
         async def shard_of(tenant_id: str) -> str:
