@@ -166,3 +166,23 @@ async def test_one_reread_per_key_and_at_most_max_in_flight() -> None:
     refresh.start("closed", lambda: reread(-2))
     await asyncio.sleep(0)
     assert -2 not in ran
+
+
+class _CountingReads(Registry):
+    reads = 0
+
+    async def _read_tenant(self, tenant_id: str, plugin_id: str):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return await super()._read_tenant(tenant_id, plugin_id)
+
+
+async def test_a_tenants_plugin_rows_are_read_in_one_query(fleet: Fleet, host: Host) -> None:
+    rec, _ = await tenant_with_key(fleet, host)  # inventory enabled, restock not
+    registry = _CountingReads(fleet.control, fleet.settings, discover(), fleet.shard_pools)
+    try:
+        await registry.reload()
+        assert (await registry.gate("inventory", rec.tenant_id)).enabled
+        assert await registry.tenant_plugin(rec.tenant_id, "restock") is None  # the manifest's second plugin
+        assert registry.reads == 1
+    finally:
+        await registry.refresh.close()
