@@ -27,7 +27,7 @@ from host.console import console_app
 from host.context import PLUGIN_HOST, PluginHost
 from host.keys import APP_PATH, CONSOLE_PATH, DRAIN_TIMEOUT_S, READYZ_REDIS_TIMEOUT_S
 from host.loader import load_plugins, mount
-from host.manifest import manifest
+from host.manifest import manifest, whoami
 from host.metrics import METRICS, HostMetrics
 from host.middleware import envelope_middleware
 from host.openapi import openapi_view
@@ -76,6 +76,7 @@ def build_app(settings: Settings, *, discovery: Discovery | None = None,
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/openapi.json", openapi_view)
     app.router.add_get("/api/manifest", manifest)
+    app.router.add_get("/api/whoami", whoami)
     app.router.add_routes(admin.routes)
     app.router.add_routes(admin_runs.routes)
     app.router.add_routes(admin_uninstall.routes)

@@ -1,6 +1,7 @@
 """What a tenant's UI may show: `visible_plugins`, the one service function behind both
 ``/api/manifest`` (JSON, for the caller's key) and the app shell (``/app``, for the
-signed-in session's principal).
+signed-in session's principal). And ``/api/whoami``: who the caller's key is, checked
+like every tenant request and reading nothing more (no plugin registry, no shard).
 
 For a tenant and a principal: each plugin that is loaded, not killed and enabled for the
 tenant, with the routes, menu entries and widgets of its ``manifest.json`` whose
@@ -49,3 +50,15 @@ async def manifest(request: web.Request) -> web.Response:
     check_servable(rec)
     plugins = await visible_plugins(host, principal, rec.tenant_id)
     return json_response({"tenantId": rec.tenant_id, "code": rec.code, "plugins": plugins})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """``GET /api/whoami``: the caller's principal and tenant, for the tenant named by the request and the caller's key."""
+    host: PluginHost = request.app[PLUGIN_HOST]
+    rt = host.runtime
+    principal, rec = await rt.auth.for_named_tenant(rt.resolver, request)
+    check_servable(rec)
+    return json_response({"tenantId": rec.tenant_id, "code": rec.code,
+                          "principal": {"principalId": principal.principal_id, "name": principal.name,
+                                        "roles": list(principal.roles),
+                                        "permissions": sorted(principal.permissions)}})

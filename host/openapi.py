@@ -43,6 +43,8 @@ _WHY = {
     503: "SHARD_UNREACHABLE, TENANT_MOVING, TENANT_NOT_READY, FENCE_STALE, or not ready; see Retry-After",
 }
 _RID = REQUEST_ID_DOC
+# the host's own tenant-facing routes: a tenant's key and X-Tenant, like plugin routes, answered 200
+_TENANT_API = ("/api/manifest", "/api/whoami")
 # admin operations answered 202: a recorded run started (host.admin_runs)
 BODIES = {**ADMIN_BODIES, **UNINSTALL_BODIES}
 ASYNC_ADMIN = ("/admin/plugins/{plugin}/upgrade", "/admin/runs/{run}/resume", "/admin/plugins/{plugin}/uninstall")
@@ -73,13 +75,13 @@ def _kind(path: str) -> str:
     parts = path.strip("/").split("/")
     if parts[:2] == ["api", "plugins"] and len(parts) > 2 and not parts[2].startswith("{"):
         return "health" if path.endswith("/health") and len(parts) == 4 else "plugin"
-    if path == "/api/manifest":
+    if path in _TENANT_API:
         return "plugin"
     return "admin" if parts[0] == "admin" else "open"
 
 
 def _tag(path: str, kind: str) -> str:
-    if kind in ("plugin", "health") and path != "/api/manifest":
+    if kind in ("plugin", "health") and path not in _TENANT_API:
         return f"plugin:{path.strip('/').split('/')[2]}"
     return "admin" if kind == "admin" else "host"
 
@@ -130,7 +132,7 @@ def document(app: web.Application) -> dict[str, Any]:
         # a plugin's handler picks its own success status (inventory answers 201 on create)
         ok = ("201" if route.method == "POST" and path == "/admin/principals"
               else "202" if route.method == "POST" and path in ASYNC_ADMIN
-              else "2XX" if kind == "plugin" and path != "/api/manifest" else "200")
+              else "2XX" if kind == "plugin" and path not in _TENANT_API else "200")
         content = ({"text/plain": {"schema": {"type": "string"}}} if path == "/metrics"
                    else {"application/json": {"schema": {}}})
         op["responses"] = {ok: {"description": "OK", "headers": dict(_RID), "content": content},

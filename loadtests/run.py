@@ -3,7 +3,7 @@ process, judge, report. What ``tenantfleet loadtest run`` runs.
 
 Before any load is sent: the scenario must exist (and be available), the SLO file and the
 targets file must be valid, the URL must be loopback or given with ``--url``, answer
-``/healthz``, and know every tenant of the targets with its key (``/api/manifest``); for
+``/healthz``, and know every tenant of the targets with its key (``/api/whoami``); for
 ``upgrade`` the plugin must have something pending; for ``move`` the shard to drain must hold
 target tenants and another active shard must exist. Any failure is one line ``error:
 CODE: message`` and exit 2. Then Locust runs (``python -m locust -f loadtests/locustfile.py``,
@@ -180,7 +180,7 @@ def _get(url: str, headers: dict[str, str]) -> tuple[int, Any]:
 
 
 def check_fleet(targets: Targets) -> None:
-    """The URL answers ``/healthz``; every target tenant's key is accepted for it (``/api/manifest``)."""
+    """The URL answers ``/healthz``; every target tenant's key is accepted for it (``/api/whoami``)."""
     try:
         status, _ = _get(f"{targets.url}/healthz", {})
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
@@ -189,9 +189,13 @@ def check_fleet(targets: Targets) -> None:
     if status != 200:
         raise LoadtestError("UNREACHABLE", f"{targets.url}/healthz answered {status}, not 200; nothing was sent")
 
+    # /api/whoami checks the key and the tenant and reads nothing else: the manifest would
+    # also fill every target tenant's plugin-registry copy at once, which then expires (TTL
+    # 30 s) in one wave in the middle of the run, and the steady phase, all of it cached,
+    # would be a baseline no fleet has.
     def probe(t: Any) -> str | None:
         try:
-            status, body = _get(f"{targets.url}/api/manifest",
+            status, body = _get(f"{targets.url}/api/whoami",
                                 {"Authorization": f"Bearer {t.apiKey}", "X-Tenant": t.code})
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             return f"{t.code} ({getattr(exc, 'reason', exc)})"

@@ -150,6 +150,26 @@ async def test_manifest_lists_enabled_plugins_filtered_by_the_callers_permission
     assert [m["id"] for m in inv["menu"]] == ["inventory", "inventory-reconcile"]
 
 
+async def test_whoami_names_the_callers_principal_and_tenant_and_reads_no_registry(fleet: Fleet, host: Host) -> None:
+    rec, viewer = await tenant_with_key(fleet, host, roles=("INVENTORY_VIEWER",))
+    other, other_key = await tenant_with_key(fleet, host)
+    registry = host.app[RUNTIME].registry
+    registry._tenant.clear()
+    async with host.http.get("/api/whoami", headers=auth(viewer, rec.code)) as r:
+        assert r.status == 200
+        body = await r.json()
+    assert body["tenantId"] == rec.tenant_id and body["code"] == rec.code
+    assert body["principal"]["name"] == "tester" and body["principal"]["roles"] == ["INVENTORY_VIEWER"]
+    assert "inventory.view" in body["principal"]["permissions"]
+    assert not any(t == rec.tenant_id for t, _ in registry._tenant)  # the plugin registry was not read
+    async with host.http.get("/api/whoami", headers=auth(viewer, other.code)) as r:  # another tenant's name
+        assert r.status == 403 and (await r.json())["error"]["code"] == "FORBIDDEN"
+    async with host.http.get("/api/whoami", headers={"X-Tenant": rec.code}) as r:  # no key
+        assert r.status == 401 and (await r.json())["error"]["code"] == "UNAUTHORIZED"
+    async with host.http.get("/api/whoami", headers=auth("tfk_" + "x" * 43, rec.code)) as r:  # unknown key
+        assert r.status == 401
+
+
 async def test_metrics_label_requests_by_route_template_never_the_raw_path(fleet: Fleet, host: Host) -> None:
     rec, key = await tenant_with_key(fleet, host)
     async with host.http.post("/api/plugins/inventory/items", json={"sku": "M-1", "qty": 1},

@@ -228,6 +228,27 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
         assert rc == 2 and err.startswith("error: USAGE: ") and "nosuch" in err, err
 
 
+async def test_the_fleet_check_leaves_the_plugin_registry_to_the_run(fleet: Fleet, shared_targets: Path) -> None:
+    """The check before any load asks /api/whoami for every target tenant: it checks each key
+    and fills no tenant's plugin-registry copy (a manifest would, for all of them at once, to
+    expire in one wave 30 s later, in the middle of the run); a tenant it doesn't know fails it."""
+    from loadtests.targets import parse_targets
+    from tests.hostkit import runtime
+
+    async with running_host(host_settings(fleet)) as host:
+        doc = dict(json.loads(shared_targets.read_text()), url=host.url)
+        targets = parse_targets(doc, "targets")
+        registry = runtime(host).registry
+        registry._tenant.clear()
+        await asyncio.to_thread(runner.check_fleet, targets)
+        ids = {t.tenantId for t in targets.tenants}
+        assert not [k for k in registry._tenant if k[0] in ids]
+        doc["tenants"] = [dict(doc["tenants"][0], code="nosuchtenant")] + doc["tenants"][1:]
+        with pytest.raises(LoadtestError) as err:
+            await asyncio.to_thread(runner.check_fleet, parse_targets(doc, "targets"))
+        assert err.value.code == "VALIDATION_FAILED" and "nosuchtenant (403 FORBIDDEN)" in err.value.message
+
+
 async def test_a_breach_longer_than_the_abort_grace_stops_the_run_early_with_exit_4(
         fleet: Fleet, shared_targets: Path, tmp_path: Path) -> None:
     impossible = tmp_path / "abort.toml"
