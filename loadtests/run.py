@@ -34,6 +34,7 @@ from loadtests.targets import Targets, check_url, is_loopback, load_targets
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 MAX_DURATION_S = 3600
+MOVE_OPS = ("drain", "rebalance")
 PREFLIGHT_TIMEOUT_S = 5.0
 LOCUST_GRACE_S = 120       # Locust is killed if it outlives --duration by this much
 
@@ -57,6 +58,7 @@ class Options:
     event_s: float = 10.0
     event_timeout_s: float = 300.0
     move_shard: str | None = None
+    move_op: str = "drain"
     pinned: int = 5
     pinned_rate: float = 20.0
     slo_throttle: bool = True
@@ -96,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-shard", default=None, help="shard-slow: the shard to slow (default: the targets' last)")
     p.add_argument("--event-seconds", type=float, default=10.0, help="shard-slow: seconds the shard stays slow")
     p.add_argument("--move-shard", default=None, help="move: the shard to drain (default: the targets' last)")
+    p.add_argument("--move-op", choices=MOVE_OPS, default="drain",
+                   help="move: the fleet operation, `drain --move-shard` (default) or `rebalance --apply` (its "
+                        "moves are what `rebalance --plan` says as the run starts; pinned users write to those)")
     p.add_argument("--pinned", type=int, default=5,
-                   help="move: users pinned to the drained shard's tenants, one tenant each (default 5)")
+                   help="move: users pinned to tenants the operation moves, one tenant each (default 5)")
     p.add_argument("--pinned-rate", type=float, default=20.0,
                    help="move: writes per second of each pinned user (default 20)")
     p.add_argument("--no-slo-throttle", action="store_true",
@@ -139,6 +144,12 @@ def check_options(o: Options) -> None:
         raise _bad(f"--zipf must be between 0 and 10, not {o.zipf_s:g}", "USAGE")
     if not 0 <= o.event_timeout_s <= MAX_DURATION_S:
         raise _bad(f"--event-timeout must be between 0 and {MAX_DURATION_S}, not {o.event_timeout_s:g}", "USAGE")
+    if o.move_op not in MOVE_OPS:
+        raise _bad(f"--move-op must be one of {', '.join(MOVE_OPS)}, not {o.move_op!r}", "USAGE")
+    if o.move_op != "drain" and o.scenario != "move":
+        raise _bad("--move-op is for the move scenario", "USAGE")
+    if o.move_op == "rebalance" and o.move_shard is not None:
+        raise _bad("--move-shard names the shard a drain empties: a rebalance picks its own moves", "USAGE")
     if o.scenario == "move":
         if not 1 <= o.pinned < o.users:
             raise _bad(f"--pinned must be at least 1 and fewer than --users ({o.users}), not {o.pinned}", "USAGE")
@@ -218,7 +229,7 @@ def _cli(o: Options, *args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def event_command(o: Options, targets: Targets) -> list[str]:
+def event_command(o: Options, targets: Targets, planned: list[dict[str, Any]] | None = None) -> list[str]:
     """The CLI command the scenario runs under load, checked first (nothing pending is refused)."""
     if o.scenario == "upgrade":
         rc, out, err = _cli(o, "--json", "migrate", "plan", o.plugin)
@@ -239,6 +250,11 @@ def event_command(o: Options, targets: Targets) -> list[str]:
         if len(shards) < 2:
             raise _bad("shard-slow needs target tenants on at least two shards (the others are judged)")
         return [*o.cli, "--json", "loadtest", "slow-shard", slow, "--seconds", f"{o.event_s:g}"]
+    if o.scenario == "move" and o.move_op == "rebalance":
+        if not planned:
+            raise LoadtestError("NOTHING_PENDING", "the fleet is balanced: `rebalance --plan` has no move (set a new "
+                                                   "or drained shard active first)")
+        return [*o.cli, "--json", "rebalance", "--apply", *_throttle_flag(o)]
     if o.scenario == "move":
         shard = move_shard(o, targets)
         rc, out, err = _cli(o, "--json", "drain", shard, "--plan")
@@ -249,6 +265,15 @@ def event_command(o: Options, targets: Targets) -> list[str]:
             raise LoadtestError("NOTHING_PENDING", f"shard {shard} has no tenant to move off")
         return [*o.cli, "--json", "drain", shard, *_throttle_flag(o)]
     return []
+
+
+def rebalance_moves(o: Options) -> list[dict[str, Any]]:
+    """The moves ``rebalance --plan`` lists now (``--apply`` plans the same on the same fleet)."""
+    rc, out, err = _cli(o, "--json", "rebalance", "--plan")
+    if rc != 0:
+        raise LoadtestError("VALIDATION_FAILED", "`rebalance --plan` failed: "
+                                                 f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+    return list(json.loads(out).get("moves", []))
 
 
 def _throttle_flag(o: Options) -> list[str]:
@@ -263,9 +288,18 @@ def move_shard(o: Options, targets: Targets) -> str:
     return shard
 
 
-def pinned_tenants(o: Options, targets: Targets, shard: str) -> list[str]:
-    """The first ``--pinned`` target tenants on ``shard`` (the targets are in Zipf rank order:
-    the busiest first), one per pinned user."""
+def pinned_tenants(o: Options, targets: Targets, planned: list[dict[str, Any]] | None = None) -> list[str]:
+    """The first ``--pinned`` target tenants the operation moves (the targets are in Zipf
+    rank order: the busiest first), one per pinned user: a drain's are the tenants on its
+    shard, a rebalance's those in its plan (``planned``)."""
+    if o.move_op == "rebalance":
+        moving = {m["tenantId"] for m in planned or ()}
+        chosen = [t.code for t in targets.tenants if t.tenantId in moving][:o.pinned]
+        if not chosen:
+            raise _bad(f"`rebalance --plan` moves {len(moving)} tenant(s), none of them in the targets file: no pinned "
+                       "user could write to a moving tenant (prepare the targets again after the shards changed)")
+        return chosen
+    shard = move_shard(o, targets)
     return [t.code for t in targets.tenants if t.shardId == shard][:o.pinned]
 
 
@@ -287,9 +321,10 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     except OSError as exc:
         raise _bad(f"--out {o.out}: can't write there ({exc})") from None
     check_fleet(targets)
-    command = event_command(o, targets)
+    planned = rebalance_moves(o) if o.scenario == "move" and o.move_op == "rebalance" else None
+    command = event_command(o, targets, planned)
     slow = command[command.index("slow-shard") + 1] if o.scenario == "shard-slow" else None
-    pinned = pinned_tenants(o, targets, move_shard(o, targets)) if o.scenario == "move" else []
+    pinned = pinned_tenants(o, targets, planned) if o.scenario == "move" else []
     plan = {"scenario": o.scenario, "targets": targets.to_api(), "slo": slo.to_dict(), "timeline": tl,
             "users": o.users, "workers": o.workers or o.expect_workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
             "slowShard": slow, "pinned": pinned, "pinnedRate": o.pinned_rate,
@@ -359,7 +394,7 @@ def options_from(argv: Sequence[str] | None) -> Options:
     return Options(scenario=a.scenario, targets=a.targets, out=a.out, url=a.url, slo=a.slo, users=a.users,
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
-                   event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard,
+                   event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard, move_op=a.move_op,
                    pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle,
                    expect_workers=a.expect_workers, master_bind=a.master_bind, cli=cli, json=a.json)
 

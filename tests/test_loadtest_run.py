@@ -195,6 +195,7 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
         await refused("steady", *good, "--workers", "2", "--expect-workers", "2", code="USAGE",
                       named="exclude each other")
         await refused("move", *good, "--duration", "20", "--move-shard", "nosuch", code="VALIDATION_FAILED", named="--move-shard 'nosuch'")
+        await refused("steady", *good, "--move-op", "rebalance", code="USAGE", named="--move-op is for the move")
         bad_slo = tmp_path / "bad.toml"
         bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
         await refused("steady", *good, "--slo", str(bad_slo), code="VALIDATION_FAILED", named="limits.p95_ms")
@@ -341,3 +342,32 @@ async def test_move_drains_a_shard_under_load_and_judges_the_pinned_tenants_writ
                                          "--slo", str(strict), "--users", "3", "--pinned", "1", "--duration", "8",
                                          "--warmup", "1", "--steady", "2", "--move-shard", drained)
         assert rc == 2 and "NOTHING_PENDING" in err and f"shard {drained} has no tenant" in err, stdout + err
+
+        # the same scenario with a rebalance: the emptied shard back in service, its plan's
+        # tenants are moved under load and the pinned users write to those
+        rc, stdout, err = await run_cli(f, "shards", "set-state", drained, "active")
+        assert rc == 0, stdout + err
+        rc, stdout, err = await run_cli(f, "--json", "rebalance", "--plan")
+        assert rc == 0, stdout + err
+        planned = {m["tenantId"] for m in json.loads(stdout)["moves"]}
+        first = [t["code"] for t in doc["tenants"] if t["tenantId"] in planned][:1]
+        assert first, (planned, doc["tenants"])  # the plan moves some target tenant back
+        out = tmp_path / "rebalance"
+        rc, stdout, err = await loadtest(f, "move", "--move-op", "rebalance", "--targets", doc["path"],
+                                         "--out", str(out), "--slo", str(slo), "--users", "5", "--pinned", "1",
+                                         "--duration", "8", "--warmup", "1", "--steady", "2")
+        assert rc == 0, stdout + err
+        summary = report_files(out)
+        assert summary["event"]["exitCode"] == 0 and summary["event"]["command"][-2:] == ["rebalance", "--apply"]
+        assert list(summary["writePause"]["tenants"]) == first
+        assert summary["writePause"]["tenants"][first[0]]["moved"] is True
+        now_on = await f.control.fetchval("SELECT count(*) FROM tenants WHERE shard_id = $1", drained)
+        assert now_on == len(planned)
+        # balanced now: nothing to rebalance is refused before any load, as is a shard named for it
+        rc, stdout, err = await loadtest(f, "move", "--move-op", "rebalance", "--targets", doc["path"],
+                                         "--out", str(tmp_path / "balanced"), "--slo", str(slo), "--users", "3",
+                                         "--pinned", "1", "--duration", "8", "--warmup", "1", "--steady", "2")
+        assert rc == 2 and "NOTHING_PENDING" in err and "balanced" in err, stdout + err
+        rc, stdout, err = await loadtest(f, "move", "--move-op", "rebalance", "--move-shard", drained,
+                                         "--targets", doc["path"], "--duration", "8", "--warmup", "1")
+        assert rc == 2 and "USAGE" in err and "--move-shard" in err, stdout + err

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from host.keys import AUTH_CACHE_TTL_S, REGISTRY_CACHE_TTL_S
-from host.rbac import Authenticator, RbacService, hash_key
+from host.rbac import Authenticator, hash_key
 from host.refresh import MAX_IN_FLIGHT, RefreshAhead
 from host.registry import Registry
 from router.errors import PluginDisabled
 from shard_migrations.packages import discover
 from tests.fleetkit import Fleet
-from tests.hostkit import Host, auth, code, host_settings, running_host, runtime, tenant_with_key
+from tests.hostkit import Host, auth, host_settings, running_host, runtime, tenant_with_key
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -34,17 +35,29 @@ def _make_due(cache: dict, key: object) -> None:  # type: ignore[type-arg]
     cache[key] = (value, time.monotonic() + 1.0)
 
 
-async def test_a_due_principal_is_served_cached_and_reread_in_the_background(fleet: Fleet) -> None:
-    c = code()
-    rec = await fleet.directory.create_tenant(c, [f"{c}.example.com"])
-    rbac = RbacService(fleet.control)
-    await rbac.upsert_role(rec.tenant_id, "CLERK", "Clerk", ["inventory.view"], namespaces={"inventory"})
-    key = (await rbac.create_principal(tenant_id=rec.tenant_id, name="clerk", roles=["CLERK"]))["apiKey"]
+@asynccontextmanager
+async def _registry(fleet: Fleet, host: Host, cls: type[Registry] = Registry,
+                    control: Any = None) -> AsyncIterator[tuple[Any, Registry]]:
+    """A tenant with inventory enabled and a registry of its own that has gated it once."""
+    rec, _ = await tenant_with_key(fleet, host)
+    registry = cls(control or fleet.control, fleet.settings, discover(), fleet.shard_pools)
+    try:
+        await registry.reload()
+        assert (await registry.gate("inventory", rec.tenant_id)).enabled
+        yield rec, registry
+    finally:
+        await registry.refresh.close()
+
+
+async def test_a_due_principal_is_served_cached_and_reread_in_the_background(fleet: Fleet, host: Host) -> None:
+    rec, key = await tenant_with_key(fleet, host, roles=("INVENTORY_VIEWER",))
+    await fleet.control.execute("UPDATE roles SET permissions = '{inventory.view}' "
+                                "WHERE tenant_id = $1::uuid AND role_key = 'INVENTORY_VIEWER'", rec.tenant_id)
     authn = Authenticator(fleet.control)
     try:
         assert (await authn.principal(key)).permissions == {"inventory.view"}
         await fleet.control.execute("UPDATE roles SET permissions = '{inventory.manage}' "
-                                    "WHERE tenant_id = $1::uuid AND role_key = 'CLERK'", rec.tenant_id)
+                                    "WHERE tenant_id = $1::uuid AND role_key = 'INVENTORY_VIEWER'", rec.tenant_id)
         assert (await authn.principal(key)).permissions == {"inventory.view"}  # fresh: cached, no re-read
         assert authn.refresh.started == 0
         _make_due(authn._cache, hash_key(key))
@@ -76,11 +89,7 @@ async def test_a_key_revoked_in_sql_is_refused_after_the_background_reread(fleet
 
 
 async def test_a_due_tenant_plugin_row_is_reread_and_a_disable_in_sql_then_gates(fleet: Fleet, host: Host) -> None:
-    rec, _ = await tenant_with_key(fleet, host)
-    registry = Registry(fleet.control, fleet.settings, discover(), fleet.shard_pools)
-    try:
-        await registry.reload()
-        assert (await registry.gate("inventory", rec.tenant_id)).enabled
+    async with _registry(fleet, host) as (rec, registry):
         await fleet.control.execute("UPDATE sys_tenant_plugins SET enabled = false "
                                     "WHERE tenant_id = $1::uuid AND plugin_id = 'inventory'", rec.tenant_id)
         assert (await registry.gate("inventory", rec.tenant_id)).enabled and registry.refresh.started == 0
@@ -90,48 +99,30 @@ async def test_a_due_tenant_plugin_row_is_reread_and_a_disable_in_sql_then_gates
         await registry.refresh.wait()
         with pytest.raises(PluginDisabled):
             await registry.gate("inventory", rec.tenant_id)
-    finally:
-        await registry.refresh.close()
 
 
 async def test_the_global_rows_are_reloaded_ahead_of_their_expiry(fleet: Fleet, host: Host) -> None:
-    rec, _ = await tenant_with_key(fleet, host)
-    registry = Registry(fleet.control, fleet.settings, discover(), fleet.shard_pools)
-    try:
-        await registry.reload()
-        await registry.gate("inventory", rec.tenant_id)
+    async with _registry(fleet, host) as (rec, registry):
         registry._loaded_at = time.monotonic() - REGISTRY_CACHE_TTL_S + 1.0  # 1 s left
         loaded_at = registry._loaded_at
         assert (await registry.gate("inventory", rec.tenant_id)).enabled
         await registry.refresh.wait()
         assert registry._loaded_at > loaded_at + REGISTRY_CACHE_TTL_S - 2
-    finally:
-        await registry.refresh.close()
 
 
 async def test_a_reread_in_flight_during_an_invalidation_is_not_kept(fleet: Fleet, host: Host) -> None:
-    rec, _ = await tenant_with_key(fleet, host)
-    registry = Registry(fleet.control, fleet.settings, discover(), fleet.shard_pools)
-    try:
-        await registry.reload()
-        await registry.gate("inventory", rec.tenant_id)
+    async with _registry(fleet, host) as (rec, registry):
         _make_due(registry._tenant, (rec.tenant_id, "inventory"))
         await registry.gate("inventory", rec.tenant_id)  # starts the re-read
         await asyncio.sleep(0)  # it is now waiting on PostgreSQL
         await registry.invalidate()  # a change announced meanwhile: the re-read may have seen the old row
         await registry.refresh.wait()
         assert (rec.tenant_id, "inventory") not in registry._tenant
-    finally:
-        await registry.refresh.close()
 
 
 async def test_a_failing_reread_leaves_the_entry_to_expire_and_raises_nowhere(fleet: Fleet, host: Host) -> None:
-    rec, _ = await tenant_with_key(fleet, host)
     pool = await asyncpg.create_pool(fleet.settings.control_dsn, min_size=1, max_size=1)
-    registry = Registry(pool, fleet.settings, discover(), fleet.shard_pools)
-    try:
-        await registry.reload()
-        await registry.gate("inventory", rec.tenant_id)
+    async with _registry(fleet, host, control=pool) as (rec, registry):
         _make_due(registry._tenant, (rec.tenant_id, "inventory"))
         (_, expires) = registry._tenant[(rec.tenant_id, "inventory")]
         await pool.close()  # the control plane is away for the re-read
@@ -139,8 +130,6 @@ async def test_a_failing_reread_leaves_the_entry_to_expire_and_raises_nowhere(fl
         await registry.refresh.wait()
         assert registry.refresh.started == 1
         assert registry._tenant[(rec.tenant_id, "inventory")][1] == expires  # left to expire at its TTL
-    finally:
-        await registry.refresh.close()
 
 
 async def test_one_reread_per_key_and_at_most_max_in_flight() -> None:
@@ -177,12 +166,6 @@ class _CountingReads(Registry):
 
 
 async def test_a_tenants_plugin_rows_are_read_in_one_query(fleet: Fleet, host: Host) -> None:
-    rec, _ = await tenant_with_key(fleet, host)  # inventory enabled, restock not
-    registry = _CountingReads(fleet.control, fleet.settings, discover(), fleet.shard_pools)
-    try:
-        await registry.reload()
-        assert (await registry.gate("inventory", rec.tenant_id)).enabled
+    async with _registry(fleet, host, _CountingReads) as (rec, registry):  # inventory enabled, restock not
         assert await registry.tenant_plugin(rec.tenant_id, "restock") is None  # the manifest's second plugin
-        assert registry.reads == 1
-    finally:
-        await registry.refresh.close()
+        assert isinstance(registry, _CountingReads) and registry.reads == 1
