@@ -75,7 +75,7 @@ def new_key() -> str:
 class Authenticator:
     """Key → principal, with a short per-host cache."""
 
-    def __init__(self, control: asyncpg.Pool) -> None:
+    def __init__(self, control: asyncpg.Pool, refresh: RefreshAhead | None = None) -> None:
         self._control = control
         self._cache: dict[str, tuple[Principal | None, float]] = {}
         # The request path's first look: raw Authorization header → principal, sparing the
@@ -87,7 +87,7 @@ class Authenticator:
         # seen the old row, so its result is returned but not cached.
         self._generation = 0
         # Entries in use are re-read before they expire, off the request path (host.refresh).
-        self.refresh = RefreshAhead("principals")
+        self.refresh = refresh or RefreshAhead("principals")
 
     def clear(self) -> None:
         self._generation += 1
@@ -108,7 +108,7 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             if self.refresh.due(hit[1], now, AUTH_CACHE_TTL_S):
-                self.refresh.start(digest, functools.partial(self._read, digest))
+                self.refresh.start(("principal", digest), functools.partial(self._read, digest))
             return hit
         return await self._read(digest)
 
@@ -167,7 +167,7 @@ class Authenticator:
                 and not self.refresh.due(fresher[1], now, AUTH_CACHE_TTL_S):
             self._by_header[header] = (fresher[0], fresher[1])
         else:
-            self.refresh.start(digest, functools.partial(self._read, digest, header))
+            self.refresh.start(("principal", digest), functools.partial(self._read, digest, header))
 
     @staticmethod
     def check_tenant(p: Principal, tenant_id: str) -> None:

@@ -11,21 +11,27 @@ path, and the entries filled at the same time (a load's first seconds, the first
 after an invalidation) all expired at the same time, 10 or 30 s later: a p95 doubled for
 a second on a cheap route (``GET /api/manifest``, two registry entries per request).
 
-At most `MAX_IN_FLIGHT` re-reads run at once per cache, one per key; beyond that an
-entry waits for the next request that finds it due, or expires as before. A re-read that
-fails (the control plane away) is only logged at DEBUG: the entry then expires at its TTL
-and the request path reads it itself and answers honestly, as without refresh-ahead.
+A host's caches share one `RefreshAhead` (`host.runtime`): at most `MAX_IN_FLIGHT`
+re-reads run at once, one per key, so they hold at most that many of the control pool's
+connections (10 by default) and requests that miss keep the rest; beyond that an entry
+waits for the next request that finds it due, or expires as before. A re-read that fails
+(the control plane away) is only logged at DEBUG and its key is not re-read again for
+`FAILED_BACKOFF_S` (a failing control plane isn't asked again by every request that finds
+the entry due); the entry then expires at its TTL and the request path reads it itself
+and answers honestly, as without refresh-ahead.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable, Coroutine, Hashable
 
 log = logging.getLogger("tenantfleet.host.refresh")
 
 REFRESH_AFTER = 0.75   # of the TTL
-MAX_IN_FLIGHT = 8
+MAX_IN_FLIGHT = 4
+FAILED_BACKOFF_S = 2.0
 
 
 class RefreshAhead:
@@ -35,6 +41,7 @@ class RefreshAhead:
         self.name = name
         self._max = max_in_flight
         self._tasks: dict[Hashable, asyncio.Task[Any]] = {}
+        self._failed: dict[Hashable, float] = {}   # key -> when its last re-read failed (monotonic)
         self._closed = False
         self.started = 0   # re-reads started (tests, metrics)
 
@@ -43,8 +50,12 @@ class RefreshAhead:
         return expires - now < ttl * (1 - REFRESH_AFTER)
 
     def start(self, key: Hashable, reread: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """Re-read ``key`` in the background unless it is being re-read or too many are."""
+        """Re-read ``key`` in the background unless it is being re-read, too many are, or
+        its last re-read failed less than `FAILED_BACKOFF_S` ago."""
         if self._closed or key in self._tasks or len(self._tasks) >= self._max:
+            return
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() - failed < FAILED_BACKOFF_S:
             return
         task = asyncio.get_running_loop().create_task(reread(), name=f"refresh:{self.name}")
         self._tasks[key] = task
@@ -54,7 +65,14 @@ class RefreshAhead:
     def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is None:
+            self._failed.pop(key, None)
+        else:
+            if len(self._failed) > 10_000:
+                self._failed.clear()
+            self._failed[key] = time.monotonic()
             log.debug("%s: a refresh-ahead re-read failed (%r); the entry expires at its TTL", self.name,
                       task.exception())
 

@@ -68,7 +68,7 @@ class Registry:
     """Registry reads (cached, for the request path) and changes (published to every host)."""
 
     def __init__(self, control: asyncpg.Pool, settings: Settings, discovery: Discovery, pools: ShardPools,
-                 publish: Publish = _no_publish) -> None:
+                 publish: Publish = _no_publish, refresh: RefreshAhead | None = None) -> None:
         self.control = control
         self.settings = settings
         self.discovery = discovery
@@ -83,7 +83,7 @@ class Registry:
         self._expiry_reload = asyncio.Lock()
         self._reloading = asyncio.Lock()
         # Copies in use are re-read before they expire, off the request path (host.refresh).
-        self.refresh = RefreshAhead("registry")
+        self.refresh = refresh or RefreshAhead("registry")
         # Settings are frozen: parse TENANTFLEET_KILLED_PLUGINS once, not on every request.
         self._env_killed = settings.killed_plugin_set
 
@@ -153,6 +153,7 @@ class Registry:
             async with self._expiry_reload:
                 if time.monotonic() - self._loaded_at > REGISTRY_CACHE_TTL_S:
                     await self.reload()
+            now = time.monotonic()  # an entry that expired while we waited is not served
         hit = self._tenant.get((tenant_id, plugin_id))
         if hit is not None and hit[1] > now:
             self._refresh_due(tenant_id, plugin_id, hit[1], now)
@@ -162,9 +163,9 @@ class Registry:
     def _refresh_due(self, tenant_id: str, plugin_id: str, expires: float, now: float) -> None:
         """Start the background re-reads due: the global rows, the tenant's row (``expires``)."""
         if self.refresh.due(self._loaded_at + REGISTRY_CACHE_TTL_S, now, REGISTRY_CACHE_TTL_S):
-            self.refresh.start("global", self.reload)
+            self.refresh.start(("registry", "global"), self.reload)
         if self.refresh.due(expires, now, REGISTRY_CACHE_TTL_S):
-            self.refresh.start(tenant_id, functools.partial(self._read_tenant, tenant_id, plugin_id))
+            self.refresh.start(("tenant", tenant_id), functools.partial(self._read_tenant, tenant_id, plugin_id))
 
     async def _read_tenant(self, tenant_id: str, plugin_id: str) -> TenantPlugin | None:
         """Read the tenant's rows for every plugin in one query (a request that gates two
@@ -180,7 +181,7 @@ class Registry:
         for r in rows:
             found[r["plugin_id"]] = TenantPlugin(r["enabled"], r["version_installed"], r["config"])
         if generation == self._generation:
-            if len(self._tenant) > 200_000:
+            if len(self._tenant) > 100_000 * (len(self.discovery.plugins) + 1):  # ~100,000 tenants' rows
                 self._tenant.clear()
             expires = now + REGISTRY_CACHE_TTL_S
             for pid, tp in found.items():

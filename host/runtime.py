@@ -33,6 +33,7 @@ from host.keys import EVENTS_POP_S, REDIS_TIMEOUT_S, SUBSCRIBE_WAIT_S, registry_
 from host.metrics import HostMetrics
 from host.outbox import SHARD_ERRORS, OutboxStore, Relay
 from host.rbac import Authenticator, RbacService
+from host.refresh import RefreshAhead
 from host.registry import Registry
 from host.tx import TenantTx, close_unserved_shards, keep_connection
 from router.client import ResolveClient, redis_address
@@ -175,11 +176,13 @@ async def open_host_runtime(settings: Settings, discovery: Discovery, metrics: H
         async def publish(change: Mapping[str, Any]) -> None:
             await redis.publish(registry_channel(settings.redis_namespace), orjson.dumps(change))
 
-        registry = Registry(control, settings, discovery, owner_pools, publish)
+        # one refresh-ahead budget for both caches: its re-reads hold at most MAX_IN_FLIGHT
+        # of the control pool's connections (host.refresh)
+        refresh = RefreshAhead("host caches")
+        stack.push_async_callback(refresh.close)  # re-reads in flight end before the pools close
+        registry = Registry(control, settings, discovery, owner_pools, publish, refresh=refresh)
         await registry.sync_packages(discovery.plugins)
-        auth = Authenticator(control)
-        stack.push_async_callback(registry.refresh.close)  # re-reads in flight end before the pools close
-        stack.push_async_callback(auth.refresh.close)
+        auth = Authenticator(control, refresh=refresh)
         store = OutboxStore(owner_pools)  # the outbox is fleet.*: the shard owner's
 
         async def shard_of(tenant_id: str) -> str:

@@ -211,7 +211,8 @@ def check_fleet(targets: Targets) -> None:
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             return f"{t.code} ({getattr(exc, 'reason', exc)})"
         if status == 200:
-            return None
+            found = body.get("tenantId") if isinstance(body, dict) else None
+            return None if found == t.tenantId else f"{t.code} (is tenant {found}, not the targets' {t.tenantId})"
         code = body.get("error", {}).get("code") if isinstance(body, dict) else None
         return f"{t.code} ({status}{' ' + code if code else ''})"
 
@@ -273,7 +274,10 @@ def rebalance_moves(o: Options) -> list[dict[str, Any]]:
     if rc != 0:
         raise LoadtestError("VALIDATION_FAILED", "`rebalance --plan` failed: "
                                                  f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
-    return list(json.loads(out).get("moves", []))
+    try:
+        return list(json.loads(out)["moves"])
+    except (ValueError, KeyError, TypeError):
+        raise LoadtestError("VALIDATION_FAILED", f"`rebalance --plan` printed no plan: {out.strip()[:200]!r}") from None
 
 
 def _throttle_flag(o: Options) -> list[str]:

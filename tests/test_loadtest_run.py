@@ -248,6 +248,11 @@ async def test_the_fleet_check_leaves_the_plugin_registry_to_the_run(fleet: Flee
         with pytest.raises(LoadtestError) as err:
             await asyncio.to_thread(runner.check_fleet, parse_targets(doc, "targets"))
         assert err.value.code == "VALIDATION_FAILED" and "nosuchtenant (403 FORBIDDEN)" in err.value.message
+        # a targets file whose tenant id is stale (the code now names another tenant) is refused too
+        doc["tenants"] = [dict(doc["tenants"][1], tenantId=str(uuid.uuid4()))] + doc["tenants"][2:]
+        with pytest.raises(LoadtestError) as err:
+            await asyncio.to_thread(runner.check_fleet, parse_targets(doc, "targets"))
+        assert "not the targets'" in err.value.message, err.value.message
 
 
 async def test_a_breach_longer_than_the_abort_grace_stops_the_run_early_with_exit_4(

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from host.keys import AUTH_CACHE_TTL_S, REGISTRY_CACHE_TTL_S
 from host.rbac import Authenticator, hash_key
-from host.refresh import MAX_IN_FLIGHT, RefreshAhead
+from host.refresh import FAILED_BACKOFF_S, MAX_IN_FLIGHT, RefreshAhead
 from host.registry import Registry
 from router.errors import PluginDisabled
 from shard_migrations.packages import discover
@@ -169,3 +169,32 @@ async def test_a_tenants_plugin_rows_are_read_in_one_query(fleet: Fleet, host: H
     async with _registry(fleet, host, _CountingReads) as (rec, registry):  # inventory enabled, restock not
         assert await registry.tenant_plugin(rec.tenant_id, "restock") is None  # the manifest's second plugin
         assert isinstance(registry, _CountingReads) and registry.reads == 1
+
+
+async def test_a_key_whose_reread_failed_is_not_reread_again_within_the_backoff() -> None:
+    refresh = RefreshAhead("test")
+    calls: list[str] = []
+
+    async def failing() -> None:
+        calls.append("x")
+        raise ConnectionRefusedError("the control plane is away")
+
+    async def fine() -> None:
+        calls.append("ok")
+
+    refresh.start("k", failing)
+    await refresh.wait()
+    refresh.start("k", fine)  # every request finding the entry due would ask again: not within the backoff
+    refresh.start("other", fine)  # other keys are not held back
+    await refresh.wait()
+    assert calls == ["x", "ok"] and refresh.started == 2
+    refresh._failed["k"] -= FAILED_BACKOFF_S  # as time would
+    refresh.start("k", fine)
+    await refresh.wait()
+    assert calls == ["x", "ok", "ok"] and "k" not in refresh._failed
+    await refresh.close()
+
+
+async def test_the_hosts_caches_share_one_reread_budget(host: Host) -> None:
+    rt = runtime(host)
+    assert rt.auth.refresh is rt.registry.refresh  # at most MAX_IN_FLIGHT control connections between them
