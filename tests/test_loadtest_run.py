@@ -102,6 +102,43 @@ async def test_a_steady_run_on_two_workers_writes_the_report_and_passes_loose_li
 
 
 
+async def test_a_master_waits_for_workers_started_on_their_own_as_compose_starts_them(
+        fleet: Fleet, shared_targets: Path, tmp_path: Path) -> None:
+    """compose's load profile, without containers: ``python -m loadtests.run ... --expect-workers
+    1`` (locust-master's entrypoint) and a Locust worker started on its own (locust-worker's:
+    ``--worker --master-host ... --tf-plan OUT/plan.json``), started first, which waits for the
+    run's plan; the master waits for it, and every request it made reaches the gate."""
+    import sys
+
+    from tests.migratekit import ROOT
+
+    loose = tmp_path / "loose.toml"
+    loose.write_text(LOOSE_SLO)
+    out = tmp_path / "external"
+    env = cli_env(fleet)
+    async with running_host(host_settings(fleet)) as host:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--worker",
+            "--master-host", "127.0.0.1", "--tf-plan", str(out / "plan.json"), cwd=str(ROOT), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            master = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtests.run", "steady", "--targets", str(shared_targets), "--url", host.url,
+                "--out", str(out), "--slo", str(loose), "--users", "4", "--duration", "6", "--warmup", "1",
+                "--expect-workers", "1", "--cli", f"{sys.executable} -m host.cli", cwd=str(ROOT), env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout, err = await asyncio.wait_for(master.communicate(), 180)
+            assert master.returncode == 0, (stdout + err).decode()
+            await asyncio.wait_for(worker.wait(), 60)  # the master's end stops it
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    summary = report_files(out)
+    assert summary["verdict"] == "pass" and summary["workers"] == 1
+    assert summary["recordedRequests"] == summary["locust"]["requests"] > 20
+
+
 async def test_prepare_then_upgrade_migrates_the_plugin_under_load_and_judges_the_event_phase(
         fresh_fleet: FleetFactory, tmp_path: Path) -> None:
     f = await fresh_fleet()
