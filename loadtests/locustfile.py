@@ -303,7 +303,8 @@ def write_pause(run: Run) -> dict[str, Any]:
     run_end = run.now_s()
     by_id = {t["tenantId"]: t["code"] for t in run.plan["targets"]["tenants"]}
     try:
-        moves = json.loads(run.event_output).get("moves", [])
+        out = json.loads(run.event_output)
+        moves = out.get("moves", [out] if "tenantId" in out else [])  # a drain's or rebalance's; one `move`'s
     except (ValueError, AttributeError):
         moves = []
     moved = {by_id.get(str(m.get("tenantId"))): m for m in (moves if isinstance(moves, list) else [])
@@ -321,7 +322,7 @@ def write_pause(run: Run) -> dict[str, Any]:
         else:   # no cutover time (the move failed, or an older CLI): the whole event
             p = dict(write_pauses(acks, start, end if end is not None else run_end, run_end)[code])
             p["window"] = "event"
-        p.update(moved=m.get("state") == "done", mode=m.get("mode"), serverPauseMs=m.get("pauseMs"))
+        p.update(moved=(m.get("state") or m.get("phase")) == "done", mode=m.get("mode"), serverPauseMs=m.get("pauseMs"))
         pauses[code] = p
     return {**pause_summary(pauses), "tenants": pauses}
 

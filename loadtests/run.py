@@ -34,7 +34,7 @@ from loadtests.targets import Targets, check_url, is_loopback, load_targets
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 MAX_DURATION_S = 3600
-MOVE_OPS = ("drain", "rebalance")
+MOVE_OPS = ("drain", "rebalance", "tenant")
 PREFLIGHT_TIMEOUT_S = 5.0
 LOCUST_GRACE_S = 120       # Locust is killed if it outlives --duration by this much
 
@@ -59,6 +59,7 @@ class Options:
     event_timeout_s: float = 300.0
     move_shard: str | None = None
     move_op: str = "drain"
+    move_to: str | None = None
     pinned: int = 5
     pinned_rate: float = 20.0
     slo_throttle: bool = True
@@ -99,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-seconds", type=float, default=10.0, help="shard-slow: seconds the shard stays slow")
     p.add_argument("--move-shard", default=None, help="move: the shard to drain (default: the targets' last)")
     p.add_argument("--move-op", choices=MOVE_OPS, default="drain",
-                   help="move: the fleet operation, `drain --move-shard` (default) or `rebalance --apply` (its "
-                        "moves are what `rebalance --plan` says as the run starts; pinned users write to those)")
+                   help="move: the fleet operation, `drain --move-shard` (default), `rebalance --apply` (its "
+                        "moves are what `rebalance --plan` says as the run starts; pinned users write to those) "
+                        "or `move TENANT --to --move-to` (one online move of --move-shard's busiest target tenant)")
+    p.add_argument("--move-to", default=None,
+                   help="move --move-op tenant: the shard the tenant moves to (default: the first other shard "
+                        "of the targets)")
     p.add_argument("--pinned", type=int, default=5,
                    help="move: users pinned to tenants the operation moves, one tenant each (default 5)")
     p.add_argument("--pinned-rate", type=float, default=20.0,
@@ -150,8 +155,15 @@ def check_options(o: Options) -> None:
         raise _bad("--move-op is for the move scenario", "USAGE")
     if o.move_op == "rebalance" and o.move_shard is not None:
         raise _bad("--move-shard names the shard a drain empties: a rebalance picks its own moves", "USAGE")
+    if o.move_to is not None and o.move_op != "tenant":
+        raise _bad("--move-to is for --move-op tenant", "USAGE")
+    if o.move_op == "tenant" and not o.slo_throttle:
+        raise _bad("--no-slo-throttle: a single `move` is never throttled (drains and rebalances are)", "USAGE")
     if o.scenario == "move":
-        if not 1 <= o.pinned < o.users:
+        if o.move_op == "tenant":  # a single move pins one user, to its tenant
+            if o.users < 2:
+                raise _bad(f"--users must be at least 2 (one is pinned to the moved tenant), not {o.users}", "USAGE")
+        elif not 1 <= o.pinned < o.users:
             raise _bad(f"--pinned must be at least 1 and fewer than --users ({o.users}), not {o.pinned}", "USAGE")
         if not 0 < o.pinned_rate <= 1000:
             raise _bad(f"--pinned-rate must be above 0 and at most 1000, not {o.pinned_rate:g}", "USAGE")
@@ -256,6 +268,13 @@ def event_command(o: Options, targets: Targets, planned: list[dict[str, Any]] | 
             raise LoadtestError("NOTHING_PENDING", "the fleet is balanced: `rebalance --plan` has no move (set a new "
                                                    "or drained shard active first)")
         return [*o.cli, "--json", "rebalance", "--apply", *_throttle_flag(o)]
+    if o.scenario == "move" and o.move_op == "tenant":
+        code, to = moved_tenant(o, targets)
+        rc, out, err = _cli(o, "--json", "move", code, "--to", to, "--dry-run")
+        if rc != 0:
+            raise LoadtestError("VALIDATION_FAILED", f"`move {code} --to {to} --dry-run` refused it: "
+                                                     f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+        return [*o.cli, "--json", "move", code, "--to", to]
     if o.scenario == "move":
         shard = move_shard(o, targets)
         rc, out, err = _cli(o, "--json", "drain", shard, "--plan")
@@ -292,10 +311,20 @@ def move_shard(o: Options, targets: Targets) -> str:
     return shard
 
 
+def moved_tenant(o: Options, targets: Targets) -> tuple[str, str]:
+    """``--move-op tenant``: (the busiest target tenant on `move_shard`, the shard it moves to)."""
+    shard = move_shard(o, targets)
+    shards = sorted({t.shardId for t in targets.tenants})
+    to = o.move_to or next((s for s in shards if s != shard), None)
+    if to is None or to == shard:
+        raise _bad(f"--move-to: a shard other than {shard} is needed (the targets' shards: {', '.join(shards)})")
+    return next(t.code for t in targets.tenants if t.shardId == shard), to
+
+
 def pinned_tenants(o: Options, targets: Targets, planned: list[dict[str, Any]] | None = None) -> list[str]:
     """The first ``--pinned`` target tenants the operation moves (the targets are in Zipf
     rank order: the busiest first), one per pinned user: a drain's are the tenants on its
-    shard, a rebalance's those in its plan (``planned``)."""
+    shard, a rebalance's those in its plan (``planned``), a single move's its tenant."""
     if o.move_op == "rebalance":
         moving = {m["tenantId"] for m in planned or ()}
         chosen = [t.code for t in targets.tenants if t.tenantId in moving][:o.pinned]
@@ -303,6 +332,8 @@ def pinned_tenants(o: Options, targets: Targets, planned: list[dict[str, Any]] |
             raise _bad(f"`rebalance --plan` moves {len(moving)} tenant(s), none of them in the targets file: no pinned "
                        "user could write to a moving tenant (prepare the targets again after the shards changed)")
         return chosen
+    if o.move_op == "tenant":
+        return [moved_tenant(o, targets)[0]]
     shard = move_shard(o, targets)
     return [t.code for t in targets.tenants if t.shardId == shard][:o.pinned]
 
@@ -332,7 +363,7 @@ def prepare(o: Options) -> tuple[dict[str, Any], Targets]:
     plan = {"scenario": o.scenario, "targets": targets.to_api(), "slo": slo.to_dict(), "timeline": tl,
             "users": o.users, "workers": o.workers or o.expect_workers, "ratePerUser": o.rate_per_user, "zipfS": o.zipf_s,
             "slowShard": slow, "pinned": pinned, "pinnedRate": o.pinned_rate,
-            "sloThrottle": o.slo_throttle if o.scenario in ("upgrade", "move") else None, "eventCommand": command, "out": str(o.out.resolve())}
+            "sloThrottle": o.slo_throttle if o.scenario in ("upgrade", "move") and o.move_op != "tenant" else None, "eventCommand": command, "out": str(o.out.resolve())}
     return plan, targets
 
 
@@ -399,6 +430,7 @@ def options_from(argv: Sequence[str] | None) -> Options:
                    duration_s=a.duration, warmup_s=a.warmup, steady_s=a.steady, workers=a.workers,
                    rate_per_user=a.rate, zipf_s=a.zipf, plugin=a.plugin, slow_shard=a.slow_shard,
                    event_s=a.event_seconds, event_timeout_s=a.event_timeout, move_shard=a.move_shard, move_op=a.move_op,
+                   move_to=a.move_to,
                    pinned=a.pinned, pinned_rate=a.pinned_rate, slo_throttle=not a.no_slo_throttle,
                    expect_workers=a.expect_workers, master_bind=a.master_bind, cli=cli, json=a.json)
 

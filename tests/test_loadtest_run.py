@@ -233,6 +233,8 @@ async def test_bad_input_is_refused_before_any_load_naming_the_fault(fleet: Flee
                       named="exclude each other")
         await refused("move", *good, "--duration", "20", "--move-shard", "nosuch", code="VALIDATION_FAILED", named="--move-shard 'nosuch'")
         await refused("steady", *good, "--move-op", "rebalance", code="USAGE", named="--move-op is for the move")
+        await refused("move", *good, "--duration", "20", "--move-to", "shard1", code="USAGE",
+                      named="--move-to is for --move-op tenant")
         bad_slo = tmp_path / "bad.toml"
         bad_slo.write_text("[limits]\np95_ms = 'fast'\n")
         await refused("steady", *good, "--slo", str(bad_slo), code="VALIDATION_FAILED", named="limits.p95_ms")
@@ -413,3 +415,35 @@ async def test_move_drains_a_shard_under_load_and_judges_the_pinned_tenants_writ
         rc, stdout, err = await loadtest(f, "move", "--move-op", "rebalance", "--move-shard", drained,
                                          "--targets", doc["path"], "--duration", "8", "--warmup", "1")
         assert rc == 2 and "USAGE" in err and "--move-shard" in err, stdout + err
+
+        # one tenant moved online (`move TENANT --to SHARD`): --move-shard's busiest target tenant
+        # still there, its pinned user's write pause measured; a server that can't be an online
+        # move's source (no wal_level=logical) is refused before any load, by the move's pre-flight
+        from tests.test_moves import _online_capable
+
+        where = {r["code"]: r["shard_id"] for r in await f.control.fetch(
+            "SELECT code, shard_id FROM tenants WHERE code = ANY($1::text[])", [t["code"] for t in doc["tenants"]])}
+        doc2 = dict(json.loads(Path(doc["path"]).read_text()))
+        doc2["tenants"] = [dict(t, shardId=where[t["code"]]) for t in doc2["tenants"]]  # as `prepare` re-reads it
+        moved_path = tmp_path / "now.json"
+        moved_path.write_text(json.dumps(doc2))
+        source = where[doc2["tenants"][0]["code"]]
+        to = next(s for s in sorted(set(where.values()) | {drained}) if s != source)
+        first_code = next(t["code"] for t in doc2["tenants"] if t["shardId"] == source)
+        out = tmp_path / "one"
+        rc, stdout, err = await loadtest(f, "move", "--move-op", "tenant", "--move-shard", source, "--move-to", to,
+                                         "--targets", str(moved_path), "--out", str(out), "--slo", str(slo),
+                                         "--users", "5", "--duration", "8", "--warmup", "1", "--steady", "2")
+        if await _online_capable(f):
+            assert rc == 0, stdout + err
+            summary = report_files(out)
+            assert summary["event"]["command"][-4:] == ["move", first_code, "--to", to], summary["event"]
+            assert list(summary["writePause"]["tenants"]) == [first_code]
+            assert summary["writePause"]["tenants"][first_code]["moved"] is True
+            assert summary["sloThrottle"] is None  # a single move is not throttled
+            assert await f.control.fetchval("SELECT shard_id FROM tenants WHERE code = $1", first_code) == to
+        else:
+            assert rc == 2 and "VALIDATION_FAILED" in err and "refused it" in err, stdout + err
+        rc, stdout, err = await loadtest(f, "move", "--move-op", "tenant", "--no-slo-throttle",
+                                         "--targets", str(moved_path), "--duration", "8", "--warmup", "1")
+        assert rc == 2 and "USAGE" in err and "never throttled" in err, stdout + err

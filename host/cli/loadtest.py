@@ -120,9 +120,12 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
 @click.option("--event-seconds", type=float, default=10.0, show_default=True,
               help="shard-slow: seconds the shard stays slow.")
 @click.option("--move-shard", default=None, help="move: the shard to drain (default: the targets' last).")
-@click.option("--move-op", type=click.Choice(("drain", "rebalance")), default="drain", show_default=True,
-              help="move: the fleet operation, `drain --move-shard` or `rebalance --apply` (its moves are what "
-                   "`rebalance --plan` says as the run starts; pinned users write to those tenants).")
+@click.option("--move-op", type=click.Choice(("drain", "rebalance", "tenant")), default="drain", show_default=True,
+              help="move: the fleet operation, `drain --move-shard`, `rebalance --apply` (its moves are what "
+                   "`rebalance --plan` says as the run starts; pinned users write to those tenants) or "
+                   "`move TENANT --to SHARD` (one online move of --move-shard's busiest target tenant).")
+@click.option("--move-to", default=None,
+              help="move --move-op tenant: the shard the tenant moves to (default: the targets' first other shard).")
 @click.option("--pinned", type=int, default=5, show_default=True,
               help="move: users pinned to the busiest tenants the operation moves, whose write pause is judged.")
 @click.option("--pinned-rate", type=float, default=20.0, show_default=True,
@@ -135,7 +138,8 @@ def prepare(state: CliState, count: int, out: Path | None, url: str | None, pref
 def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | None, url: str | None,
             slo: Path | None, users: int, duration: float, warmup: float, steady: float | None, workers: int,
             rate: float, zipf: float, plugin: str, slow_shard: str | None, event_seconds: float,
-            move_shard: str | None, move_op: str, pinned: int, pinned_rate: float, no_slo_throttle: bool,
+            move_shard: str | None, move_op: str, move_to: str | None, pinned: int, pinned_rate: float,
+            no_slo_throttle: bool,
             event_timeout: float) -> None:
     """Run SCENARIO (steady, upgrade, move, shard-slow) headless and judge it against the SLO file.
 
@@ -154,7 +158,7 @@ def run_cmd(state: CliState, scenario: str, targets: Path | None, out: Path | No
                        "--event-timeout", event_timeout, "--pinned", pinned, "--pinned-rate", pinned_rate,
                        "--move-op", move_op]
     for flag, value in (("--url", url), ("--slo", slo), ("--steady", steady), ("--slow-shard", slow_shard),
-                        ("--move-shard", move_shard)):
+                        ("--move-shard", move_shard), ("--move-to", move_to)):
         if value is not None:
             argv += [flag, value]
     if no_slo_throttle:
