@@ -148,7 +148,7 @@ class Authenticator:
             now = time.monotonic()
             if hit[1] > now:
                 if header is not None and self.refresh.due(hit[1], now, AUTH_CACHE_TTL_S):
-                    self._refresh_header(header, hit[1], now)
+                    self._refresh_header(header, hash_key(bearer(request)), hit[1], now)
                 return hit[0]
         found, expires = await self._entry(bearer(request))
         if found is None:
@@ -159,9 +159,8 @@ class Authenticator:
             self._by_header[header] = (found, expires)
         return found
 
-    def _refresh_header(self, header: str, expires: float, now: float) -> None:
-        """A `_by_header` entry is due: copy a fresher `_cache` entry of its key, or re-read it."""
-        digest = hash_key(header.strip().partition(" ")[2].strip())  # as `bearer` parsed it when it went in
+    def _refresh_header(self, header: str, digest: str, expires: float, now: float) -> None:
+        """A `_by_header` entry is due: copy a fresher `_cache` entry of its key (``digest``), or re-read it."""
         fresher = self._cache.get(digest)
         if fresher is not None and fresher[0] is not None and fresher[1] > expires \
                 and not self.refresh.due(fresher[1], now, AUTH_CACHE_TTL_S):

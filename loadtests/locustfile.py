@@ -263,7 +263,7 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
                      "eventMinS": t.event_min_s, "eventEndS": run.recording.event_end_s,
                      "endS": run.now_s()},
         "event": run.event or None, "aborted": run.aborted, "writePause": pause,
-        "sloThrottle": run.plan.get("sloThrottle"), "throttle": _throttle_record(run),
+        "sloThrottle": run.plan.get("sloThrottle"), "throttle": _operation_record(run, "sloThrottle"),
         "operationCpu": _operation_record(run, "cpuPriority"),
         "rows": [r.to_api() for r in rows],
         "phases": {p: {route: st.summary() for route, st in routes.items()} for p, routes in phases.items() if routes},
@@ -277,14 +277,10 @@ def summarize(run: Run, environment: Environment) -> dict[str, Any]:
     }
 
 
-def _throttle_record(run: Run) -> dict[str, Any] | None:
-    """What the fleet operation's SLO throttle did (its JSON output's ``sloThrottle``)."""
-    return _operation_record(run, "sloThrottle")
-
-
 def _operation_record(run: Run, key: str) -> dict[str, Any] | None:
-    """An object from the fleet operation's JSON output (``sloThrottle``; ``cpuPriority``: a
-    drain's moves yielding the CPU or not, and the load average that decided it)."""
+    """An object from the fleet operation's JSON output (``sloThrottle``: what its SLO
+    throttle did; ``cpuPriority``: a drain's moves yielding the CPU or not, and the load
+    average that decided it)."""
     try:
         doc = json.loads(run.event_output) if run.event_output else {}
     except ValueError:
