@@ -84,6 +84,22 @@ def median_of(rounds: Iterable[dict[str, Any]], *path: str) -> float:
     return statistics.median(values)
 
 
+def cpu_probe_ms() -> float:
+    """How fast this machine's CPU is right now: the best of 3 timings of a fixed pure-Python
+    loop, in ms (~100 ms on a fast core). This VM's speed moves between and within sessions
+    (the same code's figures by up to 2x), so benchmarks print it beside their figures."""
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
 def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
 

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import semver  # noqa: E402
 
 from bench.backend_memory import one_pass  # noqa: E402
-from bench.common import machine, percentile, print_table, write_results  # noqa: E402
+from bench.common import cpu_probe_ms, machine, percentile, print_table, write_results  # noqa: E402
 from bench.migrate import bench_fleet, cli_seconds, run_floor  # noqa: E402
 from host.metrics import HostMetrics  # noqa: E402
 from host.tx import TenantTx, keep_connection  # noqa: E402
@@ -160,7 +160,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:6]
     packages = discover()
     inventory = packages.get("inventory")
-    out: dict[str, Any] = {"machine": machine(), "config": vars(args), "load_average_start": load_average()}
+    out: dict[str, Any] = {"machine": machine(), "config": vars(args), "load_average_start": load_average(),
+                           "cpu_probe_ms_start": cpu_probe_ms()}
     async with bench_fleet() as (base, shard_dsns), open_runtime(base) as rt:
         settings = rt.settings
         for sid, dsn in shard_dsns.items():
@@ -237,6 +238,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["memory"] = [await one_pass(settings, rt.directory.lookup, rt.directory.dsn_of, shard1, bound)
                          for bound in (0, args.bound)]
     out["load_average_end"] = load_average()
+    out["cpu_probe_ms_end"] = cpu_probe_ms()
     return out
 
 
@@ -246,7 +248,8 @@ def mib(v: float) -> float:
 
 def report(args: argparse.Namespace, d: dict[str, Any]) -> None:
     n = args.tenants
-    shared = f"load average {d['load_average_start']:.1f} at the start, {d['load_average_end']:.1f} at the end"
+    shared = (f"load average {d['load_average_start']:.1f} at the start, {d['load_average_end']:.1f} at the end; "
+              f"CPU probe {d['cpu_probe_ms_start']:.0f} / {d['cpu_probe_ms_end']:.0f} ms")
     rows: list[tuple[Any, ...]] = [
         ("import (tenants/s)", f"{d['import_tps']:,.0f}", f">= {AIMS['import_tps']:,.0f}",
          f"{d['import_tps'] / AIMS['import_tps']:.2f}x of the aim"),

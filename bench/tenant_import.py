@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import asyncpg  # noqa: E402
 
-from bench.common import machine, print_table, write_results  # noqa: E402
+from bench.common import cpu_probe_ms, machine, print_table, write_results  # noqa: E402
 from host.fleet.embedded import EmbeddedFleet  # noqa: E402
 from router.runtime import open_runtime  # noqa: E402
 from router.settings import Settings  # noqa: E402
@@ -275,7 +275,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         shards = {s.shard_id: s.dsn for s in await rt.directory.list_shards()}
         names = {sid: await shard_names(dsn) for sid, dsn in shards.items()}
         cpu = Cpu(pids)
-        figures: dict[str, Any] = {"machine": machine(), "config": vars(args), "shards": len(shards), "runs": []}
+        figures: dict[str, Any] = {"machine": machine(), "config": vars(args), "shards": len(shards), "runs": [],
+                                   "cpu_probe_ms": cpu_probe_ms()}
         if args.single:
             s = await single(rt, inventory, args.single)
             figures["single_tenants_per_s"] = args.single / s
@@ -332,6 +333,7 @@ def report(args: argparse.Namespace, d: dict[str, Any]) -> None:
     print_table("CPU ms per tenant (medians; the servers' background is part of their figures)", ["", *keys, "all"],
                 [[s, *(f"{d[s]['cpu_ms_per_tenant'][k]:.2f}" for k in keys),
                   f"{sum(v for k, v in d[s]['cpu_ms_per_tenant'].items() if k != BG):.2f}"] for s in sides])
+    print(f"CPU probe at the start: {d['cpu_probe_ms']:.0f} ms (bench/common.py cpu_probe_ms; lower is faster)")
     if "import" in d:
         print(f"import: {d['import']['tenants_per_s']:,.0f} tenants/s (aim: at least {AIM:,.0f})"
               + (f"; {d['ratio']:.2f}x the floor ({d['floor']['tenants_per_s']:,.0f}/s)" if "ratio" in d else ""))
