@@ -95,7 +95,7 @@ from host.tenancy import REQUEST_TENANT, Resolver, check_servable
 from plugins.api import Db
 from router.errors import ShardUnreachable, TenantFleetError, TenantMoving
 from router.models import TenantRecord, parse_tenant_id
-from router.pools import ShardPools
+from router.pools import ShardPools, close_pool
 from router.settings import Settings
 from router.shard_latency import ShardLatency
 
@@ -381,12 +381,16 @@ class TenantTx:
         idle_s = self._settings.idle_shard_close_s
         gone = [sid for sid in self._pools.opened()
                 if shard_states.get(sid, "offline") == "offline" or now - self._used.get(sid, 0.0) >= idle_s]
+        # every one taken out before the first await: a transaction or a /readyz probe that
+        # arrives while they close opens a fresh pool, never leases from one being closed
+        closing = [(sid, self._leased.pop(sid, None), self._pools.detach(sid)) for sid in gone]
         for sid in gone:
-            leases = self._leased.pop(sid, None)
             self._used.pop(sid, None)
+        for sid, leases, pool in closing:
             if leases is not None:
                 await leases.close()
-            await self._pools.drop(sid)
+            if pool is not None:
+                await close_pool(pool)
             log.info("shard %s: closed this host's connections to it (%s)", sid,
                      "offline or removed" if shard_states.get(sid, "offline") == "offline" else
                      f"no tenant served there for {idle_s:g} s")

@@ -185,16 +185,22 @@ class ShardPools:
 
     async def drop(self, shard_id: str) -> None:
         """Close one shard's pool (e.g. after its DSN changed); the next `get` reopens it."""
-        pool = self._pools.pop(shard_id, None)
+        pool = self.detach(shard_id)
         if pool is not None:
-            await _close_pool(pool)
+            await close_pool(pool)
+
+    def detach(self, shard_id: str) -> asyncpg.Pool | None:
+        """Take one shard's pool out at once, without closing it (the caller closes it with
+        `close_pool`): from now on `get` opens a fresh pool instead of returning this one."""
+        return self._pools.pop(shard_id, None)
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
-        await asyncio.gather(*(_close_pool(p) for p in pools))
+        await asyncio.gather(*(close_pool(p) for p in pools))
 
 
-async def _close_pool(pool: asyncpg.Pool) -> None:
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close ``pool``, waiting up to 10 s for connections still in use; terminated if that fails."""
     try:
         await asyncio.wait_for(pool.close(), timeout=10)
     except (asyncio.TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -286,3 +286,49 @@ async def test_transactions_waiting_while_a_connection_is_replaced_get_the_new_o
         leases.give(fresh)
         await leases.close()
         assert pool.get_size() == pool.get_idle_size() == 1
+
+
+async def test_a_connection_whose_query_was_cancelled_is_not_handed_out_mid_cancel(one: Kit) -> None:
+    # /readyz runs SELECT 1 under a timeout on the request path's connections: a timeout
+    # cancels the query, and the connection must not reach the next user while PostgreSQL
+    # is still cancelling it ("another operation is in progress")
+    for _ in range(3):
+        with pytest.raises(asyncio.TimeoutError):
+            async with one.tx.connection("shard1") as conn:
+                await asyncio.wait_for(conn.fetchval("SELECT pg_sleep(5)"), 0.05)
+        async with one.tx.connection("shard1") as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        assert await one.tx.run(one.tenant.tenant_id, _pid) > 0
+
+
+async def test_users_arriving_while_a_shards_connections_close_get_a_fresh_pool(fleet: Fleet) -> None:
+    # the sweep that closes the pool of a shard this host no longer serves (close_unserved)
+    # must not hand its dying pool to a /readyz probe or a transaction that arrives meanwhile
+    settings = fleet.settings.model_copy(update={"shard_pool_min": 0, "shard_pool_max": 2})
+    tenant = await fleet.directory.create_tenant(code(), shard_id="shard1")
+    async with AsyncExitStack() as stack:
+        pools = await stack.enter_async_context(
+            ShardPools(settings, fleet.directory.dsn_of, role=APP_ROLE, reset=keep_connection))
+        resolver = await stack.enter_async_context(ResolveClient(settings, fleet.directory.lookup))
+        tx = await stack.enter_async_context(TenantTx(settings, resolver, pools, HostMetrics()))
+        for _ in range(5):
+            await tx.run(tenant.tenant_id, _pid)
+            old = pools.opened()["shard1"]
+            sweep = asyncio.create_task(tx.close_unserved({"shard1": "offline", "shard2": "active"}))
+            errors: list[BaseException] = []
+
+            async def probe() -> None:
+                try:
+                    async with tx.connection("shard1") as conn:
+                        assert await conn.fetchval("SELECT 1") == 1
+                except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                    errors.append(exc)
+
+            while not sweep.done():
+                await asyncio.gather(probe(), probe())
+            assert await sweep == ["shard1"]
+            assert errors == []
+            fresh = pools.opened()["shard1"]
+            assert fresh is not old and not fresh.is_closing()
+            assert old.is_closing()
+            await tx.run(tenant.tenant_id, _pid)
