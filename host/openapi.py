@@ -24,7 +24,7 @@ from host.keys import APP_PATH, CONSOLE_PATH
 from host.rbac import ROLE_KEY_RE
 from router.http import json_response
 from router.models import UUID_PATTERN
-from router.openapi import REQUEST_ID_DOC, error_doc
+from router.openapi import REQUEST_ID_DOC, error_doc, readiness_responses
 
 _PARAM = re.compile(r"\{([^}:]+)(?::([^}]*))?\}")
 _REF = "#/components/schemas/{model}"
@@ -137,6 +137,8 @@ def document(app: web.Application) -> dict[str, Any]:
                    else {"application/json": {"schema": {}}})
         op["responses"] = {ok: {"description": "OK", "headers": dict(_RID), "content": content},
                            **{str(s): _error(s) for s in sorted(statuses)}}
+        if path == "/readyz":
+            readiness_responses(op, ("ready", "degraded"), ("unready",))
         paths.setdefault(path, {})[route.method.lower()] = op
     _, defs = models_json_schema([(NewPrincipal, "validation"), (RoleBody, "validation"),
                                        (UninstallBody, "validation"), (ImportBody, "validation")], ref_template=_REF)

@@ -58,6 +58,25 @@ def error_doc(status: int, description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+def readiness_schema(states: tuple[str, ...]) -> dict[str, Any]:
+    """``/readyz``'s body: the status and what each check found."""
+    return {"type": "object", "required": ["status", "checks"], "additionalProperties": False, "properties": {
+        "status": {"type": "string", "enum": list(states)},
+        "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
+
+
+def readiness_responses(op: dict[str, Any], ready: tuple[str, ...], unready: tuple[str, ...]) -> dict[str, Any]:
+    """``op`` (a ``/readyz`` operation, both services) answering the readiness body: with
+    200 when ready, with 503 when not (or the edge's own 503 envelope, e.g. shutting down)."""
+    responses = op["responses"]
+    responses["200"] = {**responses["200"], "content": {"application/json": {"schema": readiness_schema(ready)}}}
+    unready_doc = error_doc(503, "not ready: `checks` names what doesn't answer")
+    unready_doc["content"] = {"application/json": {"schema": {
+        "anyOf": [readiness_schema(unready), {"$ref": "#/components/schemas/Error"}]}}}
+    responses["503"] = unready_doc
+    return op
+
+
 def _error(status: int) -> dict[str, Any]:
     return error_doc(status, _WHY[status])
 
@@ -155,7 +174,8 @@ def build() -> dict[str, Any]:
                             security=_ADMIN, body=NewShard)},
             "/v1/openapi.json": {"get": _op("This document", plain, (400,), security=[])},
             "/healthz": {"get": _op("The process is up", plain, (400,), security=[])},
-            "/readyz": {"get": _op("Control plane reachable (and Redis, reported)", plain, (400, 503), security=[])},
+            "/readyz": {"get": readiness_responses(_op("Control plane reachable (and Redis, reported)", plain, (400, 503),
+                                                       security=[]), ("ready",), ("not ready",))},
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {
                 "200": {"description": "text", "headers": dict(_RID), "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "400": _error(400), "500": _error(500)}}},

@@ -6,10 +6,12 @@ import io
 import logging
 from typing import AsyncIterator
 
+import jsonschema_rs  # schemathesis's validator (the contract tests' dependency)
 import pytest
 import pytest_asyncio
 
 from host.fleet.embedded import free_port
+from host.openapi import document
 from host.rbac import Authenticator, RbacService
 from host.registry import Registry
 from host.runtime import RUNTIME
@@ -224,7 +226,12 @@ async def test_readiness_names_the_shard_that_does_not_answer_and_checks_the_oth
     async with running_host(host_settings(fleet)) as h:
         async with h.http.get("/readyz") as r:
             body = await r.json()
+        responses = document(h.app)["paths"]["/readyz"]["get"]["responses"]
     assert r.status == 503 and body["status"] == "unready"
+    # the host's OpenAPI document describes this answer (not only the error envelope)
+    readiness = responses["503"]["content"]["application/json"]["schema"]["anyOf"][0]
+    assert jsonschema_rs.is_valid(readiness, body), body
+    assert not jsonschema_rs.is_valid(responses["200"]["content"]["application/json"]["schema"], body)
     assert body["checks"].pop("shard:ghost") == "ShardUnreachable"
     assert body["checks"].pop("redis") == "ok"
     assert set(body["checks"].values()) == {"ok"} and len(body["checks"]) == 1 + len(fleet.shard_dsns)
