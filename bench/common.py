@@ -13,6 +13,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,8 +89,6 @@ def cpu_probe_ms() -> float:
     """How fast this machine's CPU is right now: the best of 3 timings of a fixed pure-Python
     loop, in ms (~100 ms on a fast core). This VM's speed moves between and within sessions
     (the same code's figures by up to 2x), so benchmarks print it beside their figures."""
-    import time
-
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()

@@ -40,7 +40,9 @@ from shard_migrations.packages import Discovery, PluginPackage
 log = logging.getLogger("tenantfleet.host.registry")
 
 Publish = Callable[[Mapping[str, Any]], Awaitable[None]]
-_DUE_S = REGISTRY_CACHE_TTL_S * (1 - REFRESH_AFTER)  # the gate's fast path leaves due copies to `tenant_plugin`
+# the gate's fast path: a copy this close to its expiry is due (`RefreshAhead.due`), checked
+# inline before calling `_refresh_due`, which checks again
+_DUE_S = REGISTRY_CACHE_TTL_S * (1 - REFRESH_AFTER)
 MAX_CONFIG_BYTES = 65536
 
 

@@ -242,13 +242,18 @@ def _cli(o: Options, *args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def _cli_ok(o: Options, failed: str, *args: str) -> str:
+    """The CLI's stdout for ``args``; VALIDATION_FAILED (``failed``: its last stderr line) if it exits non-zero."""
+    rc, out, err = _cli(o, *args)
+    if rc != 0:
+        raise LoadtestError("VALIDATION_FAILED", f"{failed}: {(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+    return out
+
+
 def event_command(o: Options, targets: Targets, planned: list[dict[str, Any]] | None = None) -> list[str]:
     """The CLI command the scenario runs under load, checked first (nothing pending is refused)."""
     if o.scenario == "upgrade":
-        rc, out, err = _cli(o, "--json", "migrate", "plan", o.plugin)
-        if rc != 0:
-            raise LoadtestError("VALIDATION_FAILED", f"`migrate plan {o.plugin}` failed: "
-                                                     f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+        out = _cli_ok(o, f"`migrate plan {o.plugin}` failed", "--json", "migrate", "plan", o.plugin)
         pending = json.loads(out).get("filesPending", 0)
         if not pending:
             raise LoadtestError("NOTHING_PENDING",
@@ -270,17 +275,11 @@ def event_command(o: Options, targets: Targets, planned: list[dict[str, Any]] | 
         return [*o.cli, "--json", "rebalance", "--apply", *_throttle_flag(o)]
     if o.scenario == "move" and o.move_op == "tenant":
         code, to = moved_tenant(o, targets)
-        rc, out, err = _cli(o, "--json", "move", code, "--to", to, "--dry-run")
-        if rc != 0:
-            raise LoadtestError("VALIDATION_FAILED", f"`move {code} --to {to} --dry-run` refused it: "
-                                                     f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+        _cli_ok(o, f"`move {code} --to {to} --dry-run` refused it", "--json", "move", code, "--to", to, "--dry-run")
         return [*o.cli, "--json", "move", code, "--to", to]
     if o.scenario == "move":
         shard = move_shard(o, targets)
-        rc, out, err = _cli(o, "--json", "drain", shard, "--plan")
-        if rc != 0:
-            raise LoadtestError("VALIDATION_FAILED", f"`drain {shard} --plan` failed: "
-                                                     f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+        out = _cli_ok(o, f"`drain {shard} --plan` failed", "--json", "drain", shard, "--plan")
         if not json.loads(out).get("moves"):
             raise LoadtestError("NOTHING_PENDING", f"shard {shard} has no tenant to move off")
         return [*o.cli, "--json", "drain", shard, *_throttle_flag(o)]
@@ -289,10 +288,7 @@ def event_command(o: Options, targets: Targets, planned: list[dict[str, Any]] | 
 
 def rebalance_moves(o: Options) -> list[dict[str, Any]]:
     """The moves ``rebalance --plan`` lists now (``--apply`` plans the same on the same fleet)."""
-    rc, out, err = _cli(o, "--json", "rebalance", "--plan")
-    if rc != 0:
-        raise LoadtestError("VALIDATION_FAILED", "`rebalance --plan` failed: "
-                                                 f"{(err.strip().splitlines() or ['exit ' + str(rc)])[-1]}")
+    out = _cli_ok(o, "`rebalance --plan` failed", "--json", "rebalance", "--plan")
     try:
         return list(json.loads(out)["moves"])
     except (ValueError, KeyError, TypeError):
